@@ -1,0 +1,17 @@
+//! The Sora signaling protocol as data: message types, validation of
+//! `connect`, connection ids, the zlib framing of `compress: true`
+//! DataChannels and the few SDP facts the server needs.
+//!
+//! Nothing here touches a socket or a clock that a test cannot set, so
+//! every protocol rule is checked with plain function calls. The wire facts
+//! come from `shared/protocol.md`; section numbers in comments point there.
+
+pub mod connect;
+pub mod id;
+pub mod message;
+pub mod sdp;
+pub mod time;
+pub mod zlib;
+
+pub use connect::{ConnectError, ConnectRequest, Role};
+pub use message::{ClientMessage, DataChannelSpec, Offer, SYSTEM_LABELS};

@@ -1,0 +1,272 @@
+//! The HTTP API: `POST /` with `x-sora-target` naming the operation, a JSON
+//! object in, a JSON object out (protocol.md §6). Every error becomes a
+//! response in one place, [`ApiError::into_response`].
+
+use crate::outbox::Frame;
+use crate::table::{Delivery, Target};
+use crate::Shared;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use hato_signaling::{message, Role};
+use serde_json::{json, Map, Value};
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// Serves the API until the listener fails.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "API accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+            });
+            let _ = http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+/// A failed call: status, Sora-style `error_type`, and a readable message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error_type: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn bad(error_type: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            error_type,
+            message: message.into(),
+        }
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let body = json!({"error_type": self.error_type, "message": self.message});
+        let mut resp = json_response(self.status, body.to_string());
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            resp.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("POST, OPTIONS"));
+        }
+        resp
+    }
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let cors = shared.config.api_cors_origin.as_deref();
+    let mut resp = match route(shared, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::debug!(status = %e.status, error_type = e.error_type, message = %e.message, "API error");
+            e.into_response()
+        }
+    };
+    if let Some(origin) = cors.and_then(|o| HeaderValue::from_str(o).ok()) {
+        let h = resp.headers_mut();
+        h.insert("access-control-allow-origin", origin);
+        h.insert(
+            "access-control-allow-methods",
+            HeaderValue::from_static("POST, OPTIONS"),
+        );
+        h.insert(
+            "access-control-allow-headers",
+            HeaderValue::from_static("Origin, X-Requested-With, Content-Type, Accept, x-sora-target"),
+        );
+        h.insert("access-control-max-age", HeaderValue::from_static("1000"));
+    }
+    resp
+}
+
+/// The push targets, by `x-sora-target`.
+#[derive(Debug, Clone, Copy)]
+enum PushKind {
+    Channel,
+    Client,
+    Connection,
+    ChannelByRole,
+}
+
+impl PushKind {
+    fn from_target(target: &str) -> Option<PushKind> {
+        Some(match target {
+            "Sora_20160711.PushChannel" => PushKind::Channel,
+            "Sora_20160711.PushClient" => PushKind::Client,
+            "Sora_20160711.PushConnection" => PushKind::Connection,
+            "Sora_20201120.PushChannelByRole" => PushKind::ChannelByRole,
+            _ => return None,
+        })
+    }
+}
+
+async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    if req.uri().path() != "/" {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            error_type: "NOT-FOUND",
+            message: format!("no API at {}; POST to / with x-sora-target", req.uri().path()),
+        });
+    }
+    match *req.method() {
+        Method::POST => {}
+        Method::OPTIONS if shared.config.api_cors_origin.is_some() => {
+            let mut resp = Response::new(Full::new(Bytes::new()));
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            return Ok(resp);
+        }
+        _ => {
+            return Err(ApiError {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                error_type: "METHOD-NOT-ALLOWED",
+                message: format!("{} is not allowed; use POST", req.method()),
+            })
+        }
+    }
+    // Header names are case-insensitive in hyper's map.
+    let target = match req.headers().get("x-sora-target").map(|v| v.to_str()) {
+        None => {
+            return Err(ApiError::bad(
+                "MISSING-TARGET",
+                "the x-sora-target header is missing",
+            ))
+        }
+        Some(Err(_)) => return Err(ApiError::bad("UNKNOWN-TARGET", "x-sora-target is not text")),
+        Some(Ok(t)) => t.to_owned(),
+    };
+    let kind = PushKind::from_target(&target)
+        .ok_or_else(|| ApiError::bad("UNKNOWN-TARGET", format!("unknown x-sora-target {target:?}")))?;
+    let body = read_body(shared, req).await?;
+    push(shared, kind, &body)
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        error_type: "REQUEST-TOO-LARGE",
+        message: format!("the request body exceeds {limit} bytes"),
+    }
+}
+
+async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Map<String, Value>, ApiError> {
+    let limit = shared.config.api_body_limit;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(limit));
+    }
+    let bytes = Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large(limit)
+            } else {
+                ApiError::bad("INVALID-BODY", format!("could not read the body: {e}"))
+            }
+        })?
+        .to_bytes();
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::bad("INVALID-BODY", "the body must be a JSON object")),
+        Err(e) => Err(ApiError::bad("INVALID-JSON", format!("the body is not JSON: {e}"))),
+    }
+}
+
+fn string_key<'a>(body: &'a Map<String, Value>, key: &str) -> Result<&'a str, ApiError> {
+    match body.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(ApiError::bad("INVALID-TYPE", format!("{key} must be a string"))),
+        None => Err(ApiError::bad("MISSING-KEY", format!("{key} is missing"))),
+    }
+}
+
+fn push(shared: &Shared, kind: PushKind, body: &Map<String, Value>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let channel_id = string_key(body, "channel_id")?;
+    let data = match body.get("data") {
+        Some(Value::Object(data)) => data,
+        Some(_) => return Err(ApiError::bad("INVALID-DATA", "data must be a JSON object")),
+        None => return Err(ApiError::bad("MISSING-KEY", "data is missing")),
+    };
+    let target = match kind {
+        PushKind::Channel => Target::Channel,
+        PushKind::Client => Target::Client(string_key(body, "client_id")?),
+        PushKind::Connection => Target::Connection(string_key(body, "connection_id")?),
+        PushKind::ChannelByRole => {
+            let role = string_key(body, "role")?;
+            Target::Role(Role::parse(role).ok_or_else(|| {
+                ApiError::bad(
+                    "INVALID-ROLE",
+                    format!("role must be sendrecv, sendonly or recvonly, not {role:?}"),
+                )
+            })?)
+        }
+    };
+    let data_json = serde_json::to_string(data).expect("a JSON map always serialises");
+    let frame = Arc::new(Frame::new(message::push_json(&data_json)));
+    let conns = shared.table.lookup(channel_id, target);
+    // Refuse up front rather than drop silently at a DataChannel (RFC 8831
+    // §6.6: a message above the peer's max-message-size cannot be sent).
+    if let Some((conn, limit)) = conns
+        .iter()
+        .find_map(|c| c.message_limit.filter(|l| frame.len() > *l).map(|l| (c, l)))
+    {
+        return Err(ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            error_type: "PUSH-TOO-LARGE",
+            message: format!(
+                "the push is {} bytes; connection {} takes at most {limit} bytes over its DataChannel",
+                frame.len(),
+                conn.connection_id
+            ),
+        });
+    }
+    let stats = &shared.table.stats;
+    stats.pushes.fetch_add(1, Ordering::Relaxed);
+    let mut queued = 0;
+    for conn in &conns {
+        match conn.push(&frame) {
+            Delivery::Queued => queued += 1,
+            Delivery::Overflow => {
+                stats.overflows.fetch_add(1, Ordering::Relaxed);
+            }
+            Delivery::Gone => {}
+        }
+    }
+    stats.deliveries.fetch_add(queued, Ordering::Relaxed);
+    Ok(json_response(
+        StatusCode::OK,
+        format!(r#"{{"data":{data_json},"type":"push"}}"#),
+    ))
+}

@@ -1,0 +1,394 @@
+//! A Sora-protocol client: the WebSocket signaling of the SDKs plus the
+//! answering side of `hato-datachannel`. The tests and `hato-load` use it
+//! to play SDK peers against hato (or against Sora itself).
+//!
+//! Pings are answered, compressed labels inflated, and everything else is
+//! reported as a [`ClientEvent`] with the transport it came on.
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hato_datachannel::{Peer, PeerConfig, PeerEvent};
+use hato_signaling::zlib;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+/// How to connect, and the `connect` message to send.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub url: String,
+    pub channel_id: String,
+    pub role: String,
+    pub client_id: Option<String>,
+    pub data_channel_signaling: Option<bool>,
+    pub ignore_disconnect_websocket: Option<bool>,
+    /// More keys for `connect`, to mimic a particular SDK.
+    pub extra: Map<String, Value>,
+    pub peer: PeerConfig,
+    /// Limit on WebSocket connect plus the wait for the offer.
+    pub timeout: Duration,
+}
+
+impl ClientOptions {
+    pub fn new(url: &str, channel_id: &str, role: &str) -> ClientOptions {
+        ClientOptions {
+            url: url.to_owned(),
+            channel_id: channel_id.to_owned(),
+            role: role.to_owned(),
+            client_id: None,
+            data_channel_signaling: None,
+            ignore_disconnect_websocket: None,
+            extra: Map::new(),
+            peer: PeerConfig::default(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The `connect` message, shaped like sora-js-sdk's unless `extra` says otherwise.
+    pub fn connect_message(&self) -> Value {
+        let mut m = json!({
+            "type": "connect",
+            "role": self.role,
+            "channel_id": self.channel_id,
+            "sora_client": "hato client",
+            "metadata": null,
+            "audio": false,
+            "video": false,
+        });
+        if let Some(c) = &self.client_id {
+            m["client_id"] = json!(c);
+        }
+        if let Some(b) = self.data_channel_signaling {
+            m["data_channel_signaling"] = json!(b);
+        }
+        if let Some(b) = self.ignore_disconnect_websocket {
+            m["ignore_disconnect_websocket"] = json!(b);
+        }
+        for (k, v) in &self.extra {
+            m[k] = v.clone();
+        }
+        m
+    }
+}
+
+/// Which transport a message arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Via {
+    WebSocket,
+    DataChannel,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::WebSocket => "websocket",
+            Via::DataChannel => "datachannel",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum ClientEvent {
+    /// ICE and DTLS are up.
+    Connected,
+    /// A `push`, as received (the raw JSON text), and when, in µs since the epoch.
+    Push { text: Bytes, via: Via, at_us: u64 },
+    Notify { message: Value, via: Via },
+    Switched { ignore_disconnect_websocket: bool },
+    /// A DataChannel opened.
+    Open(String),
+    /// The WebSocket closed: the server's code and reason, or 1006 when the
+    /// connection dropped without a Close frame.
+    WebSocketClosed { code: u16, reason: String },
+    /// `{"type":"close"}` on the `signaling` DataChannel.
+    ServerClose { code: u16, reason: String },
+    ChannelClosed(String),
+    PeerFailed(String),
+    /// Anything else (label or "websocket", raw text).
+    Other { on: String, text: String },
+}
+
+#[derive(Debug)]
+pub enum ClientError {
+    /// The server closed the WebSocket before the offer.
+    Refused { code: u16, reason: String },
+    Failed(String),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Refused { code, reason } => write!(f, "refused with {code} {reason}"),
+            ClientError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+enum Command {
+    Text(String),
+    Close(u16, String),
+    /// Drop the TCP connection without a Close frame (as CPP does).
+    Drop,
+}
+
+/// A connected client.
+pub struct Client {
+    pub connection_id: String,
+    pub offer: Value,
+    pub events: mpsc::UnboundedReceiver<ClientEvent>,
+    peer: Arc<Peer>,
+    commands: mpsc::UnboundedSender<Command>,
+    compress: bool,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn fail(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Failed(e.to_string())
+}
+
+impl Client {
+    /// Connects, sends `connect`, answers the offer. Returns once the answer
+    /// is sent; watch [`Client::events`] for the rest.
+    pub async fn connect(opts: &ClientOptions) -> Result<Client, ClientError> {
+        let (mut ws, _) = tokio::time::timeout(opts.timeout, tokio_tungstenite::connect_async(&opts.url))
+            .await
+            .map_err(|_| fail("WebSocket connect timed out"))?
+            .map_err(fail)?;
+        ws.send(Message::text(opts.connect_message().to_string()))
+            .await
+            .map_err(fail)?;
+        let offer = tokio::time::timeout(opts.timeout, async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        let v: Value = serde_json::from_str(&t).map_err(fail)?;
+                        if v["type"] == "offer" {
+                            return Ok(v);
+                        }
+                        return Err(fail(format!("{} before the offer", v["type"])));
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        return Err(ClientError::Refused {
+                            code: frame.as_ref().map_or(1005, |f| f.code.into()),
+                            reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                        })
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(fail(e)),
+                    None => return Err(fail("WebSocket closed before the offer")),
+                }
+            }
+        })
+        .await
+        .map_err(|_| fail("no offer before the timeout"))??;
+        let sdp = offer["sdp"].as_str().ok_or_else(|| fail("offer without sdp"))?;
+        let (peer, answer, peer_events) = Peer::answer(&opts.peer, sdp).await.map_err(fail)?;
+        ws.send(Message::text(json!({"type": "answer", "sdp": answer}).to_string()))
+            .await
+            .map_err(fail)?;
+        let compress = offer["data_channels"]
+            .as_array()
+            .is_some_and(|dcs| dcs.iter().any(|d| d["compress"] == true));
+        let peer = Arc::new(peer);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(ws, peer_events, commands_rx, events_tx, compress));
+        Ok(Client {
+            connection_id: offer["connection_id"].as_str().unwrap_or_default().to_owned(),
+            offer,
+            events,
+            peer,
+            commands,
+            compress,
+        })
+    }
+
+    /// Sends a text frame on the WebSocket.
+    pub fn send_ws(&self, text: impl Into<String>) {
+        let _ = self.commands.send(Command::Text(text.into()));
+    }
+
+    /// Sends a Close frame with `code` (1005: none) and keeps reading.
+    pub fn close_ws(&self, code: u16, reason: &str) {
+        let _ = self.commands.send(Command::Close(code, reason.to_owned()));
+    }
+
+    /// Drops the WebSocket's TCP connection without a Close frame.
+    pub fn drop_ws(&self) {
+        let _ = self.commands.send(Command::Drop);
+    }
+
+    /// Sends a JSON message on a DataChannel as the SDKs do: zlib-framed
+    /// binary when the label is compressed, else `text` or binary.
+    pub async fn send_dc(&self, label: &str, message: &str, text: bool) -> Result<(), ClientError> {
+        if self.compress {
+            self.peer
+                .send(label, &zlib::compress(message.as_bytes()), false)
+                .await
+        } else {
+            self.peer.send(label, message.as_bytes(), text).await
+        }
+        .map_err(fail)
+    }
+
+    /// Sends raw bytes on a DataChannel, unframed.
+    pub async fn send_dc_raw(&self, label: &str, data: &[u8], text: bool) -> Result<(), ClientError> {
+        self.peer.send(label, data, text).await.map_err(fail)
+    }
+
+    /// The next event, or `None` after `timeout`.
+    pub async fn next_event(&mut self, timeout: Duration) -> Option<ClientEvent> {
+        tokio::time::timeout(timeout, self.events.recv()).await.ok().flatten()
+    }
+
+    /// Reads events until one matches, discarding the rest.
+    pub async fn wait_for(
+        &mut self,
+        timeout: Duration,
+        mut want: impl FnMut(&ClientEvent) -> bool,
+    ) -> Option<ClientEvent> {
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let ev = tokio::time::timeout_at(until, self.events.recv()).await.ok()??;
+            if want(&ev) {
+                return Some(ev);
+            }
+        }
+    }
+
+    /// Waits for this connection's own `connection.created`, the SDKs'
+    /// sign of being connected.
+    pub async fn wait_connected(&mut self, timeout: Duration) -> bool {
+        let id = self.connection_id.clone();
+        self.wait_for(timeout, |e| {
+            matches!(e, ClientEvent::Notify { message, .. }
+                if message["event_type"] == "connection.created" && message["connection_id"] == id.as_str())
+        })
+        .await
+        .is_some()
+    }
+
+    /// Ends the PeerConnection from this side.
+    pub async fn close_peer(&self) {
+        self.peer.close().await;
+    }
+}
+
+fn parse_event(text: Bytes, via: Via, on: &str) -> ClientEvent {
+    let at_us = now_us();
+    let Ok(v) = serde_json::from_slice::<Value>(&text) else {
+        return ClientEvent::Other {
+            on: on.to_owned(),
+            text: String::from_utf8_lossy(&text).into_owned(),
+        };
+    };
+    match v["type"].as_str() {
+        Some("push") => ClientEvent::Push { text, via, at_us },
+        Some("notify") => ClientEvent::Notify { message: v, via },
+        Some("switched") => ClientEvent::Switched {
+            ignore_disconnect_websocket: v["ignore_disconnect_websocket"] == true,
+        },
+        Some("close") if on == "signaling" => ClientEvent::ServerClose {
+            code: v["code"].as_u64().unwrap_or(0) as u16,
+            reason: v["reason"].as_str().unwrap_or_default().to_owned(),
+        },
+        _ => ClientEvent::Other {
+            on: on.to_owned(),
+            text: String::from_utf8_lossy(&text).into_owned(),
+        },
+    }
+}
+
+async fn run(
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    mut peer_events: mpsc::Receiver<PeerEvent>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<ClientEvent>,
+    compress: bool,
+) {
+    let mut ws = Some(ws);
+    loop {
+        tokio::select! {
+            msg = async { ws.as_mut().unwrap().next().await }, if ws.is_some() => {
+                match msg {
+                    Some(Ok(Message::Text(t))) => {
+                        let bytes = Bytes::copy_from_slice(t.as_bytes());
+                        let ev = parse_event(bytes, Via::WebSocket, "websocket");
+                        if let ClientEvent::Other { text, .. } = &ev {
+                            if text.contains("\"ping\"") {
+                                let pong = Message::text(r#"{"type":"pong"}"#);
+                                let _ = ws.as_mut().unwrap().send(pong).await;
+                                continue;
+                            }
+                        }
+                        let _ = events.send(ev);
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        let _ = events.send(ClientEvent::WebSocketClosed {
+                            code: frame.as_ref().map_or(1005, |f| f.code.into()),
+                            reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                        });
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => {
+                        let _ = events.send(ClientEvent::WebSocketClosed { code: 1006, reason: String::new() });
+                        ws = None;
+                    }
+                }
+            }
+            ev = peer_events.recv() => {
+                let ev = match ev {
+                    None => return,
+                    Some(PeerEvent::Connected) => ClientEvent::Connected,
+                    Some(PeerEvent::Failed(r)) => ClientEvent::PeerFailed(r),
+                    Some(PeerEvent::Open(l)) => ClientEvent::Open(l.to_string()),
+                    Some(PeerEvent::Closed(l)) => ClientEvent::ChannelClosed(l.to_string()),
+                    Some(PeerEvent::Message { label, data, text }) => {
+                        let data = if compress && !text {
+                            match zlib::decompress(&data, 16 << 20) {
+                                Ok(d) => Bytes::from(d),
+                                Err(e) => {
+                                    let _ = events.send(ClientEvent::Other { on: label.to_string(), text: e.to_string() });
+                                    continue;
+                                }
+                            }
+                        } else {
+                            data
+                        };
+                        parse_event(data, Via::DataChannel, &label)
+                    }
+                };
+                if events.send(ev).is_err() {
+                    return;
+                }
+            }
+            cmd = commands.recv() => match cmd {
+                None => return,
+                Some(Command::Text(t)) => {
+                    if let Some(w) = ws.as_mut() {
+                        let _ = w.send(Message::text(t)).await;
+                    }
+                }
+                Some(Command::Close(code, reason)) => {
+                    if let Some(w) = ws.as_mut() {
+                        let frame = (code != 1005).then(|| CloseFrame { code: CloseCode::from(code), reason: reason.into() });
+                        let _ = w.send(Message::Close(frame)).await;
+                    }
+                }
+                Some(Command::Drop) => ws = None,
+            }
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Server settings: command-line flags, each with an environment variable.
+//! Defaults serve on loopback and work with every Sora SDK unchanged.
+
+use clap::Parser;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "hato", version, about = "A push server speaking Sora's signaling and Push API")]
+pub struct Config {
+    /// Where the signaling WebSocket listens (path /signaling).
+    #[arg(long, env = "HATO_SIGNALING_ADDR", default_value = "127.0.0.1:5000")]
+    pub signaling_addr: SocketAddr,
+
+    /// Where the HTTP API listens (POST / with x-sora-target).
+    #[arg(long, env = "HATO_API_ADDR", default_value = "127.0.0.1:3000")]
+    pub api_addr: SocketAddr,
+
+    /// The address WebRTC (ICE/UDP) binds, one ephemeral port per peer.
+    /// 0.0.0.0 binds every non-loopback interface.
+    #[arg(long, env = "HATO_RTC_ADDR", default_value = "127.0.0.1")]
+    pub rtc_addr: IpAddr,
+
+    /// Address(es) put in the offer's candidates instead of the bound one,
+    /// like Sora's public IP setting (NAT 1:1, containers). Repeatable.
+    #[arg(long = "public-ip", env = "HATO_PUBLIC_IP", value_delimiter = ',')]
+    pub public_ips: Vec<IpAddr>,
+
+    /// Origin allowed to call the API from a browser (Sora's api_cors_origin).
+    /// Unset: no CORS headers, preflights refused.
+    #[arg(long, env = "HATO_API_CORS_ORIGIN")]
+    pub api_cors_origin: Option<String>,
+
+    /// Largest API request body, in bytes; larger gets 413.
+    #[arg(long, env = "HATO_API_BODY_LIMIT", default_value_t = 1 << 20)]
+    pub api_body_limit: usize,
+
+    /// Messages a connection may have queued; one more disconnects it
+    /// with reason OUTBOX-OVERFLOW.
+    #[arg(long, env = "HATO_OUTBOX_CAPACITY", default_value_t = 4096)]
+    pub outbox_capacity: usize,
+
+    /// DataChannel signaling for peers whose connect does not say
+    /// (Sora's default_data_channel_signaling).
+    #[arg(long, env = "HATO_DATA_CHANNEL_SIGNALING", default_value_t = false)]
+    pub data_channel_signaling: bool,
+
+    /// ignore_disconnect_websocket for DataChannel peers whose connect does not say.
+    #[arg(long, env = "HATO_IGNORE_DISCONNECT_WEBSOCKET", default_value_t = false)]
+    pub ignore_disconnect_websocket: bool,
+
+    /// Offer the system DataChannels with compress: true (zlib per message).
+    #[arg(long, env = "HATO_DATA_CHANNEL_COMPRESS", default_value_t = false)]
+    pub data_channel_compress: bool,
+
+    /// Largest push sent over a DataChannel, in bytes (also capped by each
+    /// peer's a=max-message-size). A larger push gets 413 from the API.
+    #[arg(long, env = "HATO_DATA_CHANNEL_MESSAGE_LIMIT", default_value_t = 262_144)]
+    pub data_channel_message_limit: usize,
+
+    /// Largest message hato accepts from a peer (WebSocket frame, or a
+    /// DataChannel message after inflating), in bytes.
+    #[arg(long, env = "HATO_CLIENT_MESSAGE_LIMIT", default_value_t = 1 << 20)]
+    pub client_message_limit: usize,
+
+    /// Time from WebSocket open to `connect`, in ms.
+    #[arg(long, env = "HATO_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub connect_timeout_ms: u64,
+
+    /// Time from `offer` to `answer`, in ms.
+    #[arg(long, env = "HATO_ANSWER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub answer_timeout_ms: u64,
+
+    /// Time from `answer` to connected (and, with DataChannel signaling,
+    /// to every channel open), in ms.
+    #[arg(long, env = "HATO_ESTABLISH_TIMEOUT_MS", default_value_t = 20_000)]
+    pub establish_timeout_ms: u64,
+
+    /// Interval of the WebSocket `ping` message, in ms.
+    #[arg(long, env = "HATO_PING_INTERVAL_MS", default_value_t = 5_000)]
+    pub ping_interval_ms: u64,
+
+    /// A peer that sends no `pong` for this long is disconnected, in ms.
+    #[arg(long, env = "HATO_PONG_TIMEOUT_MS", default_value_t = 15_000)]
+    pub pong_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::parse_from(["hato"])
+    }
+}
+
+impl Config {
+    /// Everything on ephemeral loopback ports: for tests and the harness.
+    pub fn ephemeral() -> Self {
+        Config {
+            signaling_addr: "127.0.0.1:0".parse().unwrap(),
+            api_addr: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        }
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn answer_timeout(&self) -> Duration {
+        Duration::from_millis(self.answer_timeout_ms)
+    }
+    pub fn establish_timeout(&self) -> Duration {
+        Duration::from_millis(self.establish_timeout_ms)
+    }
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.ping_interval_ms)
+    }
+    pub fn pong_timeout(&self) -> Duration {
+        Duration::from_millis(self.pong_timeout_ms)
+    }
+    pub fn peer(&self) -> hato_datachannel::PeerConfig {
+        hato_datachannel::PeerConfig {
+            bind: self.rtc_addr,
+            advertise: self.public_ips.clone(),
+            max_message_size: self.client_message_limit.min(u32::MAX as usize) as u32,
+            ..Default::default()
+        }
+    }
+}

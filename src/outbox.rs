@@ -1,0 +1,234 @@
+//! The per-connection outbox: one FIFO queue and one task that owns the
+//! connection's sending side, so one connection's messages leave in the
+//! order they were queued, whatever transport each one takes.
+//!
+//! Before `switched` everything goes over the WebSocket. `Out::Switch`
+//! sends `switched` there and flips the task to DataChannels; since the flip
+//! is itself a queue item, no push is lost or reordered across the switch.
+
+use bytes::Bytes;
+use futures_util::stream::SplitSink;
+use futures_util::SinkExt;
+use hato_datachannel::Peer;
+use hato_signaling::{message, zlib};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+pub type WsSink = SplitSink<WebSocketStream<TcpStream>, Message>;
+
+/// A server → client message serialised once and shared by every
+/// recipient; its zlib form is made on first use, once.
+#[derive(Debug)]
+pub struct Frame {
+    text: Utf8Bytes,
+    zlib: OnceLock<Bytes>,
+}
+
+impl Frame {
+    pub fn new(text: String) -> Frame {
+        Frame {
+            text: text.into(),
+            zlib: OnceLock::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.text.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    fn zlib(&self) -> &Bytes {
+        self.zlib
+            .get_or_init(|| zlib::compress(self.text.as_bytes()).into())
+    }
+}
+
+/// One item of a connection's queue.
+#[derive(Debug)]
+pub enum Out {
+    /// A signaling message that only ever travels on the WebSocket
+    /// (`offer`, `ping`).
+    Ws(String),
+    /// A `push`: on the `push` DataChannel after the switch, else the WebSocket.
+    Push(Arc<Frame>),
+    /// A `notify`: on the `notify` DataChannel after the switch, else the WebSocket.
+    Notify(Arc<Frame>),
+    /// Send `switched` on the WebSocket, then use the DataChannels.
+    Switch { ignore_disconnect_websocket: bool },
+}
+
+/// How the session ends the connection's sending side.
+#[derive(Debug, Default)]
+pub struct Close {
+    /// A WebSocket Close frame (code, reason).
+    pub websocket: Option<(u16, String)>,
+    /// A `close` message on the `signaling` DataChannel (code, reason).
+    pub signaling: Option<(u16, String)>,
+}
+
+/// The session's handle on its outbox task.
+pub struct Outbox {
+    pub queue: mpsc::Sender<Out>,
+    close: oneshot::Sender<Close>,
+    task: JoinHandle<()>,
+}
+
+impl Outbox {
+    /// Starts the task. `peer` carries the DataChannels used after the
+    /// switch; `compress` says whether they are zlib-framed.
+    pub fn spawn(ws: WsSink, peer: Arc<Peer>, compress: bool, capacity: usize) -> Outbox {
+        let (queue, rx) = mpsc::channel(capacity.max(1));
+        let (close, close_rx) = oneshot::channel();
+        let task = tokio::spawn(
+            Sender {
+                ws: Some(ws),
+                peer,
+                compress,
+                switched: false,
+            }
+            .run(rx, close_rx),
+        );
+        Outbox { queue, close, task }
+    }
+
+    /// Sends `close` ahead of anything still queued, then waits (bounded)
+    /// for the task to finish sending it.
+    pub async fn close(self, close: Close) {
+        let _ = self.close.send(close);
+        let mut task = self.task;
+        if tokio::time::timeout(Duration::from_secs(3), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// Largest number of queued items written before one flush.
+const BATCH: usize = 64;
+
+struct Sender {
+    ws: Option<WsSink>,
+    peer: Arc<Peer>,
+    compress: bool,
+    switched: bool,
+}
+
+impl Sender {
+    async fn run(mut self, mut rx: mpsc::Receiver<Out>, mut close_rx: oneshot::Receiver<Close>) {
+        loop {
+            let first = tokio::select! {
+                biased;
+                close = &mut close_rx => return self.close(close.unwrap_or_default()).await,
+                item = rx.recv() => match item {
+                    Some(item) => item,
+                    None => return,
+                },
+            };
+            // Write a batch and flush once: one syscall for many pushes.
+            let work = async {
+                self.send(first).await;
+                for _ in 1..BATCH {
+                    match rx.try_recv() {
+                        Ok(item) => self.send(item).await,
+                        Err(_) => break,
+                    }
+                }
+                self.flush().await;
+            };
+            tokio::select! {
+                biased;
+                close = &mut close_rx => return self.close(close.unwrap_or_default()).await,
+                () = work => {}
+            }
+        }
+    }
+
+    async fn ws_feed(&mut self, text: Utf8Bytes) {
+        if let Some(ws) = &mut self.ws {
+            if ws.feed(Message::Text(text)).await.is_err() {
+                // The session sees the loss on its reading half.
+                self.ws = None;
+            }
+        }
+    }
+
+    async fn flush(&mut self) {
+        if let Some(ws) = &mut self.ws {
+            if ws.flush().await.is_err() {
+                self.ws = None;
+            }
+        }
+    }
+
+    async fn dc_send(&self, label: &str, frame: &Frame) {
+        let result = if self.compress {
+            self.peer.send(label, frame.zlib(), false).await
+        } else {
+            self.peer.send(label, frame.text.as_bytes(), true).await
+        };
+        if let Err(e) = result {
+            tracing::debug!(label, error = %e, "DataChannel send failed");
+        }
+    }
+
+    async fn send(&mut self, out: Out) {
+        match out {
+            Out::Ws(text) => self.ws_feed(text.into()).await,
+            Out::Push(frame) if self.switched => self.dc_send("push", &frame).await,
+            Out::Notify(frame) if self.switched => self.dc_send("notify", &frame).await,
+            Out::Push(frame) | Out::Notify(frame) => self.ws_feed(frame.text.clone()).await,
+            Out::Switch {
+                ignore_disconnect_websocket,
+            } => {
+                self.ws_feed(message::switched(ignore_disconnect_websocket).into())
+                    .await;
+                self.flush().await;
+                self.switched = true;
+                if ignore_disconnect_websocket {
+                    // Nothing more goes on the WebSocket in this mode (§3.9).
+                    self.ws = None;
+                }
+            }
+        }
+    }
+
+    async fn close(mut self, close: Close) {
+        if let Some((code, reason)) = close.signaling {
+            let text = message::close(code, &reason);
+            let frame = Frame::new(text);
+            self.dc_send("signaling", &frame).await;
+        }
+        if let (Some((code, reason)), Some(ws)) = (close.websocket, &mut self.ws) {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: truncate_reason(&reason).into(),
+            };
+            let _ = ws.send(Message::Close(Some(frame))).await;
+        }
+    }
+}
+
+/// A Close frame's reason is at most 123 bytes (RFC 6455 §5.5).
+pub fn truncate_reason(reason: &str) -> &str {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}

@@ -1,0 +1,566 @@
+//! One peer's session: the signaling WebSocket and its WebRTC peer, from
+//! `connect` to teardown.
+//!
+//! `connect` → `offer` → `answer` → `candidate`s → ICE/DTLS up → the peer
+//! joins the connection table and everyone in the channel gets `notify` →
+//! with DataChannel signaling, all four channels open → `switched`.
+//! Every wait is bounded; every way out goes through [`Session::finish`],
+//! which leaves the table, the tasks and the sockets as they were.
+
+use crate::outbox::{truncate_reason, Close, Frame, Out, Outbox};
+use crate::table::{Conn, Kill};
+use crate::Shared;
+use futures_util::stream::SplitStream;
+use futures_util::{SinkExt, StreamExt};
+use hato_datachannel::{Peer, PeerEvent};
+use hato_signaling::message::{self, ChannelCounts, ClientMessage, NotifyConnection};
+use hato_signaling::{id, sdp, time, zlib, ConnectRequest, DataChannelSpec, Offer, Role};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// The close code Sora uses for a refused `connect` (protocol.md §5.1).
+pub const SIGNALING_ERROR: u16 = 4490;
+
+type WsStream = SplitStream<WebSocketStream<TcpStream>>;
+
+/// Accepts signaling WebSockets on `/signaling` until the listener fails.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (tcp, addr) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "signaling accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut config = WebSocketConfig::default();
+            config.max_message_size = Some(shared.config.client_message_limit);
+            config.max_frame_size = Some(shared.config.client_message_limit);
+            let only_signaling = |req: &Request, resp: Response| {
+                if req.uri().path() == "/signaling" {
+                    Ok(resp)
+                } else {
+                    let mut err = ErrorResponse::new(Some("only /signaling is served".into()));
+                    *err.status_mut() = StatusCode::NOT_FOUND;
+                    Err(err)
+                }
+            };
+            let handshake = tokio_tungstenite::accept_hdr_async_with_config(
+                tcp,
+                only_signaling,
+                Some(config),
+            );
+            match tokio::time::timeout(shared.config.connect_timeout(), handshake).await {
+                Ok(Ok(ws)) => run(shared, ws).await,
+                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "WebSocket handshake failed"),
+                Err(_) => tracing::debug!(%addr, "WebSocket handshake timed out"),
+            }
+        });
+    }
+}
+
+/// Why a session ends, which decides what the peer is told.
+#[derive(Debug)]
+enum End {
+    /// Bad signaling input or a connect-time failure: close 4490.
+    Refused(String),
+    /// The client sent `disconnect`.
+    ClientDisconnect,
+    /// The WebSocket went away while it still mattered.
+    WebSocketLost,
+    /// ICE/DTLS failed or the PeerConnection closed.
+    PeerFailed(String),
+    /// hato ends it (overflow, missed pongs): close 1000 with this reason.
+    Server(&'static str),
+}
+
+async fn refuse(mut ws: WebSocketStream<TcpStream>, reason: &str) {
+    tracing::info!(reason, "connect refused");
+    let frame = CloseFrame {
+        code: CloseCode::from(SIGNALING_ERROR),
+        reason: truncate_reason(reason).into(),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = ws.send(Message::Close(Some(frame))).await;
+        // Wait for the client's Close so it sees a clean close.
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+/// Reads the first text frame. `Err(None)`: the socket went away quietly;
+/// `Err(Some(reason))`: refuse with `reason`.
+async fn first_text(ws: &mut WebSocketStream<TcpStream>) -> Result<String, Option<String>> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
+            Some(Ok(Message::Binary(_))) => {
+                return Err(Some("binary frames are not accepted; send JSON text".into()))
+            }
+            Some(Ok(Message::Close(_))) | None => return Err(None),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(Some(format!("bad WebSocket frame: {e}"))),
+        }
+    }
+}
+
+async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>) {
+    let cfg = &shared.config;
+    let text = match tokio::time::timeout(cfg.connect_timeout(), first_text(&mut ws)).await {
+        Ok(Ok(text)) => text,
+        Ok(Err(None)) => return,
+        Ok(Err(Some(reason))) => return refuse(ws, &reason).await,
+        Err(_) => return refuse(ws, "no connect message before the timeout").await,
+    };
+    let connect = match ClientMessage::parse(text.as_bytes()) {
+        Ok(ClientMessage::Connect(v)) => match ConnectRequest::from_value(v) {
+            Ok(c) => c,
+            Err(e) => return refuse(ws, &e.0).await,
+        },
+        Ok(_) => return refuse(ws, "the first message must be connect").await,
+        Err(e) => return refuse(ws, &e.0).await,
+    };
+
+    let dc_signaling = connect
+        .data_channel_signaling
+        .unwrap_or(cfg.data_channel_signaling);
+    let ignore_ws = dc_signaling
+        && connect
+            .ignore_disconnect_websocket
+            .unwrap_or(cfg.ignore_disconnect_websocket);
+    let compress = dc_signaling && cfg.data_channel_compress;
+    let labels: Vec<&str> = if dc_signaling {
+        message::SYSTEM_LABELS.iter().map(|(l, _)| *l).collect()
+    } else {
+        Vec::new()
+    };
+    let (peer, offer_sdp, events) = match Peer::offer(&cfg.peer(), &labels).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "could not create a PeerConnection");
+            return refuse(ws, "INTERNAL-ERROR: could not create a PeerConnection").await;
+        }
+    };
+    let peer = Arc::new(peer);
+
+    let connection_id: Arc<str> = id::new_id().into();
+    let client_id: Arc<str> = connect
+        .client_id
+        .clone()
+        .map_or_else(|| connection_id.clone(), Into::into);
+    let bundle_id: Arc<str> = connect
+        .bundle_id
+        .clone()
+        .map_or_else(|| connection_id.clone(), Into::into);
+    let offer = Offer {
+        ty: "offer",
+        sdp: offer_sdp,
+        channel_id: connect.channel_id.clone(),
+        session_id: shared.session_id.to_string(),
+        connection_id: connection_id.to_string(),
+        client_id: client_id.to_string(),
+        bundle_id: bundle_id.to_string(),
+        simulcast: false,
+        spotlight: false,
+        multistream: false,
+        config: Offer::ice_config(),
+        data_channel_signaling: dc_signaling,
+        ignore_disconnect_websocket: ignore_ws,
+        data_channels: dc_signaling.then(|| DataChannelSpec::system(compress)),
+        version: concat!("hato/", env!("CARGO_PKG_VERSION")),
+    };
+    let offer_json = serde_json::to_string(&offer).expect("an offer always serialises");
+
+    let (sink, stream) = ws.split();
+    let outbox = Outbox::spawn(sink, peer.clone(), compress, cfg.outbox_capacity);
+    let _ = outbox.queue.try_send(Out::Ws(offer_json));
+    let (kill_tx, kill_rx) = mpsc::unbounded_channel();
+    tracing::info!(
+        %connection_id, channel_id = %connect.channel_id, role = %connect.role,
+        dc_signaling, ignore_ws, "offer sent"
+    );
+
+    let mut session = Session {
+        shared: shared.clone(),
+        connection_id,
+        client_id,
+        bundle_id,
+        channel_id: connect.channel_id.as_str().into(),
+        role: connect.role,
+        notify_metadata: connect.signaling_notify_metadata.clone(),
+        dc_signaling,
+        ignore_ws,
+        compress,
+        peer,
+        outbox: Some(outbox),
+        kill_tx,
+        conn: None,
+        answered: false,
+        connected: false,
+        switched: false,
+        open: HashSet::new(),
+        ws_alive: true,
+        message_limit: None,
+        last_pong: Instant::now(),
+        deadline: Instant::now() + cfg.answer_timeout(),
+    };
+    let end = session.drive(stream, events, kill_rx).await;
+    session.finish(end).await;
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    connection_id: Arc<str>,
+    client_id: Arc<str>,
+    bundle_id: Arc<str>,
+    channel_id: Arc<str>,
+    role: Role,
+    notify_metadata: Option<Value>,
+    dc_signaling: bool,
+    ignore_ws: bool,
+    compress: bool,
+    peer: Arc<Peer>,
+    outbox: Option<Outbox>,
+    kill_tx: mpsc::UnboundedSender<Kill>,
+    /// Set once the peer is in the table.
+    conn: Option<Arc<Conn>>,
+    answered: bool,
+    connected: bool,
+    switched: bool,
+    open: HashSet<Arc<str>>,
+    ws_alive: bool,
+    /// Largest push the peer takes over its DataChannel (from its answer).
+    message_limit: Option<usize>,
+    last_pong: Instant,
+    /// When the current phase (answer, then establishment) times out.
+    deadline: Instant,
+}
+
+struct Drive {
+    end: End,
+    stream: WsStream,
+    events: mpsc::Receiver<PeerEvent>,
+}
+
+impl Session {
+    fn established(&self) -> bool {
+        self.conn.is_some() && (!self.dc_signaling || self.switched)
+    }
+
+    /// Whether the WebSocket still carries signaling: after the switch
+    /// with `ignore_disconnect_websocket` it does not (§3.9).
+    fn ws_in_use(&self) -> bool {
+        self.ws_alive && !(self.switched && self.ignore_ws)
+    }
+
+    /// Queues on this connection's own outbox; a full queue ends it.
+    fn queue(&self, out: Out) {
+        if let Some(outbox) = &self.outbox {
+            if outbox.queue.try_send(out).is_err() {
+                let _ = self.kill_tx.send(Kill::Overflow);
+            }
+        }
+    }
+
+    async fn drive(
+        &mut self,
+        mut stream: WsStream,
+        mut events: mpsc::Receiver<PeerEvent>,
+        mut kill_rx: mpsc::UnboundedReceiver<Kill>,
+    ) -> Drive {
+        let cfg = self.shared.config.clone();
+        let mut ping = tokio::time::interval(cfg.ping_interval());
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end = loop {
+            let deadline = tokio::time::sleep_until(self.deadline);
+            let end = tokio::select! {
+                msg = stream.next(), if self.ws_alive => self.on_ws(msg).await,
+                ev = events.recv() => self.on_peer(ev).await,
+                Some(kill) = kill_rx.recv() => match kill {
+                    Kill::Overflow => Some(End::Server("OUTBOX-OVERFLOW")),
+                },
+                () = deadline, if !self.established() => Some(End::Refused(if self.answered {
+                    "connection not established before the timeout".into()
+                } else {
+                    "no answer before the timeout".into()
+                })),
+                _ = ping.tick(), if self.answered && self.ws_in_use() => {
+                    if self.last_pong.elapsed() > cfg.pong_timeout() {
+                        Some(End::Server("PONG-TIMEOUT"))
+                    } else {
+                        self.queue(Out::Ws(message::ping()));
+                        None
+                    }
+                }
+            };
+            if let Some(end) = end {
+                break end;
+            }
+        };
+        Drive { end, stream, events }
+    }
+
+    async fn on_ws(
+        &mut self,
+        msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) -> Option<End> {
+        let text = match msg {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(_))) => {
+                return Some(End::Refused(
+                    "binary frames are not accepted; send JSON text".into(),
+                ))
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                self.ws_alive = false;
+                if self.switched && self.ignore_ws {
+                    tracing::debug!(connection_id = %self.connection_id, "WebSocket gone after switch, as expected");
+                    return None;
+                }
+                return Some(End::WebSocketLost);
+            }
+            Some(Ok(_)) => return None,
+        };
+        match ClientMessage::parse(text.as_bytes()) {
+            Ok(msg) => self.on_message(msg, "websocket").await,
+            Err(e) => Some(End::Refused(e.0)),
+        }
+    }
+
+    /// A client message from the WebSocket or a DataChannel.
+    async fn on_message(&mut self, msg: ClientMessage, via: &str) -> Option<End> {
+        match msg {
+            ClientMessage::Connect(_) => {
+                return Some(End::Refused("connect was already received".into()))
+            }
+            ClientMessage::Answer { sdp } if via == "websocket" => {
+                if self.answered {
+                    tracing::debug!(connection_id = %self.connection_id, "second answer ignored");
+                    return None;
+                }
+                if let Err(e) = self.peer.apply_answer(&sdp).await {
+                    return Some(End::Refused(format!("the answer could not be applied: {e}")));
+                }
+                self.answered = true;
+                self.last_pong = Instant::now();
+                self.deadline = Instant::now() + self.shared.config.establish_timeout();
+                let limit = self.shared.config.data_channel_message_limit;
+                self.message_limit = self
+                    .dc_signaling
+                    .then(|| sdp::max_message_size(&sdp).map_or(limit, |n| n.min(limit)));
+            }
+            ClientMessage::Candidate(c) => {
+                if let Err(e) = self
+                    .peer
+                    .add_candidate(&c.candidate, c.sdp_mid, c.sdp_mline_index)
+                    .await
+                {
+                    tracing::debug!(connection_id = %self.connection_id, error = %e, "candidate not added");
+                }
+            }
+            ClientMessage::Pong | ClientMessage::Stats => self.last_pong = Instant::now(),
+            ClientMessage::Disconnect { reason } => {
+                tracing::info!(connection_id = %self.connection_id, ?reason, via, "client disconnect");
+                return Some(End::ClientDisconnect);
+            }
+            other => {
+                tracing::debug!(connection_id = %self.connection_id, via, ?other, "message ignored");
+            }
+        }
+        None
+    }
+
+    async fn on_peer(&mut self, ev: Option<PeerEvent>) -> Option<End> {
+        match ev? {
+            PeerEvent::Connected => {
+                if !self.connected {
+                    self.connected = true;
+                    self.register();
+                    self.maybe_switch();
+                }
+            }
+            PeerEvent::Failed(reason) => return Some(End::PeerFailed(reason)),
+            PeerEvent::Open(label) => {
+                self.open.insert(label);
+                self.maybe_switch();
+            }
+            PeerEvent::Message { label, data, text } => {
+                return self.on_dc_message(&label, &data, text).await
+            }
+            PeerEvent::Closed(label) => {
+                tracing::debug!(connection_id = %self.connection_id, %label, "DataChannel closed");
+            }
+        }
+        None
+    }
+
+    /// Anything malformed on a DataChannel is logged and dropped (§4.3).
+    async fn on_dc_message(&mut self, label: &str, data: &[u8], text: bool) -> Option<End> {
+        let limit = self.shared.config.client_message_limit;
+        let inflated;
+        let bytes = if self.compress && !text {
+            match zlib::decompress(data, limit) {
+                Ok(b) => {
+                    inflated = b;
+                    &inflated[..]
+                }
+                Err(e) => {
+                    tracing::warn!(connection_id = %self.connection_id, label, error = %e, "DataChannel message dropped");
+                    return None;
+                }
+            }
+        } else {
+            data
+        };
+        match ClientMessage::parse(bytes) {
+            Ok(ClientMessage::Answer { .. }) | Ok(ClientMessage::Connect(_)) => {
+                tracing::warn!(connection_id = %self.connection_id, label, "connect/answer on a DataChannel dropped");
+                None
+            }
+            Ok(msg) => self.on_message(msg, label).await,
+            Err(e) => {
+                tracing::warn!(connection_id = %self.connection_id, label, error = %e, "DataChannel message dropped");
+                None
+            }
+        }
+    }
+
+    fn who(&self) -> NotifyConnection<'_> {
+        NotifyConnection {
+            role: self.role,
+            session_id: &self.shared.session_id,
+            channel_id: &self.channel_id,
+            client_id: &self.client_id,
+            bundle_id: &self.bundle_id,
+            connection_id: &self.connection_id,
+            metadata: self.notify_metadata.as_ref(),
+        }
+    }
+
+    /// ICE and DTLS are up: join the table, then `connection.created` to
+    /// the new peer (with the list of those present) and to the others.
+    fn register(&mut self) {
+        let Some(outbox) = &self.outbox else { return };
+        let conn = Arc::new(Conn::new(
+            self.connection_id.clone(),
+            self.client_id.clone(),
+            self.bundle_id.clone(),
+            self.channel_id.clone(),
+            self.shared.session_id.clone(),
+            self.role,
+            self.notify_metadata.clone(),
+            self.message_limit,
+            outbox.queue.clone(),
+            self.kill_tx.clone(),
+        ));
+        let (others, counts) = self.shared.table.insert(conn.clone());
+        self.conn = Some(conn);
+        let present: Vec<Value> = others
+            .iter()
+            .map(|o| {
+                let mut v = json!({"client_id": &*o.client_id, "connection_id": &*o.connection_id});
+                if let Some(m) = &o.notify_metadata {
+                    v["metadata"] = m.clone();
+                }
+                v
+            })
+            .collect();
+        let now = time::now_rfc3339();
+        let own = message::notify_connection("connection.created", &self.who(), counts, &now, Some(present));
+        self.queue(Out::Notify(Arc::new(Frame::new(own))));
+        self.notify_others("connection.created", &others, counts, &now);
+        tracing::info!(connection_id = %self.connection_id, channel_id = %self.channel_id, "connected");
+    }
+
+    fn notify_others(&self, event_type: &str, others: &[Arc<Conn>], counts: ChannelCounts, now: &str) {
+        if others.is_empty() {
+            return;
+        }
+        let frame = Arc::new(Frame::new(message::notify_connection(event_type, &self.who(), counts, now, None)));
+        for other in others {
+            other.deliver(Out::Notify(frame.clone()));
+        }
+    }
+
+    /// Every listed DataChannel is open and the peer is registered: switch.
+    fn maybe_switch(&mut self) {
+        if self.dc_signaling
+            && !self.switched
+            && self.conn.is_some()
+            && message::SYSTEM_LABELS.iter().all(|(l, _)| self.open.contains(*l))
+        {
+            self.switched = true;
+            self.queue(Out::Switch {
+                ignore_disconnect_websocket: self.ignore_ws,
+            });
+            tracing::info!(connection_id = %self.connection_id, "switched");
+        }
+    }
+
+    async fn finish(mut self, drive: Drive) {
+        let Drive { end, mut stream, mut events } = drive;
+        tracing::info!(connection_id = %self.connection_id, ?end, "session ends");
+        if let Some(conn) = self.conn.take() {
+            if let Some((others, counts)) = self.shared.table.remove(&conn) {
+                self.notify_others("connection.destroyed", &others, counts, &time::now_rfc3339());
+            }
+        }
+        let dc_only = self.switched && self.ignore_ws;
+        let ws_open = self.ws_in_use();
+        let mut close = Close::default();
+        match end {
+            End::Refused(reason) if ws_open => close.websocket = Some((SIGNALING_ERROR, reason)),
+            End::ClientDisconnect if ws_open => {
+                close.websocket = Some((1000, "TYPE-DISCONNECT".into()))
+            }
+            End::PeerFailed(reason) if ws_open => close.websocket = Some((1000, reason)),
+            End::Server(reason) if dc_only => close.signaling = Some((1000, reason.into())),
+            End::Server(reason) if ws_open => close.websocket = Some((1000, reason.into())),
+            _ => {}
+        }
+        let websocket_closed = close.websocket.is_some();
+        if let Some(outbox) = self.outbox.take() {
+            outbox.close(close).await;
+        }
+        if websocket_closed {
+            // Let the client's Close frame come back, so its close is clean.
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Some(Ok(_)) = stream.next().await {}
+            })
+            .await;
+        }
+        drop(stream);
+        if self.dc_signaling && self.connected {
+            // Close each channel (the SDKs wait for every onclose), give the
+            // resets a moment to go out, then end the PeerConnection.
+            self.peer.close_channels().await;
+            let mut open = self.open.len();
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                while open > 0 {
+                    match events.recv().await {
+                        Some(PeerEvent::Closed(_)) => open -= 1,
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+            })
+            .await;
+        }
+        self.peer.close().await;
+    }
+}

@@ -1,0 +1,300 @@
+//! The one connection table every lookup goes through: by channel, by
+//! `client_id` (many connections may share one), by `connection_id` and by
+//! role.
+//!
+//! State sits behind a std `Mutex`, not tokio's: every critical section is
+//! a few hash-map operations and never awaits, so a blocking lock is both
+//! cheaper and impossible to hold across an `.await` by accident.
+
+use crate::outbox::{Frame, Out};
+use hato_signaling::message::ChannelCounts;
+use hato_signaling::Role;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+/// Why a session is being ended from outside its own task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kill {
+    /// Its outbox was full: it cannot keep up.
+    Overflow,
+}
+
+/// One registered connection: its identity and the handle to its outbox.
+#[derive(Debug)]
+pub struct Conn {
+    pub connection_id: Arc<str>,
+    pub client_id: Arc<str>,
+    pub bundle_id: Arc<str>,
+    pub channel_id: Arc<str>,
+    pub session_id: Arc<str>,
+    pub role: Role,
+    /// `signaling_notify_metadata`, shown to others in `notify`.
+    pub notify_metadata: Option<Value>,
+    /// Largest push this peer can take, when pushes may go over its
+    /// DataChannel; `None` for WebSocket-only peers.
+    pub message_limit: Option<usize>,
+    outbox: mpsc::Sender<Out>,
+    kill: mpsc::UnboundedSender<Kill>,
+    overflowed: AtomicBool,
+}
+
+/// What [`Conn::deliver`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Queued,
+    /// The outbox was full; the connection is being disconnected.
+    Overflow,
+    /// The session is already ending.
+    Gone,
+}
+
+impl Conn {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        connection_id: Arc<str>,
+        client_id: Arc<str>,
+        bundle_id: Arc<str>,
+        channel_id: Arc<str>,
+        session_id: Arc<str>,
+        role: Role,
+        notify_metadata: Option<Value>,
+        message_limit: Option<usize>,
+        outbox: mpsc::Sender<Out>,
+        kill: mpsc::UnboundedSender<Kill>,
+    ) -> Conn {
+        Conn {
+            connection_id,
+            client_id,
+            bundle_id,
+            channel_id,
+            session_id,
+            role,
+            notify_metadata,
+            message_limit,
+            outbox,
+            kill,
+            overflowed: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues `out` without waiting. A full queue ends the connection (once)
+    /// rather than stall the caller or grow without bound.
+    pub fn deliver(&self, out: Out) -> Delivery {
+        match self.outbox.try_send(out) {
+            Ok(()) => Delivery::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.overflowed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        connection_id = %self.connection_id,
+                        channel_id = %self.channel_id,
+                        "outbox full, disconnecting (OUTBOX-OVERFLOW)"
+                    );
+                    let _ = self.kill.send(Kill::Overflow);
+                }
+                Delivery::Overflow
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::Gone,
+        }
+    }
+
+    pub fn push(&self, frame: &Arc<Frame>) -> Delivery {
+        self.deliver(Out::Push(frame.clone()))
+    }
+}
+
+/// Which connections an API call addresses.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    Channel,
+    Client(&'a str),
+    Connection(&'a str),
+    Role(Role),
+}
+
+#[derive(Default)]
+struct Channel {
+    by_connection: HashMap<Arc<str>, Arc<Conn>>,
+    by_client: HashMap<Arc<str>, Vec<Arc<Conn>>>,
+    by_role: [Vec<Arc<Conn>>; 3],
+}
+
+fn role_index(role: Role) -> usize {
+    match role {
+        Role::Sendrecv => 0,
+        Role::Sendonly => 1,
+        Role::Recvonly => 2,
+    }
+}
+
+impl Channel {
+    fn counts(&self) -> ChannelCounts {
+        ChannelCounts {
+            all: self.by_connection.len(),
+            sendrecv: self.by_role[0].len(),
+            sendonly: self.by_role[1].len(),
+            recvonly: self.by_role[2].len(),
+        }
+    }
+}
+
+/// Counters an operator reads.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub pushes: AtomicU64,
+    pub deliveries: AtomicU64,
+    pub overflows: AtomicU64,
+}
+
+#[derive(Default)]
+pub struct Table {
+    channels: Mutex<HashMap<Arc<str>, Channel>>,
+    pub stats: Stats,
+}
+
+fn remove_from(list: &mut Vec<Arc<Conn>>, connection_id: &str) {
+    if let Some(i) = list.iter().position(|c| &*c.connection_id == connection_id) {
+        list.swap_remove(i);
+    }
+}
+
+impl Table {
+    /// Adds `conn`; returns the others already in its channel and the
+    /// channel's counts including it.
+    pub fn insert(&self, conn: Arc<Conn>) -> (Vec<Arc<Conn>>, ChannelCounts) {
+        let mut channels = self.channels.lock().unwrap();
+        let ch = channels.entry(conn.channel_id.clone()).or_default();
+        let others = ch.by_connection.values().cloned().collect();
+        ch.by_connection.insert(conn.connection_id.clone(), conn.clone());
+        ch.by_client
+            .entry(conn.client_id.clone())
+            .or_default()
+            .push(conn.clone());
+        ch.by_role[role_index(conn.role)].push(conn);
+        (others, ch.counts())
+    }
+
+    /// Removes `conn`, if present; returns who is left and their counts.
+    pub fn remove(&self, conn: &Conn) -> Option<(Vec<Arc<Conn>>, ChannelCounts)> {
+        let mut channels = self.channels.lock().unwrap();
+        let ch = channels.get_mut(&conn.channel_id)?;
+        ch.by_connection.remove(&conn.connection_id)?;
+        if let Some(list) = ch.by_client.get_mut(&conn.client_id) {
+            remove_from(list, &conn.connection_id);
+            if list.is_empty() {
+                ch.by_client.remove(&conn.client_id);
+            }
+        }
+        remove_from(&mut ch.by_role[role_index(conn.role)], &conn.connection_id);
+        let rest = (ch.by_connection.values().cloned().collect(), ch.counts());
+        if ch.by_connection.is_empty() {
+            channels.remove(&conn.channel_id);
+        }
+        Some(rest)
+    }
+
+    /// The connections `target` addresses in `channel_id`.
+    pub fn lookup(&self, channel_id: &str, target: Target<'_>) -> Vec<Arc<Conn>> {
+        let channels = self.channels.lock().unwrap();
+        let Some(ch) = channels.get(channel_id) else {
+            return Vec::new();
+        };
+        match target {
+            Target::Channel => ch.by_connection.values().cloned().collect(),
+            Target::Client(id) => ch.by_client.get(id).cloned().unwrap_or_default(),
+            Target::Connection(id) => ch.by_connection.get(id).cloned().into_iter().collect(),
+            Target::Role(role) => ch.by_role[role_index(role)].clone(),
+        }
+    }
+
+    /// Every connection, for listings.
+    pub fn all(&self) -> Vec<Arc<Conn>> {
+        let channels = self.channels.lock().unwrap();
+        channels
+            .values()
+            .flat_map(|ch| ch.by_connection.values().cloned())
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        let channels = self.channels.lock().unwrap();
+        channels.values().map(|c| c.by_connection.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: &str, channel: &str, client: &str, role: Role) -> (Arc<Conn>, mpsc::Receiver<Out>) {
+        let (tx, rx) = mpsc::channel(2);
+        let (kill, _) = mpsc::unbounded_channel();
+        let c = Conn::new(
+            id.into(),
+            client.into(),
+            id.into(),
+            channel.into(),
+            "s".into(),
+            role,
+            None,
+            None,
+            tx,
+            kill,
+        );
+        (Arc::new(c), rx)
+    }
+
+    fn ids(v: Vec<Arc<Conn>>) -> Vec<String> {
+        let mut v: Vec<String> = v.iter().map(|c| c.connection_id.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn indexes_stay_consistent() {
+        let t = Table::default();
+        let (a, _ra) = conn("a", "ch", "shared", Role::Recvonly);
+        let (b, _rb) = conn("b", "ch", "shared", Role::Sendrecv);
+        let (c, _rc) = conn("c", "other", "shared", Role::Recvonly);
+        t.insert(a.clone());
+        let (others, counts) = t.insert(b.clone());
+        assert_eq!(ids(others), ["a"]);
+        assert_eq!(counts.all, 2);
+        t.insert(c);
+        assert_eq!(ids(t.lookup("ch", Target::Channel)), ["a", "b"]);
+        assert_eq!(ids(t.lookup("ch", Target::Client("shared"))), ["a", "b"]);
+        assert_eq!(ids(t.lookup("ch", Target::Connection("b"))), ["b"]);
+        assert_eq!(ids(t.lookup("ch", Target::Role(Role::Recvonly))), ["a"]);
+        assert!(t.lookup("ch", Target::Role(Role::Sendonly)).is_empty());
+        assert!(t.lookup("none", Target::Channel).is_empty());
+        let (rest, counts) = t.remove(&a).unwrap();
+        assert_eq!(ids(rest), ["b"]);
+        assert_eq!(counts.recvonly, 0);
+        assert!(t.remove(&a).is_none(), "removing twice is a no-op");
+        assert_eq!(ids(t.lookup("ch", Target::Client("shared"))), ["b"]);
+        t.remove(&b);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn overflow_kills_once() {
+        let (tx, _rx) = mpsc::channel(1);
+        let (kill_tx, mut kill_rx) = mpsc::unbounded_channel();
+        let c = Conn::new(
+            "a".into(), "a".into(), "a".into(), "ch".into(), "s".into(),
+            Role::Recvonly, None, None, tx, kill_tx,
+        );
+        let f = Arc::new(Frame::new("{}".into()));
+        assert_eq!(c.push(&f), Delivery::Queued);
+        assert_eq!(c.push(&f), Delivery::Overflow);
+        assert_eq!(c.push(&f), Delivery::Overflow);
+        assert_eq!(kill_rx.try_recv(), Ok(Kill::Overflow));
+        assert!(kill_rx.try_recv().is_err());
+    }
+}
