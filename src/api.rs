@@ -107,22 +107,34 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
     resp
 }
 
-/// The push targets, by `x-sora-target`.
+/// Which connections a target addresses, by the key it names them with.
 #[derive(Debug, Clone, Copy)]
-enum PushKind {
+enum Scope {
     Channel,
     Client,
     Connection,
     ChannelByRole,
 }
 
-impl PushKind {
-    fn from_target(target: &str) -> Option<PushKind> {
+/// What an `x-sora-target` does.
+#[derive(Debug, Clone, Copy)]
+enum Operation {
+    Push(Scope),
+    Disconnect(Scope),
+}
+
+impl Operation {
+    fn from_target(target: &str) -> Option<Operation> {
+        use Operation::*;
         Some(match target {
-            "Sora_20160711.PushChannel" => PushKind::Channel,
-            "Sora_20160711.PushClient" => PushKind::Client,
-            "Sora_20160711.PushConnection" => PushKind::Connection,
-            "Sora_20201120.PushChannelByRole" => PushKind::ChannelByRole,
+            "Sora_20160711.PushChannel" => Push(Scope::Channel),
+            "Sora_20160711.PushClient" => Push(Scope::Client),
+            "Sora_20160711.PushConnection" => Push(Scope::Connection),
+            "Sora_20201120.PushChannelByRole" => Push(Scope::ChannelByRole),
+            "Sora_20151104.DisconnectChannel" => Disconnect(Scope::Channel),
+            "Sora_20151104.DisconnectClient" => Disconnect(Scope::Client),
+            "Sora_20151104.DisconnectConnection" => Disconnect(Scope::Connection),
+            "Sora_20201120.DisconnectChannelByRole" => Disconnect(Scope::ChannelByRole),
             _ => return None,
         })
     }
@@ -162,10 +174,13 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<
         Some(Err(_)) => return Err(ApiError::bad("UNKNOWN-TARGET", "x-sora-target is not text")),
         Some(Ok(t)) => t.to_owned(),
     };
-    let kind = PushKind::from_target(&target)
+    let operation = Operation::from_target(&target)
         .ok_or_else(|| ApiError::bad("UNKNOWN-TARGET", format!("unknown x-sora-target {target:?}")))?;
     let body = read_body(shared, req).await?;
-    push(shared, kind, &body)
+    match operation {
+        Operation::Push(scope) => push(shared, scope, &body),
+        Operation::Disconnect(scope) => disconnect(shared, scope, &body),
+    }
 }
 
 fn too_large(limit: usize) -> ApiError {
@@ -212,18 +227,14 @@ fn string_key<'a>(body: &'a Map<String, Value>, key: &str) -> Result<&'a str, Ap
     }
 }
 
-fn push(shared: &Shared, kind: PushKind, body: &Map<String, Value>) -> Result<Response<Full<Bytes>>, ApiError> {
+/// The `channel_id` and the target its scope's key names.
+fn target<'a>(scope: Scope, body: &'a Map<String, Value>) -> Result<(&'a str, Target<'a>), ApiError> {
     let channel_id = string_key(body, "channel_id")?;
-    let data = match body.get("data") {
-        Some(Value::Object(data)) => data,
-        Some(_) => return Err(ApiError::bad("INVALID-DATA", "data must be a JSON object")),
-        None => return Err(ApiError::bad("MISSING-KEY", "data is missing")),
-    };
-    let target = match kind {
-        PushKind::Channel => Target::Channel,
-        PushKind::Client => Target::Client(string_key(body, "client_id")?),
-        PushKind::Connection => Target::Connection(string_key(body, "connection_id")?),
-        PushKind::ChannelByRole => {
+    let target = match scope {
+        Scope::Channel => Target::Channel,
+        Scope::Client => Target::Client(string_key(body, "client_id")?),
+        Scope::Connection => Target::Connection(string_key(body, "connection_id")?),
+        Scope::ChannelByRole => {
             let role = string_key(body, "role")?;
             Target::Role(Role::parse(role).ok_or_else(|| {
                 ApiError::bad(
@@ -232,6 +243,32 @@ fn push(shared: &Shared, kind: PushKind, body: &Map<String, Value>) -> Result<Re
                 )
             })?)
         }
+    };
+    Ok((channel_id, target))
+}
+
+/// `Disconnect*`: each addressed session ends with `DISCONNECTED-API`
+/// (§5.3); the answer echoes the keys that named them.
+fn disconnect(shared: &Shared, scope: Scope, body: &Map<String, Value>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (channel_id, target) = target(scope, body)?;
+    for conn in shared.table.lookup(channel_id, target) {
+        conn.disconnect();
+    }
+    let mut echo = Map::new();
+    for key in ["channel_id", "client_id", "connection_id", "role"] {
+        if let Some(v) = body.get(key) {
+            echo.insert(key.to_owned(), v.clone());
+        }
+    }
+    Ok(json_response(StatusCode::OK, Value::Object(echo).to_string()))
+}
+
+fn push(shared: &Shared, scope: Scope, body: &Map<String, Value>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (channel_id, target) = target(scope, body)?;
+    let data = match body.get("data") {
+        Some(Value::Object(data)) => data,
+        Some(_) => return Err(ApiError::bad("INVALID-DATA", "data must be a JSON object")),
+        None => return Err(ApiError::bad("MISSING-KEY", "data is missing")),
     };
     let data_json = serde_json::to_string(data).expect("a JSON map always serialises");
     let frame = Arc::new(Frame::new(message::push_json(&data_json)));

@@ -293,6 +293,7 @@ impl Session {
                 ev = events.recv() => self.on_peer(ev).await,
                 Some(kill) = kill_rx.recv() => match kill {
                     Kill::Overflow => Some(End::Server("OUTBOX-OVERFLOW")),
+                    Kill::Api => Some(End::Server("DISCONNECTED-API")),
                 },
                 () = deadline, if !self.established() => Some(End::Refused(if self.answered {
                     "connection not established before the timeout".into()

@@ -20,6 +20,8 @@ use tokio::sync::mpsc;
 pub enum Kill {
     /// Its outbox was full: it cannot keep up.
     Overflow,
+    /// A Disconnect* API call.
+    Api,
 }
 
 /// One registered connection: its identity and the handle to its outbox.
@@ -98,6 +100,11 @@ impl Conn {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Delivery::Gone,
         }
+    }
+
+    /// Asks the session to end with `DISCONNECTED-API`.
+    pub fn disconnect(&self) {
+        let _ = self.kill.send(Kill::Api);
     }
 
     pub fn push(&self, frame: &Arc<Frame>) -> Delivery {
