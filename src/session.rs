@@ -549,6 +549,7 @@ impl Session {
         if self.dc_signaling && self.connected {
             // Close each channel (the SDKs wait for every onclose), give the
             // resets a moment to go out, then end the PeerConnection.
+            self.peer.drain(Duration::from_millis(500)).await;
             self.peer.close_channels().await;
             let mut open = self.open.len();
             let _ = tokio::time::timeout(Duration::from_millis(500), async {

@@ -358,3 +358,268 @@ async fn a_peer_that_cannot_keep_up_is_disconnected() {
     }
     drop(ws);
 }
+
+/// Waits for `switched` and for the four channels to be open on this side
+/// too (as sora-rust-sdk does before it uses them).
+async fn switched(c: &mut Client) -> bool {
+    let (mut open, mut ignore) = (0, None);
+    while open < 4 || ignore.is_none() {
+        match c.next_event(T).await {
+            Some(ClientEvent::Switched { ignore_disconnect_websocket }) => ignore = Some(ignore_disconnect_websocket),
+            Some(ClientEvent::Open(_)) => open += 1,
+            Some(_) => {}
+            None => panic!("no switched ({open} channels open)"),
+        }
+    }
+    ignore.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datachannel_signaling_offer_lists_exactly_the_system_channels() {
+    let s = server().await;
+    let mut o = dc_opts(&s, "dc", false);
+    o.extra.insert("data_channels".into(), json!([{"label": "#chat", "direction": "sendrecv"}]));
+    let mut c = Client::connect(&o).await.unwrap();
+    let dcs = c.offer["data_channels"].as_array().unwrap().clone();
+    let got: Vec<(String, String, bool)> = dcs
+        .iter()
+        .map(|d| (d["label"].as_str().unwrap().into(), d["direction"].as_str().unwrap().into(), d["compress"].as_bool().unwrap()))
+        .collect();
+    let want = [("signaling", "sendrecv"), ("notify", "recvonly"), ("push", "recvonly"), ("stats", "sendrecv")];
+    assert_eq!(got, want.map(|(l, d)| (l.to_owned(), d.to_owned(), false)));
+    assert_eq!(c.offer["data_channel_signaling"], true);
+    let mut opened = Vec::new();
+    let mut switched = None;
+    while opened.len() < 4 || switched.is_none() {
+        match c.next_event(T).await.expect("channels open, then switched") {
+            ClientEvent::Open(l) => opened.push(l),
+            ClientEvent::Switched { ignore_disconnect_websocket } => switched = Some(ignore_disconnect_websocket),
+            _ => {}
+        }
+    }
+    // Nothing else opens (no #chat channel: messaging is not offered).
+    assert!(c.wait_for(Duration::from_millis(300), |e| matches!(e, ClientEvent::Open(_))).await.is_none());
+    opened.sort();
+    assert_eq!(opened, ["notify", "push", "signaling", "stats"]);
+    assert_eq!(switched, Some(false));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_goes_over_the_push_datachannel_after_switched() {
+    for compress in [false, true] {
+        let s = server_with(|c| c.data_channel_compress = compress).await;
+        let mut c = Client::connect(&dc_opts(&s, "dc", false)).await.unwrap();
+        assert_eq!(c.offer["data_channels"][2]["compress"], compress);
+        switched(&mut c).await;
+        push(&s, "Sora_20160711.PushChannel", json!({"channel_id": "dc", "data": {"via": "dc"}})).await;
+        let (msg, via) = next_push(&mut c).await.unwrap();
+        assert_eq!((msg, via), (json!({"type": "push", "data": {"via": "dc"}}), Via::DataChannel), "compress {compress}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_disconnect_websocket_survives_every_kind_of_websocket_loss() {
+    let s = server().await;
+    // JS closes with no status (1005), CPP drops TCP, RS closes 1000.
+    for how in ["1005", "drop", "1000"] {
+        let channel = format!("ig-{how}");
+        let mut c = Client::connect(&dc_opts(&s, &channel, true)).await.unwrap();
+        assert!(switched(&mut c).await);
+        match how {
+            "1005" => c.close_ws(1005, ""),
+            "drop" => c.drop_ws(),
+            _ => c.close_ws(1000, "switching to datachannel"),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(s.table().lookup(&channel, hato::table::Target::Channel).len(), 1, "{how}: session kept");
+        push(&s, "Sora_20160711.PushChannel", json!({"channel_id": channel, "data": {"after": how}})).await;
+        let (msg, via) = next_push(&mut c).await.unwrap_or_else(|| panic!("{how}: push lost"));
+        assert_eq!((msg["data"]["after"].as_str(), via), (Some(how), Via::DataChannel));
+        // A dead peer is still noticed without the WebSocket.
+        c.close_peer().await;
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !s.table().lookup(&channel, hato::table::Target::Channel).is_empty() {
+            assert!(tokio::time::Instant::now() < until, "{how}: dead peer never cleaned up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_mode_ends_when_the_websocket_goes() {
+    let s = server().await;
+    let mut c = Client::connect(&dc_opts(&s, "hy", false)).await.unwrap();
+    switched(&mut c).await;
+    table_len(&s, 1).await;
+    c.close_ws(1000, "");
+    table_len(&s, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datachannel_disconnect_in_each_mode() {
+    let s = server().await;
+    // Hybrid: the WebSocket closes 1000 TYPE-DISCONNECT and the channels close.
+    let mut c = Client::connect(&dc_opts(&s, "dd", false)).await.unwrap();
+    switched(&mut c).await;
+    c.send_dc("signaling", r#"{"type":"disconnect","reason":"NO-ERROR"}"#, false).await.unwrap();
+    let ev = c.wait_for(T, |e| matches!(e, ClientEvent::WebSocketClosed { .. })).await.unwrap();
+    assert!(matches!(ev, ClientEvent::WebSocketClosed { code: 1000, ref reason } if reason == "TYPE-DISCONNECT"), "{ev:?}");
+    assert!(c.wait_for(T, |e| matches!(e, ClientEvent::ChannelClosed(_))).await.is_some());
+    table_len(&s, 0).await;
+
+    // DataChannel only (compressed): every channel closes.
+    let s = server_with(|c| c.data_channel_compress = true).await;
+    let mut c = Client::connect(&dc_opts(&s, "dd", true)).await.unwrap();
+    switched(&mut c).await;
+    c.close_ws(1005, "");
+    c.send_dc("signaling", r#"{"type":"disconnect","reason":"NO-ERROR"}"#, false).await.unwrap();
+    let mut closed = 0;
+    while closed < 4 {
+        match c.next_event(T).await {
+            Some(ClientEvent::ChannelClosed(_)) => closed += 1,
+            Some(ClientEvent::PeerFailed(_)) | None => break,
+            _ => {}
+        }
+    }
+    assert!(closed >= 1, "channels closed: {closed}");
+    table_len(&s, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_ends_a_datachannel_only_session_with_a_close_message() {
+    let s = server().await;
+    let mut c = Client::connect(&dc_opts(&s, "api", true)).await.unwrap();
+    switched(&mut c).await;
+    c.close_ws(1005, "");
+    let id = c.connection_id.clone();
+    let (status, body) = api(&s, "Sora_20151104.DisconnectConnection", &json!({"channel_id": "api", "connection_id": id}).to_string()).await;
+    assert_eq!((status, body), (200, json!({"channel_id": "api", "connection_id": id})));
+    let ev = c.wait_for(T, |e| matches!(e, ClientEvent::ServerClose { .. })).await.expect("close on signaling");
+    assert!(matches!(ev, ClientEvent::ServerClose { code: 1000, ref reason } if reason == "DISCONNECTED-API"), "{ev:?}");
+    assert!(c.wait_for(T, |e| matches!(e, ClientEvent::ChannelClosed(_))).await.is_some());
+    table_len(&s, 0).await;
+
+    // With the WebSocket up, the reason rides on its Close frame.
+    let mut c = connected(&opts(&s, "api", "recvonly")).await;
+    api(&s, "Sora_20151104.DisconnectChannel", r#"{"channel_id":"api"}"#).await;
+    let ev = c.wait_for(T, |e| matches!(e, ClientEvent::WebSocketClosed { .. })).await.unwrap();
+    assert!(matches!(ev, ClientEvent::WebSocketClosed { code: 1000, ref reason } if reason == "DISCONNECTED-API"), "{ev:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_datachannel_input_and_a_zlib_bomb_are_dropped() {
+    for compress in [false, true] {
+        let s = server_with(|c| c.data_channel_compress = compress).await;
+        let mut c = Client::connect(&dc_opts(&s, "mal", false)).await.unwrap();
+        switched(&mut c).await;
+        // 8 MiB of spaces in ~40 KiB; the server caps inflating at 1 MiB.
+        let bomb = hato_signaling::zlib::compress(&vec![b' '; 8 << 20]);
+        assert!(bomb.len() < 65_536, "{}", bomb.len());
+        let garbage: Vec<(&str, Vec<u8>, bool)> = vec![
+            ("signaling", b"not json".to_vec(), true),
+            ("signaling", vec![0xff, 0x00, 0x13], false),
+            ("signaling", br#"{"type":"offer","sdp":"x"}"#.to_vec(), true),
+            ("signaling", br#"{"type":"answer","sdp":"x"}"#.to_vec(), false),
+            ("stats", br#"{"no":"type"}"#.to_vec(), true),
+            ("push", br#"{"type":"push","data":{}}"#.to_vec(), true),
+            ("notify", br#"{"type":"candidate","candidate":7}"#.to_vec(), false),
+            ("signaling", bomb, false),
+        ];
+        for (label, data, text) in garbage {
+            c.send_dc_raw(label, &data, text).await.unwrap();
+        }
+        // Well-formed messages in every shape the SDKs use still work.
+        c.send_dc("signaling", r#"{"type":"pong"}"#, false).await.unwrap();
+        c.send_dc("stats", r#"{"type":"stats","reports":[]}"#, true).await.unwrap();
+        c.send_dc("signaling", r#"{"type":"candidate","candidate":""}"#, true).await.unwrap();
+        push(&s, "Sora_20160711.PushChannel", json!({"channel_id": "mal", "data": {"ok": compress}})).await;
+        let (msg, via) = next_push(&mut c).await.expect("still served");
+        assert_eq!((msg["data"]["ok"].as_bool(), via), (Some(compress), Via::DataChannel));
+        assert_eq!(s.table().len(), 1);
+        connected(&opts(&s, "mal", "recvonly")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_too_large_for_the_datachannel_gets_413() {
+    let s = server_with(|c| c.data_channel_message_limit = 10_000).await;
+    let mut c = Client::connect(&dc_opts(&s, "big", false)).await.unwrap();
+    switched(&mut c).await;
+    let body = json!({"channel_id": "big", "data": {"x": "y".repeat(20_000)}}).to_string();
+    let (status, resp) = api(&s, "Sora_20160711.PushChannel", &body).await;
+    assert_eq!(status, 413);
+    assert_eq!(resp["error_type"], "PUSH-TOO-LARGE");
+    no_push(&mut c).await;
+    push(&s, "Sora_20160711.PushChannel", json!({"channel_id": "big", "data": {"x": "y".repeat(5_000)}})).await;
+    assert!(next_push(&mut c).await.is_some());
+}
+
+/// Pushes without pause while peers of every mode connect and switch:
+/// each peer gets every push from its first on, once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_pushes_across_connect_and_switch_lose_and_reorder_nothing() {
+    let s = server().await;
+    let url = s.api_url();
+    let api_addr = s.api_addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pusher = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _ = url;
+            let mut seq = 0u64;
+            let mut tcp = tokio::net::TcpStream::connect(api_addr).await.unwrap();
+            use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+            let (r, mut w) = tcp.split();
+            let mut r = BufReader::new(r);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = json!({"channel_id": "flow", "data": {"seq": seq}}).to_string();
+                let req = format!("POST / HTTP/1.1\r\nhost: h\r\nx-sora-target: Sora_20160711.PushChannel\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                w.write_all(req.as_bytes()).await.unwrap();
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    r.read_line(&mut line).await.unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") { len = v.trim().parse().unwrap(); }
+                    if line == "\r\n" { break; }
+                }
+                let mut b = vec![0; len];
+                r.read_exact(&mut b).await.unwrap();
+                seq += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            seq
+        })
+    };
+    let modes = [(None, None, false), (Some(true), Some(false), false), (Some(true), Some(true), false), (Some(true), Some(true), true)];
+    let mut clients = Vec::new();
+    for round in 0..3 {
+        for (i, (dcs, ignore, _)) in modes.iter().enumerate() {
+            let mut o = opts(&s, "flow", "recvonly");
+            o.data_channel_signaling = *dcs;
+            o.ignore_disconnect_websocket = *ignore;
+            clients.push((format!("round {round} mode {i}"), Client::connect(&o).await.unwrap()));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = pusher.await.unwrap();
+    assert!(sent > 100, "only {sent} pushes");
+    for (name, mut c) in clients {
+        let mut seqs = Vec::new();
+        let mut vias = std::collections::HashSet::new();
+        while let Some(ev) = c.next_event(Duration::from_millis(500)).await {
+            if let ClientEvent::Push { text, via, .. } = ev {
+                let v: Value = serde_json::from_slice(&text).unwrap();
+                seqs.push(v["data"]["seq"].as_u64().unwrap());
+                vias.insert(via);
+            }
+            if seqs.last() == Some(&(sent - 1)) {
+                break;
+            }
+        }
+        assert!(!seqs.is_empty(), "{name}: nothing received");
+        let first = seqs[0];
+        let want: Vec<u64> = (first..sent).collect();
+        assert_eq!(seqs, want, "{name}: lost, duplicated or reordered (vias {vias:?})");
+    }
+}

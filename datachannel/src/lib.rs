@@ -338,6 +338,20 @@ impl Peer {
         Ok(self.channel(label)?.outstanding_bytes().await?)
     }
 
+    /// Waits (at most `limit`) until every channel's sent data has been
+    /// acknowledged, so a close that follows cannot overtake it.
+    pub async fn drain(&self, limit: Duration) {
+        let channels: Vec<_> = self.channels.lock().unwrap().values().cloned().collect();
+        let _ = tokio::time::timeout(limit, async {
+            for dc in channels {
+                while dc.outstanding_bytes().await.unwrap_or(0) > 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+        .await;
+    }
+
     /// Closes every DataChannel (an SCTP stream reset each), so the peer
     /// sees each `onclose`.
     pub async fn close_channels(&self) {
