@@ -32,6 +32,10 @@ use tokio_tungstenite::WebSocketStream;
 /// The close code Sora uses for a refused `connect` (protocol.md §5.1).
 pub const SIGNALING_ERROR: u16 = 4490;
 
+/// How long a DataChannel peer gets to close its side after hato closed
+/// the channels, before hato ends the association itself.
+const CLIENT_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 type WsStream = SplitStream<WebSocketStream<TcpStream>>;
 
 /// Accepts signaling WebSockets on `/signaling` until the listener fails.
@@ -547,17 +551,16 @@ impl Session {
         }
         drop(stream);
         if self.dc_signaling && self.connected {
-            // Close each channel (the SDKs wait for every onclose), give the
-            // resets a moment to go out, then end the PeerConnection.
+            // Close each channel (an SCTP stream reset each) and let the
+            // client finish: the SDKs wait for every `onclose`, then close
+            // their PeerConnection. Ending the association first would turn
+            // those closes into `onerror` (an abnormal disconnect in JS).
             self.peer.drain(Duration::from_millis(500)).await;
             self.peer.close_channels().await;
-            let mut open = self.open.len();
-            let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                while open > 0 {
-                    match events.recv().await {
-                        Some(PeerEvent::Closed(_)) => open -= 1,
-                        Some(_) => {}
-                        None => break,
+            let _ = tokio::time::timeout(CLIENT_CLOSE_GRACE, async {
+                while let Some(ev) = events.recv().await {
+                    if matches!(ev, PeerEvent::Failed(_)) {
+                        break;
                     }
                 }
             })

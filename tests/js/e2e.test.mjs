@@ -1,0 +1,146 @@
+// End-to-end: the official sora-js-sdk from npm, in Debian's headless
+// Chromium driven by playwright-core, against a real hato binary.
+// Runs inside a network namespace made by tests/run, so every ICE
+// candidate is loopback or a documentation-range address.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createServer } from "node:http";
+import { readFileSync, writeFileSync } from "node:fs";
+import net from "node:net";
+import { fileURLToPath } from "node:url";
+import path from "node:path";
+import { chromium } from "playwright-core";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const hatoBin = process.env.HATO_BIN ?? path.join(here, "../../target/release/hato");
+const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
+
+const freePort = () =>
+  new Promise((resolve) => {
+    const s = net.createServer();
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+
+let hato, web, browser, signalingUrl, apiUrl, pageUrl;
+let hatoLog = "";
+
+before(async () => {
+  const [sig, api] = [await freePort(), await freePort()];
+  signalingUrl = `ws://127.0.0.1:${sig}/signaling`;
+  apiUrl = `http://127.0.0.1:${api}/`;
+  hato = spawn(hatoBin, ["--signaling-addr", `127.0.0.1:${sig}`, "--api-addr", `127.0.0.1:${api}`], {
+    env: { ...process.env, HATO_LOG: "hato=debug" },
+  });
+  hato.stdout.on("data", (d) => (hatoLog += d));
+  hato.stderr.on("data", (d) => (hatoLog += d));
+  const page = readFileSync(path.join(here, "page.html"));
+  const sdk = readFileSync(path.join(here, "node_modules/sora-js-sdk/dist/sora.js"));
+  web = createServer((req, res) => {
+    const [type, body] = req.url === "/sora.js" ? ["text/javascript", sdk] : ["text/html", page];
+    res.writeHead(200, { "content-type": type }).end(body);
+  });
+  await new Promise((r) => web.listen(0, "127.0.0.1", r));
+  pageUrl = `http://127.0.0.1:${web.address().port}/`;
+  browser = await chromium.launch({
+    executablePath: chromiumPath,
+    args: [
+      "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+      "--allow-loopback-in-peer-connection",
+    ],
+  });
+  // Wait until hato answers.
+  for (let i = 0; i < 100; i++) {
+    try {
+      await fetch(apiUrl, { method: "POST" });
+      return;
+    } catch {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  throw new Error(`hato did not start:\n${hatoLog}`);
+});
+
+after(async () => {
+  await browser?.close();
+  web?.close();
+  hato?.kill("SIGINT");
+  // hato's own log, for reading after a failure.
+  if (process.env.HATO_E2E_LOG) writeFileSync(process.env.HATO_E2E_LOG, hatoLog);
+});
+
+const push = async (target, body) => {
+  const res = await fetch(apiUrl, {
+    method: "POST",
+    headers: { "x-sora-target": target, "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  const text = await res.text();
+  assert.equal(res.status, 200, text);
+  return JSON.parse(text);
+};
+
+/** Opens a page, connects with `options`, returns the page and connection id. */
+const connect = async (channelId, options) => {
+  const page = await browser.newPage();
+  page.on("console", (m) => m.type() === "error" && console.log("browser:", m.text()));
+  await page.goto(pageUrl);
+  await page.waitForFunction(() => typeof window.start === "function");
+  const id = await page.evaluate(([u, c, o]) => window.start(u, c, o), [signalingUrl, channelId, options]);
+  await page.waitForFunction(() => window.events.some((e) => e.kind === "connected"), null, { timeout: 10000 });
+  return { page, id };
+};
+
+const events = (page, kind) => page.evaluate((k) => window.events.filter((e) => e.kind === k), kind);
+
+const waitPush = async (page, n = 1) => {
+  await page.waitForFunction((n) => window.events.filter((e) => e.kind === "push").length >= n, n, { timeout: 10000 });
+  return events(page, "push");
+};
+
+/** disconnect() completes, with no abnormal-close event. */
+const disconnectCleanly = async (page) => {
+  await page.evaluate(() => window.recvonly.disconnect());
+  const abends = (await events(page, "disconnect")).filter((e) => e.type === "abend");
+  assert.deepEqual(abends, [], "no abnormal close");
+  await page.close();
+};
+
+test("WebSocket signaling: PushChannel arrives with transport websocket", async () => {
+  const { page, id } = await connect("js-ws", { dataChannelSignaling: false });
+  assert.equal(id.length, 26);
+  const echoed = await push("Sora_20160711.PushChannel", { channel_id: "js-ws", data: { hello: "ws" } });
+  assert.deepEqual(echoed, { data: { hello: "ws" }, type: "push" });
+  const [got] = await waitPush(page);
+  assert.deepEqual([got.data, got.transportType], [{ hello: "ws" }, "websocket"]);
+  await push("Sora_20160711.PushConnection", { channel_id: "js-ws", connection_id: id, data: { to: "me" } });
+  const [, second] = await waitPush(page, 2);
+  assert.deepEqual(second.data, { to: "me" });
+  await disconnectCleanly(page);
+});
+
+test("DataChannel signaling: the push arrives with transport datachannel", async () => {
+  const { page } = await connect("js-dc", { dataChannelSignaling: true, ignoreDisconnectWebSocket: false });
+  await page.waitForFunction(() => window.events.some((e) => e.kind === "switched"), null, { timeout: 10000 });
+  await push("Sora_20160711.PushChannel", { channel_id: "js-dc", data: { hello: "dc" } });
+  const [got] = await waitPush(page);
+  assert.deepEqual([got.data, got.transportType], [{ hello: "dc" }, "datachannel"]);
+  await disconnectCleanly(page);
+});
+
+test("ignoreDisconnectWebSocket: a push after the WebSocket closed still arrives", async () => {
+  const { page } = await connect("js-ig", { dataChannelSignaling: true, ignoreDisconnectWebSocket: true });
+  await page.waitForFunction(() => window.events.some((e) => e.kind === "switched"), null, { timeout: 10000 });
+  const [sw] = await events(page, "switched");
+  assert.equal(sw.ignore, true);
+  // The SDK closes its WebSocket on switched; give hato time to see it.
+  await new Promise((r) => setTimeout(r, 500));
+  await push("Sora_20201120.PushChannelByRole", { channel_id: "js-ig", role: "recvonly", data: { after: "ws-closed" } });
+  const [got] = await waitPush(page);
+  assert.deepEqual([got.data, got.transportType], [{ after: "ws-closed" }, "datachannel"]);
+  await disconnectCleanly(page);
+});
