@@ -141,6 +141,8 @@ enum Command {
 pub struct Client {
     pub connection_id: String,
     pub offer: Value,
+    /// When the offer arrived.
+    pub offer_at: std::time::Instant,
     pub events: mpsc::UnboundedReceiver<ClientEvent>,
     peer: Arc<Peer>,
     commands: mpsc::UnboundedSender<Command>,
@@ -193,6 +195,7 @@ impl Client {
         })
         .await
         .map_err(|_| fail("no offer before the timeout"))??;
+        let offer_at = std::time::Instant::now();
         let sdp = offer["sdp"].as_str().ok_or_else(|| fail("offer without sdp"))?;
         let (peer, answer, peer_events) = Peer::answer(&opts.peer, sdp).await.map_err(fail)?;
         ws.send(Message::text(json!({"type": "answer", "sdp": answer}).to_string()))
@@ -208,6 +211,7 @@ impl Client {
         Ok(Client {
             connection_id: offer["connection_id"].as_str().unwrap_or_default().to_owned(),
             offer,
+            offer_at,
             events,
             peer,
             commands,

@@ -39,6 +39,6 @@ mod tests {
     fn known_dates() {
         assert_eq!(format_unix_millis(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(format_unix_millis(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(format_unix_millis(1_795_834_245_000), "2026-11-28T03:30:45.000Z");
+        assert_eq!(format_unix_millis(1_795_834_245_000), "2026-11-28T02:50:45.000Z");
     }
 }
