@@ -6,6 +6,7 @@ use crate::outbox::Frame;
 use crate::table::{Delivery, Target};
 use crate::Shared;
 use bytes::Bytes;
+use hato_signaling::{message, Role};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
@@ -13,7 +14,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use hato_signaling::{message, Role};
 use serde_json::{json, Map, Value};
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -100,7 +100,9 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
         );
         h.insert(
             "access-control-allow-headers",
-            HeaderValue::from_static("Origin, X-Requested-With, Content-Type, Accept, x-sora-target"),
+            HeaderValue::from_static(
+                "Origin, X-Requested-With, Content-Type, Accept, x-sora-target",
+            ),
         );
         h.insert("access-control-max-age", HeaderValue::from_static("1000"));
     }
@@ -145,7 +147,10 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,
             error_type: "NOT-FOUND",
-            message: format!("no API at {}; POST to / with x-sora-target", req.uri().path()),
+            message: format!(
+                "no API at {}; POST to / with x-sora-target",
+                req.uri().path()
+            ),
         });
     }
     match *req.method() {
@@ -174,8 +179,12 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<
         Some(Err(_)) => return Err(ApiError::bad("UNKNOWN-TARGET", "x-sora-target is not text")),
         Some(Ok(t)) => t.to_owned(),
     };
-    let operation = Operation::from_target(&target)
-        .ok_or_else(|| ApiError::bad("UNKNOWN-TARGET", format!("unknown x-sora-target {target:?}")))?;
+    let operation = Operation::from_target(&target).ok_or_else(|| {
+        ApiError::bad(
+            "UNKNOWN-TARGET",
+            format!("unknown x-sora-target {target:?}"),
+        )
+    })?;
     let body = read_body(shared, req).await?;
     match operation {
         Operation::Push(scope) => push(shared, scope, &body),
@@ -191,7 +200,10 @@ fn too_large(limit: usize) -> ApiError {
     }
 }
 
-async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Map<String, Value>, ApiError> {
+async fn read_body(
+    shared: &Shared,
+    req: Request<Incoming>,
+) -> Result<Map<String, Value>, ApiError> {
     let limit = shared.config.api_body_limit;
     let declared = req
         .headers()
@@ -214,21 +226,33 @@ async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Map<String
         .to_bytes();
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ApiError::bad("INVALID-BODY", "the body must be a JSON object")),
-        Err(e) => Err(ApiError::bad("INVALID-JSON", format!("the body is not JSON: {e}"))),
+        Ok(_) => Err(ApiError::bad(
+            "INVALID-BODY",
+            "the body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::bad(
+            "INVALID-JSON",
+            format!("the body is not JSON: {e}"),
+        )),
     }
 }
 
 fn string_key<'a>(body: &'a Map<String, Value>, key: &str) -> Result<&'a str, ApiError> {
     match body.get(key) {
         Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(ApiError::bad("INVALID-TYPE", format!("{key} must be a string"))),
+        Some(_) => Err(ApiError::bad(
+            "INVALID-TYPE",
+            format!("{key} must be a string"),
+        )),
         None => Err(ApiError::bad("MISSING-KEY", format!("{key} is missing"))),
     }
 }
 
 /// The `channel_id` and the target its scope's key names.
-fn target<'a>(scope: Scope, body: &'a Map<String, Value>) -> Result<(&'a str, Target<'a>), ApiError> {
+fn target<'a>(
+    scope: Scope,
+    body: &'a Map<String, Value>,
+) -> Result<(&'a str, Target<'a>), ApiError> {
     let channel_id = string_key(body, "channel_id")?;
     let target = match scope {
         Scope::Channel => Target::Channel,
@@ -249,7 +273,11 @@ fn target<'a>(scope: Scope, body: &'a Map<String, Value>) -> Result<(&'a str, Ta
 
 /// `Disconnect*`: each addressed session ends with `DISCONNECTED-API`
 /// (§5.3); the answer echoes the keys that named them.
-fn disconnect(shared: &Shared, scope: Scope, body: &Map<String, Value>) -> Result<Response<Full<Bytes>>, ApiError> {
+fn disconnect(
+    shared: &Shared,
+    scope: Scope,
+    body: &Map<String, Value>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let (channel_id, target) = target(scope, body)?;
     for conn in shared.table.lookup(channel_id, target) {
         conn.disconnect();
@@ -260,10 +288,17 @@ fn disconnect(shared: &Shared, scope: Scope, body: &Map<String, Value>) -> Resul
             echo.insert(key.to_owned(), v.clone());
         }
     }
-    Ok(json_response(StatusCode::OK, Value::Object(echo).to_string()))
+    Ok(json_response(
+        StatusCode::OK,
+        Value::Object(echo).to_string(),
+    ))
 }
 
-fn push(shared: &Shared, scope: Scope, body: &Map<String, Value>) -> Result<Response<Full<Bytes>>, ApiError> {
+fn push(
+    shared: &Shared,
+    scope: Scope,
+    body: &Map<String, Value>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let (channel_id, target) = target(scope, body)?;
     let data = match body.get("data") {
         Some(Value::Object(data)) => data,

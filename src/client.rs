@@ -96,26 +96,47 @@ pub enum ClientEvent {
     /// ICE and DTLS are up.
     Connected,
     /// A `push`, as received (the raw JSON text), and when, in µs since the epoch.
-    Push { text: Bytes, via: Via, at_us: u64 },
-    Notify { message: Value, via: Via },
-    Switched { ignore_disconnect_websocket: bool },
+    Push {
+        text: Bytes,
+        via: Via,
+        at_us: u64,
+    },
+    Notify {
+        message: Value,
+        via: Via,
+    },
+    Switched {
+        ignore_disconnect_websocket: bool,
+    },
     /// A DataChannel opened.
     Open(String),
     /// The WebSocket closed: the server's code and reason, or 1006 when the
     /// connection dropped without a Close frame.
-    WebSocketClosed { code: u16, reason: String },
+    WebSocketClosed {
+        code: u16,
+        reason: String,
+    },
     /// `{"type":"close"}` on the `signaling` DataChannel.
-    ServerClose { code: u16, reason: String },
+    ServerClose {
+        code: u16,
+        reason: String,
+    },
     ChannelClosed(String),
     PeerFailed(String),
     /// Anything else (label or "websocket", raw text).
-    Other { on: String, text: String },
+    Other {
+        on: String,
+        text: String,
+    },
 }
 
 #[derive(Debug)]
 pub enum ClientError {
     /// The server closed the WebSocket before the offer.
-    Refused { code: u16, reason: String },
+    Refused {
+        code: u16,
+        reason: String,
+    },
     Failed(String),
 }
 
@@ -164,10 +185,11 @@ impl Client {
     /// Connects, sends `connect`, answers the offer. Returns once the answer
     /// is sent; watch [`Client::events`] for the rest.
     pub async fn connect(opts: &ClientOptions) -> Result<Client, ClientError> {
-        let (mut ws, _) = tokio::time::timeout(opts.timeout, tokio_tungstenite::connect_async(&opts.url))
-            .await
-            .map_err(|_| fail("WebSocket connect timed out"))?
-            .map_err(fail)?;
+        let (mut ws, _) =
+            tokio::time::timeout(opts.timeout, tokio_tungstenite::connect_async(&opts.url))
+                .await
+                .map_err(|_| fail("WebSocket connect timed out"))?
+                .map_err(fail)?;
         ws.send(Message::text(opts.connect_message().to_string()))
             .await
             .map_err(fail)?;
@@ -196,11 +218,15 @@ impl Client {
         .await
         .map_err(|_| fail("no offer before the timeout"))??;
         let offer_at = std::time::Instant::now();
-        let sdp = offer["sdp"].as_str().ok_or_else(|| fail("offer without sdp"))?;
+        let sdp = offer["sdp"]
+            .as_str()
+            .ok_or_else(|| fail("offer without sdp"))?;
         let (peer, answer, peer_events) = Peer::answer(&opts.peer, sdp).await.map_err(fail)?;
-        ws.send(Message::text(json!({"type": "answer", "sdp": answer}).to_string()))
-            .await
-            .map_err(fail)?;
+        ws.send(Message::text(
+            json!({"type": "answer", "sdp": answer}).to_string(),
+        ))
+        .await
+        .map_err(fail)?;
         let compress = offer["data_channels"]
             .as_array()
             .is_some_and(|dcs| dcs.iter().any(|d| d["compress"] == true));
@@ -209,7 +235,10 @@ impl Client {
         let (commands, commands_rx) = mpsc::unbounded_channel();
         tokio::spawn(run(ws, peer_events, commands_rx, events_tx, compress));
         Ok(Client {
-            connection_id: offer["connection_id"].as_str().unwrap_or_default().to_owned(),
+            connection_id: offer["connection_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
             offer,
             offer_at,
             events,
@@ -248,13 +277,21 @@ impl Client {
     }
 
     /// Sends raw bytes on a DataChannel, unframed.
-    pub async fn send_dc_raw(&self, label: &str, data: &[u8], text: bool) -> Result<(), ClientError> {
+    pub async fn send_dc_raw(
+        &self,
+        label: &str,
+        data: &[u8],
+        text: bool,
+    ) -> Result<(), ClientError> {
         self.peer.send(label, data, text).await.map_err(fail)
     }
 
     /// The next event, or `None` after `timeout`.
     pub async fn next_event(&mut self, timeout: Duration) -> Option<ClientEvent> {
-        tokio::time::timeout(timeout, self.events.recv()).await.ok().flatten()
+        tokio::time::timeout(timeout, self.events.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Reads events until one matches, discarding the rest.
@@ -265,7 +302,9 @@ impl Client {
     ) -> Option<ClientEvent> {
         let until = tokio::time::Instant::now() + timeout;
         loop {
-            let ev = tokio::time::timeout_at(until, self.events.recv()).await.ok()??;
+            let ev = tokio::time::timeout_at(until, self.events.recv())
+                .await
+                .ok()??;
             if want(&ev) {
                 return Some(ev);
             }
@@ -316,7 +355,9 @@ fn parse_event(text: Bytes, via: Via, on: &str) -> ClientEvent {
 }
 
 async fn run(
-    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
     mut peer_events: mpsc::Receiver<PeerEvent>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<ClientEvent>,

@@ -6,7 +6,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "hato", version, about = "A push server speaking Sora's signaling and Push API")]
+#[command(
+    name = "hato",
+    version,
+    about = "A push server speaking Sora's signaling and Push API"
+)]
 pub struct Config {
     /// Where the signaling WebSocket listens (path /signaling).
     #[arg(long, env = "HATO_SIGNALING_ADDR", default_value = "127.0.0.1:5000")]
@@ -46,7 +50,11 @@ pub struct Config {
     pub data_channel_signaling: bool,
 
     /// ignore_disconnect_websocket for DataChannel peers whose connect does not say.
-    #[arg(long, env = "HATO_IGNORE_DISCONNECT_WEBSOCKET", default_value_t = false)]
+    #[arg(
+        long,
+        env = "HATO_IGNORE_DISCONNECT_WEBSOCKET",
+        default_value_t = false
+    )]
     pub ignore_disconnect_websocket: bool,
 
     /// Offer the system DataChannels with compress: true (zlib per message).
@@ -55,7 +63,11 @@ pub struct Config {
 
     /// Largest push sent over a DataChannel, in bytes (also capped by each
     /// peer's a=max-message-size). A larger push gets 413 from the API.
-    #[arg(long, env = "HATO_DATA_CHANNEL_MESSAGE_LIMIT", default_value_t = 262_144)]
+    #[arg(
+        long,
+        env = "HATO_DATA_CHANNEL_MESSAGE_LIMIT",
+        default_value_t = 262_144
+    )]
     pub data_channel_message_limit: usize,
 
     /// Largest message hato accepts from a peer (WebSocket frame, or a

@@ -6,7 +6,8 @@ use tracing_subscriber::EnvFilter;
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("HATO_LOG").unwrap_or_else(|_| EnvFilter::new("hato=info,warn")),
+            EnvFilter::try_from_env("HATO_LOG")
+                .unwrap_or_else(|_| EnvFilter::new("hato=info,warn")),
         )
         .init();
     let config = Config::parse();

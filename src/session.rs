@@ -55,26 +55,26 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let mut config = WebSocketConfig::default();
             config.max_message_size = Some(shared.config.client_message_limit);
             config.max_frame_size = Some(shared.config.client_message_limit);
-            let only_signaling = |req: &Request, resp: Response| {
-                if req.uri().path() == "/signaling" {
-                    Ok(resp)
-                } else {
-                    let mut err = ErrorResponse::new(Some("only /signaling is served".into()));
-                    *err.status_mut() = StatusCode::NOT_FOUND;
-                    Err(err)
-                }
-            };
-            let handshake = tokio_tungstenite::accept_hdr_async_with_config(
-                tcp,
-                only_signaling,
-                Some(config),
-            );
+            let handshake =
+                tokio_tungstenite::accept_hdr_async_with_config(tcp, only_signaling, Some(config));
             match tokio::time::timeout(shared.config.connect_timeout(), handshake).await {
                 Ok(Ok(ws)) => run(shared, ws).await,
                 Ok(Err(e)) => tracing::debug!(%addr, error = %e, "WebSocket handshake failed"),
                 Err(_) => tracing::debug!(%addr, "WebSocket handshake timed out"),
             }
         });
+    }
+}
+
+/// The handshake callback: only `/signaling` is served, anything else is 404.
+#[allow(clippy::result_large_err)] // the error type is tungstenite's
+fn only_signaling(req: &Request, resp: Response) -> Result<Response, ErrorResponse> {
+    if req.uri().path() == "/signaling" {
+        Ok(resp)
+    } else {
+        let mut err = ErrorResponse::new(Some("only /signaling is served".into()));
+        *err.status_mut() = StatusCode::NOT_FOUND;
+        Err(err)
     }
 }
 
@@ -114,7 +114,9 @@ async fn first_text(ws: &mut WebSocketStream<TcpStream>) -> Result<String, Optio
         match ws.next().await {
             Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
             Some(Ok(Message::Binary(_))) => {
-                return Err(Some("binary frames are not accepted; send JSON text".into()))
+                return Err(Some(
+                    "binary frames are not accepted; send JSON text".into(),
+                ))
             }
             Some(Ok(Message::Close(_))) | None => return Err(None),
             Some(Ok(_)) => continue,
@@ -317,7 +319,11 @@ impl Session {
                 break end;
             }
         };
-        Drive { end, stream, events }
+        Drive {
+            end,
+            stream,
+            events,
+        }
     }
 
     async fn on_ws(
@@ -359,7 +365,9 @@ impl Session {
                     return None;
                 }
                 if let Err(e) = self.peer.apply_answer(&sdp).await {
-                    return Some(End::Refused(format!("the answer could not be applied: {e}")));
+                    return Some(End::Refused(format!(
+                        "the answer could not be applied: {e}"
+                    )));
                 }
                 self.answered = true;
                 self.last_pong = Instant::now();
@@ -486,17 +494,35 @@ impl Session {
             })
             .collect();
         let now = time::now_rfc3339();
-        let own = message::notify_connection("connection.created", &self.who(), counts, &now, Some(present));
+        let own = message::notify_connection(
+            "connection.created",
+            &self.who(),
+            counts,
+            &now,
+            Some(present),
+        );
         self.queue(Out::Notify(Arc::new(Frame::new(own))));
         self.notify_others("connection.created", &others, counts, &now);
         tracing::info!(connection_id = %self.connection_id, channel_id = %self.channel_id, "connected");
     }
 
-    fn notify_others(&self, event_type: &str, others: &[Arc<Conn>], counts: ChannelCounts, now: &str) {
+    fn notify_others(
+        &self,
+        event_type: &str,
+        others: &[Arc<Conn>],
+        counts: ChannelCounts,
+        now: &str,
+    ) {
         if others.is_empty() {
             return;
         }
-        let frame = Arc::new(Frame::new(message::notify_connection(event_type, &self.who(), counts, now, None)));
+        let frame = Arc::new(Frame::new(message::notify_connection(
+            event_type,
+            &self.who(),
+            counts,
+            now,
+            None,
+        )));
         for other in others {
             other.deliver(Out::Notify(frame.clone()));
         }
@@ -507,7 +533,9 @@ impl Session {
         if self.dc_signaling
             && !self.switched
             && self.conn.is_some()
-            && message::SYSTEM_LABELS.iter().all(|(l, _)| self.open.contains(*l))
+            && message::SYSTEM_LABELS
+                .iter()
+                .all(|(l, _)| self.open.contains(*l))
         {
             self.switched = true;
             self.queue(Out::Switch {
@@ -518,11 +546,20 @@ impl Session {
     }
 
     async fn finish(mut self, drive: Drive) {
-        let Drive { end, mut stream, mut events } = drive;
+        let Drive {
+            end,
+            mut stream,
+            mut events,
+        } = drive;
         tracing::info!(connection_id = %self.connection_id, ?end, "session ends");
         if let Some(conn) = self.conn.take() {
             if let Some((others, counts)) = self.shared.table.remove(&conn) {
-                self.notify_others("connection.destroyed", &others, counts, &time::now_rfc3339());
+                self.notify_others(
+                    "connection.destroyed",
+                    &others,
+                    counts,
+                    &time::now_rfc3339(),
+                );
             }
         }
         let dc_only = self.switched && self.ignore_ws;

@@ -174,7 +174,8 @@ impl Table {
         let mut channels = self.channels.lock().unwrap();
         let ch = channels.entry(conn.channel_id.clone()).or_default();
         let others = ch.by_connection.values().cloned().collect();
-        ch.by_connection.insert(conn.connection_id.clone(), conn.clone());
+        ch.by_connection
+            .insert(conn.connection_id.clone(), conn.clone());
         ch.by_client
             .entry(conn.client_id.clone())
             .or_default()
@@ -294,8 +295,16 @@ mod tests {
         let (tx, _rx) = mpsc::channel(1);
         let (kill_tx, mut kill_rx) = mpsc::unbounded_channel();
         let c = Conn::new(
-            "a".into(), "a".into(), "a".into(), "ch".into(), "s".into(),
-            Role::Recvonly, None, None, tx, kill_tx,
+            "a".into(),
+            "a".into(),
+            "a".into(),
+            "ch".into(),
+            "s".into(),
+            Role::Recvonly,
+            None,
+            None,
+            tx,
+            kill_tx,
         );
         let f = Arc::new(Frame::new("{}".into()));
         assert_eq!(c.push(&f), Delivery::Queued);

@@ -2,12 +2,12 @@
 //! loopback ports, real WebSockets, real WebRTC peers (the answering side of
 //! hato-datachannel), SDK-shaped `connect` messages.
 
+use futures_util::{SinkExt, StreamExt};
 use hato::client::{Client, ClientEvent, ClientOptions, Via};
 use hato::{Config, Server};
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
 
 const T: Duration = Duration::from_secs(10);
 
@@ -34,10 +34,20 @@ async fn api(server: &Server, target: &str, body: &str) -> (u16, Value) {
 }
 
 /// A raw HTTP/1.1 request over a fresh TCP connection.
-async fn http(server: &Server, method: &str, headers: &[(&str, &str)], body: &str) -> (u16, String, String) {
+async fn http(
+    server: &Server,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(server.api_addr).await.unwrap();
-    let mut req = format!("{method} / HTTP/1.1\r\nhost: hato\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+    let mut tcp = tokio::net::TcpStream::connect(server.api_addr)
+        .await
+        .unwrap();
+    let mut req = format!(
+        "{method} / HTTP/1.1\r\nhost: hato\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -45,7 +55,10 @@ async fn http(server: &Server, method: &str, headers: &[(&str, &str)], body: &st
     req.push_str(body);
     tcp.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
-    tokio::time::timeout(T, tcp.read_to_end(&mut out)).await.unwrap().unwrap();
+    tokio::time::timeout(T, tcp.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
@@ -53,7 +66,10 @@ async fn http(server: &Server, method: &str, headers: &[(&str, &str)], body: &st
 }
 
 async fn next_push(c: &mut Client) -> Option<(Value, Via)> {
-    match c.wait_for(T, |e| matches!(e, ClientEvent::Push { .. })).await? {
+    match c
+        .wait_for(T, |e| matches!(e, ClientEvent::Push { .. }))
+        .await?
+    {
         ClientEvent::Push { text, via, .. } => Some((serde_json::from_slice(&text).unwrap(), via)),
         _ => unreachable!(),
     }
@@ -65,7 +81,12 @@ async fn websocket_peer_connects_and_receives_a_push() {
     let opts = ClientOptions::new(&s.signaling_url(), "ch1", "recvonly");
     let mut c = connected(&opts).await;
     assert_eq!(c.offer["connection_id"].as_str().unwrap().len(), 26);
-    let (status, body) = api(&s, "Sora_20160711.PushChannel", r#"{"channel_id":"ch1","data":{"n":1}}"#).await;
+    let (status, body) = api(
+        &s,
+        "Sora_20160711.PushChannel",
+        r#"{"channel_id":"ch1","data":{"n":1}}"#,
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(body, json!({"data": {"n": 1}, "type": "push"}));
     let (msg, via) = next_push(&mut c).await.expect("push arrives");
@@ -88,7 +109,11 @@ fn dc_opts(s: &Server, channel: &str, ignore: bool) -> ClientOptions {
 async fn table_len(s: &Server, n: usize) {
     let until = tokio::time::Instant::now() + T;
     while s.table().len() != n {
-        assert!(tokio::time::Instant::now() < until, "table has {} connections, want {n}", s.table().len());
+        assert!(
+            tokio::time::Instant::now() < until,
+            "table has {} connections, want {n}",
+            s.table().len()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -96,7 +121,9 @@ async fn table_len(s: &Server, n: usize) {
 /// Asserts no push arrives within a short window.
 async fn no_push(c: &mut Client) {
     let got = c
-        .wait_for(Duration::from_millis(300), |e| matches!(e, ClientEvent::Push { .. }))
+        .wait_for(Duration::from_millis(300), |e| {
+            matches!(e, ClientEvent::Push { .. })
+        })
         .await;
     assert!(got.is_none(), "unexpected push: {got:?}");
 }
@@ -111,25 +138,51 @@ async fn push(s: &Server, target: &str, body: Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_push_target_routes_to_exactly_its_connections() {
     let s = server().await;
-    let mut shared_a = { let mut o = opts(&s, "r", "recvonly"); o.client_id = Some("shared".into()); connected(&o).await };
-    let mut shared_b = { let mut o = opts(&s, "r", "sendrecv"); o.client_id = Some("shared".into()); connected(&o).await };
+    let mut shared_a = {
+        let mut o = opts(&s, "r", "recvonly");
+        o.client_id = Some("shared".into());
+        connected(&o).await
+    };
+    let mut shared_b = {
+        let mut o = opts(&s, "r", "sendrecv");
+        o.client_id = Some("shared".into());
+        connected(&o).await
+    };
     let mut sendonly = connected(&opts(&s, "r", "sendonly")).await;
     let mut elsewhere = connected(&opts(&s, "other", "recvonly")).await;
     table_len(&s, 4).await;
 
-    push(&s, "Sora_20160711.PushClient", json!({"channel_id": "r", "client_id": "shared", "data": {"to": "client"}})).await;
+    push(
+        &s,
+        "Sora_20160711.PushClient",
+        json!({"channel_id": "r", "client_id": "shared", "data": {"to": "client"}}),
+    )
+    .await;
     for c in [&mut shared_a, &mut shared_b] {
         assert_eq!(next_push(c).await.unwrap().0["data"]["to"], "client");
     }
     no_push(&mut sendonly).await;
 
     let id = sendonly.connection_id.clone();
-    push(&s, "Sora_20160711.PushConnection", json!({"channel_id": "r", "connection_id": id, "data": {"to": "conn"}})).await;
-    assert_eq!(next_push(&mut sendonly).await.unwrap().0["data"]["to"], "conn");
+    push(
+        &s,
+        "Sora_20160711.PushConnection",
+        json!({"channel_id": "r", "connection_id": id, "data": {"to": "conn"}}),
+    )
+    .await;
+    assert_eq!(
+        next_push(&mut sendonly).await.unwrap().0["data"]["to"],
+        "conn"
+    );
     no_push(&mut shared_a).await;
 
     for (role, who) in [("recvonly", 0), ("sendrecv", 1), ("sendonly", 2)] {
-        push(&s, "Sora_20201120.PushChannelByRole", json!({"channel_id": "r", "role": role, "data": {"role": role}})).await;
+        push(
+            &s,
+            "Sora_20201120.PushChannelByRole",
+            json!({"channel_id": "r", "role": role, "data": {"role": role}}),
+        )
+        .await;
         let clients = [&mut shared_a, &mut shared_b, &mut sendonly];
         for (i, c) in clients.into_iter().enumerate() {
             if i == who {
@@ -140,40 +193,72 @@ async fn every_push_target_routes_to_exactly_its_connections() {
         }
     }
 
-    push(&s, "Sora_20160711.PushChannel", json!({"channel_id": "r", "data": {"to": "all"}})).await;
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "r", "data": {"to": "all"}}),
+    )
+    .await;
     for c in [&mut shared_a, &mut shared_b, &mut sendonly] {
         assert_eq!(next_push(c).await.unwrap().0["data"]["to"], "all");
     }
     no_push(&mut elsewhere).await;
 
     // Nobody there is still a success.
-    push(&s, "Sora_20160711.PushChannel", json!({"channel_id": "empty", "data": {}})).await;
-    push(&s, "Sora_20160711.PushConnection", json!({"channel_id": "r", "connection_id": "nobody", "data": {}})).await;
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "empty", "data": {}}),
+    )
+    .await;
+    push(
+        &s,
+        "Sora_20160711.PushConnection",
+        json!({"channel_id": "r", "connection_id": "nobody", "data": {}}),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_created_and_destroyed_reach_the_channel() {
     let s = server().await;
-    let mut first = { let mut o = opts(&s, "n", "sendrecv"); o.extra.insert("signaling_notify_metadata".into(), json!({"name": "first"})); connected(&o).await };
+    let mut first = {
+        let mut o = opts(&s, "n", "sendrecv");
+        o.extra
+            .insert("signaling_notify_metadata".into(), json!({"name": "first"}));
+        connected(&o).await
+    };
     let mut second = Client::connect(&opts(&s, "n", "recvonly")).await.unwrap();
-    let own = second.wait_for(T, |e| matches!(e, ClientEvent::Notify { .. })).await.unwrap();
-    let ClientEvent::Notify { message, via } = own else { unreachable!() };
+    let own = second
+        .wait_for(T, |e| matches!(e, ClientEvent::Notify { .. }))
+        .await
+        .unwrap();
+    let ClientEvent::Notify { message, via } = own else {
+        unreachable!()
+    };
     assert_eq!(via, Via::WebSocket);
     assert_eq!(message["event_type"], "connection.created");
     assert_eq!(message["connection_id"], second.connection_id.as_str());
     assert_eq!(message["channel_connections"], 2);
-    assert_eq!(message["data"][0]["connection_id"], first.connection_id.as_str());
+    assert_eq!(
+        message["data"][0]["connection_id"],
+        first.connection_id.as_str()
+    );
     assert_eq!(message["data"][0]["metadata"], json!({"name": "first"}));
 
     let seen = first.wait_for(T, |e| matches!(e, ClientEvent::Notify { message, .. } if message["event_type"] == "connection.created")).await.unwrap();
-    let ClientEvent::Notify { message, .. } = seen else { unreachable!() };
+    let ClientEvent::Notify { message, .. } = seen else {
+        unreachable!()
+    };
     assert_eq!(message["connection_id"], second.connection_id.as_str());
     assert_eq!(message["role"], "recvonly");
     assert_eq!(message["channel_recvonly_connections"], 1);
 
     second.send_ws(r#"{"type":"disconnect","reason":"NO-ERROR"}"#);
     let gone = first.wait_for(T, |e| matches!(e, ClientEvent::Notify { message, .. } if message["event_type"] == "connection.destroyed")).await.unwrap();
-    let ClientEvent::Notify { message, .. } = gone else { unreachable!() };
+    let ClientEvent::Notify { message, .. } = gone else {
+        unreachable!()
+    };
     assert_eq!(message["connection_id"], second.connection_id.as_str());
     assert_eq!(message["channel_connections"], 1);
 }
@@ -183,10 +268,17 @@ async fn a_hundred_pushes_arrive_in_order() {
     let s = server().await;
     let mut c = connected(&opts(&s, "order", "recvonly")).await;
     for i in 0..100 {
-        push(&s, "Sora_20160711.PushChannel", json!({"channel_id": "order", "data": {"seq": i}})).await;
+        push(
+            &s,
+            "Sora_20160711.PushChannel",
+            json!({"channel_id": "order", "data": {"seq": i}}),
+        )
+        .await;
     }
     for i in 0..100 {
-        let (msg, _) = next_push(&mut c).await.unwrap_or_else(|| panic!("push {i} lost"));
+        let (msg, _) = next_push(&mut c)
+            .await
+            .unwrap_or_else(|| panic!("push {i} lost"));
         assert_eq!(msg["data"]["seq"], i);
     }
 }
@@ -197,8 +289,14 @@ async fn client_disconnect_closes_with_type_disconnect_and_empties_the_table() {
     let mut c = connected(&opts(&s, "d", "recvonly")).await;
     table_len(&s, 1).await;
     c.send_ws(r#"{"type":"disconnect","reason":"NO-ERROR"}"#);
-    let ev = c.wait_for(T, |e| matches!(e, ClientEvent::WebSocketClosed { .. })).await.unwrap();
-    assert!(matches!(ev, ClientEvent::WebSocketClosed { code: 1000, ref reason } if reason == "TYPE-DISCONNECT"), "{ev:?}");
+    let ev = c
+        .wait_for(T, |e| matches!(e, ClientEvent::WebSocketClosed { .. }))
+        .await
+        .unwrap();
+    assert!(
+        matches!(ev, ClientEvent::WebSocketClosed { code: 1000, ref reason } if reason == "TYPE-DISCONNECT"),
+        "{ev:?}"
+    );
     table_len(&s, 0).await;
 
     // A WebSocket that just drops ends the session the same way.
@@ -210,14 +308,18 @@ async fn client_disconnect_closes_with_type_disconnect_and_empties_the_table() {
 
 /// Opens a raw WebSocket and sends `frames`; returns the close code and reason.
 async fn refused(s: &Server, frames: Vec<Message>) -> (u16, String) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url()).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
+        .await
+        .unwrap();
     for f in frames {
         ws.send(f).await.unwrap();
     }
     let close = tokio::time::timeout(T, async {
         loop {
             match ws.next().await {
-                Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return (u16::from(f.code), f.reason.to_string())
+                }
                 Some(Ok(Message::Text(t))) if t.contains("\"offer\"") => continue,
                 Some(Ok(m)) => panic!("unexpected {m:?}"),
                 other => panic!("no close frame: {other:?}"),
@@ -243,13 +345,38 @@ async fn bad_signaling_input_closes_4490_and_harms_no_one() {
     let cases: Vec<(Vec<Message>, &str)> = vec![
         (vec![Message::text("{not json")], "invalid JSON"),
         (vec![Message::binary(b"{}".to_vec())], "binary"),
-        (vec![text(json!({"type": "connect", "role": "recvonly"}))], "channel_id is missing"),
-        (vec![text(json!({"type": "connect", "role": "recvonly", "channel_id": "x".repeat(256)}))], "longer than 255"),
-        (vec![text(json!({"type": "connect", "role": "publisher", "channel_id": "c"}))], "role must be"),
-        (vec![text(json!({"type": "answer", "sdp": "v=0"}))], "first message must be connect"),
+        (
+            vec![text(json!({"type": "connect", "role": "recvonly"}))],
+            "channel_id is missing",
+        ),
+        (
+            vec![text(
+                json!({"type": "connect", "role": "recvonly", "channel_id": "x".repeat(256)}),
+            )],
+            "longer than 255",
+        ),
+        (
+            vec![text(
+                json!({"type": "connect", "role": "publisher", "channel_id": "c"}),
+            )],
+            "role must be",
+        ),
+        (
+            vec![text(json!({"type": "answer", "sdp": "v=0"}))],
+            "first message must be connect",
+        ),
         (vec![text(json!({"type": 7}))], "type"),
-        (vec![text(good.clone()), text(good.clone())], "connect was already received"),
-        (vec![text(good.clone()), text(json!({"type": "answer", "sdp": "garbage"}))], "answer could not be applied"),
+        (
+            vec![text(good.clone()), text(good.clone())],
+            "connect was already received",
+        ),
+        (
+            vec![
+                text(good.clone()),
+                text(json!({"type": "answer", "sdp": "garbage"})),
+            ],
+            "answer could not be applied",
+        ),
         (vec![], "no connect"),
         (vec![text(good.clone())], "no answer"),
     ];
@@ -259,7 +386,9 @@ async fn bad_signaling_input_closes_4490_and_harms_no_one() {
         assert!(reason.contains(want), "reason {reason:?} lacks {want:?}");
     }
     // A peer that vanishes mid-handshake, after the offer.
-    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url()).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
+        .await
+        .unwrap();
     ws.send(text(good.clone())).await.unwrap();
     let _offer = ws.next().await;
     drop(ws);
@@ -268,8 +397,16 @@ async fn bad_signaling_input_closes_4490_and_harms_no_one() {
     assert!(tokio_tungstenite::connect_async(other).await.is_err());
 
     table_len(&s, 1).await;
-    push(&s, "Sora_20160711.PushChannel", json!({"channel_id": "bad", "data": {"still": "here"}})).await;
-    assert_eq!(next_push(&mut bystander).await.unwrap().0["data"]["still"], "here");
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "bad", "data": {"still": "here"}}),
+    )
+    .await;
+    assert_eq!(
+        next_push(&mut bystander).await.unwrap().0["data"]["still"],
+        "here"
+    );
     // And new peers still connect.
     connected(&opts(&s, "bad", "recvonly")).await;
 }
@@ -283,14 +420,52 @@ async fn api_errors_are_json_with_error_type() {
         (pc, "[1,2]".into(), 400, "INVALID-BODY"),
         (pc, r#"{"data":{}}"#.into(), 400, "MISSING-KEY"),
         (pc, r#"{"channel_id":"c"}"#.into(), 400, "MISSING-KEY"),
-        (pc, r#"{"channel_id":1,"data":{}}"#.into(), 400, "INVALID-TYPE"),
-        (pc, r#"{"channel_id":"c","data":[1]}"#.into(), 400, "INVALID-DATA"),
-        (pc, r#"{"channel_id":"c","data":"s"}"#.into(), 400, "INVALID-DATA"),
-        ("Sora_20160711.PushClient", r#"{"channel_id":"c","data":{}}"#.into(), 400, "MISSING-KEY"),
-        ("Sora_20160711.PushConnection", r#"{"channel_id":"c","connection_id":5,"data":{}}"#.into(), 400, "INVALID-TYPE"),
-        ("Sora_20201120.PushChannelByRole", r#"{"channel_id":"c","role":"admin","data":{}}"#.into(), 400, "INVALID-ROLE"),
+        (
+            pc,
+            r#"{"channel_id":1,"data":{}}"#.into(),
+            400,
+            "INVALID-TYPE",
+        ),
+        (
+            pc,
+            r#"{"channel_id":"c","data":[1]}"#.into(),
+            400,
+            "INVALID-DATA",
+        ),
+        (
+            pc,
+            r#"{"channel_id":"c","data":"s"}"#.into(),
+            400,
+            "INVALID-DATA",
+        ),
+        (
+            "Sora_20160711.PushClient",
+            r#"{"channel_id":"c","data":{}}"#.into(),
+            400,
+            "MISSING-KEY",
+        ),
+        (
+            "Sora_20160711.PushConnection",
+            r#"{"channel_id":"c","connection_id":5,"data":{}}"#.into(),
+            400,
+            "INVALID-TYPE",
+        ),
+        (
+            "Sora_20201120.PushChannelByRole",
+            r#"{"channel_id":"c","role":"admin","data":{}}"#.into(),
+            400,
+            "INVALID-ROLE",
+        ),
         ("Sora_20160711.Nope", "{}".into(), 400, "UNKNOWN-TARGET"),
-        (pc, format!(r#"{{"channel_id":"c","data":{{"x":"{}"}}}}"#, "a".repeat(2000)), 413, "REQUEST-TOO-LARGE"),
+        (
+            pc,
+            format!(
+                r#"{{"channel_id":"c","data":{{"x":"{}"}}}}"#,
+                "a".repeat(2000)
+            ),
+            413,
+            "REQUEST-TOO-LARGE",
+        ),
     ];
     for (target, body, status, error_type) in cases {
         let (got, head, resp) = http(&s, "POST", &[("x-sora-target", target)], &body).await;
@@ -301,22 +476,46 @@ async fn api_errors_are_json_with_error_type() {
         assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
     let (status, _, body) = http(&s, "POST", &[], "{}").await;
-    assert_eq!((status, serde_json::from_str::<Value>(&body).unwrap()["error_type"].clone()), (400, json!("MISSING-TARGET")));
+    assert_eq!(
+        (
+            status,
+            serde_json::from_str::<Value>(&body).unwrap()["error_type"].clone()
+        ),
+        (400, json!("MISSING-TARGET"))
+    );
     let (status, head, _) = http(&s, "GET", &[], "").await;
     assert_eq!(status, 405);
     assert!(head.contains("allow: post, options"), "{head}");
     let (status, _, _) = http(&s, "OPTIONS", &[], "").await;
     assert_eq!(status, 405, "no preflight without a CORS origin");
     // The header name is matched case-insensitively.
-    let (status, _, body) = http(&s, "POST", &[("X-Sora-Target", pc)], r#"{"channel_id":"c","data":{"k":1}}"#).await;
+    let (status, _, body) = http(
+        &s,
+        "POST",
+        &[("X-Sora-Target", pc)],
+        r#"{"channel_id":"c","data":{"k":1}}"#,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), json!({"data": {"k": 1}, "type": "push"}));
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"data": {"k": 1}, "type": "push"})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_when_an_origin_is_configured() {
     let s = server_with(|c| c.api_cors_origin = Some("https://app.example".into())).await;
-    let (status, head, _) = http(&s, "OPTIONS", &[("origin", "https://app.example"), ("access-control-request-method", "POST")], "").await;
+    let (status, head, _) = http(
+        &s,
+        "OPTIONS",
+        &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+        ],
+        "",
+    )
+    .await;
     assert!(status == 204 || status == 200, "{status}");
     for h in [
         "access-control-allow-origin: https://app.example",
@@ -326,7 +525,13 @@ async fn cors_when_an_origin_is_configured() {
     ] {
         assert!(head.contains(h), "{h} missing from {head}");
     }
-    let (status, head, _) = http(&s, "POST", &[("x-sora-target", "Sora_20160711.PushChannel")], r#"{"channel_id":"c","data":{}}"#).await;
+    let (status, head, _) = http(
+        &s,
+        "POST",
+        &[("x-sora-target", "Sora_20160711.PushChannel")],
+        r#"{"channel_id":"c","data":{}}"#,
+    )
+    .await;
     assert_eq!(status, 200);
     assert!(head.contains("access-control-allow-origin: https://app.example"));
 }
@@ -337,21 +542,47 @@ async fn cors_when_an_origin_is_configured() {
 async fn a_peer_that_cannot_keep_up_is_disconnected() {
     let s = server_with(|c| c.outbox_capacity = 8).await;
     let mut healthy = connected(&opts(&s, "slow", "recvonly")).await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url()).await.unwrap();
-    ws.send(text(json!({"type": "connect", "role": "recvonly", "channel_id": "slow"}))).await.unwrap();
-    let offer: Value = match ws.next().await { Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(), o => panic!("{o:?}") };
-    let (_peer, answer, _events) = hato_datachannel::Peer::answer(&Default::default(), offer["sdp"].as_str().unwrap()).await.unwrap();
-    ws.send(text(json!({"type": "answer", "sdp": answer}))).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
+        .await
+        .unwrap();
+    ws.send(text(
+        json!({"type": "connect", "role": "recvonly", "channel_id": "slow"}),
+    ))
+    .await
+    .unwrap();
+    let offer: Value = match ws.next().await {
+        Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
+        o => panic!("{o:?}"),
+    };
+    let (_peer, answer, _events) =
+        hato_datachannel::Peer::answer(&Default::default(), offer["sdp"].as_str().unwrap())
+            .await
+            .unwrap();
+    ws.send(text(json!({"type": "answer", "sdp": answer})))
+        .await
+        .unwrap();
     table_len(&s, 2).await;
     // Never read `ws` again. Big pushes fill the socket buffers, then the outbox.
     let big = "x".repeat(200_000);
     let mut pushes = 0;
     while s.table().len() == 2 && pushes < 2000 {
-        push(&s, "Sora_20160711.PushChannel", json!({"channel_id": "slow", "data": {"big": big}})).await;
+        push(
+            &s,
+            "Sora_20160711.PushChannel",
+            json!({"channel_id": "slow", "data": {"big": big}}),
+        )
+        .await;
         pushes += 1;
     }
     table_len(&s, 1).await;
-    assert!(s.shared.table.stats.overflows.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(
+        s.shared
+            .table
+            .stats
+            .overflows
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
     // The healthy peer got every push, in order, none lost.
     for _ in 0..pushes {
         assert!(next_push(&mut healthy).await.is_some());
@@ -365,7 +596,9 @@ async fn switched(c: &mut Client) -> bool {
     let (mut open, mut ignore) = (0, None);
     while open < 4 || ignore.is_none() {
         match c.next_event(T).await {
-            Some(ClientEvent::Switched { ignore_disconnect_websocket }) => ignore = Some(ignore_disconnect_websocket),
+            Some(ClientEvent::Switched {
+                ignore_disconnect_websocket,
+            }) => ignore = Some(ignore_disconnect_websocket),
             Some(ClientEvent::Open(_)) => open += 1,
             Some(_) => {}
             None => panic!("no switched ({open} channels open)"),
@@ -378,14 +611,28 @@ async fn switched(c: &mut Client) -> bool {
 async fn datachannel_signaling_offer_lists_exactly_the_system_channels() {
     let s = server().await;
     let mut o = dc_opts(&s, "dc", false);
-    o.extra.insert("data_channels".into(), json!([{"label": "#chat", "direction": "sendrecv"}]));
+    o.extra.insert(
+        "data_channels".into(),
+        json!([{"label": "#chat", "direction": "sendrecv"}]),
+    );
     let mut c = Client::connect(&o).await.unwrap();
     let dcs = c.offer["data_channels"].as_array().unwrap().clone();
     let got: Vec<(String, String, bool)> = dcs
         .iter()
-        .map(|d| (d["label"].as_str().unwrap().into(), d["direction"].as_str().unwrap().into(), d["compress"].as_bool().unwrap()))
+        .map(|d| {
+            (
+                d["label"].as_str().unwrap().into(),
+                d["direction"].as_str().unwrap().into(),
+                d["compress"].as_bool().unwrap(),
+            )
+        })
         .collect();
-    let want = [("signaling", "sendrecv"), ("notify", "recvonly"), ("push", "recvonly"), ("stats", "sendrecv")];
+    let want = [
+        ("signaling", "sendrecv"),
+        ("notify", "recvonly"),
+        ("push", "recvonly"),
+        ("stats", "sendrecv"),
+    ];
     assert_eq!(got, want.map(|(l, d)| (l.to_owned(), d.to_owned(), false)));
     assert_eq!(c.offer["data_channel_signaling"], true);
     let mut opened = Vec::new();
@@ -393,12 +640,20 @@ async fn datachannel_signaling_offer_lists_exactly_the_system_channels() {
     while opened.len() < 4 || switched.is_none() {
         match c.next_event(T).await.expect("channels open, then switched") {
             ClientEvent::Open(l) => opened.push(l),
-            ClientEvent::Switched { ignore_disconnect_websocket } => switched = Some(ignore_disconnect_websocket),
+            ClientEvent::Switched {
+                ignore_disconnect_websocket,
+            } => switched = Some(ignore_disconnect_websocket),
             _ => {}
         }
     }
     // Nothing else opens (no #chat channel: messaging is not offered).
-    assert!(c.wait_for(Duration::from_millis(300), |e| matches!(e, ClientEvent::Open(_))).await.is_none());
+    assert!(c
+        .wait_for(Duration::from_millis(300), |e| matches!(
+            e,
+            ClientEvent::Open(_)
+        ))
+        .await
+        .is_none());
     opened.sort();
     assert_eq!(opened, ["notify", "push", "signaling", "stats"]);
     assert_eq!(switched, Some(false));
@@ -411,9 +666,21 @@ async fn push_goes_over_the_push_datachannel_after_switched() {
         let mut c = Client::connect(&dc_opts(&s, "dc", false)).await.unwrap();
         assert_eq!(c.offer["data_channels"][2]["compress"], compress);
         switched(&mut c).await;
-        push(&s, "Sora_20160711.PushChannel", json!({"channel_id": "dc", "data": {"via": "dc"}})).await;
+        push(
+            &s,
+            "Sora_20160711.PushChannel",
+            json!({"channel_id": "dc", "data": {"via": "dc"}}),
+        )
+        .await;
         let (msg, via) = next_push(&mut c).await.unwrap();
-        assert_eq!((msg, via), (json!({"type": "push", "data": {"via": "dc"}}), Via::DataChannel), "compress {compress}");
+        assert_eq!(
+            (msg, via),
+            (
+                json!({"type": "push", "data": {"via": "dc"}}),
+                Via::DataChannel
+            ),
+            "compress {compress}"
+        );
     }
 }
 
@@ -431,15 +698,38 @@ async fn ignore_disconnect_websocket_survives_every_kind_of_websocket_loss() {
             _ => c.close_ws(1000, "switching to datachannel"),
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(s.table().lookup(&channel, hato::table::Target::Channel).len(), 1, "{how}: session kept");
-        push(&s, "Sora_20160711.PushChannel", json!({"channel_id": channel, "data": {"after": how}})).await;
-        let (msg, via) = next_push(&mut c).await.unwrap_or_else(|| panic!("{how}: push lost"));
-        assert_eq!((msg["data"]["after"].as_str(), via), (Some(how), Via::DataChannel));
+        assert_eq!(
+            s.table()
+                .lookup(&channel, hato::table::Target::Channel)
+                .len(),
+            1,
+            "{how}: session kept"
+        );
+        push(
+            &s,
+            "Sora_20160711.PushChannel",
+            json!({"channel_id": channel, "data": {"after": how}}),
+        )
+        .await;
+        let (msg, via) = next_push(&mut c)
+            .await
+            .unwrap_or_else(|| panic!("{how}: push lost"));
+        assert_eq!(
+            (msg["data"]["after"].as_str(), via),
+            (Some(how), Via::DataChannel)
+        );
         // A dead peer is still noticed without the WebSocket.
         c.close_peer().await;
         let until = tokio::time::Instant::now() + Duration::from_secs(20);
-        while !s.table().lookup(&channel, hato::table::Target::Channel).is_empty() {
-            assert!(tokio::time::Instant::now() < until, "{how}: dead peer never cleaned up");
+        while !s
+            .table()
+            .lookup(&channel, hato::table::Target::Channel)
+            .is_empty()
+        {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "{how}: dead peer never cleaned up"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -461,10 +751,25 @@ async fn datachannel_disconnect_in_each_mode() {
     // Hybrid: the WebSocket closes 1000 TYPE-DISCONNECT and the channels close.
     let mut c = Client::connect(&dc_opts(&s, "dd", false)).await.unwrap();
     switched(&mut c).await;
-    c.send_dc("signaling", r#"{"type":"disconnect","reason":"NO-ERROR"}"#, false).await.unwrap();
-    let ev = c.wait_for(T, |e| matches!(e, ClientEvent::WebSocketClosed { .. })).await.unwrap();
-    assert!(matches!(ev, ClientEvent::WebSocketClosed { code: 1000, ref reason } if reason == "TYPE-DISCONNECT"), "{ev:?}");
-    assert!(c.wait_for(T, |e| matches!(e, ClientEvent::ChannelClosed(_))).await.is_some());
+    c.send_dc(
+        "signaling",
+        r#"{"type":"disconnect","reason":"NO-ERROR"}"#,
+        false,
+    )
+    .await
+    .unwrap();
+    let ev = c
+        .wait_for(T, |e| matches!(e, ClientEvent::WebSocketClosed { .. }))
+        .await
+        .unwrap();
+    assert!(
+        matches!(ev, ClientEvent::WebSocketClosed { code: 1000, ref reason } if reason == "TYPE-DISCONNECT"),
+        "{ev:?}"
+    );
+    assert!(c
+        .wait_for(T, |e| matches!(e, ClientEvent::ChannelClosed(_)))
+        .await
+        .is_some());
     table_len(&s, 0).await;
 
     // DataChannel only (compressed): every channel closes.
@@ -472,7 +777,13 @@ async fn datachannel_disconnect_in_each_mode() {
     let mut c = Client::connect(&dc_opts(&s, "dd", true)).await.unwrap();
     switched(&mut c).await;
     c.close_ws(1005, "");
-    c.send_dc("signaling", r#"{"type":"disconnect","reason":"NO-ERROR"}"#, false).await.unwrap();
+    c.send_dc(
+        "signaling",
+        r#"{"type":"disconnect","reason":"NO-ERROR"}"#,
+        false,
+    )
+    .await
+    .unwrap();
     let mut closed = 0;
     while closed < 4 {
         match c.next_event(T).await {
@@ -492,18 +803,46 @@ async fn server_ends_a_datachannel_only_session_with_a_close_message() {
     switched(&mut c).await;
     c.close_ws(1005, "");
     let id = c.connection_id.clone();
-    let (status, body) = api(&s, "Sora_20151104.DisconnectConnection", &json!({"channel_id": "api", "connection_id": id}).to_string()).await;
-    assert_eq!((status, body), (200, json!({"channel_id": "api", "connection_id": id})));
-    let ev = c.wait_for(T, |e| matches!(e, ClientEvent::ServerClose { .. })).await.expect("close on signaling");
-    assert!(matches!(ev, ClientEvent::ServerClose { code: 1000, ref reason } if reason == "DISCONNECTED-API"), "{ev:?}");
-    assert!(c.wait_for(T, |e| matches!(e, ClientEvent::ChannelClosed(_))).await.is_some());
+    let (status, body) = api(
+        &s,
+        "Sora_20151104.DisconnectConnection",
+        &json!({"channel_id": "api", "connection_id": id}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"channel_id": "api", "connection_id": id}))
+    );
+    let ev = c
+        .wait_for(T, |e| matches!(e, ClientEvent::ServerClose { .. }))
+        .await
+        .expect("close on signaling");
+    assert!(
+        matches!(ev, ClientEvent::ServerClose { code: 1000, ref reason } if reason == "DISCONNECTED-API"),
+        "{ev:?}"
+    );
+    assert!(c
+        .wait_for(T, |e| matches!(e, ClientEvent::ChannelClosed(_)))
+        .await
+        .is_some());
     table_len(&s, 0).await;
 
     // With the WebSocket up, the reason rides on its Close frame.
     let mut c = connected(&opts(&s, "api", "recvonly")).await;
-    api(&s, "Sora_20151104.DisconnectChannel", r#"{"channel_id":"api"}"#).await;
-    let ev = c.wait_for(T, |e| matches!(e, ClientEvent::WebSocketClosed { .. })).await.unwrap();
-    assert!(matches!(ev, ClientEvent::WebSocketClosed { code: 1000, ref reason } if reason == "DISCONNECTED-API"), "{ev:?}");
+    api(
+        &s,
+        "Sora_20151104.DisconnectChannel",
+        r#"{"channel_id":"api"}"#,
+    )
+    .await;
+    let ev = c
+        .wait_for(T, |e| matches!(e, ClientEvent::WebSocketClosed { .. }))
+        .await
+        .unwrap();
+    assert!(
+        matches!(ev, ClientEvent::WebSocketClosed { code: 1000, ref reason } if reason == "DISCONNECTED-API"),
+        "{ev:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,22 +858,44 @@ async fn malformed_datachannel_input_and_a_zlib_bomb_are_dropped() {
             ("signaling", b"not json".to_vec(), true),
             ("signaling", vec![0xff, 0x00, 0x13], false),
             ("signaling", br#"{"type":"offer","sdp":"x"}"#.to_vec(), true),
-            ("signaling", br#"{"type":"answer","sdp":"x"}"#.to_vec(), false),
+            (
+                "signaling",
+                br#"{"type":"answer","sdp":"x"}"#.to_vec(),
+                false,
+            ),
             ("stats", br#"{"no":"type"}"#.to_vec(), true),
             ("push", br#"{"type":"push","data":{}}"#.to_vec(), true),
-            ("notify", br#"{"type":"candidate","candidate":7}"#.to_vec(), false),
+            (
+                "notify",
+                br#"{"type":"candidate","candidate":7}"#.to_vec(),
+                false,
+            ),
             ("signaling", bomb, false),
         ];
         for (label, data, text) in garbage {
             c.send_dc_raw(label, &data, text).await.unwrap();
         }
         // Well-formed messages in every shape the SDKs use still work.
-        c.send_dc("signaling", r#"{"type":"pong"}"#, false).await.unwrap();
-        c.send_dc("stats", r#"{"type":"stats","reports":[]}"#, true).await.unwrap();
-        c.send_dc("signaling", r#"{"type":"candidate","candidate":""}"#, true).await.unwrap();
-        push(&s, "Sora_20160711.PushChannel", json!({"channel_id": "mal", "data": {"ok": compress}})).await;
+        c.send_dc("signaling", r#"{"type":"pong"}"#, false)
+            .await
+            .unwrap();
+        c.send_dc("stats", r#"{"type":"stats","reports":[]}"#, true)
+            .await
+            .unwrap();
+        c.send_dc("signaling", r#"{"type":"candidate","candidate":""}"#, true)
+            .await
+            .unwrap();
+        push(
+            &s,
+            "Sora_20160711.PushChannel",
+            json!({"channel_id": "mal", "data": {"ok": compress}}),
+        )
+        .await;
         let (msg, via) = next_push(&mut c).await.expect("still served");
-        assert_eq!((msg["data"]["ok"].as_bool(), via), (Some(compress), Via::DataChannel));
+        assert_eq!(
+            (msg["data"]["ok"].as_bool(), via),
+            (Some(compress), Via::DataChannel)
+        );
         assert_eq!(s.table().len(), 1);
         connected(&opts(&s, "mal", "recvonly")).await;
     }
@@ -550,7 +911,12 @@ async fn a_push_too_large_for_the_datachannel_gets_413() {
     assert_eq!(status, 413);
     assert_eq!(resp["error_type"], "PUSH-TOO-LARGE");
     no_push(&mut c).await;
-    push(&s, "Sora_20160711.PushChannel", json!({"channel_id": "big", "data": {"x": "y".repeat(5_000)}})).await;
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "big", "data": {"x": "y".repeat(5_000)}}),
+    )
+    .await;
     assert!(next_push(&mut c).await.is_some());
 }
 
@@ -579,8 +945,12 @@ async fn continuous_pushes_across_connect_and_switch_lose_and_reorder_nothing() 
                 loop {
                     let mut line = String::new();
                     r.read_line(&mut line).await.unwrap();
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") { len = v.trim().parse().unwrap(); }
-                    if line == "\r\n" { break; }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
                 }
                 let mut b = vec![0; len];
                 r.read_exact(&mut b).await.unwrap();
@@ -590,14 +960,22 @@ async fn continuous_pushes_across_connect_and_switch_lose_and_reorder_nothing() 
             seq
         })
     };
-    let modes = [(None, None, false), (Some(true), Some(false), false), (Some(true), Some(true), false), (Some(true), Some(true), true)];
+    let modes = [
+        (None, None, false),
+        (Some(true), Some(false), false),
+        (Some(true), Some(true), false),
+        (Some(true), Some(true), true),
+    ];
     let mut clients = Vec::new();
     for round in 0..3 {
         for (i, (dcs, ignore, _)) in modes.iter().enumerate() {
             let mut o = opts(&s, "flow", "recvonly");
             o.data_channel_signaling = *dcs;
             o.ignore_disconnect_websocket = *ignore;
-            clients.push((format!("round {round} mode {i}"), Client::connect(&o).await.unwrap()));
+            clients.push((
+                format!("round {round} mode {i}"),
+                Client::connect(&o).await.unwrap(),
+            ));
         }
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -620,6 +998,9 @@ async fn continuous_pushes_across_connect_and_switch_lose_and_reorder_nothing() 
         assert!(!seqs.is_empty(), "{name}: nothing received");
         let first = seqs[0];
         let want: Vec<u64> = (first..sent).collect();
-        assert_eq!(seqs, want, "{name}: lost, duplicated or reordered (vias {vias:?})");
+        assert_eq!(
+            seqs, want,
+            "{name}: lost, duplicated or reordered (vias {vias:?})"
+        );
     }
 }

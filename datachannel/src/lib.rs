@@ -14,7 +14,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit, RTCDataChannelState};
+use webrtc::data_channel::{
+    DataChannel, DataChannelEvent, RTCDataChannelInit, RTCDataChannelState,
+};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
     RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState, RTCPeerConnectionState,
@@ -122,7 +124,10 @@ impl PeerConnectionEventHandler for Handler {
     async fn on_data_channel(&self, dc: Arc<dyn DataChannel>) {
         let Ok(label) = dc.label().await else { return };
         let label: Arc<str> = label.into();
-        self.channels.lock().unwrap().insert(label.clone(), dc.clone());
+        self.channels
+            .lock()
+            .unwrap()
+            .insert(label.clone(), dc.clone());
         tokio::spawn(pump(dc, label, self.events.clone()));
     }
 }
@@ -164,10 +169,7 @@ const GATHER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events buffered per peer before the DataChannel tasks wait for the owner.
 const EVENT_BUFFER: usize = 64;
 
-async fn build(
-    cfg: &PeerConfig,
-    handler: Handler,
-) -> Result<Box<dyn PeerConnection>, Error> {
+async fn build(cfg: &PeerConfig, handler: Handler) -> Result<Box<dyn PeerConnection>, Error> {
     let mut se = SettingEngineBuilder::new()
         // The crate's 200 ms check interval, with the first check dropped,
         // makes offer → connected take ~400 ms on loopback; 20 ms, ~50 ms.
@@ -180,7 +182,11 @@ async fn build(
         .with_host_acceptance_min_wait(Some(Duration::ZERO))
         .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
         .with_include_loopback_candidate(cfg.bind.is_loopback() || cfg.bind.is_unspecified())
-        .with_sctp_max_message_size(rtc::peer_connection::configuration::setting_engine::SctpMaxMessageSize::Bounded(cfg.max_message_size));
+        .with_sctp_max_message_size(
+            rtc::peer_connection::configuration::setting_engine::SctpMaxMessageSize::Bounded(
+                cfg.max_message_size,
+            ),
+        );
     if !cfg.advertise.is_empty() {
         se = se.with_nat_1to1_ips(
             cfg.advertise.iter().map(ToString::to_string).collect(),
@@ -199,9 +205,7 @@ async fn build(
 }
 
 impl Peer {
-    fn new(
-        events: mpsc::Sender<PeerEvent>,
-    ) -> (Handler, Channels, watch::Receiver<bool>) {
+    fn handler(events: mpsc::Sender<PeerEvent>) -> (Handler, Channels, watch::Receiver<bool>) {
         let channels: Channels = Arc::default();
         let (gathered, gathered_rx) = watch::channel(false);
         (
@@ -225,7 +229,7 @@ impl Peer {
         labels: &[&str],
     ) -> Result<(Peer, String, mpsc::Receiver<PeerEvent>), Error> {
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        let (handler, channels, gathered) = Peer::new(tx.clone());
+        let (handler, channels, gathered) = Peer::handler(tx.clone());
         let pc = build(cfg, handler).await?;
         let peer = Peer { pc, channels };
         if labels.is_empty() {
@@ -243,7 +247,10 @@ impl Peer {
                 .create_data_channel(label, Some(RTCDataChannelInit::default()))
                 .await?;
             let label: Arc<str> = (*label).into();
-            peer.channels.lock().unwrap().insert(label.clone(), dc.clone());
+            peer.channels
+                .lock()
+                .unwrap()
+                .insert(label.clone(), dc.clone());
             tokio::spawn(pump(dc, label, tx.clone()));
         }
         let offer = peer.pc.create_offer(None).await?;
@@ -259,7 +266,7 @@ impl Peer {
         offer_sdp: &str,
     ) -> Result<(Peer, String, mpsc::Receiver<PeerEvent>), Error> {
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        let (handler, channels, gathered) = Peer::new(tx);
+        let (handler, channels, gathered) = Peer::handler(tx);
         let pc = build(cfg, handler).await?;
         let peer = Peer { pc, channels };
         peer.pc

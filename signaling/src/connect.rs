@@ -192,7 +192,10 @@ mod tests {
         assert_eq!(c.metadata, Value::Null);
         assert_eq!(c.client_id, None);
         assert_eq!(c.data_channel_signaling, Some(false));
-        assert_eq!(c.sora_client.as_deref(), Some("Sora JavaScript SDK 2026.1.0"));
+        assert_eq!(
+            c.sora_client.as_deref(),
+            Some("Sora JavaScript SDK 2026.1.0")
+        );
     }
 
     /// The shape sora-cpp-sdk (and so the Python SDK) sends: media options
@@ -234,8 +237,14 @@ mod tests {
     fn rejections_say_why() {
         let cases = [
             (json!({"role": "recvonly"}), "channel_id is missing"),
-            (json!({"role": "recvonly", "channel_id": ""}), "channel_id is empty"),
-            (json!({"role": "recvonly", "channel_id": 5}), "channel_id must be a string"),
+            (
+                json!({"role": "recvonly", "channel_id": ""}),
+                "channel_id is empty",
+            ),
+            (
+                json!({"role": "recvonly", "channel_id": 5}),
+                "channel_id must be a string",
+            ),
             (json!({"role": "x", "channel_id": "a"}), "role must be"),
             (json!({"channel_id": "a"}), "role is missing"),
             (

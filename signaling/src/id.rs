@@ -49,8 +49,14 @@ mod tests {
     #[test]
     fn known_encoding() {
         assert_eq!(encode(0, [0; 10]), "00000000000000000000000000");
-        assert_eq!(encode(0, [0, 0, 0, 0, 0, 0, 0, 0, 0, 31]), "0000000000000000000000000Z");
-        assert_eq!(encode(0xFFFF_FFFF_FFFF, [0xFF; 10]), "7ZZZZZZZZZZZZZZZZZZZZZZZZZ");
+        assert_eq!(
+            encode(0, [0, 0, 0, 0, 0, 0, 0, 0, 0, 31]),
+            "0000000000000000000000000Z"
+        );
+        assert_eq!(
+            encode(0xFFFF_FFFF_FFFF, [0xFF; 10]),
+            "7ZZZZZZZZZZZZZZZZZZZZZZZZZ"
+        );
     }
 
     #[test]

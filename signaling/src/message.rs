@@ -58,7 +58,11 @@ impl std::fmt::Display for MessageError {
 
 impl std::error::Error for MessageError {}
 
-fn field<T: serde::de::DeserializeOwned>(v: &Value, key: &str, ty: &str) -> Result<T, MessageError> {
+fn field<T: serde::de::DeserializeOwned>(
+    v: &Value,
+    key: &str,
+    ty: &str,
+) -> Result<T, MessageError> {
     let raw = v
         .get(key)
         .ok_or_else(|| MessageError(format!("{ty} without {key}")))?;
@@ -68,8 +72,8 @@ fn field<T: serde::de::DeserializeOwned>(v: &Value, key: &str, ty: &str) -> Resu
 impl ClientMessage {
     /// Parses one text (or inflated binary) frame.
     pub fn parse(bytes: &[u8]) -> Result<ClientMessage, MessageError> {
-        let v: Value =
-            serde_json::from_slice(bytes).map_err(|e| MessageError(format!("invalid JSON: {e}")))?;
+        let v: Value = serde_json::from_slice(bytes)
+            .map_err(|e| MessageError(format!("invalid JSON: {e}")))?;
         let ty = v
             .get("type")
             .and_then(Value::as_str)
@@ -255,10 +259,14 @@ mod tests {
         }
         // CPP/PY and RS: only the candidate line.
         let cpp = br#"{"type":"candidate","candidate":"candidate:1 1 udp 1 127.0.0.1 5 typ host"}"#;
-        assert!(matches!(ClientMessage::parse(cpp).unwrap(), ClientMessage::Candidate(c) if c.sdp_mid.is_none()));
+        assert!(
+            matches!(ClientMessage::parse(cpp).unwrap(), ClientMessage::Candidate(c) if c.sdp_mid.is_none())
+        );
         // Firefox's empty end-of-candidates.
         let empty = br#"{"type":"candidate","candidate":""}"#;
-        assert!(matches!(ClientMessage::parse(empty).unwrap(), ClientMessage::Candidate(c) if c.candidate.is_empty()));
+        assert!(
+            matches!(ClientMessage::parse(empty).unwrap(), ClientMessage::Candidate(c) if c.candidate.is_empty())
+        );
     }
 
     #[test]
@@ -273,7 +281,11 @@ mod tests {
             b"{\"type\":\"candidate\",\"candidate\":7}",
             b"\xff\xfe",
         ] {
-            assert!(ClientMessage::parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                ClientMessage::parse(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert_eq!(
             ClientMessage::parse(br#"{"type":"whatever"}"#).unwrap(),
@@ -281,7 +293,9 @@ mod tests {
         );
         assert_eq!(
             ClientMessage::parse(br#"{"type":"disconnect","reason":"NO-ERROR"}"#).unwrap(),
-            ClientMessage::Disconnect { reason: Some("NO-ERROR".into()) }
+            ClientMessage::Disconnect {
+                reason: Some("NO-ERROR".into())
+            }
         );
     }
 
@@ -323,7 +337,10 @@ mod tests {
             serde_json::from_str(r#"{"a":1,"b":"ü\"","c":[null]}"#).unwrap();
         let text = push(&data);
         let v: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(v, json!({"type": "push", "data": {"a": 1, "b": "ü\"", "c": [null]}}));
+        assert_eq!(
+            v,
+            json!({"type": "push", "data": {"a": 1, "b": "ü\"", "c": [null]}})
+        );
     }
 
     #[test]
@@ -337,7 +354,11 @@ mod tests {
             connection_id: "id",
             metadata: None,
         };
-        let counts = ChannelCounts { all: 1, recvonly: 1, ..Default::default() };
+        let counts = ChannelCounts {
+            all: 1,
+            recvonly: 1,
+            ..Default::default()
+        };
         let v: Value = serde_json::from_str(&notify_connection(
             "connection.created",
             &who,

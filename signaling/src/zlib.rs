@@ -60,12 +60,18 @@ mod tests {
     fn bomb_is_refused() {
         let bomb = compress(&vec![b'a'; 8 * 1024 * 1024]);
         assert!(bomb.len() < 64 * 1024, "{}", bomb.len());
-        assert_eq!(decompress(&bomb, 65_536), Err(InflateError::TooLarge(65_536)));
+        assert_eq!(
+            decompress(&bomb, 65_536),
+            Err(InflateError::TooLarge(65_536))
+        );
     }
 
     #[test]
     fn garbage_is_an_error() {
-        assert!(matches!(decompress(b"not zlib", 100), Err(InflateError::Corrupt(_))));
+        assert!(matches!(
+            decompress(b"not zlib", 100),
+            Err(InflateError::Corrupt(_))
+        ));
         let raw_deflate = &compress(b"hello")[2..];
         assert!(decompress(raw_deflate, 100).is_err());
     }

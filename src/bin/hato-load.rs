@@ -35,7 +35,11 @@ enum Arrival {
 }
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "hato-load", version, about = "Load a Sora-compatible push server with virtual WebRTC peers and pushes")]
+#[command(
+    name = "hato-load",
+    version,
+    about = "Load a Sora-compatible push server with virtual WebRTC peers and pushes"
+)]
 struct Args {
     /// Signaling URL of the server under test.
     #[arg(long, default_value = "ws://127.0.0.1:5000/signaling")]
@@ -115,7 +119,10 @@ struct Args {
 }
 
 fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 fn hist() -> Histogram<u64> {
@@ -157,7 +164,10 @@ impl PeerRecord {
             self.out_of_order += 1;
         }
         self.last_seq = Some(self.last_seq.map_or(seq, |l| l.max(seq)));
-        let _ = self.latencies.get_or_insert_with(hist).record(latency_us.max(1));
+        let _ = self
+            .latencies
+            .get_or_insert_with(hist)
+            .record(latency_us.max(1));
         self.firsts.push((seq, latency_us));
     }
 }
@@ -179,7 +189,13 @@ struct Counters {
 
 fn proc_stat(pid: u32) -> Option<(u64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kb = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
@@ -196,8 +212,21 @@ fn find_pid(name: &str) -> Option<u32> {
 }
 
 fn is_loopback_url(url: &str) -> bool {
-    let host = url.split("://").nth(1).unwrap_or("").split(['/', ':']).next().unwrap_or("");
-    host == "localhost" || host.starts_with("127.") || host == "[" || url.contains("[::1]")
+    let authority = url
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    if authority.starts_with("[::1]") {
+        return true;
+    }
+    let host = authority.split(':').next().unwrap_or("");
+    host == "localhost"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn quantiles(h: &Histogram<u64>, scale: f64) -> Value {
@@ -216,8 +245,15 @@ fn quantiles(h: &Histogram<u64>, scale: f64) -> Value {
 
 async fn connect_peer(args: &Args, i: usize) -> Result<(Client, Duration, Duration), String> {
     let channel = i % args.channels;
-    let mut opts = ClientOptions::new(&args.signaling_url, &args.channel.replace("{n}", &channel.to_string()), &args.role);
-    opts.client_id = args.client_id.as_ref().map(|p| p.replace("{i}", &i.to_string()));
+    let mut opts = ClientOptions::new(
+        &args.signaling_url,
+        &args.channel.replace("{n}", &channel.to_string()),
+        &args.role,
+    );
+    opts.client_id = args
+        .client_id
+        .as_ref()
+        .map(|p| p.replace("{i}", &i.to_string()));
     opts.data_channel_signaling = Some(args.data_channel_signaling);
     opts.ignore_disconnect_websocket = Some(args.ignore_disconnect_websocket);
     opts.extra.insert("sora_client".into(), json!("hato-load"));
@@ -225,14 +261,19 @@ async fn connect_peer(args: &Args, i: usize) -> Result<(Client, Duration, Durati
     let mut c = Client::connect(&opts).await.map_err(|e| e.to_string())?;
     // Connected: own connection.created; with DataChannel signaling also
     // switched and the push channel open.
-    let (mut created, mut switched, mut push_open) = (false, !args.data_channel_signaling, !args.data_channel_signaling);
+    let (mut created, mut switched, mut push_open) = (
+        false,
+        !args.data_channel_signaling,
+        !args.data_channel_signaling,
+    );
     let mut push_open_at = None;
     let id = c.connection_id.clone();
     let until = tokio::time::Instant::now() + Duration::from_secs(30);
     while !(created && switched && push_open) {
         match tokio::time::timeout_at(until, c.events.recv()).await {
             Ok(Some(ClientEvent::Notify { message, .. })) => {
-                created |= message["event_type"] == "connection.created" && message["connection_id"] == id.as_str()
+                created |= message["event_type"] == "connection.created"
+                    && message["connection_id"] == id.as_str()
             }
             Ok(Some(ClientEvent::Switched { .. })) => switched = true,
             Ok(Some(ClientEvent::Open(l))) if l == "push" => {
@@ -248,17 +289,30 @@ async fn connect_peer(args: &Args, i: usize) -> Result<(Client, Duration, Durati
             Err(_) => return Err("not connected within 30 s".into()),
         }
     }
-    let offer_to_ready = push_open_at.unwrap_or_else(Instant::now).duration_since(c.offer_at);
+    let offer_to_ready = push_open_at
+        .unwrap_or_else(Instant::now)
+        .duration_since(c.offer_at);
     Ok((c, start.elapsed(), offer_to_ready))
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 async fn api_connection(api_url: &str) -> Result<Sender, String> {
-    let authority = api_url.split("://").nth(1).unwrap_or("").split('/').next().unwrap_or("").to_owned();
-    let tcp = tokio::net::TcpStream::connect(&authority).await.map_err(|e| e.to_string())?;
+    let authority = api_url
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let tcp = tokio::net::TcpStream::connect(&authority)
+        .await
+        .map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     Ok(send)
 }
@@ -278,12 +332,16 @@ async fn main() {
         eprintln!("hato-load: open arrival needs --rate > 0");
         std::process::exit(2);
     }
-    if !args.allow_remote && !(is_loopback_url(&args.signaling_url) && is_loopback_url(&args.api_url)) {
+    if !(args.allow_remote
+        || is_loopback_url(&args.signaling_url) && is_loopback_url(&args.api_url))
+    {
         eprintln!("hato-load: targets must be loopback; pass --allow-remote for a host you run");
         std::process::exit(2);
     }
     let tty = std::io::stderr().is_terminal();
-    let server_pid = args.server_pid.or_else(|| args.server_process.as_deref().and_then(find_pid));
+    let server_pid = args
+        .server_pid
+        .or_else(|| args.server_process.as_deref().and_then(find_pid));
     let before = server_pid.and_then(proc_stat);
     let counters = Arc::new(Counters::default());
     let failures: Arc<Mutex<std::collections::BTreeMap<String, usize>>> = Arc::default();
@@ -298,8 +356,13 @@ async fn main() {
         let at = t0 + Duration::from_secs_f64(i as f64 / args.hatch_rate.max(0.001));
         tokio::time::sleep_until(at.into()).await;
         let permit = sem.clone().acquire_owned().await.expect("semaphore open");
-        let (a, c, f, ch, rh) =
-            (args.clone(), counters.clone(), failures.clone(), connect_hist.clone(), ready_hist.clone());
+        let (a, c, f, ch, rh) = (
+            args.clone(),
+            counters.clone(),
+            failures.clone(),
+            connect_hist.clone(),
+            ready_hist.clone(),
+        );
         joins.push(tokio::spawn(async move {
             let result = connect_peer(&a, i).await;
             drop(permit);
@@ -318,7 +381,11 @@ async fn main() {
             }
         }));
         if tty && i % 10 == 0 {
-            eprint!("\rconnecting: {} connected, {} failed   ", counters.connected.load(Ordering::Relaxed), counters.failed.load(Ordering::Relaxed));
+            eprint!(
+                "\rconnecting: {} connected, {} failed   ",
+                counters.connected.load(Ordering::Relaxed),
+                counters.failed.load(Ordering::Relaxed)
+            );
         }
     }
     let mut clients = Vec::new();
@@ -337,21 +404,39 @@ async fn main() {
         let record = Arc::new(Mutex::new(PeerRecord::default()));
         let channel = i % args.channels;
         per_channel[channel] += 1;
-        peers.push(Peer { connection_id: client.connection_id.clone(), channel, record: record.clone() });
+        peers.push(Peer {
+            connection_id: client.connection_id.clone(),
+            channel,
+            record: record.clone(),
+        });
         let counters = counters.clone();
         tokio::spawn(async move {
             while let Some(ev) = client.events.recv().await {
                 if let ClientEvent::Push { text, via, at_us } = ev {
-                    let Ok(v) = serde_json::from_slice::<Value>(&text) else { continue };
-                    let (Some(seq), Some(ts)) = (v["data"]["seq"].as_u64(), v["data"]["ts"].as_u64()) else { continue };
-                    record.lock().unwrap().record(seq, at_us.saturating_sub(ts), via);
+                    let Ok(v) = serde_json::from_slice::<Value>(&text) else {
+                        continue;
+                    };
+                    let (Some(seq), Some(ts)) =
+                        (v["data"]["seq"].as_u64(), v["data"]["ts"].as_u64())
+                    else {
+                        continue;
+                    };
+                    record
+                        .lock()
+                        .unwrap()
+                        .record(seq, at_us.saturating_sub(ts), via);
                     counters.deliveries.fetch_add(1, Ordering::Relaxed);
                 }
             }
             drop(client);
         });
     }
-    let targets: Arc<Vec<(String, usize)>> = Arc::new(peers.iter().map(|p| (p.connection_id.clone(), p.channel)).collect());
+    let targets: Arc<Vec<(String, usize)>> = Arc::new(
+        peers
+            .iter()
+            .map(|p| (p.connection_id.clone(), p.channel))
+            .collect(),
+    );
 
     // Phase 3: push.
     let next = Arc::new(AtomicU64::new(0));
@@ -362,8 +447,15 @@ async fn main() {
     let mut workers = Vec::new();
     let pad = "x".repeat(args.payload_bytes);
     for _ in 0..args.api_connections.max(1) {
-        let (args, next, accepted, counters, targets, api_latency, pad) =
-            (args.clone(), next.clone(), accepted.clone(), counters.clone(), targets.clone(), api_latency.clone(), pad.clone());
+        let (args, next, accepted, counters, targets, api_latency, pad) = (
+            args.clone(),
+            next.clone(),
+            accepted.clone(),
+            counters.clone(),
+            targets.clone(),
+            api_latency.clone(),
+            pad.clone(),
+        );
         workers.push(tokio::spawn(async move {
             let mut send = match api_connection(&args.api_url).await {
                 Ok(s) => s,
@@ -426,41 +518,61 @@ async fn main() {
     }
     // Live progress on a terminal.
     let progress = {
-        let (counters, peers_records): (_, Vec<_>) = (counters.clone(), peers.iter().map(|p| p.record.clone()).collect());
+        let (counters, peers_records): (_, Vec<_>) = (
+            counters.clone(),
+            peers.iter().map(|p| p.record.clone()).collect(),
+        );
         tokio::spawn(async move {
-            if !tty { return; }
+            if !tty {
+                return;
+            }
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let mut h = hist();
                 for r in &peers_records {
-                    if let Some(l) = &r.lock().unwrap().latencies { let _ = h.add(l); }
+                    if let Some(l) = &r.lock().unwrap().latencies {
+                        let _ = h.add(l);
+                    }
                 }
                 eprint!(
                     "\rpeers {} | pushes {} | deliveries {} | p99 {:.1} ms     ",
                     counters.connected.load(Ordering::Relaxed),
                     counters.pushes_ok.load(Ordering::Relaxed),
                     counters.deliveries.load(Ordering::Relaxed),
-                    if h.is_empty() { 0.0 } else { h.value_at_quantile(0.99) as f64 / 1000.0 },
+                    if h.is_empty() {
+                        0.0
+                    } else {
+                        h.value_at_quantile(0.99) as f64 / 1000.0
+                    },
                 );
             }
         })
     };
-    for w in workers { let _ = w.await; }
+    for w in workers {
+        let _ = w.await;
+    }
     let push_secs = push_start.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs_f64(args.drain)).await;
     progress.abort();
-    if tty { eprintln!(); }
+    if tty {
+        eprintln!();
+    }
     let after = server_pid.and_then(proc_stat);
 
     // Phase 4: report.
     let accepted = accepted.lock().unwrap().clone();
     let mut latency = hist();
     let mut last_peer = hist();
-    let (mut received, mut duplicated, mut out_of_order, mut by_ws, mut by_dc) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut received, mut duplicated, mut out_of_order, mut by_ws, mut by_dc) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut max_by_seq: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
     let mut expected = 0u64;
     for (seq, channel) in &accepted {
-        expected += if args.scenario == Scenario::Channel { per_channel[*channel] } else { 1 };
+        expected += if args.scenario == Scenario::Channel {
+            per_channel[*channel]
+        } else {
+            1
+        };
         max_by_seq.insert(*seq, 0);
     }
     for p in &peers {
@@ -470,13 +582,19 @@ async fn main() {
         out_of_order += r.out_of_order;
         by_ws += r.by_ws;
         by_dc += r.by_dc;
-        if let Some(h) = &r.latencies { let _ = latency.add(h); }
+        if let Some(h) = &r.latencies {
+            let _ = latency.add(h);
+        }
         for (seq, lat) in &r.firsts {
-            if let Some(m) = max_by_seq.get_mut(seq) { *m = (*m).max(*lat); }
+            if let Some(m) = max_by_seq.get_mut(seq) {
+                *m = (*m).max(*lat);
+            }
         }
     }
     for m in max_by_seq.values() {
-        if *m > 0 { let _ = last_peer.record(*m); }
+        if *m > 0 {
+            let _ = last_peer.record(*m);
+        }
     }
     let lost = expected.saturating_sub(received);
     let connected = counters.connected.load(Ordering::Relaxed);
@@ -506,10 +624,15 @@ async fn main() {
     let text = serde_json::to_string_pretty(&summary).expect("serialises");
     match args.json.as_deref() {
         Some("-") => println!("{text}"),
-        Some(path) => std::fs::write(path, &text).unwrap_or_else(|e| eprintln!("hato-load: cannot write {path}: {e}")),
+        Some(path) => std::fs::write(path, &text)
+            .unwrap_or_else(|e| eprintln!("hato-load: cannot write {path}: {e}")),
         None => {}
     }
-    let p99 = if latency.is_empty() { 0.0 } else { latency.value_at_quantile(0.99) as f64 / 1000.0 };
+    let p99 = if latency.is_empty() {
+        0.0
+    } else {
+        latency.value_at_quantile(0.99) as f64 / 1000.0
+    };
     eprintln!(
         "hato-load: {connected}/{} peers connected; {} pushes accepted; deliveries {received}/{expected} (lost {lost}, duplicated {duplicated}, out of order {out_of_order}; websocket {by_ws}, datachannel {by_dc}); latency p50 {:.2} ms p99 {p99:.2} ms",
         args.peers,
@@ -517,11 +640,21 @@ async fn main() {
         if latency.is_empty() { 0.0 } else { latency.value_at_quantile(0.5) as f64 / 1000.0 },
     );
     let mut missed = Vec::new();
-    if let Some(max) = args.max_p99_ms { if p99 > max { missed.push(format!("p99 {p99:.2} ms > {max} ms")); } }
-    if let Some(max) = args.max_lost { if lost > max { missed.push(format!("lost {lost} > {max}")); } }
+    if let Some(max) = args.max_p99_ms {
+        if p99 > max {
+            missed.push(format!("p99 {p99:.2} ms > {max} ms"));
+        }
+    }
+    if let Some(max) = args.max_lost {
+        if lost > max {
+            missed.push(format!("lost {lost} > {max}"));
+        }
+    }
     if let Some(min) = args.min_connect_success {
         let got = connected as f64 / args.peers as f64;
-        if got < min { missed.push(format!("connect success {got:.3} < {min}")); }
+        if got < min {
+            missed.push(format!("connect success {got:.3} < {min}"));
+        }
     }
     if !missed.is_empty() {
         eprintln!("hato-load: thresholds missed: {}", missed.join("; "));
