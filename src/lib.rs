@@ -28,6 +28,8 @@ pub struct Shared {
     pub table: table::Table,
     /// This server's session id, as `session_id` in offers and notifies.
     pub session_id: Arc<str>,
+    /// Sessions from WebSocket accept to teardown, for a graceful shutdown.
+    pub sessions: std::sync::atomic::AtomicUsize,
 }
 
 /// A running server. Dropping it stops accepting (existing sessions end
@@ -48,6 +50,7 @@ impl Server {
             config,
             table: table::Table::default(),
             session_id: hato_signaling::id::new_id().into(),
+            sessions: Default::default(),
         });
         let server = Server {
             signaling_addr: signaling.local_addr()?,
@@ -71,6 +74,28 @@ impl Server {
 
     pub fn table(&self) -> &table::Table {
         &self.shared.table
+    }
+
+    /// Stops accepting, ends every connected session with reason
+    /// `SHUTDOWN` (a Close frame, or a `close` message on `signaling` for
+    /// DataChannel-only peers), and waits up to `limit` for them to finish.
+    pub async fn shutdown(&self, limit: std::time::Duration) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for conn in self.shared.table.all() {
+            conn.shut_down();
+        }
+        let until = tokio::time::Instant::now() + limit;
+        while self
+            .shared
+            .sessions
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0
+            && tokio::time::Instant::now() < until
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
 

@@ -23,6 +23,16 @@ async fn main() {
         api = %server.api_url(),
         "hato is serving"
     );
-    let _ = tokio::signal::ctrl_c().await;
-    tracing::info!("shutting down");
+    // Ctrl-C or SIGTERM (what service managers send).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!(
+        connections = server.table().len(),
+        "shutting down: ending every session with SHUTDOWN"
+    );
+    server.shutdown(std::time::Duration::from_secs(5)).await;
 }

@@ -125,7 +125,22 @@ async fn first_text(ws: &mut WebSocketStream<TcpStream>) -> Result<String, Optio
     }
 }
 
+/// Counts a session as live for as long as it exists.
+struct Live(Arc<Shared>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0
+            .sessions
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>) {
+    shared
+        .sessions
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let _live = Live(shared.clone());
     let cfg = &shared.config;
     let text = match tokio::time::timeout(cfg.connect_timeout(), first_text(&mut ws)).await {
         Ok(Ok(text)) => text,
@@ -300,6 +315,7 @@ impl Session {
                 Some(kill) = kill_rx.recv() => match kill {
                     Kill::Overflow => Some(End::Server("OUTBOX-OVERFLOW")),
                     Kill::Api => Some(End::Server("DISCONNECTED-API")),
+                    Kill::Shutdown => Some(End::Server("SHUTDOWN")),
                 },
                 () = deadline, if !self.established() => Some(End::Refused(if self.answered {
                     "connection not established before the timeout".into()

@@ -22,6 +22,8 @@ pub enum Kill {
     Overflow,
     /// A Disconnect* API call.
     Api,
+    /// The server is shutting down.
+    Shutdown,
 }
 
 /// One registered connection: its identity and the handle to its outbox.
@@ -105,6 +107,11 @@ impl Conn {
     /// Asks the session to end with `DISCONNECTED-API`.
     pub fn disconnect(&self) {
         let _ = self.kill.send(Kill::Api);
+    }
+
+    /// Asks the session to end with `SHUTDOWN`.
+    pub fn shut_down(&self) {
+        let _ = self.kill.send(Kill::Shutdown);
     }
 
     pub fn push(&self, frame: &Arc<Frame>) -> Delivery {

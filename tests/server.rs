@@ -925,13 +925,11 @@ async fn a_push_too_large_for_the_datachannel_gets_413() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn continuous_pushes_across_connect_and_switch_lose_and_reorder_nothing() {
     let s = server().await;
-    let url = s.api_url();
     let api_addr = s.api_addr;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let pusher = {
         let stop = stop.clone();
         tokio::spawn(async move {
-            let _ = url;
             let mut seq = 0u64;
             let mut tcp = tokio::net::TcpStream::connect(api_addr).await.unwrap();
             use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -960,15 +958,15 @@ async fn continuous_pushes_across_connect_and_switch_lose_and_reorder_nothing() 
             seq
         })
     };
+    // WebSocket only, hybrid, DataChannel only.
     let modes = [
-        (None, None, false),
-        (Some(true), Some(false), false),
-        (Some(true), Some(true), false),
-        (Some(true), Some(true), true),
+        (None, None),
+        (Some(true), Some(false)),
+        (Some(true), Some(true)),
     ];
     let mut clients = Vec::new();
     for round in 0..3 {
-        for (i, (dcs, ignore, _)) in modes.iter().enumerate() {
+        for (i, (dcs, ignore)) in modes.iter().enumerate() {
             let mut o = opts(&s, "flow", "recvonly");
             o.data_channel_signaling = *dcs;
             o.ignore_disconnect_websocket = *ignore;
@@ -1003,4 +1001,36 @@ async fn continuous_pushes_across_connect_and_switch_lose_and_reorder_nothing() 
             "{name}: lost, duplicated or reordered (vias {vias:?})"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_tells_every_peer_why() {
+    let s = server().await;
+    let mut ws_peer = connected(&opts(&s, "bye", "recvonly")).await;
+    let mut dc_only = Client::connect(&dc_opts(&s, "bye", true)).await.unwrap();
+    switched(&mut dc_only).await;
+    dc_only.close_ws(1005, "");
+    table_len(&s, 2).await;
+    s.shutdown(T).await;
+    let ev = ws_peer
+        .wait_for(T, |e| matches!(e, ClientEvent::WebSocketClosed { .. }))
+        .await
+        .unwrap();
+    assert!(
+        matches!(ev, ClientEvent::WebSocketClosed { code: 1000, ref reason } if reason == "SHUTDOWN"),
+        "{ev:?}"
+    );
+    let ev = dc_only
+        .wait_for(T, |e| matches!(e, ClientEvent::ServerClose { .. }))
+        .await
+        .unwrap();
+    assert!(
+        matches!(ev, ClientEvent::ServerClose { code: 1000, ref reason } if reason == "SHUTDOWN"),
+        "{ev:?}"
+    );
+    assert_eq!(
+        s.shared.sessions.load(std::sync::atomic::Ordering::Acquire),
+        0
+    );
+    assert!(s.table().is_empty());
 }
