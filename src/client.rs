@@ -95,6 +95,9 @@ impl Via {
 pub enum ClientEvent {
     /// ICE and DTLS are up.
     Connected,
+    /// A `ping` on a DataChannel; those on the WebSocket are answered with
+    /// `pong` and not reported.
+    Ping,
     /// A `push`, as received (the raw JSON text), and when, in µs since the epoch.
     Push {
         text: Bytes,
@@ -170,7 +173,8 @@ pub struct Client {
     compress: bool,
 }
 
-fn now_us() -> u64 {
+/// Wall-clock µs since the epoch: receive times here, send times in `hato-load`.
+pub fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -340,6 +344,7 @@ fn parse_event(text: Bytes, via: Via, on: &str) -> ClientEvent {
     match v["type"].as_str() {
         Some("push") => ClientEvent::Push { text, via, at_us },
         Some("notify") => ClientEvent::Notify { message: v, via },
+        Some("ping") => ClientEvent::Ping,
         Some("switched") => ClientEvent::Switched {
             ignore_disconnect_websocket: v["ignore_disconnect_websocket"] == true,
         },
@@ -370,15 +375,15 @@ async fn run(
                 match msg {
                     Some(Ok(Message::Text(t))) => {
                         let bytes = Bytes::copy_from_slice(t.as_bytes());
-                        let ev = parse_event(bytes, Via::WebSocket, "websocket");
-                        if let ClientEvent::Other { text, .. } = &ev {
-                            if text.contains("\"ping\"") {
+                        match parse_event(bytes, Via::WebSocket, "websocket") {
+                            ClientEvent::Ping => {
                                 let pong = Message::text(r#"{"type":"pong"}"#);
                                 let _ = ws.as_mut().unwrap().send(pong).await;
-                                continue;
+                            }
+                            ev => {
+                                let _ = events.send(ev);
                             }
                         }
-                        let _ = events.send(ev);
                     }
                     Some(Ok(Message::Close(frame))) => {
                         let _ = events.send(ClientEvent::WebSocketClosed {

@@ -8,7 +8,7 @@
 //! which leaves the table, the tasks and the sockets as they were.
 
 use crate::outbox::{truncate_reason, Close, Frame, Out, Outbox};
-use crate::table::{Conn, Kill};
+use crate::table::{Conn, Kill, Mailbox};
 use crate::Shared;
 use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
@@ -209,8 +209,13 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>) {
 
     let (sink, stream) = ws.split();
     let outbox = Outbox::spawn(sink, peer.clone(), compress, cfg.outbox_capacity);
-    let _ = outbox.queue.try_send(Out::Ws(offer_json));
     let (kill_tx, kill_rx) = mpsc::unbounded_channel();
+    let mailbox = Arc::new(Mailbox::new(
+        connection_id.clone(),
+        outbox.queue.clone(),
+        kill_tx,
+    ));
+    mailbox.deliver(Out::Ws(offer_json));
     tracing::info!(
         %connection_id, channel_id = %connect.channel_id, role = %connect.role,
         dc_signaling, ignore_ws, "offer sent"
@@ -229,7 +234,7 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>) {
         compress,
         peer,
         outbox: Some(outbox),
-        kill_tx,
+        mailbox,
         conn: None,
         answered: false,
         connected: false,
@@ -257,7 +262,7 @@ struct Session {
     compress: bool,
     peer: Arc<Peer>,
     outbox: Option<Outbox>,
-    kill_tx: mpsc::UnboundedSender<Kill>,
+    mailbox: Arc<Mailbox>,
     /// Set once the peer is in the table.
     conn: Option<Arc<Conn>>,
     answered: bool,
@@ -291,11 +296,7 @@ impl Session {
 
     /// Queues on this connection's own outbox; a full queue ends it.
     fn queue(&self, out: Out) {
-        if let Some(outbox) = &self.outbox {
-            if outbox.queue.try_send(out).is_err() {
-                let _ = self.kill_tx.send(Kill::Overflow);
-            }
-        }
+        self.mailbox.deliver(out);
     }
 
     async fn drive(
@@ -484,7 +485,6 @@ impl Session {
     /// ICE and DTLS are up: join the table, then `connection.created` to
     /// the new peer (with the list of those present) and to the others.
     fn register(&mut self) {
-        let Some(outbox) = &self.outbox else { return };
         let conn = Arc::new(Conn::new(
             self.connection_id.clone(),
             self.client_id.clone(),
@@ -494,8 +494,7 @@ impl Session {
             self.role,
             self.notify_metadata.clone(),
             self.message_limit,
-            outbox.queue.clone(),
-            self.kill_tx.clone(),
+            self.mailbox.clone(),
         ));
         let (others, counts) = self.shared.table.insert(conn.clone());
         self.conn = Some(conn);

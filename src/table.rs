@@ -26,7 +26,56 @@ pub enum Kill {
     Shutdown,
 }
 
-/// One registered connection: its identity and the handle to its outbox.
+/// The sending end of one connection's outbox, shared by its session and
+/// its table entry, so both queue the same way: without waiting, and a full
+/// queue ends the connection (once) instead of stalling the caller or
+/// growing without bound.
+#[derive(Debug)]
+pub struct Mailbox {
+    connection_id: Arc<str>,
+    queue: mpsc::Sender<Out>,
+    kill: mpsc::UnboundedSender<Kill>,
+    overflowed: AtomicBool,
+}
+
+impl Mailbox {
+    pub fn new(
+        connection_id: Arc<str>,
+        queue: mpsc::Sender<Out>,
+        kill: mpsc::UnboundedSender<Kill>,
+    ) -> Mailbox {
+        Mailbox {
+            connection_id,
+            queue,
+            kill,
+            overflowed: AtomicBool::new(false),
+        }
+    }
+
+    pub fn deliver(&self, out: Out) -> Delivery {
+        match self.queue.try_send(out) {
+            Ok(()) => Delivery::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.overflowed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        connection_id = %self.connection_id,
+                        "outbox full, disconnecting (OUTBOX-OVERFLOW)"
+                    );
+                    let _ = self.kill.send(Kill::Overflow);
+                }
+                Delivery::Overflow
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::Gone,
+        }
+    }
+
+    /// Asks the session to end for `why`.
+    pub fn kill(&self, why: Kill) {
+        let _ = self.kill.send(why);
+    }
+}
+
+/// One registered connection: its identity and its mailbox.
 #[derive(Debug)]
 pub struct Conn {
     pub connection_id: Arc<str>,
@@ -40,9 +89,7 @@ pub struct Conn {
     /// Largest push this peer can take, when pushes may go over its
     /// DataChannel; `None` for WebSocket-only peers.
     pub message_limit: Option<usize>,
-    outbox: mpsc::Sender<Out>,
-    kill: mpsc::UnboundedSender<Kill>,
-    overflowed: AtomicBool,
+    mailbox: Arc<Mailbox>,
 }
 
 /// What [`Conn::deliver`] did.
@@ -66,8 +113,7 @@ impl Conn {
         role: Role,
         notify_metadata: Option<Value>,
         message_limit: Option<usize>,
-        outbox: mpsc::Sender<Out>,
-        kill: mpsc::UnboundedSender<Kill>,
+        mailbox: Arc<Mailbox>,
     ) -> Conn {
         Conn {
             connection_id,
@@ -78,40 +124,23 @@ impl Conn {
             role,
             notify_metadata,
             message_limit,
-            outbox,
-            kill,
-            overflowed: AtomicBool::new(false),
+            mailbox,
         }
     }
 
-    /// Queues `out` without waiting. A full queue ends the connection (once)
-    /// rather than stall the caller or grow without bound.
+    /// Queues `out` on this connection's outbox; see [`Mailbox::deliver`].
     pub fn deliver(&self, out: Out) -> Delivery {
-        match self.outbox.try_send(out) {
-            Ok(()) => Delivery::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.overflowed.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        connection_id = %self.connection_id,
-                        channel_id = %self.channel_id,
-                        "outbox full, disconnecting (OUTBOX-OVERFLOW)"
-                    );
-                    let _ = self.kill.send(Kill::Overflow);
-                }
-                Delivery::Overflow
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::Gone,
-        }
+        self.mailbox.deliver(out)
     }
 
     /// Asks the session to end with `DISCONNECTED-API`.
     pub fn disconnect(&self) {
-        let _ = self.kill.send(Kill::Api);
+        self.mailbox.kill(Kill::Api);
     }
 
     /// Asks the session to end with `SHUTDOWN`.
     pub fn shut_down(&self) {
-        let _ = self.kill.send(Kill::Shutdown);
+        self.mailbox.kill(Kill::Shutdown);
     }
 
     pub fn push(&self, frame: &Arc<Frame>) -> Delivery {
@@ -259,8 +288,7 @@ mod tests {
             role,
             None,
             None,
-            tx,
-            kill,
+            Arc::new(Mailbox::new(id.into(), tx, kill)),
         );
         (Arc::new(c), rx)
     }
@@ -310,8 +338,7 @@ mod tests {
             Role::Recvonly,
             None,
             None,
-            tx,
-            kill_tx,
+            Arc::new(Mailbox::new("a".into(), tx, kill_tx)),
         );
         let f = Arc::new(Frame::new("{}".into()));
         assert_eq!(c.push(&f), Delivery::Queued);

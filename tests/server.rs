@@ -289,14 +289,7 @@ async fn client_disconnect_closes_with_type_disconnect_and_empties_the_table() {
     let mut c = connected(&opts(&s, "d", "recvonly")).await;
     table_len(&s, 1).await;
     c.send_ws(r#"{"type":"disconnect","reason":"NO-ERROR"}"#);
-    let ev = c
-        .wait_for(T, |e| matches!(e, ClientEvent::WebSocketClosed { .. }))
-        .await
-        .unwrap();
-    assert!(
-        matches!(ev, ClientEvent::WebSocketClosed { code: 1000, ref reason } if reason == "TYPE-DISCONNECT"),
-        "{ev:?}"
-    );
+    expect_ws_close(&mut c, 1000, "TYPE-DISCONNECT").await;
     table_len(&s, 0).await;
 
     // A WebSocket that just drops ends the session the same way.
@@ -590,6 +583,38 @@ async fn a_peer_that_cannot_keep_up_is_disconnected() {
     drop(ws);
 }
 
+/// A DataChannel-signaling peer, returned once switched (checking the
+/// `ignore_disconnect_websocket` it was given) with its channels open.
+async fn switched_client(s: &Server, channel: &str, ignore: bool) -> Client {
+    let mut c = Client::connect(&dc_opts(s, channel, ignore)).await.unwrap();
+    assert_eq!(switched(&mut c).await, ignore);
+    c
+}
+
+/// Waits for the WebSocket Close frame and checks its code and reason.
+async fn expect_ws_close(c: &mut Client, code: u16, reason: &str) {
+    let ev = c
+        .wait_for(T, |e| matches!(e, ClientEvent::WebSocketClosed { .. }))
+        .await
+        .expect("the WebSocket closes");
+    assert!(
+        matches!(&ev, ClientEvent::WebSocketClosed { code: got, reason: r } if *got == code && r == reason),
+        "want {code} {reason}, got {ev:?}"
+    );
+}
+
+/// Waits for `{"type":"close"}` on `signaling` and checks its code and reason.
+async fn expect_server_close(c: &mut Client, code: u16, reason: &str) {
+    let ev = c
+        .wait_for(T, |e| matches!(e, ClientEvent::ServerClose { .. }))
+        .await
+        .expect("close on signaling");
+    assert!(
+        matches!(&ev, ClientEvent::ServerClose { code: got, reason: r } if *got == code && r == reason),
+        "want {code} {reason}, got {ev:?}"
+    );
+}
+
 /// Waits for `switched` and for the four channels to be open on this side
 /// too (as sora-rust-sdk does before it uses them).
 async fn switched(c: &mut Client) -> bool {
@@ -663,9 +688,8 @@ async fn datachannel_signaling_offer_lists_exactly_the_system_channels() {
 async fn push_goes_over_the_push_datachannel_after_switched() {
     for compress in [false, true] {
         let s = server_with(|c| c.data_channel_compress = compress).await;
-        let mut c = Client::connect(&dc_opts(&s, "dc", false)).await.unwrap();
+        let mut c = switched_client(&s, "dc", false).await;
         assert_eq!(c.offer["data_channels"][2]["compress"], compress);
-        switched(&mut c).await;
         push(
             &s,
             "Sora_20160711.PushChannel",
@@ -690,8 +714,7 @@ async fn ignore_disconnect_websocket_survives_every_kind_of_websocket_loss() {
     // JS closes with no status (1005), CPP drops TCP, RS closes 1000.
     for how in ["1005", "drop", "1000"] {
         let channel = format!("ig-{how}");
-        let mut c = Client::connect(&dc_opts(&s, &channel, true)).await.unwrap();
-        assert!(switched(&mut c).await);
+        let mut c = switched_client(&s, &channel, true).await;
         match how {
             "1005" => c.close_ws(1005, ""),
             "drop" => c.drop_ws(),
@@ -738,8 +761,7 @@ async fn ignore_disconnect_websocket_survives_every_kind_of_websocket_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hybrid_mode_ends_when_the_websocket_goes() {
     let s = server().await;
-    let mut c = Client::connect(&dc_opts(&s, "hy", false)).await.unwrap();
-    switched(&mut c).await;
+    let c = switched_client(&s, "hy", false).await;
     table_len(&s, 1).await;
     c.close_ws(1000, "");
     table_len(&s, 0).await;
@@ -749,8 +771,7 @@ async fn hybrid_mode_ends_when_the_websocket_goes() {
 async fn datachannel_disconnect_in_each_mode() {
     let s = server().await;
     // Hybrid: the WebSocket closes 1000 TYPE-DISCONNECT and the channels close.
-    let mut c = Client::connect(&dc_opts(&s, "dd", false)).await.unwrap();
-    switched(&mut c).await;
+    let mut c = switched_client(&s, "dd", false).await;
     c.send_dc(
         "signaling",
         r#"{"type":"disconnect","reason":"NO-ERROR"}"#,
@@ -758,14 +779,7 @@ async fn datachannel_disconnect_in_each_mode() {
     )
     .await
     .unwrap();
-    let ev = c
-        .wait_for(T, |e| matches!(e, ClientEvent::WebSocketClosed { .. }))
-        .await
-        .unwrap();
-    assert!(
-        matches!(ev, ClientEvent::WebSocketClosed { code: 1000, ref reason } if reason == "TYPE-DISCONNECT"),
-        "{ev:?}"
-    );
+    expect_ws_close(&mut c, 1000, "TYPE-DISCONNECT").await;
     assert!(c
         .wait_for(T, |e| matches!(e, ClientEvent::ChannelClosed(_)))
         .await
@@ -774,8 +788,7 @@ async fn datachannel_disconnect_in_each_mode() {
 
     // DataChannel only (compressed): every channel closes.
     let s = server_with(|c| c.data_channel_compress = true).await;
-    let mut c = Client::connect(&dc_opts(&s, "dd", true)).await.unwrap();
-    switched(&mut c).await;
+    let mut c = switched_client(&s, "dd", true).await;
     c.close_ws(1005, "");
     c.send_dc(
         "signaling",
@@ -799,8 +812,7 @@ async fn datachannel_disconnect_in_each_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_ends_a_datachannel_only_session_with_a_close_message() {
     let s = server().await;
-    let mut c = Client::connect(&dc_opts(&s, "api", true)).await.unwrap();
-    switched(&mut c).await;
+    let mut c = switched_client(&s, "api", true).await;
     c.close_ws(1005, "");
     let id = c.connection_id.clone();
     let (status, body) = api(
@@ -813,14 +825,7 @@ async fn server_ends_a_datachannel_only_session_with_a_close_message() {
         (status, body),
         (200, json!({"channel_id": "api", "connection_id": id}))
     );
-    let ev = c
-        .wait_for(T, |e| matches!(e, ClientEvent::ServerClose { .. }))
-        .await
-        .expect("close on signaling");
-    assert!(
-        matches!(ev, ClientEvent::ServerClose { code: 1000, ref reason } if reason == "DISCONNECTED-API"),
-        "{ev:?}"
-    );
+    expect_server_close(&mut c, 1000, "DISCONNECTED-API").await;
     assert!(c
         .wait_for(T, |e| matches!(e, ClientEvent::ChannelClosed(_)))
         .await
@@ -835,22 +840,14 @@ async fn server_ends_a_datachannel_only_session_with_a_close_message() {
         r#"{"channel_id":"api"}"#,
     )
     .await;
-    let ev = c
-        .wait_for(T, |e| matches!(e, ClientEvent::WebSocketClosed { .. }))
-        .await
-        .unwrap();
-    assert!(
-        matches!(ev, ClientEvent::WebSocketClosed { code: 1000, ref reason } if reason == "DISCONNECTED-API"),
-        "{ev:?}"
-    );
+    expect_ws_close(&mut c, 1000, "DISCONNECTED-API").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_datachannel_input_and_a_zlib_bomb_are_dropped() {
     for compress in [false, true] {
         let s = server_with(|c| c.data_channel_compress = compress).await;
-        let mut c = Client::connect(&dc_opts(&s, "mal", false)).await.unwrap();
-        switched(&mut c).await;
+        let mut c = switched_client(&s, "mal", false).await;
         // 8 MiB of spaces in ~40 KiB; the server caps inflating at 1 MiB.
         let bomb = hato_signaling::zlib::compress(&vec![b' '; 8 << 20]);
         assert!(bomb.len() < 65_536, "{}", bomb.len());
@@ -904,8 +901,7 @@ async fn malformed_datachannel_input_and_a_zlib_bomb_are_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_too_large_for_the_datachannel_gets_413() {
     let s = server_with(|c| c.data_channel_message_limit = 10_000).await;
-    let mut c = Client::connect(&dc_opts(&s, "big", false)).await.unwrap();
-    switched(&mut c).await;
+    let mut c = switched_client(&s, "big", false).await;
     let body = json!({"channel_id": "big", "data": {"x": "y".repeat(20_000)}}).to_string();
     let (status, resp) = api(&s, "Sora_20160711.PushChannel", &body).await;
     assert_eq!(status, 413);
@@ -1007,27 +1003,12 @@ async fn continuous_pushes_across_connect_and_switch_lose_and_reorder_nothing() 
 async fn shutdown_tells_every_peer_why() {
     let s = server().await;
     let mut ws_peer = connected(&opts(&s, "bye", "recvonly")).await;
-    let mut dc_only = Client::connect(&dc_opts(&s, "bye", true)).await.unwrap();
-    switched(&mut dc_only).await;
+    let mut dc_only = switched_client(&s, "bye", true).await;
     dc_only.close_ws(1005, "");
     table_len(&s, 2).await;
     s.shutdown(T).await;
-    let ev = ws_peer
-        .wait_for(T, |e| matches!(e, ClientEvent::WebSocketClosed { .. }))
-        .await
-        .unwrap();
-    assert!(
-        matches!(ev, ClientEvent::WebSocketClosed { code: 1000, ref reason } if reason == "SHUTDOWN"),
-        "{ev:?}"
-    );
-    let ev = dc_only
-        .wait_for(T, |e| matches!(e, ClientEvent::ServerClose { .. }))
-        .await
-        .unwrap();
-    assert!(
-        matches!(ev, ClientEvent::ServerClose { code: 1000, ref reason } if reason == "SHUTDOWN"),
-        "{ev:?}"
-    );
+    expect_ws_close(&mut ws_peer, 1000, "SHUTDOWN").await;
+    expect_server_close(&mut dc_only, 1000, "SHUTDOWN").await;
     assert_eq!(
         s.shared.sessions.load(std::sync::atomic::Ordering::Acquire),
         0

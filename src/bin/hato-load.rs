@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
-use hato::client::{Client, ClientEvent, ClientOptions, Via};
+use hato::client::{now_us, Client, ClientEvent, ClientOptions, Via};
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -116,13 +116,6 @@ struct Args {
     /// Allow non-loopback targets (only towards hosts you run).
     #[arg(long)]
     allow_remote: bool,
-}
-
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 fn hist() -> Histogram<u64> {
@@ -482,7 +475,7 @@ async fn main() {
                         if targets.is_empty() { break; }
                         let (id, ch) = &targets[(seq as usize) % targets.len()];
                         let body = json!({"channel_id": args.channel.replace("{n}", &ch.to_string()), "connection_id": id, "data": {"seq": seq, "ts": now_us(), "pad": pad}});
-                        ("Sora_20160711.PushConnection", body, usize::MAX - (seq as usize) % targets.len())
+                        ("Sora_20160711.PushConnection", body, *ch)
                     }
                 };
                 let req = hyper::Request::post(&args.api_url)
@@ -509,9 +502,6 @@ async fn main() {
                         counters.pushes_failed.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
-                }
-                if args.arrival == Arrival::Closed && args.rate <= 0.0 && Instant::now() >= end {
-                    break;
                 }
             }
         }));
