@@ -231,6 +231,11 @@ impl Client {
         ))
         .await
         .map_err(fail)?;
+        let offered = offer["data_channels"].as_array().map_or(0, Vec::len);
+        if offered > 0 {
+            // The offered channels plus our own quiet one.
+            peer.nudge(offered + 1);
+        }
         let compress = offer["data_channels"]
             .as_array()
             .is_some_and(|dcs| dcs.iter().any(|d| d["compress"] == true));

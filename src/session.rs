@@ -387,6 +387,9 @@ impl Session {
                     )));
                 }
                 self.answered = true;
+                if self.dc_signaling {
+                    self.peer.nudge(message::SYSTEM_LABELS.len());
+                }
                 self.last_pong = Instant::now();
                 self.deadline = Instant::now() + self.shared.config.establish_timeout();
                 let limit = self.shared.config.data_channel_message_limit;

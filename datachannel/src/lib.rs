@@ -90,7 +90,7 @@ type Channels = Arc<Mutex<HashMap<Arc<str>, Arc<dyn DataChannel>>>>;
 
 /// One end of a WebRTC connection carrying only DataChannels.
 pub struct Peer {
-    pc: Box<dyn PeerConnection>,
+    pc: Arc<dyn PeerConnection>,
     // A std mutex: held only to clone an `Arc` out, never across `.await`.
     channels: Channels,
 }
@@ -163,13 +163,22 @@ async fn pump(dc: Arc<dyn DataChannel>, label: Arc<str>, events: mpsc::Sender<Pe
     let _ = events.send(PeerEvent::Closed(label)).await;
 }
 
+/// The label of the unannounced negotiated channel.
+const QUIET_LABEL: &str = "hato-sctp";
+
+/// How often, how long and how many turns after the last open
+/// [`Peer::nudge`] wakes the driver.
+const NUDGE_EVERY: Duration = Duration::from_millis(3);
+const NUDGE_FOR: Duration = Duration::from_secs(5);
+const NUDGE_TAIL: u32 = 5;
+
 /// How long ICE gathering may take before the SDP goes out with what it has.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Events buffered per peer before the DataChannel tasks wait for the owner.
 const EVENT_BUFFER: usize = 64;
 
-async fn build(cfg: &PeerConfig, handler: Handler) -> Result<Box<dyn PeerConnection>, Error> {
+async fn build(cfg: &PeerConfig, handler: Handler) -> Result<Arc<dyn PeerConnection>, Error> {
     let mut se = SettingEngineBuilder::new()
         // The crate's 200 ms check interval, with the first check dropped,
         // makes offer → connected take ~400 ms on loopback; 20 ms, ~50 ms.
@@ -201,7 +210,7 @@ async fn build(cfg: &PeerConfig, handler: Handler) -> Result<Box<dyn PeerConnect
         .with_data_channel_send_buffer_limit(cfg.send_buffer)
         .build()
         .await?;
-    Ok(Box::new(pc))
+    Ok(Arc::new(pc))
 }
 
 impl Peer {
@@ -233,13 +242,7 @@ impl Peer {
         let pc = build(cfg, handler).await?;
         let peer = Peer { pc, channels };
         if labels.is_empty() {
-            let init = RTCDataChannelInit {
-                negotiated: Some(0),
-                ..Default::default()
-            };
-            let dc = peer.pc.create_data_channel("hato-sctp", Some(init)).await?;
-            // Kept so that dropping the handle cannot remove the section.
-            peer.channels.lock().unwrap().insert("hato-sctp".into(), dc);
+            peer.add_quiet_channel(0).await?;
         }
         for label in labels {
             let dc = peer
@@ -275,7 +278,62 @@ impl Peer {
         let answer = peer.pc.create_answer(None).await?;
         peer.pc.set_local_description(answer).await?;
         let sdp = peer.local_sdp(gathered).await?;
+        // An even id, never one the offerer (the DTLS server, odd ids) opens.
+        peer.add_quiet_channel(1022).await?;
         Ok((peer, sdp, rx))
+    }
+
+    /// A negotiated channel that nobody announces (no DCEP): it keeps an
+    /// `m=application` section in an offer without channels, and gives
+    /// [`Peer::nudge`] a handle on the answering side.
+    async fn add_quiet_channel(&self, id: u16) -> Result<(), Error> {
+        let init = RTCDataChannelInit {
+            negotiated: Some(id),
+            ..Default::default()
+        };
+        let dc = self.pc.create_data_channel(QUIET_LABEL, Some(init)).await?;
+        // Kept so that dropping the handle cannot remove it.
+        self.channels.lock().unwrap().insert(QUIET_LABEL.into(), dc);
+        Ok(())
+    }
+
+    /// Works around the `webrtc` 0.21.1 driver holding SCTP output queued
+    /// while it handled an event (the INIT after DTLS, the DCEP OPENs after
+    /// the association is up, their ACKs) until its next timer, 200 ms
+    /// later: it writes before it handles events in each loop turn. Any
+    /// channel call that wakes the driver flushes that output, so this wakes
+    /// it every [`NUDGE_EVERY`] until `expect` channels are open (plus a few
+    /// turns for the last ACK), for at most [`NUDGE_FOR`].
+    pub fn nudge(&self, expect: usize) {
+        let pc = Arc::downgrade(&self.pc);
+        let channels = self.channels.clone();
+        tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + NUDGE_FOR;
+            let mut tail = NUDGE_TAIL;
+            while tokio::time::Instant::now() < until && tail > 0 {
+                tokio::time::sleep(NUDGE_EVERY).await;
+                if pc.strong_count() == 0 {
+                    return;
+                }
+                let dcs: Vec<_> = channels.lock().unwrap().values().cloned().collect();
+                let mut open = 0;
+                for dc in &dcs {
+                    if matches!(dc.ready_state().await, Ok(RTCDataChannelState::Open)) {
+                        open += 1;
+                    }
+                }
+                if open >= expect {
+                    tail -= 1;
+                }
+                if let Some(dc) = dcs.first() {
+                    // Setting the threshold it already has changes nothing
+                    // but wakes the driver.
+                    if let Ok(t) = dc.buffered_amount_low_threshold().await {
+                        let _ = dc.set_buffered_amount_low_threshold(t).await;
+                    }
+                }
+            }
+        });
     }
 
     async fn local_sdp(&self, mut gathered: watch::Receiver<bool>) -> Result<String, Error> {
