@@ -55,6 +55,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let mut config = WebSocketConfig::default();
             config.max_message_size = Some(shared.config.client_message_limit);
             config.max_frame_size = Some(shared.config.client_message_limit);
+            // Clients send a few small messages; tungstenite's default
+            // 128 KiB read buffer per connection was ~100 KB of each peer's
+            // RSS (heaptrack). It grows when a frame needs more.
+            config.read_buffer_size = 4096;
             let handshake =
                 tokio_tungstenite::accept_hdr_async_with_config(tcp, only_signaling, Some(config));
             match tokio::time::timeout(shared.config.connect_timeout(), handshake).await {

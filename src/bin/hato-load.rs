@@ -195,12 +195,15 @@ fn proc_stat(pid: u32) -> Option<(u64, f64)> {
     Some((rss_kb, ticks as f64 / 100.0))
 }
 
+/// The live process called `name` (zombies left by a killed server skipped).
 fn find_pid(name: &str) -> Option<u32> {
     let me = std::process::id();
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-        (comm.trim() == name && pid != me).then_some(pid)
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let state = stat.rsplit(')').next()?.split_whitespace().next()?;
+        (comm.trim() == name && pid != me && state != "Z").then_some(pid)
     })
 }
 
