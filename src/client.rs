@@ -338,8 +338,19 @@ impl Client {
     }
 }
 
+/// Just a message's `type`; the rest is skipped without being built, so a
+/// push costs one scan, not a tree of values.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: Option<std::borrow::Cow<'a, str>>,
+}
+
 fn parse_event(text: Bytes, via: Via, on: &str) -> ClientEvent {
     let at_us = now_us();
+    if serde_json::from_slice::<Head<'_>>(&text).is_ok_and(|h| h.ty.as_deref() == Some("push")) {
+        return ClientEvent::Push { text, via, at_us };
+    }
     let Ok(v) = serde_json::from_slice::<Value>(&text) else {
         return ClientEvent::Other {
             on: on.to_owned(),
@@ -347,7 +358,6 @@ fn parse_event(text: Bytes, via: Via, on: &str) -> ClientEvent {
         };
     };
     match v["type"].as_str() {
-        Some("push") => ClientEvent::Push { text, via, at_us },
         Some("notify") => ClientEvent::Notify { message: v, via },
         Some("ping") => ClientEvent::Ping,
         Some("switched") => ClientEvent::Switched {
