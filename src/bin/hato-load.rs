@@ -92,6 +92,12 @@ struct Args {
     /// Extra bytes of padding in each push's data.
     #[arg(long, default_value_t = 0)]
     payload_bytes: usize,
+    /// Seconds between the last peer connected and the first push. Every
+    /// connect sends `connection.created` to everyone in the channel, so
+    /// N peers queue ~N²/2 notifies; pushes sent before those are out
+    /// measure the connect storm, not push latency.
+    #[arg(long, default_value_t = 2.0)]
+    settle: f64,
     /// Seconds to wait for the last deliveries after the last push.
     #[arg(long, default_value_t = 3.0)]
     drain: f64,
@@ -333,8 +339,8 @@ async fn main() {
         eprintln!("hato-load: --peers must be 1..=20000");
         std::process::exit(2);
     }
-    if !(args.duration > 0.0 && args.duration <= 600.0) || args.drain > 60.0 {
-        eprintln!("hato-load: --duration must be in (0, 600] s and --drain at most 60 s: runs are bounded");
+    if !(args.duration > 0.0 && args.duration <= 600.0) || args.drain > 60.0 || args.settle > 60.0 {
+        eprintln!("hato-load: --duration must be in (0, 600] s, --drain and --settle at most 60 s: runs are bounded");
         std::process::exit(2);
     }
     if args.arrival == Arrival::Open && args.rate <= 0.0 {
@@ -422,7 +428,10 @@ async fn main() {
         tokio::spawn(async move {
             while let Some(ev) = client.events.recv().await {
                 if let ClientEvent::Push { text, via, at_us } = ev {
-                    let Ok(SeqPush { data: Seq { seq, ts } }) = serde_json::from_slice(&text) else {
+                    let Ok(SeqPush {
+                        data: Seq { seq, ts },
+                    }) = serde_json::from_slice(&text)
+                    else {
                         continue;
                     };
                     record
@@ -442,7 +451,8 @@ async fn main() {
             .collect(),
     );
 
-    // Phase 3: push.
+    // Phase 3: push, once the connect storm has settled.
+    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
     let next = Arc::new(AtomicU64::new(0));
     let push_start = Instant::now();
     let end = push_start + Duration::from_secs_f64(args.duration);
