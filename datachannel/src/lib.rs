@@ -189,6 +189,12 @@ async fn build(cfg: &PeerConfig, handler: Handler) -> Result<Arc<dyn PeerConnect
             Some(Duration::from_secs(2)),
         )
         .with_host_acceptance_min_wait(Some(Duration::ZERO))
+        // Browsers hide host addresses behind mDNS names, so their pair is
+        // usually peer-reflexive, which the crate accepts only after 1 s
+        // (srflx 500 ms) by default: Chromium took ~1.6 s to connect.
+        // A push server has nothing better to wait for.
+        .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
+        .with_srflx_acceptance_min_wait(Some(Duration::ZERO))
         .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
         .with_include_loopback_candidate(cfg.bind.is_loopback() || cfg.bind.is_unspecified())
         .with_sctp_max_message_size(
