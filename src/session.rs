@@ -616,15 +616,22 @@ impl Session {
             // those closes into `onerror` (an abnormal disconnect in JS).
             self.peer.drain(Duration::from_millis(500)).await;
             self.peer.close_channels().await;
+            // The client closing its PeerConnection shows as the end of the
+            // association (a DTLS close_notify does not change the crate's
+            // connection state), so watch both.
+            let peer = self.peer.clone();
             let _ = tokio::time::timeout(CLIENT_CLOSE_GRACE, async {
-                while let Some(ev) = events.recv().await {
-                    if matches!(ev, PeerEvent::Failed(_)) {
-                        break;
+                let mut poll = tokio::time::interval(Duration::from_millis(20));
+                loop {
+                    tokio::select! {
+                        ev = events.recv() => if matches!(ev, None | Some(PeerEvent::Failed(_))) { break },
+                        _ = poll.tick() => if peer.association_closed().await { break },
                     }
                 }
             })
             .await;
         }
         self.peer.close().await;
+        tracing::debug!(connection_id = %self.connection_id, "PeerConnection closed");
     }
 }

@@ -423,6 +423,19 @@ impl Peer {
         .await;
     }
 
+    /// Whether the SCTP association is gone (closed by either side, or
+    /// never made): nothing more can travel on the DataChannels.
+    pub async fn association_closed(&self) -> bool {
+        use rtc::peer_connection::transport::RTCSctpTransportState;
+        match self.pc.sctp().await {
+            None => true,
+            Some(sctp) => matches!(
+                sctp.state().await,
+                Ok(RTCSctpTransportState::Closed) | Err(_)
+            ),
+        }
+    }
+
     /// Closes every DataChannel (an SCTP stream reset each), so the peer
     /// sees each `onclose`.
     pub async fn close_channels(&self) {
