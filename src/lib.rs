@@ -30,6 +30,8 @@ pub struct Shared {
     pub session_id: Arc<str>,
     /// Sessions from WebSocket accept to teardown, for a graceful shutdown.
     pub sessions: std::sync::atomic::AtomicUsize,
+    /// Set once, on shutdown; every session watches it.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running server. Dropping it stops accepting (existing sessions end
@@ -51,6 +53,7 @@ impl Server {
             table: table::Table::default(),
             session_id: hato_signaling::id::new_id().into(),
             sessions: Default::default(),
+            shutdown: tokio::sync::watch::Sender::new(false),
         });
         let server = Server {
             signaling_addr: signaling.local_addr()?,
@@ -76,16 +79,15 @@ impl Server {
         &self.shared.table
     }
 
-    /// Stops accepting, ends every connected session with reason
-    /// `SHUTDOWN` (a Close frame, or a `close` message on `signaling` for
-    /// DataChannel-only peers), and waits up to `limit` for them to finish.
+    /// Stops accepting, ends every session with reason `SHUTDOWN` (a Close
+    /// frame, or a `close` message on `signaling` for DataChannel-only
+    /// peers; sessions still before their offer get a Close frame too), and
+    /// waits up to `limit` for them to finish.
     pub async fn shutdown(&self, limit: std::time::Duration) {
         for t in &self.tasks {
             t.abort();
         }
-        for conn in self.shared.table.all() {
-            conn.shut_down();
-        }
+        self.shared.shutdown.send_replace(true);
         let until = tokio::time::Instant::now() + limit;
         while self
             .shared

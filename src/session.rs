@@ -97,15 +97,20 @@ enum End {
     Server(&'static str),
 }
 
-async fn refuse(mut ws: WebSocketStream<TcpStream>, reason: &str) {
+async fn refuse(ws: WebSocketStream<TcpStream>, reason: &str) {
     tracing::info!(reason, "connect refused");
+    close_before_offer(ws, SIGNALING_ERROR, reason).await;
+}
+
+/// Closes a WebSocket that has no outbox yet, waiting (bounded) for the
+/// client's Close so that it sees a clean close.
+async fn close_before_offer(mut ws: WebSocketStream<TcpStream>, code: u16, reason: &str) {
     let frame = CloseFrame {
-        code: CloseCode::from(SIGNALING_ERROR),
+        code: CloseCode::from(code),
         reason: truncate_reason(reason).into(),
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = ws.send(Message::Close(Some(frame))).await;
-        // Wait for the client's Close so it sees a clean close.
         while let Some(Ok(_)) = ws.next().await {}
     })
     .await;
@@ -129,6 +134,12 @@ async fn first_text(ws: &mut WebSocketStream<TcpStream>) -> Result<String, Optio
     }
 }
 
+/// Resolves once the server is shutting down.
+async fn shutting_down(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    // The guard `wait_for` returns is dropped here, not held by the caller.
+    let _ = shutdown.wait_for(|down| *down).await;
+}
+
 /// Counts a session as live for as long as it exists.
 struct Live(Arc<Shared>);
 
@@ -146,7 +157,14 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>) {
         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     let _live = Live(shared.clone());
     let cfg = &shared.config;
-    let text = match tokio::time::timeout(cfg.connect_timeout(), first_text(&mut ws)).await {
+    let mut shutdown = shared.shutdown.subscribe();
+    let first = tokio::select! {
+        first = tokio::time::timeout(cfg.connect_timeout(), first_text(&mut ws)) => first,
+        () = shutting_down(&mut shutdown) => {
+            return close_before_offer(ws, 1000, "SHUTDOWN").await;
+        }
+    };
+    let text = match first {
         Ok(Ok(text)) => text,
         Ok(Err(None)) => return,
         Ok(Err(Some(reason))) => return refuse(ws, &reason).await,
@@ -310,6 +328,7 @@ impl Session {
         mut kill_rx: mpsc::UnboundedReceiver<Kill>,
     ) -> Drive {
         let cfg = self.shared.config.clone();
+        let mut shutdown = self.shared.shutdown.subscribe();
         let mut ping = tokio::time::interval(cfg.ping_interval());
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = loop {
@@ -320,8 +339,8 @@ impl Session {
                 Some(kill) = kill_rx.recv() => match kill {
                     Kill::Overflow => Some(End::Server("OUTBOX-OVERFLOW")),
                     Kill::Api => Some(End::Server("DISCONNECTED-API")),
-                    Kill::Shutdown => Some(End::Server("SHUTDOWN")),
                 },
+                () = shutting_down(&mut shutdown) => Some(End::Server("SHUTDOWN")),
                 () = deadline, if !self.established() => Some(End::Refused(if self.answered {
                     "connection not established before the timeout".into()
                 } else {

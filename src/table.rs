@@ -22,8 +22,6 @@ pub enum Kill {
     Overflow,
     /// A Disconnect* API call.
     Api,
-    /// The server is shutting down.
-    Shutdown,
 }
 
 /// The sending end of one connection's outbox, shared by its session and
@@ -138,11 +136,6 @@ impl Conn {
         self.mailbox.kill(Kill::Api);
     }
 
-    /// Asks the session to end with `SHUTDOWN`.
-    pub fn shut_down(&self) {
-        self.mailbox.kill(Kill::Shutdown);
-    }
-
     pub fn push(&self, frame: &Arc<Frame>) -> Delivery {
         self.deliver(Out::Push(frame.clone()))
     }
@@ -251,15 +244,6 @@ impl Table {
             Target::Connection(id) => ch.by_connection.get(id).cloned().into_iter().collect(),
             Target::Role(role) => ch.by_role[role_index(role)].clone(),
         }
-    }
-
-    /// Every connection, for listings.
-    pub fn all(&self) -> Vec<Arc<Conn>> {
-        let channels = self.channels.lock().unwrap();
-        channels
-            .values()
-            .flat_map(|ch| ch.by_connection.values().cloned())
-            .collect()
     }
 
     pub fn len(&self) -> usize {

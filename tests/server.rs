@@ -1004,11 +1004,21 @@ async fn shutdown_tells_every_peer_why() {
     let s = server().await;
     let mut ws_peer = connected(&opts(&s, "bye", "recvonly")).await;
     let mut dc_only = switched_client(&s, "bye", true).await;
+    // A WebSocket that has not sent its connect yet.
+    let (mut early, _) = tokio_tungstenite::connect_async(s.signaling_url())
+        .await
+        .unwrap();
     dc_only.close_ws(1005, "");
     table_len(&s, 2).await;
     s.shutdown(T).await;
     expect_ws_close(&mut ws_peer, 1000, "SHUTDOWN").await;
     expect_server_close(&mut dc_only, 1000, "SHUTDOWN").await;
+    match tokio::time::timeout(T, early.next()).await {
+        Ok(Some(Ok(Message::Close(Some(f))))) => {
+            assert_eq!((u16::from(f.code), f.reason.as_str()), (1000, "SHUTDOWN"))
+        }
+        other => panic!("no Close before the offer: {other:?}"),
+    }
     assert_eq!(
         s.shared.sessions.load(std::sync::atomic::Ordering::Acquire),
         0
