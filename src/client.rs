@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use hato_datachannel::{Peer, PeerConfig, PeerEvent};
+use hato_datachannel::{Engine, EngineConfig, Peer, PeerEvent};
 use hato_signaling::zlib;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -28,7 +28,8 @@ pub struct ClientOptions {
     pub ignore_disconnect_websocket: Option<bool>,
     /// More keys for `connect`, to mimic a particular SDK.
     pub extra: Map<String, Value>,
-    pub peer: PeerConfig,
+    /// The engine the client's PeerConnection runs on.
+    pub engine: Engine,
     /// Limit on WebSocket connect plus the wait for the offer.
     pub timeout: Duration,
 }
@@ -43,7 +44,7 @@ impl ClientOptions {
             data_channel_signaling: None,
             ignore_disconnect_websocket: None,
             extra: Map::new(),
-            peer: PeerConfig::default(),
+            engine: default_engine(),
             timeout: Duration::from_secs(10),
         }
     }
@@ -73,6 +74,15 @@ impl ClientOptions {
         }
         m
     }
+}
+
+/// The process's client engine, started on first use: a socket per peer on
+/// loopback, one shard per core, shared by every client of the process.
+pub fn default_engine() -> Engine {
+    static ENGINE: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
+    ENGINE
+        .get_or_init(|| Engine::start(EngineConfig::client()).expect("a client WebRTC engine"))
+        .clone()
 }
 
 /// Which transport a message arrived on.
@@ -225,17 +235,12 @@ impl Client {
         let sdp = offer["sdp"]
             .as_str()
             .ok_or_else(|| fail("offer without sdp"))?;
-        let (peer, answer, peer_events) = Peer::answer(&opts.peer, sdp).await.map_err(fail)?;
+        let (peer, answer, peer_events) = opts.engine.answer(sdp).await.map_err(fail)?;
         ws.send(Message::text(
             json!({"type": "answer", "sdp": answer}).to_string(),
         ))
         .await
         .map_err(fail)?;
-        let offered = offer["data_channels"].as_array().map_or(0, Vec::len);
-        if offered > 0 {
-            // The offered channels plus our own quiet one.
-            peer.nudge(offered + 1);
-        }
         let compress = offer["data_channels"]
             .as_array()
             .is_some_and(|dcs| dcs.iter().any(|d| d["compress"] == true));
@@ -274,25 +279,19 @@ impl Client {
 
     /// Sends a JSON message on a DataChannel as the SDKs do: zlib-framed
     /// binary when the label is compressed, else `text` or binary.
-    pub async fn send_dc(&self, label: &str, message: &str, text: bool) -> Result<(), ClientError> {
+    pub fn send_dc(&self, label: &str, message: &str, text: bool) {
         if self.compress {
-            self.peer
-                .send(label, &zlib::compress(message.as_bytes()), false)
-                .await
+            let data = zlib::compress(message.as_bytes());
+            self.peer.send(label, data.into(), false);
         } else {
-            self.peer.send(label, message.as_bytes(), text).await
+            let data = Bytes::copy_from_slice(message.as_bytes());
+            self.peer.send(label, data, text);
         }
-        .map_err(fail)
     }
 
     /// Sends raw bytes on a DataChannel, unframed.
-    pub async fn send_dc_raw(
-        &self,
-        label: &str,
-        data: &[u8],
-        text: bool,
-    ) -> Result<(), ClientError> {
-        self.peer.send(label, data, text).await.map_err(fail)
+    pub fn send_dc_raw(&self, label: &str, data: &[u8], text: bool) {
+        self.peer.send(label, Bytes::copy_from_slice(data), text);
     }
 
     /// The next event, or `None` after `timeout`.
@@ -333,8 +332,8 @@ impl Client {
     }
 
     /// Ends the PeerConnection from this side.
-    pub async fn close_peer(&self) {
-        self.peer.close().await;
+    pub fn close_peer(&self) {
+        self.peer.close();
     }
 }
 
@@ -420,6 +419,8 @@ async fn run(
                     Some(PeerEvent::Failed(r)) => ClientEvent::PeerFailed(r),
                     Some(PeerEvent::Open(l)) => ClientEvent::Open(l.to_string()),
                     Some(PeerEvent::Closed(l)) => ClientEvent::ChannelClosed(l.to_string()),
+                    Some(PeerEvent::AssociationClosed) => ClientEvent::PeerFailed("the SCTP association closed".into()),
+                    Some(PeerEvent::Writable(_) | PeerEvent::Backlog(_)) => continue,
                     Some(PeerEvent::Message { label, data, text }) => {
                         let data = if compress && !text {
                             match zlib::decompress(&data, 16 << 20) {

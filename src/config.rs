@@ -9,7 +9,7 @@ use std::time::Duration;
 /// client may send it. Clients only send small signaling messages; RFC
 /// 8841's default of 64 KiB keeps the SCTP state the webrtc crate sizes
 /// from it small (1 MiB cost ~190 KB of RSS per peer, measured).
-pub const DATA_CHANNEL_RECEIVE_LIMIT: usize = 65_536;
+pub const DATA_CHANNEL_RECEIVE_LIMIT: usize = 262_144;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -26,10 +26,18 @@ pub struct Config {
     #[arg(long, env = "HATO_API_ADDR", default_value = "127.0.0.1:3000")]
     pub api_addr: SocketAddr,
 
-    /// The address WebRTC (ICE/UDP) binds, one ephemeral port per peer.
-    /// 0.0.0.0 binds every non-loopback interface.
-    #[arg(long, env = "HATO_RTC_ADDR", default_value = "127.0.0.1")]
-    pub rtc_addr: IpAddr,
+    /// The UDP address WebRTC (ICE, DTLS, SCTP) binds: HOST:PORT, or HOST
+    /// alone for port 5000. Shard k binds PORT+k, so open PORT up to
+    /// PORT+rtc-shards-1 (UDP) in a firewall; every peer of a shard shares
+    /// its one socket. Port 0: an ephemeral port per shard. 0.0.0.0 binds
+    /// every interface and advertises each non-loopback address.
+    #[arg(long, env = "HATO_RTC_ADDR", default_value = "127.0.0.1:5000", value_parser = parse_rtc_addr)]
+    pub rtc_addr: SocketAddr,
+
+    /// WebRTC shards: threads that each own one UDP socket and the peers
+    /// placed on it. Default: one per core.
+    #[arg(long, env = "HATO_RTC_SHARDS", default_value_t = hato_datachannel::default_shards())]
+    pub rtc_shards: usize,
 
     /// Address(es) put in the offer's candidates instead of the bound one,
     /// like Sora's public IP setting (NAT 1:1, containers). Repeatable.
@@ -115,6 +123,7 @@ impl Config {
         Config {
             signaling_addr: "127.0.0.1:0".parse().unwrap(),
             api_addr: "127.0.0.1:0".parse().unwrap(),
+            rtc_addr: "127.0.0.1:0".parse().unwrap(),
             ..Config::default()
         }
     }
@@ -134,12 +143,24 @@ impl Config {
     pub fn pong_timeout(&self) -> Duration {
         Duration::from_millis(self.pong_timeout_ms)
     }
-    pub fn peer(&self) -> hato_datachannel::PeerConfig {
-        hato_datachannel::PeerConfig {
-            bind: self.rtc_addr,
+    pub fn engine(&self) -> hato_datachannel::EngineConfig {
+        hato_datachannel::EngineConfig {
             advertise: self.public_ips.clone(),
+            shards: self.rtc_shards.max(1),
             max_message_size: DATA_CHANNEL_RECEIVE_LIMIT.min(self.client_message_limit) as u32,
-            ..Default::default()
+            ..hato_datachannel::EngineConfig::server(self.rtc_addr)
         }
     }
+}
+
+/// The default UDP port of `--rtc-addr` when only a host is given.
+pub const DEFAULT_RTC_PORT: u16 = 5000;
+
+fn parse_rtc_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, DEFAULT_RTC_PORT))
+        .map_err(|_| format!("{s:?} is neither HOST:PORT nor an IP address"))
 }

@@ -26,6 +26,9 @@ use tokio::task::JoinHandle;
 pub struct Shared {
     pub config: Config,
     pub table: table::Table,
+    /// The WebRTC engine: every peer's PeerConnection, on one UDP socket
+    /// per shard.
+    pub engine: hato_datachannel::Engine,
     /// This server's session id, as `session_id` in offers and notifies.
     pub session_id: Arc<str>,
     /// Sessions from WebSocket accept to teardown, for a graceful shutdown.
@@ -48,7 +51,10 @@ impl Server {
     pub async fn start(config: Config) -> std::io::Result<Server> {
         let signaling = TcpListener::bind(config.signaling_addr).await?;
         let api = TcpListener::bind(config.api_addr).await?;
+        let engine = hato_datachannel::Engine::start(config.engine())
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let shared = Arc::new(Shared {
+            engine,
             config,
             table: table::Table::default(),
             session_id: hato_signaling::id::new_id().into(),
@@ -69,6 +75,11 @@ impl Server {
 
     pub fn signaling_url(&self) -> String {
         format!("ws://{}/signaling", self.signaling_addr)
+    }
+
+    /// The UDP addresses WebRTC peers reach, one per shard.
+    pub fn rtc_addrs(&self) -> &[SocketAddr] {
+        self.shared.engine.local_addrs()
     }
 
     pub fn api_url(&self) -> String {

@@ -176,22 +176,19 @@ impl Sender {
         }
     }
 
-    async fn dc_send(&self, label: &str, frame: &Frame) {
-        let result = if self.compress {
-            self.peer.send(label, frame.zlib(), false).await
+    fn dc_send(&self, label: &str, frame: &Frame) {
+        if self.compress {
+            self.peer.send(label, frame.zlib().clone(), false);
         } else {
-            self.peer.send(label, frame.text.as_bytes(), true).await
-        };
-        if let Err(e) = result {
-            tracing::debug!(label, error = %e, "DataChannel send failed");
+            self.peer.send(label, frame.text.clone().into(), true);
         }
     }
 
     async fn send(&mut self, out: Out) {
         match out {
             Out::Ws(text) => self.ws_feed(text.into()).await,
-            Out::Push(frame) if self.switched => self.dc_send("push", &frame).await,
-            Out::Notify(frame) if self.switched => self.dc_send("notify", &frame).await,
+            Out::Push(frame) if self.switched => self.dc_send("push", &frame),
+            Out::Notify(frame) if self.switched => self.dc_send("notify", &frame),
             Out::Push(frame) | Out::Notify(frame) => self.ws_feed(frame.text.clone()).await,
             Out::Switch {
                 ignore_disconnect_websocket,
@@ -212,7 +209,7 @@ impl Sender {
         if let Some((code, reason)) = close.signaling {
             let text = message::close(code, &reason);
             let frame = Frame::new(text);
-            self.dc_send("signaling", &frame).await;
+            self.dc_send("signaling", &frame);
         }
         if let (Some((code, reason)), Some(ws)) = (close.websocket, &mut self.ws) {
             let frame = CloseFrame {

@@ -36,6 +36,10 @@ pub const SIGNALING_ERROR: u16 = 4490;
 /// the channels, before hato ends the association itself.
 const CLIENT_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// How long what was sent on the DataChannels may take to be acknowledged
+/// before hato closes them anyway.
+const CHANNEL_DRAIN_LIMIT: Duration = Duration::from_millis(500);
+
 type WsStream = SplitStream<WebSocketStream<TcpStream>>;
 
 /// Accepts signaling WebSockets on `/signaling` until the listener fails.
@@ -192,7 +196,7 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>) {
     } else {
         Vec::new()
     };
-    let (peer, offer_sdp, events) = match Peer::offer(&cfg.peer(), &labels).await {
+    let (peer, offer_sdp, events) = match shared.engine.offer(&labels).await {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "could not create a PeerConnection");
@@ -410,9 +414,6 @@ impl Session {
                     )));
                 }
                 self.answered = true;
-                if self.dc_signaling {
-                    self.peer.nudge(message::SYSTEM_LABELS.len());
-                }
                 self.last_pong = Instant::now();
                 self.deadline = Instant::now() + self.shared.config.establish_timeout();
                 let limit = self.shared.config.data_channel_message_limit;
@@ -420,15 +421,7 @@ impl Session {
                     .dc_signaling
                     .then(|| sdp::max_message_size(&sdp).map_or(limit, |n| n.min(limit)));
             }
-            ClientMessage::Candidate(c) => {
-                if let Err(e) = self
-                    .peer
-                    .add_candidate(&c.candidate, c.sdp_mid, c.sdp_mline_index)
-                    .await
-                {
-                    tracing::debug!(connection_id = %self.connection_id, error = %e, "candidate not added");
-                }
-            }
+            ClientMessage::Candidate(c) => self.peer.add_candidate(&c.candidate),
             ClientMessage::Pong | ClientMessage::Stats => self.last_pong = Instant::now(),
             ClientMessage::Disconnect { reason } => {
                 tracing::info!(connection_id = %self.connection_id, ?reason, via, "client disconnect");
@@ -460,6 +453,19 @@ impl Session {
             }
             PeerEvent::Closed(label) => {
                 tracing::debug!(connection_id = %self.connection_id, %label, "DataChannel closed");
+            }
+            PeerEvent::AssociationClosed => {
+                return Some(End::PeerFailed("the SCTP association closed".into()))
+            }
+            PeerEvent::Writable(_) => {}
+            PeerEvent::Backlog(label) => {
+                tracing::warn!(connection_id = %self.connection_id, %label, "DataChannel not acknowledged, disconnecting (OUTBOX-OVERFLOW)");
+                self.shared
+                    .table
+                    .stats
+                    .overflows
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Some(End::Server("OUTBOX-OVERFLOW"));
             }
         }
         None
@@ -633,24 +639,22 @@ impl Session {
             // client finish: the SDKs wait for every `onclose`, then close
             // their PeerConnection. Ending the association first would turn
             // those closes into `onerror` (an abnormal disconnect in JS).
-            self.peer.drain(Duration::from_millis(500)).await;
-            self.peer.close_channels().await;
+            // The engine closes them once what was sent on them (the
+            // `close` message included) is acknowledged.
+            self.peer.close_channels(CHANNEL_DRAIN_LIMIT);
             // The client closing its PeerConnection shows as the end of the
-            // association (a DTLS close_notify does not change the crate's
-            // connection state), so watch both.
-            let peer = self.peer.clone();
+            // association (a DTLS close_notify does not change the core's
+            // connection state); the engine reports both.
             let _ = tokio::time::timeout(CLIENT_CLOSE_GRACE, async {
-                let mut poll = tokio::time::interval(Duration::from_millis(20));
-                loop {
-                    tokio::select! {
-                        ev = events.recv() => if matches!(ev, None | Some(PeerEvent::Failed(_))) { break },
-                        _ = poll.tick() => if peer.association_closed().await { break },
+                while let Some(ev) = events.recv().await {
+                    if matches!(ev, PeerEvent::Failed(_) | PeerEvent::AssociationClosed) {
+                        break;
                     }
                 }
             })
             .await;
         }
-        self.peer.close().await;
+        self.peer.close();
         tracing::debug!(connection_id = %self.connection_id, "PeerConnection closed");
     }
 }

@@ -1,55 +1,89 @@
-//! WebRTC DataChannel peers over the `webrtc` crate, for a push server.
+//! A WebRTC DataChannel engine for a push server: webrtc-rs's sans-I/O
+//! core (`rtc`) driven by hato itself.
 //!
-//! [`Peer::offer`] is the server side: one `m=application` section, the
-//! server's host candidates inside the SDP (no Sora SDK takes server
-//! `candidate` messages), DataChannels created in-band before the offer.
-//! [`Peer::answer`] is the client side, for tests and the load harness.
-//! Both report what happens as [`PeerEvent`]s on one channel, so the owner
-//! runs a single select loop. Nothing here knows about channels, roles or
-//! pushes.
+//! Peers are spread over shards. A shard is one thread that owns one UDP
+//! socket, its peers' `RTCPeerConnection`s and one timer; it reads
+//! datagrams in batches, routes each to its peer (the STUN `USERNAME` of a
+//! new source address, checked with that peer's password, then the address),
+//! drives the peers that have work, and writes their datagrams in batches.
+//! The owner of a [`Peer`] talks to its shard through commands and hears
+//! back through [`PeerEvent`]s; nothing here blocks on a peer.
+//!
+//! [`Engine::offer`] is the server side (one `m=application` section, the
+//! shard's advertised address inside the SDP, DataChannels created in-band
+//! before the offer). [`Engine::answer`] is the client side, for tests and
+//! the load harness; a client engine gives each peer a socket of its own
+//! ([`Sockets::PerPeer`]), as a browser does, so that many of them can talk
+//! to one server socket. Nothing here knows about channels, roles or pushes.
 
-use bytes::{Bytes, BytesMut};
-use std::collections::HashMap;
+mod demux;
+mod shard;
+mod udp;
+
+use bytes::Bytes;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::sync::{mpsc, watch};
-use webrtc::data_channel::{
-    DataChannel, DataChannelEvent, RTCDataChannelInit, RTCDataChannelState,
-};
-use webrtc::peer_connection::{
-    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState, RTCPeerConnectionState,
-    RTCSessionDescription, SettingEngineBuilder,
-};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
 
-pub use webrtc::error::Error as WebRtcError;
+pub use shard::EVENT_BUFFER;
 
-/// How a peer binds and what it advertises.
-#[derive(Debug, Clone)]
-pub struct PeerConfig {
-    /// The address ICE binds (port 0: one ephemeral UDP port per peer).
-    /// A concrete address binds exactly that interface; `0.0.0.0` binds every
-    /// non-loopback interface.
-    pub bind: IpAddr,
-    /// Addresses written into candidates instead of the bound one (Sora's
-    /// public IP setting, for NAT 1:1 or containers).
-    pub advertise: Vec<IpAddr>,
-    /// Our `a=max-message-size`: the largest message we accept.
-    pub max_message_size: u32,
-    /// Per-channel send buffer in bytes; `send` waits while it is full.
-    pub send_buffer: usize,
+/// How peers reach the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sockets {
+    /// One UDP socket per shard, shared by its peers (a server).
+    Shared,
+    /// One ephemeral UDP socket per peer (a client that talks to a server
+    /// which demultiplexes by source address).
+    PerPeer,
 }
 
-impl Default for PeerConfig {
-    fn default() -> Self {
-        PeerConfig {
-            bind: IpAddr::from([127, 0, 0, 1]),
+/// How an engine binds and what it advertises.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Where the shards bind. With [`Sockets::Shared`], shard `k` binds
+    /// port `bind.port() + k` (port 0: an ephemeral port each). A
+    /// concrete address binds that interface; `0.0.0.0` binds every one.
+    pub bind: SocketAddr,
+    /// Addresses written into candidates instead of the bound one (Sora's
+    /// public IP setting, for NAT 1:1 or containers). Empty: the bound
+    /// address, or every interface's when bound to the unspecified address.
+    pub advertise: Vec<IpAddr>,
+    /// Threads, each with its own socket, timer and peers.
+    pub shards: usize,
+    pub sockets: Sockets,
+    /// Our `a=max-message-size`: the largest message a peer may send us.
+    pub max_message_size: u32,
+    /// Bytes a channel may hold unacknowledged before [`PeerEvent::Backlog`].
+    pub backlog_limit: usize,
+}
+
+impl EngineConfig {
+    /// A server engine on `bind`, one shard per core.
+    pub fn server(bind: SocketAddr) -> EngineConfig {
+        EngineConfig {
+            bind,
             advertise: Vec::new(),
+            shards: default_shards(),
+            sockets: Sockets::Shared,
             max_message_size: 262_144,
-            send_buffer: 1 << 20,
+            backlog_limit: 8 << 20,
         }
     }
+
+    /// A client engine on loopback: a socket per peer.
+    pub fn client() -> EngineConfig {
+        EngineConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            sockets: Sockets::PerPeer,
+            ..EngineConfig::server(SocketAddr::from(([127, 0, 0, 1], 0)))
+        }
+    }
+}
+
+/// One shard per available core.
+pub fn default_shards() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// What happened on a peer.
@@ -66,7 +100,17 @@ pub enum PeerEvent {
         data: Bytes,
         text: bool,
     },
+    /// A DataChannel closed.
     Closed(Arc<str>),
+    /// The SCTP association ended (the other side closed its
+    /// PeerConnection, or it was aborted): nothing more travels on any
+    /// channel.
+    AssociationClosed,
+    /// A channel's unacknowledged bytes fell below its low-water mark.
+    Writable(Arc<str>),
+    /// A channel holds more than [`EngineConfig::backlog_limit`] bytes the
+    /// other side has not acknowledged: it is not keeping up.
+    Backlog(Arc<str>),
 }
 
 #[derive(Debug)]
@@ -80,373 +124,232 @@ impl std::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-impl From<WebRtcError> for Error {
-    fn from(e: WebRtcError) -> Self {
-        Error(e.to_string())
-    }
+/// Counters an operator (or a test) reads.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Peers whose engine state exists: created and not yet dropped.
+    pub live_peers: AtomicUsize,
+    /// Datagrams that matched no peer (unknown address, no valid STUN).
+    pub dropped_unknown: AtomicU64,
+    /// STUN from a new address whose MESSAGE-INTEGRITY did not check out.
+    pub dropped_integrity: AtomicU64,
+    /// Datagrams held for a peer that was not ready for them yet.
+    pub held_early: AtomicU64,
+    /// Early datagrams dropped because the hold queue was full.
+    pub dropped_early: AtomicU64,
+    /// DataChannels the remote side opened, closed at once.
+    pub refused_channels: AtomicU64,
+    /// Incoming DataChannel messages dropped because the owner was not reading.
+    pub dropped_messages: AtomicU64,
+    /// Sends that failed (channel not open, message too large, ...).
+    pub failed_sends: AtomicU64,
+    /// Datagrams the kernel refused.
+    pub dropped_outbound: AtomicU64,
 }
 
-type Channels = Arc<Mutex<HashMap<Arc<str>, Arc<dyn DataChannel>>>>;
-
-/// One end of a WebRTC connection carrying only DataChannels.
-pub struct Peer {
-    pc: Arc<dyn PeerConnection>,
-    // A std mutex: held only to clone an `Arc` out, never across `.await`.
-    channels: Channels,
+/// A running engine. Cloning is cheap; the shards stop when the last clone
+/// and the last [`Peer`] are gone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
 }
 
-struct Handler {
-    events: mpsc::Sender<PeerEvent>,
-    channels: Channels,
-    gathered: watch::Sender<bool>,
+struct EngineInner {
+    shards: Vec<Arc<shard::Handle>>,
+    next: AtomicUsize,
+    stats: Arc<Stats>,
+    local_addrs: Vec<SocketAddr>,
 }
 
-#[async_trait::async_trait]
-impl PeerConnectionEventHandler for Handler {
-    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
-        if state == RTCIceGatheringState::Complete {
-            let _ = self.gathered.send(true);
-        }
-    }
-
-    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
-        let event = match state {
-            RTCPeerConnectionState::Connected => PeerEvent::Connected,
-            RTCPeerConnectionState::Failed => PeerEvent::Failed("connection failed".into()),
-            RTCPeerConnectionState::Closed => PeerEvent::Failed("connection closed".into()),
-            _ => return,
-        };
-        let _ = self.events.send(event).await;
-    }
-
-    /// Only the answering side sees these: Sora-style servers create every
-    /// channel themselves.
-    async fn on_data_channel(&self, dc: Arc<dyn DataChannel>) {
-        let Ok(label) = dc.label().await else { return };
-        let label: Arc<str> = label.into();
-        self.channels
-            .lock()
-            .unwrap()
-            .insert(label.clone(), dc.clone());
-        tokio::spawn(pump(dc, label, self.events.clone()));
-    }
-}
-
-/// Forwards one channel's events until it closes.
-async fn pump(dc: Arc<dyn DataChannel>, label: Arc<str>, events: mpsc::Sender<PeerEvent>) {
-    let mut opened = false;
-    // The open may have happened before this task polled (webrtc#901).
-    if matches!(dc.ready_state().await, Ok(RTCDataChannelState::Open)) {
-        opened = true;
-        if events.send(PeerEvent::Open(label.clone())).await.is_err() {
-            return;
-        }
-    }
-    while let Some(event) = dc.poll().await {
-        let out = match event {
-            DataChannelEvent::OnOpen if !opened => {
-                opened = true;
-                PeerEvent::Open(label.clone())
+impl Engine {
+    /// Binds the shards' sockets and starts their threads.
+    pub fn start(config: EngineConfig) -> Result<Engine, Error> {
+        let stats = Arc::new(Stats::default());
+        let shared = shard::Common::new(&config, stats.clone())?;
+        let mut shards = Vec::new();
+        let mut local_addrs = Vec::new();
+        for k in 0..config.shards.max(1) {
+            let (handle, addr) = shard::spawn(k, &config, shared.clone())?;
+            if let Some(a) = addr {
+                local_addrs.push(a);
             }
-            DataChannelEvent::OnMessage(m) => PeerEvent::Message {
-                label: label.clone(),
-                data: m.data.freeze(),
-                text: m.is_string,
-            },
-            DataChannelEvent::OnClose => break,
-            _ => continue,
-        };
-        if events.send(out).await.is_err() {
-            return;
+            shards.push(Arc::new(handle));
         }
+        Ok(Engine {
+            inner: Arc::new(EngineInner {
+                shards,
+                next: AtomicUsize::new(0),
+                stats,
+                local_addrs,
+            }),
+        })
     }
-    let _ = events.send(PeerEvent::Closed(label)).await;
-}
 
-/// The label of the unannounced negotiated channel.
-const QUIET_LABEL: &str = "hato-sctp";
-
-/// How often, how long and how many turns after the last open
-/// [`Peer::nudge`] wakes the driver.
-const NUDGE_EVERY: Duration = Duration::from_millis(3);
-const NUDGE_FOR: Duration = Duration::from_secs(5);
-const NUDGE_TAIL: u32 = 5;
-
-/// How long ICE gathering may take before the SDP goes out with what it has.
-const GATHER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Events buffered per peer before the DataChannel tasks wait for the owner.
-const EVENT_BUFFER: usize = 64;
-
-async fn build(cfg: &PeerConfig, handler: Handler) -> Result<Arc<dyn PeerConnection>, Error> {
-    let mut se = SettingEngineBuilder::new()
-        // The crate's 200 ms check interval, with the first check dropped,
-        // makes offer → connected take ~400 ms on loopback; 20 ms, ~50 ms.
-        .with_ice_connection_attempts(Some(Duration::from_millis(20)), Some(50))
-        .with_ice_timeouts(
-            Some(Duration::from_secs(4)),
-            Some(Duration::from_secs(8)),
-            Some(Duration::from_secs(2)),
-        )
-        .with_host_acceptance_min_wait(Some(Duration::ZERO))
-        // Browsers hide host addresses behind mDNS names, so their pair is
-        // usually peer-reflexive, which the crate accepts only after 1 s
-        // (srflx 500 ms) by default: Chromium took ~1.6 s to connect.
-        // A push server has nothing better to wait for.
-        .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
-        .with_srflx_acceptance_min_wait(Some(Duration::ZERO))
-        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
-        .with_include_loopback_candidate(cfg.bind.is_loopback() || cfg.bind.is_unspecified())
-        .with_sctp_max_message_size(
-            rtc::peer_connection::configuration::setting_engine::SctpMaxMessageSize::Bounded(
-                cfg.max_message_size,
-            ),
-        );
-    if !cfg.advertise.is_empty() {
-        se = se.with_nat_1to1_ips(
-            cfg.advertise.iter().map(ToString::to_string).collect(),
-            RTCIceCandidateType::Host,
-        );
+    /// The shards' bound UDP addresses (empty for [`Sockets::PerPeer`]).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.inner.local_addrs
     }
-    let pc = PeerConnectionBuilder::new()
-        .with_configuration(RTCConfigurationBuilder::new().build())
-        .with_setting_engine(se.build())
-        .with_handler(Arc::new(handler))
-        .with_udp_addrs(vec![SocketAddr::new(cfg.bind, 0)])
-        .with_data_channel_send_buffer_limit(cfg.send_buffer)
-        .build()
-        .await?;
-    Ok(Arc::new(pc))
-}
 
-impl Peer {
-    fn handler(events: mpsc::Sender<PeerEvent>) -> (Handler, Channels, watch::Receiver<bool>) {
-        let channels: Channels = Arc::default();
-        let (gathered, gathered_rx) = watch::channel(false);
-        (
-            Handler {
-                events,
-                channels: channels.clone(),
-                gathered,
-            },
-            channels,
-            gathered_rx,
-        )
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    fn pick(&self) -> Arc<shard::Handle> {
+        let k = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.shards.len();
+        self.inner.shards[k].clone()
     }
 
     /// The offering (server) side. Creates `labels` as ordered, reliable,
-    /// in-band channels and returns the offer SDP with every host candidate
-    /// in it. With no labels the offer still has an `m=application` section
-    /// (an unannounced negotiated channel holds it open): without one no
-    /// transport exists and SDKs never reach "connected".
+    /// in-band channels and returns the offer SDP with the shard's
+    /// candidates in it. With no labels the offer still has an
+    /// `m=application` section (an unannounced negotiated channel holds it
+    /// open): without one no transport exists and SDKs never reach
+    /// "connected".
     pub async fn offer(
-        cfg: &PeerConfig,
+        &self,
         labels: &[&str],
     ) -> Result<(Peer, String, mpsc::Receiver<PeerEvent>), Error> {
-        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        let (handler, channels, gathered) = Peer::handler(tx.clone());
-        let pc = build(cfg, handler).await?;
-        let peer = Peer { pc, channels };
-        if labels.is_empty() {
-            peer.add_quiet_channel(0).await?;
-        }
-        for label in labels {
-            let dc = peer
-                .pc
-                .create_data_channel(label, Some(RTCDataChannelInit::default()))
-                .await?;
-            let label: Arc<str> = (*label).into();
-            peer.channels
-                .lock()
-                .unwrap()
-                .insert(label.clone(), dc.clone());
-            tokio::spawn(pump(dc, label, tx.clone()));
-        }
-        let offer = peer.pc.create_offer(None).await?;
-        peer.pc.set_local_description(offer).await?;
-        let sdp = peer.local_sdp(gathered).await?;
-        Ok((peer, sdp, rx))
+        let labels = labels.iter().map(|l| Arc::<str>::from(*l)).collect();
+        self.create(shard::Role::Offer { labels }).await
     }
 
     /// The answering (client) side: applies `offer_sdp`, answers with the
     /// candidates inside. Channels the offerer opens arrive as events.
     pub async fn answer(
-        cfg: &PeerConfig,
+        &self,
         offer_sdp: &str,
     ) -> Result<(Peer, String, mpsc::Receiver<PeerEvent>), Error> {
-        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        let (handler, channels, gathered) = Peer::handler(tx);
-        let pc = build(cfg, handler).await?;
-        let peer = Peer { pc, channels };
-        peer.pc
-            .set_remote_description(RTCSessionDescription::offer(offer_sdp.to_owned())?)
-            .await?;
-        let answer = peer.pc.create_answer(None).await?;
-        peer.pc.set_local_description(answer).await?;
-        let sdp = peer.local_sdp(gathered).await?;
-        // An even id, never one the offerer (the DTLS server, odd ids) opens.
-        peer.add_quiet_channel(1022).await?;
-        Ok((peer, sdp, rx))
+        self.create(shard::Role::Answer {
+            offer: offer_sdp.to_owned(),
+        })
+        .await
     }
 
-    /// A negotiated channel that nobody announces (no DCEP): it keeps an
-    /// `m=application` section in an offer without channels, and gives
-    /// [`Peer::nudge`] a handle on the answering side.
-    async fn add_quiet_channel(&self, id: u16) -> Result<(), Error> {
-        let init = RTCDataChannelInit {
-            negotiated: Some(id),
-            ..Default::default()
-        };
-        let dc = self.pc.create_data_channel(QUIET_LABEL, Some(init)).await?;
-        // Kept so that dropping the handle cannot remove it.
-        self.channels.lock().unwrap().insert(QUIET_LABEL.into(), dc);
-        Ok(())
+    async fn create(
+        &self,
+        role: shard::Role,
+    ) -> Result<(Peer, String, mpsc::Receiver<PeerEvent>), Error> {
+        let shard = self.pick();
+        let (events, events_rx) = mpsc::channel(EVENT_BUFFER);
+        let (reply, reply_rx) = oneshot::channel();
+        shard.command(shard::Command::Create {
+            role,
+            events,
+            reply,
+        });
+        let (id, sdp) = reply_rx
+            .await
+            .map_err(|_| Error("the engine has stopped".into()))??;
+        Ok((Peer { shard, id }, sdp, events_rx))
     }
 
-    /// Works around the `webrtc` 0.21.1 driver holding SCTP output queued
-    /// while it handled an event (the INIT after DTLS, the DCEP OPENs after
-    /// the association is up, their ACKs) until its next timer, 200 ms
-    /// later: it writes before it handles events in each loop turn. Any
-    /// channel call that wakes the driver flushes that output, so this wakes
-    /// it every [`NUDGE_EVERY`] until `expect` channels are open (plus a few
-    /// turns for the last ACK), for at most [`NUDGE_FOR`].
-    pub fn nudge(&self, expect: usize) {
-        let pc = Arc::downgrade(&self.pc);
-        let channels = self.channels.clone();
-        tokio::spawn(async move {
-            let until = tokio::time::Instant::now() + NUDGE_FOR;
-            let mut tail = NUDGE_TAIL;
-            while tokio::time::Instant::now() < until && tail > 0 {
-                tokio::time::sleep(NUDGE_EVERY).await;
-                if pc.strong_count() == 0 {
-                    return;
-                }
-                let dcs: Vec<_> = channels.lock().unwrap().values().cloned().collect();
-                let mut open = 0;
-                for dc in &dcs {
-                    if matches!(dc.ready_state().await, Ok(RTCDataChannelState::Open)) {
-                        open += 1;
-                    }
-                }
-                if open >= expect {
-                    tail -= 1;
-                }
-                if let Some(dc) = dcs.first() {
-                    // Setting the threshold it already has changes nothing
-                    // but wakes the driver.
-                    if let Ok(t) = dc.buffered_amount_low_threshold().await {
-                        let _ = dc.set_buffered_amount_low_threshold(t).await;
-                    }
-                }
+    /// Sends one message on `label` to each of `peers`: one command per
+    /// shard, whatever the number of peers.
+    pub fn send_many<'a>(
+        &self,
+        peers: impl IntoIterator<Item = &'a Peer>,
+        label: &str,
+        data: Bytes,
+        text: bool,
+    ) {
+        let mut by_shard: Vec<(Arc<shard::Handle>, Vec<shard::PeerId>)> = Vec::new();
+        for p in peers {
+            match by_shard.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &p.shard)) {
+                Some((_, ids)) => ids.push(p.id),
+                None => by_shard.push((p.shard.clone(), vec![p.id])),
             }
+        }
+        let label: Arc<str> = label.into();
+        for (shard, ids) in by_shard {
+            shard.command(shard::Command::Send {
+                ids,
+                label: label.clone(),
+                data: data.clone(),
+                text,
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("shards", &self.inner.shards.len())
+            .field("local_addrs", &self.inner.local_addrs)
+            .finish()
+    }
+}
+
+/// One end of a WebRTC connection carrying only DataChannels. Dropping it
+/// frees the peer's engine state (after telling the other side).
+pub struct Peer {
+    shard: Arc<shard::Handle>,
+    id: shard::PeerId,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Peer({})", self.id)
+    }
+}
+
+impl Peer {
+    /// Applies the remote answer (offering side).
+    pub async fn apply_answer(&self, sdp: &str) -> Result<(), Error> {
+        let (reply, rx) = oneshot::channel();
+        self.shard.command(shard::Command::Answer {
+            id: self.id,
+            sdp: sdp.to_owned(),
+            reply,
+        });
+        rx.await
+            .map_err(|_| Error("the engine has stopped".into()))?
+    }
+
+    /// Adds a trickled remote candidate. `sdp_mid` and `sdp_mline_index`
+    /// are not needed (one m-line); an empty candidate (end of candidates)
+    /// is ignored. A bad candidate is logged by the shard.
+    pub fn add_candidate(&self, candidate: &str) {
+        if candidate.trim().is_empty() {
+            return;
+        }
+        self.shard.command(shard::Command::Candidate {
+            id: self.id,
+            candidate: candidate.to_owned(),
         });
     }
 
-    async fn local_sdp(&self, mut gathered: watch::Receiver<bool>) -> Result<String, Error> {
-        let _ = tokio::time::timeout(GATHER_TIMEOUT, gathered.wait_for(|done| *done)).await;
-        self.pc
-            .local_description()
-            .await
-            .map(|d| d.sdp)
-            .ok_or_else(|| Error("no local description".into()))
+    /// Sends one message on `label`, as text or binary. Never waits: the
+    /// shard queues it in SCTP, and reports [`PeerEvent::Backlog`] when
+    /// the other side stops acknowledging.
+    pub fn send(&self, label: &str, data: Bytes, text: bool) {
+        self.shard.command(shard::Command::Send {
+            ids: vec![self.id],
+            label: label.into(),
+            data,
+            text,
+        });
     }
 
-    /// Applies the remote answer (offering side).
-    pub async fn apply_answer(&self, sdp: &str) -> Result<(), Error> {
-        self.pc
-            .set_remote_description(RTCSessionDescription::answer(sdp.to_owned())?)
-            .await?;
-        Ok(())
+    /// Closes every DataChannel (an SCTP stream reset each) once what was
+    /// sent on them is acknowledged, or after `drain_limit`, so the peer
+    /// sees each `onclose` after the last message.
+    pub fn close_channels(&self, drain_limit: std::time::Duration) {
+        self.shard.command(shard::Command::CloseChannels {
+            id: self.id,
+            drain_limit,
+        });
     }
 
-    /// Adds a trickled remote candidate. `sdp_mid` and `sdp_mline_index` may
-    /// both be absent (CPP, RS); an empty candidate (end of candidates) is
-    /// accepted and ignored.
-    pub async fn add_candidate(
-        &self,
-        candidate: &str,
-        sdp_mid: Option<String>,
-        sdp_mline_index: Option<u16>,
-    ) -> Result<(), Error> {
-        if candidate.trim().is_empty() {
-            return Ok(());
-        }
-        let init = RTCIceCandidateInit {
-            candidate: candidate.to_owned(),
-            sdp_mid: sdp_mid.or_else(|| sdp_mline_index.is_none().then(|| "0".to_owned())),
-            sdp_mline_index,
-            username_fragment: None,
-            ..Default::default()
-        };
-        self.pc.add_ice_candidate(init).await?;
-        Ok(())
+    /// Ends the connection: the other side is told (SCTP ABORT, DTLS
+    /// close_notify); events stop after a final `Failed`.
+    pub fn close(&self) {
+        self.shard.command(shard::Command::Close { id: self.id });
     }
+}
 
-    fn channel(&self, label: &str) -> Result<Arc<dyn DataChannel>, Error> {
-        self.channels
-            .lock()
-            .unwrap()
-            .get(label)
-            .cloned()
-            .ok_or_else(|| Error(format!("no DataChannel {label:?}")))
-    }
-
-    /// Sends one message on `label`, as a text or a binary message. Waits
-    /// while the channel's send buffer is full.
-    pub async fn send(&self, label: &str, data: &[u8], text: bool) -> Result<(), Error> {
-        let dc = self.channel(label)?;
-        if text {
-            let s = std::str::from_utf8(data).map_err(|e| Error(e.to_string()))?;
-            dc.send_text(s).await?;
-        } else {
-            dc.send(BytesMut::from(data)).await?;
-        }
-        Ok(())
-    }
-
-    /// Bytes handed to `label` and not yet acknowledged by the peer.
-    pub async fn buffered(&self, label: &str) -> Result<usize, Error> {
-        Ok(self.channel(label)?.outstanding_bytes().await?)
-    }
-
-    /// Waits (at most `limit`) until every channel's sent data has been
-    /// acknowledged, so a close that follows cannot overtake it.
-    pub async fn drain(&self, limit: Duration) {
-        let channels: Vec<_> = self.channels.lock().unwrap().values().cloned().collect();
-        let _ = tokio::time::timeout(limit, async {
-            for dc in channels {
-                while dc.outstanding_bytes().await.unwrap_or(0) > 0 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        })
-        .await;
-    }
-
-    /// Whether the SCTP association is gone (closed by either side, or
-    /// never made): nothing more can travel on the DataChannels.
-    pub async fn association_closed(&self) -> bool {
-        use rtc::peer_connection::transport::RTCSctpTransportState;
-        match self.pc.sctp().await {
-            None => true,
-            Some(sctp) => matches!(
-                sctp.state().await,
-                Ok(RTCSctpTransportState::Closed) | Err(_)
-            ),
-        }
-    }
-
-    /// Closes every DataChannel (an SCTP stream reset each), so the peer
-    /// sees each `onclose`.
-    pub async fn close_channels(&self) {
-        let channels: Vec<_> = self.channels.lock().unwrap().values().cloned().collect();
-        for dc in channels {
-            let _ = dc.close().await;
-        }
-    }
-
-    /// Ends the connection; events stop after a final `Failed`/`Closed`.
-    pub async fn close(&self) {
-        let _ = self.pc.close().await;
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.shard.command(shard::Command::Remove { id: self.id });
     }
 }

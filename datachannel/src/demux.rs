@@ -1,0 +1,110 @@
+//! Which peer a datagram on a shared socket belongs to.
+//!
+//! A known source address routes at once. A new one must first prove
+//! itself: a STUN Binding request whose `USERNAME` starts with a ufrag this
+//! shard chose and whose `MESSAGE-INTEGRITY` checks out with that peer's
+//! password binds the address to the peer. A STUN response from an address
+//! this shard sent a check to goes to the peer that sent it (the ICE agent
+//! matches its transaction). Everything else is dropped and counted: after
+//! ICE has selected a pair, the core passes every non-STUN datagram up
+//! without looking at its source, so this is the only guard.
+
+use crate::shard::PeerId;
+use rtc::stun::attributes::{ATTR_MESSAGE_INTEGRITY, ATTR_USERNAME};
+use rtc::stun::integrity::MessageIntegrity;
+use rtc::stun::message::{is_stun_message, Message, CLASS_REQUEST, METHOD_BINDING};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+/// Where a datagram goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    Peer(PeerId),
+    /// No peer: drop it (`integrity`: it named a peer but failed the check).
+    Drop {
+        integrity: bool,
+    },
+}
+
+#[derive(Default)]
+pub struct Demux {
+    by_ufrag: HashMap<String, (PeerId, String)>,
+    by_addr: HashMap<SocketAddr, PeerId>,
+    /// Addresses a peer sent to that are not bound yet: STUN from them
+    /// (responses to its checks) goes to that peer.
+    probes: HashMap<SocketAddr, PeerId>,
+}
+
+impl Demux {
+    pub fn has_ufrag(&self, ufrag: &str) -> bool {
+        self.by_ufrag.contains_key(ufrag)
+    }
+
+    pub fn add_peer(&mut self, id: PeerId, ufrag: String, pwd: String) {
+        self.by_ufrag.insert(ufrag, (id, pwd));
+    }
+
+    /// Forgets a peer: its ufrag and every address bound or probed for it.
+    pub fn remove_peer(&mut self, id: PeerId, ufrag: &str) {
+        self.by_ufrag.remove(ufrag);
+        self.by_addr.retain(|_, p| *p != id);
+        self.probes.retain(|_, p| *p != id);
+    }
+
+    /// A peer sent to `to`: its STUN answers may come back from there.
+    pub fn sent(&mut self, id: PeerId, to: SocketAddr) {
+        if !self.by_addr.contains_key(&to) {
+            self.probes.insert(to, id);
+        }
+    }
+
+    pub fn route(
+        &mut self,
+        from: SocketAddr,
+        data: &[u8],
+        crypto: &dyn rtc::crypto::RTCCrypto,
+    ) -> Route {
+        if let Some(id) = self.by_addr.get(&from) {
+            // A bound address may still prove itself for another peer (the
+            // port was reused by a new client): check STUN requests anew.
+            if !is_stun_message(data) {
+                return Route::Peer(*id);
+            }
+        }
+        if !is_stun_message(data) {
+            return Route::Drop { integrity: false };
+        }
+        let mut m = Message::new();
+        if m.unmarshal_binary(data).is_err() {
+            return Route::Drop { integrity: false };
+        }
+        if m.typ.class != CLASS_REQUEST || m.typ.method != METHOD_BINDING {
+            // A response or an indication: its own peer's agent checks it.
+            return match self.by_addr.get(&from).or_else(|| self.probes.get(&from)) {
+                Some(id) => Route::Peer(*id),
+                None => Route::Drop { integrity: false },
+            };
+        }
+        let Ok(username) = m.get(ATTR_USERNAME) else {
+            return Route::Drop { integrity: false };
+        };
+        let ufrag = username.split(|b| *b == b':').next().unwrap_or_default();
+        let Some((id, pwd)) = std::str::from_utf8(ufrag)
+            .ok()
+            .and_then(|u| self.by_ufrag.get(u))
+        else {
+            return Route::Drop { integrity: false };
+        };
+        let id = *id;
+        if !m.contains(ATTR_MESSAGE_INTEGRITY)
+            || MessageIntegrity::check(&mut m, pwd.as_bytes(), crypto).is_err()
+        {
+            return Route::Drop { integrity: true };
+        }
+        if self.by_addr.insert(from, id) != Some(id) {
+            self.probes.remove(&from);
+            tracing::trace!(%from, peer = id, "address bound");
+        }
+        Route::Peer(id)
+    }
+}

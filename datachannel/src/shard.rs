@@ -1,0 +1,923 @@
+//! One shard: a thread with a current-thread runtime that owns a UDP
+//! socket (or, for a client engine, a socket per peer), its peers'
+//! `RTCPeerConnection`s and one timer.
+//!
+//! Each turn of the loop takes what is ready — commands, a batch of
+//! datagrams, due timers — feeds it to the peers concerned, then drives
+//! each of those peers until it has nothing more to say: events and reads
+//! are drained *before* the last `poll_write`, since handling an event can
+//! queue writes (the order the crate's own example gets wrong, and the
+//! cause of the 200 ms stalls of the async wrapper). The datagrams of all
+//! peers leave together at the end of the turn.
+
+use crate::demux::{Demux, Route};
+use crate::udp::{Datagram, SharedSocket};
+use crate::{EngineConfig, Error, PeerEvent, Sockets, Stats};
+use bytes::{Bytes, BytesMut};
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+use rtc::data_channel::{RTCDataChannelId, RTCDataChannelInit};
+use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
+use rtc::peer_connection::configuration::setting_engine::{
+    SctpMaxMessageSize, SettingEngineBuilder,
+};
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent};
+use rtc::peer_connection::message::RTCMessage;
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::{RTCIceCandidateInit, RTCSctpTransportState};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+pub type PeerId = u64;
+
+/// Events buffered per peer. Control events are few; incoming messages
+/// beyond this (a peer flooding while its owner is slow) are dropped and
+/// counted rather than held without bound.
+pub const EVENT_BUFFER: usize = 256;
+/// Room kept for control events when deciding to drop a message.
+const EVENT_RESERVE: usize = 16;
+
+/// Datagrams held for a peer that is not ready for them yet (an ICE check or
+/// a DTLS ClientHello that overtook the answer on the signaling path).
+const EARLY_LIMIT: usize = 64;
+
+/// The name of the unannounced negotiated channel that holds the
+/// `m=application` section open when no channel is offered.
+const QUIET_LABEL: &str = "hato-sctp";
+
+pub enum Role {
+    Offer { labels: Vec<Arc<str>> },
+    Answer { offer: String },
+}
+
+pub enum Command {
+    Create {
+        role: Role,
+        events: mpsc::Sender<PeerEvent>,
+        reply: oneshot::Sender<Result<(PeerId, String), Error>>,
+    },
+    Answer {
+        id: PeerId,
+        sdp: String,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Candidate {
+        id: PeerId,
+        candidate: String,
+    },
+    Send {
+        ids: Vec<PeerId>,
+        label: Arc<str>,
+        data: Bytes,
+        text: bool,
+    },
+    CloseChannels {
+        id: PeerId,
+        drain_limit: Duration,
+    },
+    Close {
+        id: PeerId,
+    },
+    Remove {
+        id: PeerId,
+    },
+    /// A datagram that a per-peer socket received.
+    Inbound {
+        id: PeerId,
+        datagram: Datagram,
+    },
+}
+
+/// The sending half of a shard's command queue.
+pub struct Handle {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Handle {
+    pub fn command(&self, c: Command) {
+        // Fails only once the shard has stopped; then there is nothing to do.
+        let _ = self.commands.send(c);
+    }
+}
+
+/// What every shard of an engine shares.
+#[derive(Clone)]
+pub struct Common {
+    stats: Arc<Stats>,
+    /// One DTLS certificate for every peer: generating one per peer costs
+    /// CPU at every connect, and nothing is gained by it.
+    certificate: RTCCertificate,
+    crypto: Arc<dyn rtc::crypto::RTCCryptoProvider>,
+    advertise: Vec<IpAddr>,
+    max_message_size: u32,
+    backlog_limit: usize,
+}
+
+impl Common {
+    pub fn new(config: &EngineConfig, stats: Arc<Stats>) -> Result<Common, Error> {
+        let crypto = rtc::crypto::default_provider().map_err(|e| Error(e.to_string()))?;
+        let params =
+            CertificateParams::new(vec![random_string(16)]).map_err(|e| Error(e.to_string()))?;
+        let certificate = RTCCertificate::generate(
+            crypto.crypto(),
+            rtc::crypto::SignatureScheme::EcdsaP256Sha256,
+            params,
+        )
+        .map_err(|e| Error(e.to_string()))?;
+        let advertise = if !config.advertise.is_empty() {
+            config.advertise.clone()
+        } else if config.bind.ip().is_unspecified() {
+            let found = crate::udp::interface_addrs(config.bind.is_ipv6());
+            if found.is_empty() {
+                return Err(Error(format!(
+                    "{} binds every interface, but none has an address to advertise; give one",
+                    config.bind.ip()
+                )));
+            }
+            found
+        } else {
+            vec![config.bind.ip()]
+        };
+        Ok(Common {
+            stats,
+            certificate,
+            crypto,
+            advertise,
+            max_message_size: config.max_message_size,
+            backlog_limit: config.backlog_limit,
+        })
+    }
+}
+
+/// Binds shard `k`'s socket (shared mode) and starts its thread.
+pub fn spawn(
+    k: usize,
+    config: &EngineConfig,
+    common: Common,
+) -> Result<(Handle, Option<SocketAddr>), Error> {
+    let (socket, addr) = match config.sockets {
+        Sockets::Shared => {
+            let mut bind = config.bind;
+            if bind.port() != 0 {
+                let port = bind.port() as usize + k;
+                let port = u16::try_from(port)
+                    .map_err(|_| Error(format!("shard {k}: port {port} is out of range")))?;
+                bind.set_port(port);
+            }
+            let s = std::net::UdpSocket::bind(bind)
+                .map_err(|e| Error(format!("cannot bind UDP {bind}: {e}")))?;
+            let addr = s.local_addr().map_err(|e| Error(e.to_string()))?;
+            (Some(s), Some(addr))
+        }
+        Sockets::PerPeer => (None, None),
+    };
+    let (commands, rx) = mpsc::unbounded_channel();
+    let bind_ip = config.bind.ip();
+    let self_tx = commands.downgrade();
+    std::thread::Builder::new()
+        .name(format!("hato-rtc-{k}"))
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a shard runtime");
+            rt.block_on(async move {
+                let socket = match socket.map(SharedSocket::new).transpose() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "shard {k}: UDP socket unusable");
+                        return;
+                    }
+                };
+                let port = addr.map_or(0, |a| a.port());
+                Shard {
+                    k,
+                    common,
+                    socket,
+                    port,
+                    bind_ip,
+                    self_tx,
+                    peers: HashMap::new(),
+                    demux: Demux::default(),
+                    next_id: 1,
+                    dirty: Vec::new(),
+                    timers: BinaryHeap::new(),
+                    out: Vec::new(),
+                }
+                .run(rx)
+                .await;
+            });
+        })
+        .map_err(|e| Error(format!("cannot start shard thread: {e}")))?;
+    Ok((Handle { commands }, addr))
+}
+
+fn random_string(n: usize) -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(n)
+        .map(char::from)
+        .collect()
+}
+
+struct Channel {
+    label: Arc<str>,
+    id: RTCDataChannelId,
+    open: bool,
+    backlogged: bool,
+}
+
+struct PeerSlot {
+    pc: RTCPeerConnection,
+    ufrag: String,
+    events: mpsc::Sender<PeerEvent>,
+    channels: Vec<Channel>,
+    /// Whether this side created the channels (then any other is refused).
+    offerer: bool,
+    /// Datagrams that arrived before the answer was applied.
+    early: Option<Vec<Datagram>>,
+    /// The socket of a per-peer engine, and the task reading it.
+    own_socket: Option<(Arc<tokio::net::UdpSocket>, tokio::task::JoinHandle<()>)>,
+    local_addr: SocketAddr,
+    deadline: Option<Instant>,
+    dirty: bool,
+    connected: bool,
+    failed: bool,
+    association_up: bool,
+    association_closed: bool,
+    /// Close every channel once drained, or at this time.
+    closing: Option<Instant>,
+}
+
+impl PeerSlot {
+    fn emit(&self, ev: PeerEvent) {
+        let _ = self.events.try_send(ev);
+    }
+
+    fn label_of(&mut self, id: RTCDataChannelId) -> Option<Arc<str>> {
+        if let Some(c) = self.channels.iter().find(|c| c.id == id) {
+            return Some(c.label.clone());
+        }
+        let label: Arc<str> = self.pc.data_channel(id)?.label().into();
+        self.channels.push(Channel {
+            label: label.clone(),
+            id,
+            open: false,
+            backlogged: false,
+        });
+        Some(label)
+    }
+}
+
+struct Shard {
+    k: usize,
+    common: Common,
+    socket: Option<SharedSocket>,
+    port: u16,
+    bind_ip: IpAddr,
+    /// For per-peer socket tasks to hand datagrams back.
+    self_tx: mpsc::WeakUnboundedSender<Command>,
+    peers: HashMap<PeerId, PeerSlot>,
+    demux: Demux,
+    next_id: PeerId,
+    dirty: Vec<PeerId>,
+    timers: BinaryHeap<Reverse<(Instant, PeerId)>>,
+    out: Vec<(SocketAddr, BytesMut)>,
+}
+
+impl Shard {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        let mut commands = Vec::with_capacity(256);
+        let mut datagrams = Vec::with_capacity(64);
+        loop {
+            let next_timer = self.timers.peek().map(|Reverse((t, _))| *t);
+            let sleep = async {
+                match next_timer {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                n = rx.recv_many(&mut commands, 256) => {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                r = async { self.socket.as_ref().unwrap().readable().await }, if self.socket.is_some() => {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "shard {}: UDP socket failed", self.k);
+                    }
+                }
+                () = sleep => {}
+            }
+            let now = Instant::now();
+            for c in commands.drain(..) {
+                self.on_command(c, now);
+            }
+            // Every ready datagram, a batch at a time (bounded per turn).
+            if let Some(socket) = self.socket.as_mut() {
+                for _ in 0..8 {
+                    let before = datagrams.len();
+                    if let Err(e) = socket.recv_batch(&mut datagrams) {
+                        tracing::debug!(error = %e, "shard {}: recv", self.k);
+                        break;
+                    }
+                    if datagrams.len() == before {
+                        break;
+                    }
+                }
+            }
+            for d in datagrams.drain(..) {
+                self.on_datagram(d, now);
+            }
+            self.on_timers(now);
+            self.drive_dirty();
+            self.flush().await;
+        }
+        // The engine is gone: tell every remaining peer.
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.remove(id);
+        }
+        self.flush().await;
+    }
+
+    fn mark(&mut self, id: PeerId) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            if !p.dirty {
+                p.dirty = true;
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    fn on_command(&mut self, c: Command, now: Instant) {
+        match c {
+            Command::Create {
+                role,
+                events,
+                reply,
+            } => {
+                let _ = reply.send(self.create(role, events, now));
+            }
+            Command::Answer { id, sdp, reply } => {
+                let _ = reply.send(self.apply_answer(id, sdp, now));
+            }
+            Command::Candidate { id, candidate } => {
+                if let Some(p) = self.peers.get_mut(&id) {
+                    let init = RTCIceCandidateInit {
+                        candidate,
+                        ..Default::default()
+                    };
+                    if let Err(e) = p.pc.add_remote_candidate(init) {
+                        tracing::debug!(peer = id, error = %e, "candidate not added");
+                    }
+                    self.mark(id);
+                }
+            }
+            Command::Send {
+                ids,
+                label,
+                data,
+                text,
+            } => {
+                for id in ids {
+                    self.send(id, &label, &data, text, now);
+                }
+            }
+            Command::CloseChannels { id, drain_limit } => {
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.closing = Some(now + drain_limit);
+                    self.mark(id);
+                }
+            }
+            Command::Close { id } => {
+                if let Some(p) = self.peers.get_mut(&id) {
+                    let _ = p.pc.close();
+                    self.mark(id);
+                }
+            }
+            Command::Remove { id } => self.remove(id),
+            Command::Inbound { id, datagram } => self.deliver(id, datagram, now),
+        }
+    }
+
+    fn create(
+        &mut self,
+        role: Role,
+        events: mpsc::Sender<PeerEvent>,
+        now: Instant,
+    ) -> Result<(PeerId, String), Error> {
+        let e = |e: rtc::shared::error::Error| Error(e.to_string());
+        let mut ufrag = random_string(16);
+        while self.demux.has_ufrag(&ufrag) {
+            ufrag = random_string(16);
+        }
+        let pwd = random_string(32);
+        let own_socket = match self.socket {
+            Some(_) => None,
+            None => {
+                let s = std::net::UdpSocket::bind(SocketAddr::new(self.bind_ip, 0))
+                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                    .and_then(tokio::net::UdpSocket::from_std)
+                    .map_err(|e| Error(format!("cannot bind a UDP socket: {e}")))?;
+                Some(Arc::new(s))
+            }
+        };
+        let port = match &own_socket {
+            Some(s) => s.local_addr().map_err(|e| Error(e.to_string()))?.port(),
+            None => self.port,
+        };
+        let se = SettingEngineBuilder::new()
+            .with_crypto_provider(self.common.crypto.clone())
+            .with_ice_credentials(ufrag.clone(), pwd.clone())
+            // A 20 ms check interval: the default 200 ms, with the first
+            // check lost to ordering, made connects take ~400 ms on loopback.
+            .with_ice_connection_attempts(Some(Duration::from_millis(20)), Some(50))
+            .with_ice_timeouts(
+                Some(Duration::from_secs(4)),
+                Some(Duration::from_secs(8)),
+                Some(Duration::from_secs(2)),
+            )
+            // Browsers hide host addresses behind mDNS names, so their pair
+            // is peer-reflexive, which the agent otherwise accepts only
+            // after 1 s. A push server has nothing better to wait for.
+            .with_host_acceptance_min_wait(Some(Duration::ZERO))
+            .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
+            .with_srflx_acceptance_min_wait(Some(Duration::ZERO))
+            .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+            .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(self.common.max_message_size))
+            .build();
+        let configuration = RTCConfigurationBuilder::new()
+            .with_certificates(vec![self.common.certificate.clone()])
+            .build();
+        let mut pc = RTCPeerConnectionBuilder::new()
+            .with_configuration(configuration)
+            .with_setting_engine(se)
+            .build(now)
+            .map_err(e)?;
+        let candidates: Vec<String> = self
+            .common
+            .advertise
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| {
+                // Host priority (RFC 8445 §5.1.2.1), one foundation per address.
+                let priority = (126u32 << 24) | ((65535 - i as u32) << 8) | 255;
+                format!("candidate:{} 1 udp {priority} {ip} {port} typ host", i + 1)
+            })
+            .collect();
+        let add_candidates = |pc: &mut RTCPeerConnection| -> Result<(), Error> {
+            for c in &candidates {
+                pc.add_local_candidate(RTCIceCandidateInit {
+                    candidate: c.clone(),
+                    ..Default::default()
+                })
+                .map_err(e)?;
+            }
+            // No more: gathering is complete.
+            pc.add_local_candidate(RTCIceCandidateInit::default())
+                .map_err(e)
+        };
+        let mut channels = Vec::new();
+        let offerer = matches!(role, Role::Offer { .. });
+        match role {
+            Role::Offer { labels } => {
+                if labels.is_empty() {
+                    let init = RTCDataChannelInit {
+                        negotiated: Some(0),
+                        ..Default::default()
+                    };
+                    pc.create_data_channel(QUIET_LABEL, Some(init)).map_err(e)?;
+                }
+                for label in labels {
+                    let id = pc
+                        .create_data_channel(&label, Some(RTCDataChannelInit::default()))
+                        .map_err(e)?
+                        .id();
+                    channels.push(Channel {
+                        label,
+                        id,
+                        open: false,
+                        backlogged: false,
+                    });
+                }
+                let offer = pc.create_offer(None).map_err(e)?;
+                pc.set_local_description(now, offer).map_err(e)?;
+                add_candidates(&mut pc)?;
+            }
+            Role::Answer { offer } => {
+                let offer = RTCSessionDescription::offer(offer).map_err(e)?;
+                pc.set_remote_description(now, offer).map_err(e)?;
+                add_candidates(&mut pc)?;
+                let answer = pc.create_answer(None).map_err(e)?;
+                pc.set_local_description(now, answer).map_err(e)?;
+            }
+        }
+        let sdp = pc
+            .local_description()
+            .map(|d| d.sdp)
+            .ok_or_else(|| Error("no local description".into()))?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let local_addr = SocketAddr::new(self.common.advertise[0], port);
+        let own_socket = own_socket.map(|s| {
+            let task = tokio::spawn(read_own_socket(s.clone(), id, self.self_tx.clone()));
+            (s, task)
+        });
+        self.demux.add_peer(id, ufrag.clone(), pwd);
+        self.peers.insert(
+            id,
+            PeerSlot {
+                pc,
+                ufrag,
+                events,
+                channels,
+                offerer,
+                early: offerer.then(Vec::new),
+                own_socket,
+                local_addr,
+                deadline: None,
+                dirty: false,
+                connected: false,
+                failed: false,
+                association_up: false,
+                association_closed: false,
+                closing: None,
+            },
+        );
+        self.common.stats.live_peers.fetch_add(1, Ordering::Relaxed);
+        self.mark(id);
+        Ok((id, sdp))
+    }
+
+    fn apply_answer(&mut self, id: PeerId, sdp: String, now: Instant) -> Result<(), Error> {
+        let p = self
+            .peers
+            .get_mut(&id)
+            .ok_or_else(|| Error("no such peer".into()))?;
+        let answer = RTCSessionDescription::answer(sdp).map_err(|e| Error(e.to_string()))?;
+        p.pc.set_remote_description(now, answer)
+            .map_err(|e| Error(e.to_string()))?;
+        let early = p.early.take().unwrap_or_default();
+        for d in early {
+            self.feed(id, d, now);
+        }
+        self.mark(id);
+        Ok(())
+    }
+
+    fn send(&mut self, id: PeerId, label: &str, data: &Bytes, text: bool, now: Instant) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Some(ch) = p.channels.iter_mut().find(|c| &*c.label == label) else {
+            self.common
+                .stats
+                .failed_sends
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(mut dc) = p.pc.data_channel(ch.id) else {
+            self.common
+                .stats
+                .failed_sends
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let result = if text {
+            // The bytes are UTF-8 by construction (JSON text); the core
+            // only needs them flagged as a string.
+            match std::str::from_utf8(data) {
+                Ok(s) => dc.send_text(now, s),
+                Err(_) => dc.send(now, BytesMut::from(&data[..])),
+            }
+        } else {
+            dc.send(now, BytesMut::from(&data[..]))
+        };
+        match result {
+            Ok(()) => {
+                if !ch.backlogged && dc.outstanding_bytes() > self.common.backlog_limit {
+                    ch.backlogged = true;
+                    let label = ch.label.clone();
+                    p.emit(PeerEvent::Backlog(label));
+                }
+            }
+            Err(e) => {
+                self.common
+                    .stats
+                    .failed_sends
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = id, label, error = %e, "DataChannel send failed");
+            }
+        }
+        self.mark(id);
+    }
+
+    fn remove(&mut self, id: PeerId) {
+        let Some(mut p) = self.peers.remove(&id) else {
+            return;
+        };
+        // Tell the other side, then forget everything of this peer.
+        let _ = p.pc.close();
+        while let Some(w) = p.pc.poll_write() {
+            let to = w.transport.peer_addr;
+            match &p.own_socket {
+                Some((s, _)) => {
+                    let _ = s.try_send_to(&w.message, to);
+                }
+                None => self.out.push((to, w.message)),
+            }
+        }
+        if let Some((_, task)) = p.own_socket.take() {
+            task.abort();
+        }
+        self.demux.remove_peer(id, &p.ufrag);
+        self.common.stats.live_peers.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn on_datagram(&mut self, d: Datagram, now: Instant) {
+        match self
+            .demux
+            .route(d.from, &d.data, self.common.crypto.crypto())
+        {
+            Route::Peer(id) => self.deliver(id, d, now),
+            Route::Drop { integrity } => {
+                let c = if integrity {
+                    &self.common.stats.dropped_integrity
+                } else {
+                    &self.common.stats.dropped_unknown
+                };
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A datagram for peer `id`: held while the peer waits for its answer.
+    fn deliver(&mut self, id: PeerId, d: Datagram, now: Instant) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            self.common
+                .stats
+                .dropped_unknown
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if let Some(early) = &mut p.early {
+            if early.len() < EARLY_LIMIT {
+                early.push(d);
+                self.common.stats.held_early.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.common
+                    .stats
+                    .dropped_early
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        self.feed(id, d, now);
+    }
+
+    fn feed(&mut self, id: PeerId, d: Datagram, now: Instant) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let local_addr = match d.to_ip {
+            Some(ip) if self.common.advertise.contains(&ip) => {
+                SocketAddr::new(ip, p.local_addr.port())
+            }
+            _ => p.local_addr,
+        };
+        let _ = p.pc.handle_read(TaggedBytesMut {
+            now,
+            transport: TransportContext {
+                local_addr,
+                peer_addr: d.from,
+                ecn: None,
+                transport_protocol: TransportProtocol::UDP,
+            },
+            message: d.data,
+        });
+        self.mark(id);
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        while let Some(Reverse((t, id))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(p) = self.peers.get_mut(&id) else {
+                continue;
+            };
+            // A stale entry: the peer's deadline moved since.
+            if p.deadline != Some(t) {
+                continue;
+            }
+            p.deadline = None;
+            let _ = p.pc.handle_timeout(now);
+            self.mark(id);
+        }
+    }
+
+    fn drive_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for id in dirty.drain(..) {
+            self.drive(id);
+        }
+        self.dirty = dirty;
+    }
+
+    /// Drains the peer's events and reads, then its writes, until it has
+    /// nothing more to say; then re-arms its timer.
+    fn drive(&mut self, id: PeerId) {
+        let stats = self.common.stats.clone();
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        p.dirty = false;
+        loop {
+            let mut progressed = false;
+            while let Some(ev) = p.pc.poll_event() {
+                progressed = true;
+                on_event(p, ev, &stats);
+            }
+            while let Some(m) = p.pc.poll_read() {
+                progressed = true;
+                if let RTCMessage::DataChannelMessage(cid, msg) = m.message {
+                    let Some(label) = p.label_of(cid) else {
+                        continue;
+                    };
+                    if p.events.capacity() > EVENT_RESERVE {
+                        p.emit(PeerEvent::Message {
+                            label,
+                            data: msg.data.freeze(),
+                            text: msg.is_string,
+                        });
+                    } else {
+                        stats.dropped_messages.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            if let Some(until) = p.closing {
+                let drained = p.channels.iter().all(|c| {
+                    p.pc.data_channel(c.id)
+                        .is_none_or(|dc| dc.outstanding_bytes() == 0)
+                });
+                if drained || Instant::now() >= until {
+                    p.closing = None;
+                    let ids: Vec<_> = p.channels.iter().map(|c| c.id).collect();
+                    for cid in ids {
+                        if let Some(mut dc) = p.pc.data_channel(cid) {
+                            let _ = dc.close();
+                        }
+                    }
+                    progressed = true;
+                }
+            }
+            while let Some(w) = p.pc.poll_write() {
+                progressed = true;
+                let to = w.transport.peer_addr;
+                match &p.own_socket {
+                    Some((s, _)) => {
+                        if s.try_send_to(&w.message, to).is_err() {
+                            stats.dropped_outbound.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    None => {
+                        self.demux.sent(id, to);
+                        self.out.push((to, w.message));
+                    }
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        // The association's end is a state, not an event, in the core.
+        let sctp = p.pc.sctp().map(|s| s.state());
+        if sctp == Some(RTCSctpTransportState::Connected) {
+            p.association_up = true;
+        } else if p.association_up && !p.association_closed {
+            p.association_closed = true;
+            p.emit(PeerEvent::AssociationClosed);
+        }
+        let deadline = p.pc.poll_timeout();
+        let deadline = match (deadline, p.closing) {
+            (Some(d), Some(c)) => Some(d.min(c)),
+            (d, c) => d.or(c),
+        };
+        if deadline != p.deadline {
+            p.deadline = deadline;
+            if let Some(t) = deadline {
+                self.timers.push(Reverse((t, id)));
+            }
+        }
+    }
+
+    async fn flush(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        if let Some(socket) = &self.socket {
+            let dropped = socket.send_all(&self.out).await;
+            if dropped > 0 {
+                self.common
+                    .stats
+                    .dropped_outbound
+                    .fetch_add(dropped as u64, Ordering::Relaxed);
+            }
+        }
+        self.out.clear();
+    }
+}
+
+fn on_event(p: &mut PeerSlot, ev: RTCPeerConnectionEvent, stats: &Stats) {
+    match ev {
+        RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => match state {
+            RTCPeerConnectionState::Connected if !p.connected => {
+                p.connected = true;
+                p.emit(PeerEvent::Connected);
+            }
+            RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed if !p.failed => {
+                p.failed = true;
+                p.emit(PeerEvent::Failed(format!("connection {state}")));
+            }
+            _ => {}
+        },
+        RTCPeerConnectionEvent::OnDataChannel(dc) => match dc {
+            RTCDataChannelEvent::OnOpen(cid) => {
+                let known = p.channels.iter().any(|c| c.id == cid);
+                let Some(label) = p.label_of(cid) else { return };
+                if p.offerer && (!known || &*label == QUIET_LABEL) {
+                    if &*label != QUIET_LABEL {
+                        // Only this side creates channels (Sora's rule): a
+                        // channel the other side opens is closed at once.
+                        stats.refused_channels.fetch_add(1, Ordering::Relaxed);
+                        p.channels.retain(|c| c.id != cid);
+                        if let Some(mut dc) = p.pc.data_channel(cid) {
+                            let _ = dc.close();
+                        }
+                    }
+                    return;
+                }
+                if let Some(c) = p.channels.iter_mut().find(|c| c.id == cid) {
+                    c.open = true;
+                }
+                if let Some(mut dc) = p.pc.data_channel(cid) {
+                    dc.set_buffered_amount_low_threshold(64 * 1024);
+                }
+                p.emit(PeerEvent::Open(label));
+            }
+            RTCDataChannelEvent::OnClose(cid) => {
+                if let Some(i) = p.channels.iter().position(|c| c.id == cid) {
+                    let c = p.channels.remove(i);
+                    if c.open {
+                        p.emit(PeerEvent::Closed(c.label));
+                    }
+                }
+            }
+            RTCDataChannelEvent::OnBufferedAmountLow(cid) => {
+                if let Some(c) = p.channels.iter_mut().find(|c| c.id == cid) {
+                    c.backlogged = false;
+                    let label = c.label.clone();
+                    p.emit(PeerEvent::Writable(label));
+                }
+            }
+            _ => {}
+        },
+        _ => {}
+    }
+}
+
+/// Reads a per-peer socket and hands each datagram to the shard.
+async fn read_own_socket(
+    socket: Arc<tokio::net::UdpSocket>,
+    id: PeerId,
+    shard: mpsc::WeakUnboundedSender<Command>,
+) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+            return;
+        };
+        let Some(tx) = shard.upgrade() else { return };
+        let datagram = Datagram {
+            from,
+            to_ip: None,
+            data: BytesMut::from(&buf[..n]),
+        };
+        if tx.send(Command::Inbound { id, datagram }).is_err() {
+            return;
+        }
+    }
+}
