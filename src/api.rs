@@ -6,6 +6,7 @@ use crate::outbox::Frame;
 use crate::table::{Delivery, Target};
 use crate::Shared;
 use bytes::Bytes;
+use hato_datachannel::Peer;
 use hato_signaling::{message, Role};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -327,14 +328,31 @@ fn push(
     let stats = &shared.table.stats;
     stats.pushes.fetch_add(1, Ordering::Relaxed);
     let mut queued = 0;
+    // Switched peers, by framing: handed to the engine in one call each,
+    // which reaches every shard once however many peers it holds.
+    let mut direct: [Vec<Arc<Peer>>; 2] = Default::default();
     for conn in &conns {
         match conn.push(&frame) {
             Delivery::Queued => queued += 1,
+            Delivery::Direct { peer, compress } => direct[usize::from(compress)].push(peer),
             Delivery::Overflow => {
                 stats.overflows.fetch_add(1, Ordering::Relaxed);
             }
             Delivery::Gone => {}
         }
+    }
+    for (compress, peers) in direct.iter().enumerate() {
+        if peers.is_empty() {
+            continue;
+        }
+        let compress = compress == 1;
+        queued += peers.len() as u64;
+        shared.engine.send_many(
+            peers.iter().map(|p| &**p),
+            "push",
+            frame.bytes(compress),
+            !compress,
+        );
     }
     stats.deliveries.fetch_add(queued, Ordering::Relaxed);
     Ok(json_response(

@@ -2,9 +2,16 @@
 //! connection's sending side, so one connection's messages leave in the
 //! order they were queued, whatever transport each one takes.
 //!
-//! Before `switched` everything goes over the WebSocket. `Out::Switch`
-//! sends `switched` there and flips the task to DataChannels; since the flip
+//! Before `switched` everything goes over the WebSocket. `Out::Switch` sends
+//! `switched` there and flips the task to DataChannels; since the flip
 //! is itself a queue item, no push is lost or reordered across the switch.
+//!
+//! Once switched, pushes stop passing through this task at all: the
+//! connection's [`Route`] becomes [`Route::DataChannel`] and the API hands
+//! them straight to the WebRTC engine, one command per shard for a whole
+//! fan-out. The task drains what was queued before, on the DataChannel,
+//! while it holds the route's lock, so nothing queued earlier can be
+//! overtaken by a push routed directly.
 
 use bytes::Bytes;
 use futures_util::stream::SplitSink;
@@ -55,6 +62,16 @@ impl Frame {
         self.zlib
             .get_or_init(|| zlib::compress(self.text.as_bytes()).into())
     }
+
+    /// The bytes a DataChannel carries: the zlib form on compressed
+    /// labels (sent binary), else the text (sent as a string).
+    pub fn bytes(&self, compress: bool) -> Bytes {
+        if compress {
+            self.zlib().clone()
+        } else {
+            self.text.clone().into()
+        }
+    }
 }
 
 /// One item of a connection's queue.
@@ -70,6 +87,20 @@ pub enum Out {
     /// Send `switched` on the WebSocket, then use the DataChannels.
     Switch { ignore_disconnect_websocket: bool },
 }
+
+/// Where a connection's pushes go, shared by its outbox task and its
+/// table entry. A std mutex: held for a few instructions, never across an
+/// `.await`.
+#[derive(Debug, Default)]
+pub enum Route {
+    /// Through the outbox queue (before `switched`).
+    #[default]
+    Outbox,
+    /// Straight to the `push` DataChannel, zlib-framed if `compress`.
+    DataChannel { peer: Arc<Peer>, compress: bool },
+}
+
+pub type SharedRoute = Arc<std::sync::Mutex<Route>>;
 
 /// How the session ends the connection's sending side.
 #[derive(Debug, Default)]
@@ -90,7 +121,13 @@ pub struct Outbox {
 impl Outbox {
     /// Starts the task. `peer` carries the DataChannels used after the
     /// switch; `compress` says whether they are zlib-framed.
-    pub fn spawn(ws: WsSink, peer: Arc<Peer>, compress: bool, capacity: usize) -> Outbox {
+    pub fn spawn(
+        ws: WsSink,
+        peer: Arc<Peer>,
+        compress: bool,
+        capacity: usize,
+        route: SharedRoute,
+    ) -> Outbox {
         let (queue, rx) = mpsc::channel(capacity.max(1));
         let (close, close_rx) = oneshot::channel();
         let task = tokio::spawn(
@@ -99,6 +136,7 @@ impl Outbox {
                 peer,
                 compress,
                 switched: false,
+                route,
             }
             .run(rx, close_rx),
         );
@@ -127,6 +165,7 @@ struct Sender {
     peer: Arc<Peer>,
     compress: bool,
     switched: bool,
+    route: SharedRoute,
 }
 
 impl Sender {
@@ -142,10 +181,10 @@ impl Sender {
             };
             // Write a batch and flush once: one syscall for many pushes.
             let work = async {
-                self.send(first).await;
+                self.send(first, &mut rx).await;
                 for _ in 1..BATCH {
                     match rx.try_recv() {
-                        Ok(item) => self.send(item).await,
+                        Ok(item) => self.send(item, &mut rx).await,
                         Err(_) => break,
                     }
                 }
@@ -177,14 +216,31 @@ impl Sender {
     }
 
     fn dc_send(&self, label: &str, frame: &Frame) {
-        if self.compress {
-            self.peer.send(label, frame.zlib().clone(), false);
-        } else {
-            self.peer.send(label, frame.text.clone().into(), true);
-        }
+        self.peer
+            .send(label, frame.bytes(self.compress), !self.compress);
     }
 
-    async fn send(&mut self, out: Out) {
+    /// After `switched`: sends what is still queued on the DataChannels and
+    /// routes later pushes straight to the engine, under the route's lock
+    /// (see the module comment). Returns the WebSocket-only items found.
+    fn take_route(&mut self, rx: &mut mpsc::Receiver<Out>) -> Vec<Out> {
+        let mut later = Vec::new();
+        let mut route = self.route.lock().unwrap();
+        while let Ok(item) = rx.try_recv() {
+            match item {
+                Out::Push(frame) => self.dc_send("push", &frame),
+                Out::Notify(frame) => self.dc_send("notify", &frame),
+                other => later.push(other),
+            }
+        }
+        *route = Route::DataChannel {
+            peer: self.peer.clone(),
+            compress: self.compress,
+        };
+        later
+    }
+
+    async fn send(&mut self, out: Out, rx: &mut mpsc::Receiver<Out>) {
         match out {
             Out::Ws(text) => self.ws_feed(text.into()).await,
             Out::Push(frame) if self.switched => self.dc_send("push", &frame),
@@ -200,6 +256,11 @@ impl Sender {
                 if ignore_disconnect_websocket {
                     // Nothing more goes on the WebSocket in this mode (§3.9).
                     self.ws = None;
+                }
+                for item in self.take_route(rx) {
+                    if let Out::Ws(text) = item {
+                        self.ws_feed(text.into()).await;
+                    }
                 }
             }
         }

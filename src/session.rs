@@ -7,7 +7,7 @@
 //! Every wait is bounded; every way out goes through [`Session::finish`],
 //! which leaves the table, the tasks and the sockets as they were.
 
-use crate::outbox::{truncate_reason, Close, Frame, Out, Outbox};
+use crate::outbox::{truncate_reason, Close, Frame, Out, Outbox, SharedRoute};
 use crate::table::{Conn, Kill, Mailbox};
 use crate::Shared;
 use futures_util::stream::SplitStream;
@@ -234,12 +234,20 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>) {
     let offer_json = serde_json::to_string(&offer).expect("an offer always serialises");
 
     let (sink, stream) = ws.split();
-    let outbox = Outbox::spawn(sink, peer.clone(), compress, cfg.outbox_capacity);
+    let route = SharedRoute::default();
+    let outbox = Outbox::spawn(
+        sink,
+        peer.clone(),
+        compress,
+        cfg.outbox_capacity,
+        route.clone(),
+    );
     let (kill_tx, kill_rx) = mpsc::unbounded_channel();
     let mailbox = Arc::new(Mailbox::new(
         connection_id.clone(),
         outbox.queue.clone(),
         kill_tx,
+        route,
     ));
     mailbox.deliver(Out::Ws(offer_json));
     tracing::info!(

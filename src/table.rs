@@ -6,7 +6,8 @@
 //! a few hash-map operations and never awaits, so a blocking lock is both
 //! cheaper and impossible to hold across an `.await` by accident.
 
-use crate::outbox::{Frame, Out};
+use crate::outbox::{Frame, Out, Route, SharedRoute};
+use hato_datachannel::Peer;
 use hato_signaling::message::ChannelCounts;
 use hato_signaling::Role;
 use serde_json::Value;
@@ -34,6 +35,7 @@ pub struct Mailbox {
     queue: mpsc::Sender<Out>,
     kill: mpsc::UnboundedSender<Kill>,
     overflowed: AtomicBool,
+    route: SharedRoute,
 }
 
 impl Mailbox {
@@ -41,12 +43,14 @@ impl Mailbox {
         connection_id: Arc<str>,
         queue: mpsc::Sender<Out>,
         kill: mpsc::UnboundedSender<Kill>,
+        route: SharedRoute,
     ) -> Mailbox {
         Mailbox {
             connection_id,
             queue,
             kill,
             overflowed: AtomicBool::new(false),
+            route,
         }
     }
 
@@ -91,13 +95,19 @@ pub struct Conn {
 }
 
 /// What [`Conn::deliver`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Delivery {
     Queued,
     /// The outbox was full; the connection is being disconnected.
     Overflow,
     /// The session is already ending.
     Gone,
+    /// Switched to its DataChannel: the caller sends it there, batched
+    /// with the other recipients on the same engine shard.
+    Direct {
+        peer: Arc<Peer>,
+        compress: bool,
+    },
 }
 
 impl Conn {
@@ -136,8 +146,17 @@ impl Conn {
         self.mailbox.kill(Kill::Api);
     }
 
+    /// Queues a push on the outbox, or, once switched, says which
+    /// DataChannel peer to send it to (see [`Route`]).
     pub fn push(&self, frame: &Arc<Frame>) -> Delivery {
-        self.deliver(Out::Push(frame.clone()))
+        let route = self.mailbox.route.lock().unwrap();
+        match &*route {
+            Route::Outbox => self.mailbox.deliver(Out::Push(frame.clone())),
+            Route::DataChannel { peer, compress } => Delivery::Direct {
+                peer: peer.clone(),
+                compress: *compress,
+            },
+        }
     }
 }
 
@@ -272,7 +291,7 @@ mod tests {
             role,
             None,
             None,
-            Arc::new(Mailbox::new(id.into(), tx, kill)),
+            Arc::new(Mailbox::new(id.into(), tx, kill, Default::default())),
         );
         (Arc::new(c), rx)
     }
@@ -322,12 +341,12 @@ mod tests {
             Role::Recvonly,
             None,
             None,
-            Arc::new(Mailbox::new("a".into(), tx, kill_tx)),
+            Arc::new(Mailbox::new("a".into(), tx, kill_tx, Default::default())),
         );
         let f = Arc::new(Frame::new("{}".into()));
-        assert_eq!(c.push(&f), Delivery::Queued);
-        assert_eq!(c.push(&f), Delivery::Overflow);
-        assert_eq!(c.push(&f), Delivery::Overflow);
+        assert!(matches!(c.push(&f), Delivery::Queued));
+        assert!(matches!(c.push(&f), Delivery::Overflow));
+        assert!(matches!(c.push(&f), Delivery::Overflow));
         assert_eq!(kill_rx.try_recv(), Ok(Kill::Overflow));
         assert!(kill_rx.try_recv().is_err());
     }

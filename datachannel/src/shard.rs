@@ -51,6 +51,9 @@ const EVENT_RESERVE: usize = 16;
 /// a DTLS ClientHello that overtook the answer on the signaling path).
 const EARLY_LIMIT: usize = 64;
 
+/// Receive and send buffer asked for each shared socket.
+const SOCKET_BUFFER: usize = 8 << 20;
+
 /// The name of the unannounced negotiated channel that holds the
 /// `m=application` section open when no channel is offered.
 const QUIET_LABEL: &str = "hato-sctp";
@@ -176,6 +179,13 @@ pub fn spawn(
             }
             let s = std::net::UdpSocket::bind(bind)
                 .map_err(|e| Error(format!("cannot bind UDP {bind}: {e}")))?;
+            // Every peer of the shard shares these buffers: a connect storm
+            // (DTLS flights of hundreds of peers at once) overflows the
+            // default ~200 KiB and costs each lost flight a 1 s retransmit.
+            // The kernel caps the size at net.core.rmem_max / wmem_max.
+            let sock = socket2::SockRef::from(&s);
+            let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+            let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
             let addr = s.local_addr().map_err(|e| Error(e.to_string()))?;
             (Some(s), Some(addr))
         }

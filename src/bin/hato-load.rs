@@ -453,6 +453,7 @@ async fn main() {
 
     // Phase 3: push, once the connect storm has settled.
     tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
+    let pushing = server_pid.and_then(proc_stat);
     let next = Arc::new(AtomicU64::new(0));
     let push_start = Instant::now();
     let end = push_start + Duration::from_secs_f64(args.duration);
@@ -630,6 +631,8 @@ async fn main() {
             "rss_kb_connected": connected_rss.map(|b| b.0),
             "rss_kb_per_peer": match (before, connected_rss) { (Some(b), Some(c)) if connected > 0 => Some((c.0 as f64 - b.0 as f64) / connected as f64), _ => None },
             "cpu_seconds": match (before, after) { (Some(b), Some(a)) => Some(a.1 - b.1), _ => None },
+            "cpu_seconds_pushing": match (pushing, after) { (Some(b), Some(a)) => Some(a.1 - b.1), _ => None },
+            "cpu_us_per_delivery": match (pushing, after) { (Some(b), Some(a)) if received > 0 => Some((a.1 - b.1) * 1e6 / received as f64), _ => None },
         })),
     });
     let text = serde_json::to_string_pretty(&summary).expect("serialises");
