@@ -1015,3 +1015,159 @@ async fn shutdown_tells_every_peer_why() {
     );
     assert!(s.table().is_empty());
 }
+
+/// The engine's count of peers whose state exists.
+fn live_peers(s: &Server) -> usize {
+    s.shared
+        .engine
+        .stats()
+        .live_peers
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+async fn live_peers_reach(s: &Server, n: usize) {
+    let until = tokio::time::Instant::now() + T;
+    while live_peers(s) != n {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{} peers' engine state still live, want {n}",
+            live_peers(s)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every way a session ends frees its PeerConnection: a client that
+/// disconnects, one whose WebSocket drops, one refused before its answer,
+/// and a DataChannel-only one that closes its PeerConnection, in both
+/// signaling modes; then nothing of any of them is left in the engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_engine_state_does_not_outlive_its_session() {
+    let s = server_with(|c| c.answer_timeout_ms = 300).await;
+    for round in 0..2 {
+        // WebSocket signaling: disconnect, then a dropped TCP connection.
+        let c = connected(&opts(&s, "free", "recvonly")).await;
+        c.send_ws(r#"{"type":"disconnect","reason":"NO-ERROR"}"#);
+        let d = connected(&opts(&s, "free", "recvonly")).await;
+        d.drop_ws();
+        // Hybrid and DataChannel-only, switched; the latter closes its PC.
+        let mut h = switched_client(&s, "free", false).await;
+        h.send_dc(
+            "signaling",
+            r#"{"type":"disconnect","reason":"NO-ERROR"}"#,
+            false,
+        );
+        expect_ws_close(&mut h, 1000, "TYPE-DISCONNECT").await;
+        let o = switched_client(&s, "free", true).await;
+        o.close_ws(1005, "");
+        o.close_peer();
+        // Never answers: refused when the answer timeout passes.
+        let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
+            .await
+            .unwrap();
+        ws.send(text(
+            json!({"type": "connect", "role": "recvonly", "channel_id": "free"}),
+        ))
+        .await
+        .unwrap();
+        assert!(
+            live_peers(&s) > 0,
+            "round {round}: peers exist while connected"
+        );
+        table_len(&s, 0).await;
+        live_peers_reach(&s, 0).await;
+        drop((c, d, h, o, ws));
+    }
+    assert!(s.shared.sessions.load(std::sync::atomic::Ordering::Acquire) == 0);
+}
+
+/// Datagrams from strangers on the shared WebRTC port — garbage, STUN
+/// with a made-up ufrag, STUN naming a real peer's ufrag with the wrong
+/// password, a forged DTLS record — are dropped and counted; the
+/// connected peer keeps receiving pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_on_the_webrtc_port_are_dropped_and_harm_no_one() {
+    let s = server().await;
+    let mut c = switched_client(&s, "udp", true).await;
+    let offer_sdp = c.offer["sdp"].as_str().unwrap().to_owned();
+    let ufrag = offer_sdp
+        .lines()
+        .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let stats = || {
+        let e = s.shared.engine.stats();
+        (
+            e.dropped_unknown.load(std::sync::atomic::Ordering::Relaxed),
+            e.dropped_integrity
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    };
+    let before = stats();
+    let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let stun = |username: &str| {
+        // A Binding request with USERNAME and a MESSAGE-INTEGRITY keyed
+        // with a password the server never gave out.
+        use rtc::stun::attributes::ATTR_USERNAME;
+        use rtc::stun::integrity::MessageIntegrity;
+        use rtc::stun::message::{Message as Stun, TransactionId, BINDING_REQUEST};
+        use rtc::stun::textattrs::TextAttribute;
+        let crypto = rtc::crypto::default_provider().unwrap();
+        let mut m = Stun::new();
+        m.build(&[
+            Box::new(BINDING_REQUEST),
+            Box::new(TransactionId::new()),
+            Box::new(TextAttribute::new(ATTR_USERNAME, username.into())),
+            Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
+                "not-the-password".into(),
+                crypto.crypto(),
+            )),
+        ])
+        .unwrap();
+        m.raw.clone()
+    };
+    for addr in s.rtc_addrs() {
+        stranger.send_to(b"garbage", addr).await.unwrap();
+        stranger
+            .send_to(&stun("nosuchufrag:x"), addr)
+            .await
+            .unwrap();
+        stranger
+            .send_to(&stun(&format!("{ufrag}:x")), addr)
+            .await
+            .unwrap();
+        // A DTLS application-data record header with junk after it.
+        stranger
+            .send_to(
+                &[23, 254, 253, 0, 1, 0, 0, 0, 0, 0, 9, 0, 4, 1, 2, 3, 4],
+                addr,
+            )
+            .await
+            .unwrap();
+    }
+    let n = s.rtc_addrs().len() as u64;
+    let until = tokio::time::Instant::now() + T;
+    loop {
+        let now = stats();
+        if now.0 - before.0 >= 3 * n && now.1 - before.1 >= 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "drops not counted: {before:?} -> {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "udp", "data": {"still": "here"}}),
+    )
+    .await;
+    let (msg, via) = next_push(&mut c).await.expect("the peer still gets pushes");
+    assert_eq!(
+        (msg["data"]["still"].as_str(), via),
+        (Some("here"), Via::DataChannel)
+    );
+}

@@ -108,3 +108,58 @@ impl Demux {
         Route::Peer(id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtc::stun::message::{TransactionId, BINDING_REQUEST};
+    use rtc::stun::textattrs::TextAttribute;
+
+    fn request(username: &str, pwd: &str) -> Vec<u8> {
+        let crypto = rtc::crypto::default_provider().unwrap();
+        let mut m = Message::new();
+        m.build(&[
+            Box::new(BINDING_REQUEST),
+            Box::new(TransactionId::new()),
+            Box::new(TextAttribute::new(ATTR_USERNAME, username.into())),
+            Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
+                pwd.into(),
+                crypto.crypto(),
+            )),
+        ])
+        .unwrap();
+        m.raw.clone()
+    }
+
+    #[test]
+    fn a_new_address_is_bound_only_by_a_request_with_the_peers_password() {
+        let crypto = rtc::crypto::default_provider().unwrap();
+        let c = crypto.crypto();
+        let mut d = Demux::default();
+        d.add_peer(7, "ours".into(), "secret".into());
+        let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        assert_eq!(
+            d.route(a, b"\x17\xfe\xfd junk", c),
+            Route::Drop { integrity: false }
+        );
+        assert_eq!(
+            d.route(a, &request("nobody:x", "secret"), c),
+            Route::Drop { integrity: false }
+        );
+        assert_eq!(
+            d.route(a, &request("ours:x", "wrong"), c),
+            Route::Drop { integrity: true }
+        );
+        assert_eq!(
+            d.route(a, b"\x17\xfe\xfd junk", c),
+            Route::Drop { integrity: false }
+        );
+        assert_eq!(d.route(a, &request("ours:x", "secret"), c), Route::Peer(7));
+        assert_eq!(d.route(a, b"\x17\xfe\xfd data", c), Route::Peer(7));
+        d.remove_peer(7, "ours");
+        assert_eq!(
+            d.route(a, b"\x17\xfe\xfd data", c),
+            Route::Drop { integrity: false }
+        );
+    }
+}
