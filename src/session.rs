@@ -149,9 +149,15 @@ struct Live(Arc<Shared>);
 
 impl Drop for Live {
     fn drop(&mut self) {
-        self.0
+        let before = self
+            .0
             .sessions
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if before == 1 {
+            // The last session is gone: what every peer's session held is
+            // free, and the allocator can hand it back to the kernel.
+            hato_datachannel::give_back_memory();
+        }
     }
 }
 

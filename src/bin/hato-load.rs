@@ -630,6 +630,8 @@ async fn main() {
             "rss_kb_before": before.map(|b| b.0),
             "rss_kb_connected": connected_rss.map(|b| b.0),
             "rss_kb_per_peer": match (before, connected_rss) { (Some(b), Some(c)) if connected > 0 => Some((c.0 as f64 - b.0 as f64) / connected as f64), _ => None },
+            "rss_kb_settled": pushing.map(|p| p.0),
+            "rss_kb_per_peer_settled": match (before, pushing) { (Some(b), Some(c)) if connected > 0 => Some((c.0 as f64 - b.0 as f64) / connected as f64), _ => None },
             "cpu_seconds": match (before, after) { (Some(b), Some(a)) => Some(a.1 - b.1), _ => None },
             "cpu_seconds_pushing": match (pushing, after) { (Some(b), Some(a)) => Some(a.1 - b.1), _ => None },
             "cpu_us_per_delivery": match (pushing, after) { (Some(b), Some(a)) if received > 0 => Some((a.1 - b.1) * 1e6 / received as f64), _ => None },
