@@ -12,6 +12,7 @@ use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -122,6 +123,14 @@ struct Args {
     /// Allow non-loopback targets (only towards hosts you run).
     #[arg(long)]
     allow_remote: bool,
+    /// Client processes holding the peers (peer i goes to process i mod K);
+    /// this process pushes and merges what they saw, so one client process
+    /// is not the ceiling of a run.
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
+    /// Internal: this process is worker N of --processes.
+    #[arg(long, hide = true)]
+    worker_index: Option<usize>,
 }
 
 fn hist() -> Histogram<u64> {
@@ -184,10 +193,11 @@ impl PeerRecord {
     }
 }
 
-struct Peer {
+/// A connected peer, as the pusher needs it.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct Target {
     connection_id: String,
     channel: usize,
-    record: Arc<Mutex<PeerRecord>>,
 }
 
 #[derive(Default)]
@@ -332,42 +342,91 @@ async fn api_connection(api_url: &str) -> Result<Sender, String> {
     Ok(send)
 }
 
-#[tokio::main]
-async fn main() {
-    let args = Args::parse();
-    if args.peers == 0 || args.peers > 20_000 {
-        eprintln!("hato-load: --peers must be 1..=20000");
-        std::process::exit(2);
+/// A histogram as (value, count) pairs: what a worker hands its parent.
+fn buckets(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
+fn from_buckets(b: &[(u64, u64)]) -> Histogram<u64> {
+    let mut h = hist();
+    for (v, n) in b {
+        let _ = h.record_n(*v, *n);
     }
-    if !(args.duration > 0.0 && args.duration <= 600.0) || args.drain > 60.0 || args.settle > 60.0 {
-        eprintln!("hato-load: --duration must be in (0, 600] s, --drain and --settle at most 60 s: runs are bounded");
-        std::process::exit(2);
+    h
+}
+
+/// What the peers of one process saw, in a form a worker sends its parent.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Observed {
+    connected: usize,
+    failed: usize,
+    failure_reasons: BTreeMap<String, usize>,
+    connect_us: Vec<(u64, u64)>,
+    ready_us: Vec<(u64, u64)>,
+    latency_us: Vec<(u64, u64)>,
+    /// Per push: the latest first receipt among this process's peers (µs).
+    last_by_seq: Vec<(u64, u64)>,
+    /// Connected peers per channel.
+    per_channel: Vec<u64>,
+    received: u64,
+    duplicated: u64,
+    out_of_order: u64,
+    by_ws: u64,
+    by_dc: u64,
+}
+
+impl Observed {
+    fn merge(&mut self, o: Observed) {
+        let join = |a: &[(u64, u64)], b: &[(u64, u64)]| {
+            let mut h = from_buckets(a);
+            let _ = h.add(from_buckets(b));
+            buckets(&h)
+        };
+        self.connected += o.connected;
+        self.failed += o.failed;
+        for (k, v) in o.failure_reasons {
+            *self.failure_reasons.entry(k).or_default() += v;
+        }
+        self.connect_us = join(&self.connect_us, &o.connect_us);
+        self.ready_us = join(&self.ready_us, &o.ready_us);
+        self.latency_us = join(&self.latency_us, &o.latency_us);
+        let mut last: HashMap<u64, u64> = self.last_by_seq.drain(..).collect();
+        for (seq, lat) in o.last_by_seq {
+            let m = last.entry(seq).or_default();
+            *m = (*m).max(lat);
+        }
+        self.last_by_seq = last.into_iter().collect();
+        if self.per_channel.len() < o.per_channel.len() {
+            self.per_channel.resize(o.per_channel.len(), 0);
+        }
+        for (i, n) in o.per_channel.iter().enumerate() {
+            self.per_channel[i] += n;
+        }
+        self.received += o.received;
+        self.duplicated += o.duplicated;
+        self.out_of_order += o.out_of_order;
+        self.by_ws += o.by_ws;
+        self.by_dc += o.by_dc;
     }
-    if args.arrival == Arrival::Open && args.rate <= 0.0 {
-        eprintln!("hato-load: open arrival needs --rate > 0");
-        std::process::exit(2);
-    }
-    if !(args.allow_remote
-        || is_loopback_url(&args.signaling_url) && is_loopback_url(&args.api_url))
-    {
-        eprintln!("hato-load: targets must be loopback; pass --allow-remote for a host you run");
-        std::process::exit(2);
-    }
-    let tty = std::io::stderr().is_terminal();
-    let server_pid = args
-        .server_pid
-        .or_else(|| args.server_process.as_deref().and_then(find_pid));
-    let before = server_pid.and_then(proc_stat);
-    let counters = Arc::new(Counters::default());
-    let failures: Arc<Mutex<std::collections::BTreeMap<String, usize>>> = Arc::default();
+}
+
+/// Step 1: connects peers `indices` at the hatch rate, at most
+/// `--concurrency` at a time.
+async fn connect_phase(
+    args: &Args,
+    indices: Vec<usize>,
+    counters: &Arc<Counters>,
+    tty: bool,
+) -> (Vec<(usize, Client)>, Observed) {
+    let failures: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
     let connect_hist = Arc::new(Mutex::new(hist()));
     let ready_hist = Arc::new(Mutex::new(hist()));
-
-    // Phase 1: connect the peers at the hatch rate, bounded concurrency.
     let sem = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let mut joins = Vec::new();
     let t0 = Instant::now();
-    for i in 0..args.peers {
+    for (n, i) in indices.into_iter().enumerate() {
         let at = t0 + Duration::from_secs_f64(i as f64 / args.hatch_rate.max(0.001));
         tokio::time::sleep_until(at.into()).await;
         let permit = sem.clone().acquire_owned().await.expect("semaphore open");
@@ -395,7 +454,7 @@ async fn main() {
                 }
             }
         }));
-        if tty && i % 10 == 0 {
+        if tty && n % 10 == 0 {
             eprint!(
                 "\rconnecting: {} connected, {} failed   ",
                 counters.connected.load(Ordering::Relaxed),
@@ -409,21 +468,32 @@ async fn main() {
             clients.push(c);
         }
     }
-    let connect_secs = t0.elapsed().as_secs_f64();
-    let connected_rss = server_pid.and_then(proc_stat);
+    let observed = Observed {
+        connected: counters.connected.load(Ordering::Relaxed),
+        failed: counters.failed.load(Ordering::Relaxed),
+        failure_reasons: failures.lock().unwrap().clone(),
+        connect_us: buckets(&connect_hist.lock().unwrap()),
+        ready_us: buckets(&ready_hist.lock().unwrap()),
+        ..Observed::default()
+    };
+    (clients, observed)
+}
 
-    // Phase 2: every peer records what it receives.
-    let mut peers = Vec::new();
-    let mut per_channel = vec![0u64; args.channels];
+/// Step 2: every peer records what it receives, in a task of its own.
+fn record_phase(
+    args: &Args,
+    clients: Vec<(usize, Client)>,
+    counters: &Arc<Counters>,
+) -> (Vec<Target>, Vec<Arc<Mutex<PeerRecord>>>) {
+    let mut targets = Vec::new();
+    let mut records = Vec::new();
     for (i, mut client) in clients {
         let record = Arc::new(Mutex::new(PeerRecord::default()));
-        let channel = i % args.channels;
-        per_channel[channel] += 1;
-        peers.push(Peer {
+        targets.push(Target {
             connection_id: client.connection_id.clone(),
-            channel,
-            record: record.clone(),
+            channel: i % args.channels,
         });
+        records.push(record.clone());
         let counters = counters.clone();
         tokio::spawn(async move {
             while let Some(ev) = client.events.recv().await {
@@ -444,23 +514,28 @@ async fn main() {
             drop(client);
         });
     }
-    let targets: Arc<Vec<(String, usize)>> = Arc::new(
-        peers
-            .iter()
-            .map(|p| (p.connection_id.clone(), p.channel))
-            .collect(),
-    );
+    (targets, records)
+}
 
-    // Phase 3: push, once the connect storm has settled.
-    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
-    let pushing = server_pid.and_then(proc_stat);
+/// What the pusher did.
+struct Pushed {
+    /// (seq, channel) of every push the API accepted.
+    accepted: Vec<(u64, usize)>,
+    /// Pushes the API refused or that failed on the way.
+    failed: u64,
+    api_latency: Histogram<u64>,
+    seconds: f64,
+}
+
+/// Step 3: pushes for `--duration` at `--rate` over `--api-connections`.
+async fn push_phase(args: &Args, targets: Arc<Vec<Target>>, counters: &Arc<Counters>) -> Pushed {
     let next = Arc::new(AtomicU64::new(0));
     let push_start = Instant::now();
     let end = push_start + Duration::from_secs_f64(args.duration);
     let accepted: Arc<Mutex<Vec<(u64, usize)>>> = Arc::default();
     let api_latency = Arc::new(Mutex::new(hist()));
+    let pad = Arc::new("x".repeat(args.payload_bytes));
     let mut workers = Vec::new();
-    let pad = "x".repeat(args.payload_bytes);
     for _ in 0..args.api_connections.max(1) {
         let (args, next, accepted, counters, targets, api_latency, pad) = (
             args.clone(),
@@ -487,18 +562,8 @@ async fn main() {
                 } else if Instant::now() >= end {
                     break;
                 }
-                let (target, body, channel) = match args.scenario {
-                    Scenario::Channel => {
-                        let ch = (seq as usize) % args.channels;
-                        let body = json!({"channel_id": args.channel.replace("{n}", &ch.to_string()), "data": {"seq": seq, "ts": now_us(), "pad": pad}});
-                        ("Sora_20160711.PushChannel", body, ch)
-                    }
-                    Scenario::Connection => {
-                        if targets.is_empty() { break; }
-                        let (id, ch) = &targets[(seq as usize) % targets.len()];
-                        let body = json!({"channel_id": args.channel.replace("{n}", &ch.to_string()), "connection_id": id, "data": {"seq": seq, "ts": now_us(), "pad": pad}});
-                        ("Sora_20160711.PushConnection", body, *ch)
-                    }
+                let Some((target, body, channel)) = push_body(&args, &targets, seq, &pad) else {
+                    break;
                 };
                 let req = hyper::Request::post(&args.api_url)
                     .header("host", "hato")
@@ -507,12 +572,15 @@ async fn main() {
                     .body(Full::new(Bytes::from(body.to_string())))
                     .expect("valid request");
                 let sent = Instant::now();
-                if send.ready().await.is_err() { break; }
+                if send.ready().await.is_err() {
+                    break;
+                }
                 match send.send_request(req).await {
                     Ok(resp) => {
                         let ok = resp.status() == 200;
                         let _ = resp.into_body().collect().await;
-                        let _ = api_latency.lock().unwrap().record(sent.elapsed().as_micros().max(1) as u64);
+                        let took = sent.elapsed().as_micros().max(1) as u64;
+                        let _ = api_latency.lock().unwrap().record(took);
                         if ok {
                             counters.pushes_ok.fetch_add(1, Ordering::Relaxed);
                             accepted.lock().unwrap().push((seq, channel));
@@ -528,113 +596,176 @@ async fn main() {
             }
         }));
     }
-    // Live progress on a terminal.
-    let progress = {
-        let (counters, peers_records): (_, Vec<_>) = (
-            counters.clone(),
-            peers.iter().map(|p| p.record.clone()).collect(),
-        );
-        tokio::spawn(async move {
-            if !tty {
-                return;
-            }
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let mut h = hist();
-                for r in &peers_records {
-                    if let Some(l) = &r.lock().unwrap().latencies {
-                        let _ = h.add(l);
-                    }
-                }
-                eprint!(
-                    "\rpeers {} | pushes {} | deliveries {} | p99 {:.1} ms     ",
-                    counters.connected.load(Ordering::Relaxed),
-                    counters.pushes_ok.load(Ordering::Relaxed),
-                    counters.deliveries.load(Ordering::Relaxed),
-                    if h.is_empty() {
-                        0.0
-                    } else {
-                        h.value_at_quantile(0.99) as f64 / 1000.0
-                    },
-                );
-            }
-        })
-    };
     for w in workers {
         let _ = w.await;
     }
-    let push_secs = push_start.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs_f64(args.drain)).await;
-    progress.abort();
-    if tty {
-        eprintln!();
-    }
-    let after = server_pid.and_then(proc_stat);
-
-    // Phase 4: report.
     let accepted = accepted.lock().unwrap().clone();
-    let mut latency = hist();
-    let mut last_peer = hist();
-    let (mut received, mut duplicated, mut out_of_order, mut by_ws, mut by_dc) =
-        (0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut max_by_seq: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
-    let mut expected = 0u64;
-    for (seq, channel) in &accepted {
-        expected += if args.scenario == Scenario::Channel {
-            per_channel[*channel]
-        } else {
-            1
-        };
-        max_by_seq.insert(*seq, 0);
+    let api_latency = api_latency.lock().unwrap().clone();
+    Pushed {
+        accepted,
+        failed: counters.pushes_failed.load(Ordering::Relaxed),
+        api_latency,
+        seconds: push_start.elapsed().as_secs_f64(),
     }
-    for p in &peers {
-        let r = p.record.lock().unwrap();
-        received += r.received;
-        duplicated += r.duplicated;
-        out_of_order += r.out_of_order;
-        by_ws += r.by_ws;
-        by_dc += r.by_dc;
+}
+
+/// The target, body and channel of push number `seq`; `None` when there
+/// is nobody to push to.
+fn push_body(
+    args: &Args,
+    targets: &[Target],
+    seq: u64,
+    pad: &str,
+) -> Option<(&'static str, Value, usize)> {
+    let data = json!({"seq": seq, "ts": now_us(), "pad": pad});
+    match args.scenario {
+        Scenario::Channel => {
+            let ch = (seq as usize) % args.channels;
+            let body =
+                json!({"channel_id": args.channel.replace("{n}", &ch.to_string()), "data": data});
+            Some(("Sora_20160711.PushChannel", body, ch))
+        }
+        Scenario::Connection => {
+            let t = targets.get((seq as usize) % targets.len().max(1))?;
+            let body = json!({"channel_id": args.channel.replace("{n}", &t.channel.to_string()),
+                              "connection_id": t.connection_id, "data": data});
+            Some(("Sora_20160711.PushConnection", body, t.channel))
+        }
+    }
+}
+
+/// Live progress on a terminal, until aborted.
+fn progress(
+    counters: Arc<Counters>,
+    records: Vec<Arc<Mutex<PeerRecord>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let mut h = hist();
+            for r in &records {
+                if let Some(l) = &r.lock().unwrap().latencies {
+                    let _ = h.add(l);
+                }
+            }
+            eprint!(
+                "\rpeers {} | pushes {} | deliveries {} | p99 {:.1} ms     ",
+                counters.connected.load(Ordering::Relaxed),
+                counters.pushes_ok.load(Ordering::Relaxed),
+                counters.deliveries.load(Ordering::Relaxed),
+                if h.is_empty() {
+                    0.0
+                } else {
+                    h.value_at_quantile(0.99) as f64 / 1000.0
+                },
+            );
+        }
+    })
+}
+
+/// Step 4: what this process's peers received.
+fn observe(
+    mut o: Observed,
+    args: &Args,
+    targets: &[Target],
+    records: &[Arc<Mutex<PeerRecord>>],
+) -> Observed {
+    let mut latency = hist();
+    let mut last: HashMap<u64, u64> = HashMap::new();
+    o.per_channel = vec![0; args.channels];
+    for t in targets {
+        o.per_channel[t.channel] += 1;
+    }
+    for r in records {
+        let r = r.lock().unwrap();
+        o.received += r.received;
+        o.duplicated += r.duplicated;
+        o.out_of_order += r.out_of_order;
+        o.by_ws += r.by_ws;
+        o.by_dc += r.by_dc;
         if let Some(h) = &r.latencies {
             let _ = latency.add(h);
         }
         for (seq, lat) in &r.firsts {
-            if let Some(m) = max_by_seq.get_mut(seq) {
-                *m = (*m).max(*lat);
-            }
+            let m = last.entry(*seq).or_default();
+            *m = (*m).max(*lat);
         }
     }
-    for m in max_by_seq.values() {
-        if *m > 0 {
-            let _ = last_peer.record(*m);
+    o.latency_us = buckets(&latency);
+    o.last_by_seq = last.into_iter().collect();
+    o
+}
+
+/// The server's RSS and CPU at the moments the report compares.
+#[derive(Default, Clone, Copy)]
+struct ServerSamples {
+    before: Option<(u64, f64)>,
+    connected: Option<(u64, f64)>,
+    pushing: Option<(u64, f64)>,
+    after: Option<(u64, f64)>,
+}
+
+/// Step 5: the summary, the one-line verdict and the exit status.
+fn report(
+    args: &Args,
+    o: &Observed,
+    pushed: &Pushed,
+    connect_secs: f64,
+    server_pid: Option<u32>,
+    s: ServerSamples,
+) -> i32 {
+    let mut expected = 0u64;
+    for (_, channel) in &pushed.accepted {
+        expected += match args.scenario {
+            Scenario::Channel => o.per_channel.get(*channel).copied().unwrap_or(0),
+            Scenario::Connection => 1,
+        };
+    }
+    let accepted: std::collections::HashSet<u64> =
+        pushed.accepted.iter().map(|(s, _)| *s).collect();
+    let mut last_peer = hist();
+    for (seq, lat) in &o.last_by_seq {
+        if accepted.contains(seq) && *lat > 0 {
+            let _ = last_peer.record(*lat);
         }
     }
-    let lost = expected.saturating_sub(received);
-    let connected = counters.connected.load(Ordering::Relaxed);
+    let latency = from_buckets(&o.latency_us);
+    let lost = expected.saturating_sub(o.received);
+    let connected = o.connected;
+    let ok = pushed.accepted.len() as f64;
+    let delta = |a: Option<(u64, f64)>, b: Option<(u64, f64)>| match (a, b) {
+        (Some(a), Some(b)) => Some(b.1 - a.1),
+        _ => None,
+    };
+    let per_peer = |b: Option<(u64, f64)>, c: Option<(u64, f64)>| match (b, c) {
+        (Some(b), Some(c)) if connected > 0 => Some((c.0 as f64 - b.0 as f64) / connected as f64),
+        _ => None,
+    };
     let summary = json!({
-        "peers": {"requested": args.peers, "connected": connected, "failed": counters.failed.load(Ordering::Relaxed),
-                  "failure_reasons": *failures.lock().unwrap(), "connect_seconds": connect_secs},
+        "peers": {"requested": args.peers, "connected": connected, "failed": o.failed,
+                  "failure_reasons": o.failure_reasons, "connect_seconds": connect_secs,
+                  "processes": args.processes.max(1)},
         "mode": {"data_channel_signaling": args.data_channel_signaling, "ignore_disconnect_websocket": args.ignore_disconnect_websocket,
                  "scenario": format!("{:?}", args.scenario).to_lowercase(), "arrival": format!("{:?}", args.arrival).to_lowercase(),
                  "rate": args.rate, "api_connections": args.api_connections, "channels": args.channels},
-        "connect_ms": quantiles(&connect_hist.lock().unwrap(), 1000.0),
-        "offer_to_ready_ms": quantiles(&ready_hist.lock().unwrap(), 1000.0),
+        "connect_ms": quantiles(&from_buckets(&o.connect_us), 1000.0),
+        "offer_to_ready_ms": quantiles(&from_buckets(&o.ready_us), 1000.0),
         "latency_ms": quantiles(&latency, 1000.0),
         "last_peer_latency_ms": quantiles(&last_peer, 1000.0),
-        "api_latency_ms": quantiles(&api_latency.lock().unwrap(), 1000.0),
-        "pushes": {"accepted": counters.pushes_ok.load(Ordering::Relaxed), "failed": counters.pushes_failed.load(Ordering::Relaxed),
-                   "seconds": push_secs, "per_second": counters.pushes_ok.load(Ordering::Relaxed) as f64 / push_secs},
-        "deliveries": {"expected": expected, "received": received, "lost": lost, "duplicated": duplicated, "out_of_order": out_of_order,
-                       "websocket": by_ws, "datachannel": by_dc, "per_second": received as f64 / push_secs},
+        "api_latency_ms": quantiles(&pushed.api_latency, 1000.0),
+        "pushes": {"accepted": pushed.accepted.len(), "failed": pushed.failed, "seconds": pushed.seconds, "per_second": ok / pushed.seconds},
+        "deliveries": {"expected": expected, "received": o.received, "lost": lost, "duplicated": o.duplicated, "out_of_order": o.out_of_order,
+                       "websocket": o.by_ws, "datachannel": o.by_dc, "per_second": o.received as f64 / pushed.seconds},
         "server": server_pid.map(|pid| json!({
             "pid": pid,
-            "rss_kb_before": before.map(|b| b.0),
-            "rss_kb_connected": connected_rss.map(|b| b.0),
-            "rss_kb_per_peer": match (before, connected_rss) { (Some(b), Some(c)) if connected > 0 => Some((c.0 as f64 - b.0 as f64) / connected as f64), _ => None },
-            "rss_kb_settled": pushing.map(|p| p.0),
-            "rss_kb_per_peer_settled": match (before, pushing) { (Some(b), Some(c)) if connected > 0 => Some((c.0 as f64 - b.0 as f64) / connected as f64), _ => None },
-            "cpu_seconds": match (before, after) { (Some(b), Some(a)) => Some(a.1 - b.1), _ => None },
-            "cpu_seconds_pushing": match (pushing, after) { (Some(b), Some(a)) => Some(a.1 - b.1), _ => None },
-            "cpu_us_per_delivery": match (pushing, after) { (Some(b), Some(a)) if received > 0 => Some((a.1 - b.1) * 1e6 / received as f64), _ => None },
+            "rss_kb_before": s.before.map(|b| b.0),
+            "rss_kb_connected": s.connected.map(|b| b.0),
+            "rss_kb_per_peer": per_peer(s.before, s.connected),
+            "rss_kb_settled": s.pushing.map(|p| p.0),
+            "rss_kb_per_peer_settled": per_peer(s.before, s.pushing),
+            "cpu_seconds": delta(s.before, s.after),
+            "cpu_seconds_pushing": delta(s.pushing, s.after),
+            "cpu_us_per_delivery": delta(s.pushing, s.after).filter(|_| o.received > 0).map(|c| c * 1e6 / o.received as f64),
         })),
     });
     let text = serde_json::to_string_pretty(&summary).expect("serialises");
@@ -644,38 +775,204 @@ async fn main() {
             .unwrap_or_else(|e| eprintln!("hato-load: cannot write {path}: {e}")),
         None => {}
     }
-    let p99 = if latency.is_empty() {
-        0.0
-    } else {
-        latency.value_at_quantile(0.99) as f64 / 1000.0
+    let q = |h: &Histogram<u64>, p: f64| {
+        if h.is_empty() {
+            0.0
+        } else {
+            h.value_at_quantile(p) as f64 / 1000.0
+        }
     };
+    let p99 = q(&latency, 0.99);
     eprintln!(
-        "hato-load: {connected}/{} peers connected; {} pushes accepted; deliveries {received}/{expected} (lost {lost}, duplicated {duplicated}, out of order {out_of_order}; websocket {by_ws}, datachannel {by_dc}); latency p50 {:.2} ms p99 {p99:.2} ms",
-        args.peers,
-        counters.pushes_ok.load(Ordering::Relaxed),
-        if latency.is_empty() { 0.0 } else { latency.value_at_quantile(0.5) as f64 / 1000.0 },
+        "hato-load: {connected}/{} peers connected; {} pushes accepted; deliveries {}/{expected} (lost {lost}, duplicated {}, out of order {}; websocket {}, datachannel {}); latency p50 {:.2} ms p99 {p99:.2} ms",
+        args.peers, pushed.accepted.len(), o.received, o.duplicated, o.out_of_order, o.by_ws, o.by_dc, q(&latency, 0.5),
     );
     let mut missed = Vec::new();
-    if let Some(max) = args.max_p99_ms {
-        if p99 > max {
-            missed.push(format!("p99 {p99:.2} ms > {max} ms"));
-        }
+    if let Some(max) = args.max_p99_ms.filter(|m| p99 > *m) {
+        missed.push(format!("p99 {p99:.2} ms > {max} ms"));
     }
-    if let Some(max) = args.max_lost {
-        if lost > max {
-            missed.push(format!("lost {lost} > {max}"));
-        }
+    if let Some(max) = args.max_lost.filter(|m| lost > *m) {
+        missed.push(format!("lost {lost} > {max}"));
     }
-    if let Some(min) = args.min_connect_success {
-        let got = connected as f64 / args.peers as f64;
-        if got < min {
-            missed.push(format!("connect success {got:.3} < {min}"));
-        }
+    let got = connected as f64 / args.peers as f64;
+    if let Some(min) = args.min_connect_success.filter(|m| got < *m) {
+        missed.push(format!("connect success {got:.3} < {min}"));
     }
-    if !missed.is_empty() {
+    if missed.is_empty() {
+        0
+    } else {
         eprintln!("hato-load: thresholds missed: {}", missed.join("; "));
-        std::process::exit(1);
+        1
     }
+}
+
+fn check(args: &Args) -> Result<(), &'static str> {
+    if args.peers == 0 || args.peers > 20_000 {
+        return Err("--peers must be 1..=20000");
+    }
+    if !(args.duration > 0.0 && args.duration <= 600.0) || args.drain > 60.0 || args.settle > 60.0 {
+        return Err(
+            "--duration must be in (0, 600] s, --drain and --settle at most 60 s: runs are bounded",
+        );
+    }
+    if args.arrival == Arrival::Open && args.rate <= 0.0 {
+        return Err("open arrival needs --rate > 0");
+    }
+    if args.processes == 0 || args.processes > 64 {
+        return Err("--processes must be 1..=64");
+    }
+    if !(args.allow_remote
+        || is_loopback_url(&args.signaling_url) && is_loopback_url(&args.api_url))
+    {
+        return Err("targets must be loopback; pass --allow-remote for a host you run");
+    }
+    Ok(())
+}
+
+/// A worker process: connects its share of the peers, tells the parent
+/// who they are (`READY` + JSON line), records until the parent writes a
+/// line on stdin, then writes what its peers saw (`OBSERVED` + JSON line).
+async fn worker(args: Args, index: usize) -> i32 {
+    let k = args.processes;
+    let counters = Arc::new(Counters::default());
+    let indices = (0..args.peers).filter(|i| i % k == index).collect();
+    let (clients, connected) = connect_phase(&args, indices, &counters, false).await;
+    let (targets, records) = record_phase(&args, clients, &counters);
+    println!(
+        "READY {}",
+        serde_json::to_string(&targets).expect("serialises")
+    );
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    let _ = tokio::io::AsyncBufReadExt::read_line(
+        &mut tokio::io::BufReader::new(tokio::io::stdin()),
+        &mut line,
+    )
+    .await;
+    let observed = observe(connected, &args, &targets, &records);
+    println!(
+        "OBSERVED {}",
+        serde_json::to_string(&observed).expect("serialises")
+    );
+    let _ = std::io::stdout().flush();
+    0
+}
+
+/// The parent of `--processes K`: starts K workers of this binary, pushes
+/// once they are all connected, and merges what they saw.
+async fn parent(args: Args, tty: bool) -> i32 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let server_pid = args
+        .server_pid
+        .or_else(|| args.server_process.as_deref().and_then(find_pid));
+    let mut samples = ServerSamples {
+        before: server_pid.and_then(proc_stat),
+        ..Default::default()
+    };
+    let exe = std::env::current_exe().expect("own path");
+    let own: Vec<String> = std::env::args().skip(1).collect();
+    let t0 = Instant::now();
+    let mut workers = Vec::new();
+    for i in 0..args.processes {
+        let mut child = tokio::process::Command::new(&exe)
+            .args(&own)
+            .args(["--worker-index", &i.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("a worker process starts");
+        let stdin = child.stdin.take().expect("piped");
+        let lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+        workers.push((child, stdin, lines));
+    }
+    let mut targets = Vec::new();
+    for (_, _, lines) in &mut workers {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(t) = line.strip_prefix("READY ") {
+                targets.extend(serde_json::from_str::<Vec<Target>>(t).unwrap_or_default());
+                break;
+            }
+        }
+    }
+    let connect_secs = t0.elapsed().as_secs_f64();
+    if tty {
+        eprintln!(
+            "hato-load: {} peers connected by {} processes",
+            targets.len(),
+            args.processes
+        );
+    }
+    samples.connected = server_pid.and_then(proc_stat);
+    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
+    samples.pushing = server_pid.and_then(proc_stat);
+    let counters = Arc::new(Counters::default());
+    let pushed = push_phase(&args, Arc::new(targets), &counters).await;
+    tokio::time::sleep(Duration::from_secs_f64(args.drain)).await;
+    samples.after = server_pid.and_then(proc_stat);
+    let mut merged = Observed::default();
+    for (mut child, mut stdin, mut lines) in workers {
+        let _ = stdin.write_all(b"report\n").await;
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(o) = line.strip_prefix("OBSERVED ") {
+                if let Ok(o) = serde_json::from_str::<Observed>(o) {
+                    merged.merge(o);
+                }
+                break;
+            }
+        }
+        let _ = child.wait().await;
+    }
+    report(&args, &merged, &pushed, connect_secs, server_pid, samples)
+}
+
+/// One process: connect, record, settle, push, drain, report.
+async fn single(args: Args, tty: bool) -> i32 {
+    let server_pid = args
+        .server_pid
+        .or_else(|| args.server_process.as_deref().and_then(find_pid));
+    let mut samples = ServerSamples {
+        before: server_pid.and_then(proc_stat),
+        ..Default::default()
+    };
+    let counters = Arc::new(Counters::default());
+    let t0 = Instant::now();
+    let (clients, connected) =
+        connect_phase(&args, (0..args.peers).collect(), &counters, tty).await;
+    let connect_secs = t0.elapsed().as_secs_f64();
+    samples.connected = server_pid.and_then(proc_stat);
+    let (targets, records) = record_phase(&args, clients, &counters);
+    // Every connect sent connection.created to the channel: let that
+    // storm pass before measuring pushes.
+    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
+    samples.pushing = server_pid.and_then(proc_stat);
+    let live = tty.then(|| progress(counters.clone(), records.clone()));
+    let targets = Arc::new(targets);
+    let pushed = push_phase(&args, targets.clone(), &counters).await;
+    tokio::time::sleep(Duration::from_secs_f64(args.drain)).await;
+    if let Some(p) = live {
+        p.abort();
+        eprintln!();
+    }
+    samples.after = server_pid.and_then(proc_stat);
+    let observed = observe(connected, &args, &targets, &records);
+    report(&args, &observed, &pushed, connect_secs, server_pid, samples)
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    if let Err(e) = check(&args) {
+        eprintln!("hato-load: {e}");
+        std::process::exit(2);
+    }
+    let tty = std::io::stderr().is_terminal();
+    let code = match args.worker_index {
+        Some(i) => worker(args, i).await,
+        None if args.processes > 1 => parent(args, tty).await,
+        None => single(args, tty).await,
+    };
     let _ = std::io::stderr().flush();
-    std::process::exit(0);
+    // Exit at once: the peers' tasks and sockets go with the process.
+    std::process::exit(code);
 }
