@@ -14,14 +14,13 @@ use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
 use hato_datachannel::{Peer, PeerEvent};
 use hato_signaling::message::{self, ChannelCounts, ClientMessage, NotifyConnection};
-use hato_signaling::{id, sdp, time, zlib, ConnectRequest, DataChannelSpec, Offer, Role};
+use hato_signaling::session::{Action, End, Machine, Mode, Rules};
+use hato_signaling::{id, time, ConnectRequest, DataChannelSpec, Offer, Role};
 use serde_json::{json, Value};
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -29,8 +28,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-/// The close code Sora uses for a refused `connect` (protocol.md §5.1).
-pub const SIGNALING_ERROR: u16 = 4490;
+pub use hato_signaling::session::SIGNALING_ERROR;
 
 /// How long a DataChannel peer gets to close its side after hato closed
 /// the channels, before hato ends the association itself.
@@ -84,21 +82,6 @@ fn only_signaling(req: &Request, resp: Response) -> Result<Response, ErrorRespon
         *err.status_mut() = StatusCode::NOT_FOUND;
         Err(err)
     }
-}
-
-/// Why a session ends, which decides what the peer is told.
-#[derive(Debug)]
-enum End {
-    /// Bad signaling input or a connect-time failure: close 4490.
-    Refused(String),
-    /// The client sent `disconnect`.
-    ClientDisconnect,
-    /// The WebSocket went away while it still mattered.
-    WebSocketLost,
-    /// ICE/DTLS failed or the PeerConnection closed.
-    PeerFailed(String),
-    /// hato ends it (overflow, missed pongs): close 1000 with this reason.
-    Server(&'static str),
 }
 
 async fn refuse(ws: WebSocketStream<TcpStream>, reason: &str) {
@@ -261,6 +244,19 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>) {
         dc_signaling, ignore_ws, "offer sent"
     );
 
+    let rules = Rules {
+        answer_timeout: cfg.answer_timeout(),
+        establish_timeout: cfg.establish_timeout(),
+        ping_interval: cfg.ping_interval(),
+        pong_timeout: cfg.pong_timeout(),
+        client_message_limit: cfg.client_message_limit,
+        data_channel_message_limit: cfg.data_channel_message_limit,
+    };
+    let mode = Mode {
+        data_channel_signaling: dc_signaling,
+        ignore_disconnect_websocket: ignore_ws,
+        compress,
+    };
     let mut session = Session {
         shared: shared.clone(),
         connection_id,
@@ -269,26 +265,19 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>) {
         channel_id: connect.channel_id.as_str().into(),
         role: connect.role,
         notify_metadata: connect.signaling_notify_metadata.clone(),
-        dc_signaling,
-        ignore_ws,
-        compress,
+        machine: Machine::new(std::time::Instant::now(), rules, mode),
         peer,
         outbox: Some(outbox),
         mailbox,
         conn: None,
-        answered: false,
-        connected: false,
-        switched: false,
-        open: HashSet::new(),
-        ws_alive: true,
-        message_limit: None,
-        last_pong: Instant::now(),
-        deadline: Instant::now() + cfg.answer_timeout(),
     };
     let end = session.drive(stream, events, kill_rx).await;
     session.finish(end).await;
 }
 
+/// The I/O shell of one connection: it feeds the sockets' events to the
+/// [`Machine`] (`hato_signaling::session`), which holds every protocol
+/// rule, and carries out the actions it returns.
 struct Session {
     shared: Arc<Shared>,
     connection_id: Arc<str>,
@@ -297,24 +286,12 @@ struct Session {
     channel_id: Arc<str>,
     role: Role,
     notify_metadata: Option<Value>,
-    dc_signaling: bool,
-    ignore_ws: bool,
-    compress: bool,
+    machine: Machine,
     peer: Arc<Peer>,
     outbox: Option<Outbox>,
     mailbox: Arc<Mailbox>,
     /// Set once the peer is in the table.
     conn: Option<Arc<Conn>>,
-    answered: bool,
-    connected: bool,
-    switched: bool,
-    open: HashSet<Arc<str>>,
-    ws_alive: bool,
-    /// Largest push the peer takes over its DataChannel (from its answer).
-    message_limit: Option<usize>,
-    last_pong: Instant,
-    /// When the current phase (answer, then establishment) times out.
-    deadline: Instant,
 }
 
 struct Drive {
@@ -324,16 +301,6 @@ struct Drive {
 }
 
 impl Session {
-    fn established(&self) -> bool {
-        self.conn.is_some() && (!self.dc_signaling || self.switched)
-    }
-
-    /// Whether the WebSocket still carries signaling: after the switch
-    /// with `ignore_disconnect_websocket` it does not (§3.9).
-    fn ws_in_use(&self) -> bool {
-        self.ws_alive && !(self.switched && self.ignore_ws)
-    }
-
     /// Queues on this connection's own outbox; a full queue ends it.
     fn queue(&self, out: Out) {
         self.mailbox.deliver(out);
@@ -345,131 +312,90 @@ impl Session {
         mut events: mpsc::Receiver<PeerEvent>,
         mut kill_rx: mpsc::UnboundedReceiver<Kill>,
     ) -> Drive {
-        let cfg = self.shared.config.clone();
         let mut shutdown = self.shared.shutdown.subscribe();
-        let mut ping = tokio::time::interval(cfg.ping_interval());
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let end = loop {
-            let deadline = tokio::time::sleep_until(self.deadline);
-            let end = tokio::select! {
-                msg = stream.next(), if self.ws_alive => self.on_ws(msg).await,
-                ev = events.recv() => self.on_peer(ev).await,
-                Some(kill) = kill_rx.recv() => match kill {
-                    Kill::Overflow => Some(End::Server("OUTBOX-OVERFLOW")),
-                    Kill::Api => Some(End::Server("DISCONNECTED-API")),
-                },
-                () = shutting_down(&mut shutdown) => Some(End::Server("SHUTDOWN")),
-                () = deadline, if !self.established() => Some(End::Refused(if self.answered {
-                    "connection not established before the timeout".into()
-                } else {
-                    "no answer before the timeout".into()
-                })),
-                _ = ping.tick(), if self.answered && self.ws_in_use() => {
-                    if self.last_pong.elapsed() > cfg.pong_timeout() {
-                        Some(End::Server("PONG-TIMEOUT"))
-                    } else {
-                        self.queue(Out::Ws(message::ping()));
-                        None
-                    }
+        let mut ws_open = true;
+        loop {
+            let deadline = self.machine.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
                 }
             };
-            if let Some(end) = end {
-                break end;
+            let now = || std::time::Instant::now();
+            tokio::select! {
+                msg = stream.next(), if ws_open => match msg {
+                    Some(Ok(Message::Text(t))) => self.machine.on_ws_text(now(), t.as_bytes()),
+                    Some(Ok(Message::Binary(_))) => self.machine.on_ws_binary(),
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                        ws_open = false;
+                        self.machine.on_ws_closed();
+                        if !self.machine.ws_in_use() && self.machine.switched() {
+                            tracing::debug!(connection_id = %self.connection_id, "WebSocket gone after switch, as expected");
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                },
+                ev = events.recv() => self.on_peer(ev),
+                Some(kill) = kill_rx.recv() => self.machine.on_server_end(match kill {
+                    Kill::Overflow => "OUTBOX-OVERFLOW",
+                    Kill::Api => "DISCONNECTED-API",
+                }),
+                () = shutting_down(&mut shutdown) => self.machine.on_server_end("SHUTDOWN"),
+                () = sleep => self.machine.handle_timeout(now()),
             }
+            while let Some(action) = self.machine.poll_action() {
+                match action {
+                    Action::ApplyAnswer(sdp) => {
+                        let result = self.peer.apply_answer(&sdp).await.map_err(|e| e.0);
+                        self.machine.answer_applied(now(), result);
+                    }
+                    Action::AddCandidate(c) => self.peer.add_candidate(&c),
+                    Action::SendPing => self.queue(Out::Ws(message::ping())),
+                    Action::Register { message_limit } => self.register(message_limit),
+                    Action::Switch {
+                        ignore_disconnect_websocket,
+                    } => {
+                        self.queue(Out::Switch {
+                            ignore_disconnect_websocket,
+                        });
+                        tracing::info!(connection_id = %self.connection_id, "switched");
+                    }
+                    Action::End(end) => {
+                        return Drive {
+                            end,
+                            stream,
+                            events,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_peer(&mut self, ev: Option<PeerEvent>) {
+        let Some(ev) = ev else {
+            return self
+                .machine
+                .on_transport_failed("the WebRTC engine stopped".into());
         };
-        Drive {
-            end,
-            stream,
-            events,
-        }
-    }
-
-    async fn on_ws(
-        &mut self,
-        msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
-    ) -> Option<End> {
-        let text = match msg {
-            Some(Ok(Message::Text(t))) => t,
-            Some(Ok(Message::Binary(_))) => {
-                return Some(End::Refused(
-                    "binary frames are not accepted; send JSON text".into(),
-                ))
-            }
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
-                self.ws_alive = false;
-                if self.switched && self.ignore_ws {
-                    tracing::debug!(connection_id = %self.connection_id, "WebSocket gone after switch, as expected");
-                    return None;
-                }
-                return Some(End::WebSocketLost);
-            }
-            Some(Ok(_)) => return None,
-        };
-        match ClientMessage::parse(text.as_bytes()) {
-            Ok(msg) => self.on_message(msg, "websocket").await,
-            Err(e) => Some(End::Refused(e.0)),
-        }
-    }
-
-    /// A client message from the WebSocket or a DataChannel.
-    async fn on_message(&mut self, msg: ClientMessage, via: &str) -> Option<End> {
-        match msg {
-            ClientMessage::Connect(_) => {
-                return Some(End::Refused("connect was already received".into()))
-            }
-            ClientMessage::Answer { sdp } if via == "websocket" => {
-                if self.answered {
-                    tracing::debug!(connection_id = %self.connection_id, "second answer ignored");
-                    return None;
-                }
-                if let Err(e) = self.peer.apply_answer(&sdp).await {
-                    return Some(End::Refused(format!(
-                        "the answer could not be applied: {e}"
-                    )));
-                }
-                self.answered = true;
-                self.last_pong = Instant::now();
-                self.deadline = Instant::now() + self.shared.config.establish_timeout();
-                let limit = self.shared.config.data_channel_message_limit;
-                self.message_limit = self
-                    .dc_signaling
-                    .then(|| sdp::max_message_size(&sdp).map_or(limit, |n| n.min(limit)));
-            }
-            ClientMessage::Candidate(c) => self.peer.add_candidate(&c.candidate),
-            ClientMessage::Pong | ClientMessage::Stats => self.last_pong = Instant::now(),
-            ClientMessage::Disconnect { reason } => {
-                tracing::info!(connection_id = %self.connection_id, ?reason, via, "client disconnect");
-                return Some(End::ClientDisconnect);
-            }
-            other => {
-                tracing::debug!(connection_id = %self.connection_id, via, ?other, "message ignored");
-            }
-        }
-        None
-    }
-
-    async fn on_peer(&mut self, ev: Option<PeerEvent>) -> Option<End> {
-        match ev? {
-            PeerEvent::Connected => {
-                if !self.connected {
-                    self.connected = true;
-                    self.register();
-                    self.maybe_switch();
-                }
-            }
-            PeerEvent::Failed(reason) => return Some(End::PeerFailed(reason)),
-            PeerEvent::Open(label) => {
-                self.open.insert(label);
-                self.maybe_switch();
-            }
+        match ev {
+            PeerEvent::Connected => self.machine.on_transport_connected(),
+            PeerEvent::Failed(reason) => self.machine.on_transport_failed(reason),
+            PeerEvent::AssociationClosed => self
+                .machine
+                .on_transport_failed("the SCTP association closed".into()),
+            PeerEvent::Open(label) => self.machine.on_channel_open(&label),
             PeerEvent::Message { label, data, text } => {
-                return self.on_dc_message(&label, &data, text).await
+                if let Err(why) =
+                    self.machine
+                        .on_dc_message(std::time::Instant::now(), &label, &data, text)
+                {
+                    tracing::warn!(connection_id = %self.connection_id, %label, error = %why, "DataChannel message dropped");
+                }
             }
             PeerEvent::Closed(label) => {
                 tracing::debug!(connection_id = %self.connection_id, %label, "DataChannel closed");
-            }
-            PeerEvent::AssociationClosed => {
-                return Some(End::PeerFailed("the SCTP association closed".into()))
             }
             PeerEvent::Writable(_) => {}
             PeerEvent::Backlog(label) => {
@@ -479,39 +405,7 @@ impl Session {
                     .stats
                     .overflows
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Some(End::Server("OUTBOX-OVERFLOW"));
-            }
-        }
-        None
-    }
-
-    /// Anything malformed on a DataChannel is logged and dropped (§4.3).
-    async fn on_dc_message(&mut self, label: &str, data: &[u8], text: bool) -> Option<End> {
-        let limit = self.shared.config.client_message_limit;
-        let inflated;
-        let bytes = if self.compress && !text {
-            match zlib::decompress(data, limit) {
-                Ok(b) => {
-                    inflated = b;
-                    &inflated[..]
-                }
-                Err(e) => {
-                    tracing::warn!(connection_id = %self.connection_id, label, error = %e, "DataChannel message dropped");
-                    return None;
-                }
-            }
-        } else {
-            data
-        };
-        match ClientMessage::parse(bytes) {
-            Ok(ClientMessage::Answer { .. }) | Ok(ClientMessage::Connect(_)) => {
-                tracing::warn!(connection_id = %self.connection_id, label, "connect/answer on a DataChannel dropped");
-                None
-            }
-            Ok(msg) => self.on_message(msg, label).await,
-            Err(e) => {
-                tracing::warn!(connection_id = %self.connection_id, label, error = %e, "DataChannel message dropped");
-                None
+                self.machine.on_server_end("OUTBOX-OVERFLOW");
             }
         }
     }
@@ -530,7 +424,7 @@ impl Session {
 
     /// ICE and DTLS are up: join the table, then `connection.created` to
     /// the new peer (with the list of those present) and to the others.
-    fn register(&mut self) {
+    fn register(&mut self, message_limit: Option<usize>) {
         let conn = Arc::new(Conn::new(
             self.connection_id.clone(),
             self.client_id.clone(),
@@ -539,7 +433,7 @@ impl Session {
             self.shared.session_id.clone(),
             self.role,
             self.notify_metadata.clone(),
-            self.message_limit,
+            message_limit,
             self.mailbox.clone(),
         ));
         let (others, counts) = self.shared.table.insert(conn.clone());
@@ -589,23 +483,6 @@ impl Session {
         }
     }
 
-    /// Every listed DataChannel is open and the peer is registered: switch.
-    fn maybe_switch(&mut self) {
-        if self.dc_signaling
-            && !self.switched
-            && self.conn.is_some()
-            && message::SYSTEM_LABELS
-                .iter()
-                .all(|(l, _)| self.open.contains(*l))
-        {
-            self.switched = true;
-            self.queue(Out::Switch {
-                ignore_disconnect_websocket: self.ignore_ws,
-            });
-            tracing::info!(connection_id = %self.connection_id, "switched");
-        }
-    }
-
     async fn finish(mut self, drive: Drive) {
         let Drive {
             end,
@@ -623,22 +500,15 @@ impl Session {
                 );
             }
         }
-        let dc_only = self.switched && self.ignore_ws;
-        let ws_open = self.ws_in_use();
-        let mut close = Close::default();
-        match end {
-            End::Refused(reason) if ws_open => close.websocket = Some((SIGNALING_ERROR, reason)),
-            End::ClientDisconnect if ws_open => {
-                close.websocket = Some((1000, "TYPE-DISCONNECT".into()))
-            }
-            End::PeerFailed(reason) if ws_open => close.websocket = Some((1000, reason)),
-            End::Server(reason) if dc_only => close.signaling = Some((1000, reason.into())),
-            End::Server(reason) if ws_open => close.websocket = Some((1000, reason.into())),
-            _ => {}
-        }
-        let websocket_closed = close.websocket.is_some();
+        let closing = self.machine.closing(&end);
+        let websocket_closed = closing.websocket.is_some();
         if let Some(outbox) = self.outbox.take() {
-            outbox.close(close).await;
+            outbox
+                .close(Close {
+                    websocket: closing.websocket,
+                    signaling: closing.signaling,
+                })
+                .await;
         }
         if websocket_closed {
             // Let the client's Close frame come back, so its close is clean.
@@ -648,7 +518,7 @@ impl Session {
             .await;
         }
         drop(stream);
-        if self.dc_signaling && self.connected {
+        if closing.close_channels {
             // Close each channel (an SCTP stream reset each) and let the
             // client finish: the SDKs wait for every `onclose`, then close
             // their PeerConnection. Ending the association first would turn

@@ -10,6 +10,7 @@ pub mod connect;
 pub mod id;
 pub mod message;
 pub mod sdp;
+pub mod session;
 pub mod time;
 pub mod zlib;
 
