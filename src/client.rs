@@ -32,6 +32,9 @@ pub struct ClientOptions {
     pub engine: Engine,
     /// Limit on WebSocket connect plus the wait for the offer.
     pub timeout: Duration,
+    /// After `switched` with `ignore_disconnect_websocket: true`, close
+    /// the WebSocket (a Close frame without a code), as sora-js-sdk does.
+    pub close_websocket_after_switch: bool,
 }
 
 impl ClientOptions {
@@ -46,6 +49,7 @@ impl ClientOptions {
             extra: Map::new(),
             engine: default_engine(),
             timeout: Duration::from_secs(10),
+            close_websocket_after_switch: false,
         }
     }
 
@@ -247,7 +251,14 @@ impl Client {
         let peer = Arc::new(peer);
         let (events_tx, events) = mpsc::unbounded_channel();
         let (commands, commands_rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(ws, peer_events, commands_rx, events_tx, compress));
+        tokio::spawn(run(
+            ws,
+            peer_events,
+            commands_rx,
+            events_tx,
+            compress,
+            opts.close_websocket_after_switch,
+        ));
         Ok(Client {
             connection_id: offer["connection_id"]
                 .as_str()
@@ -381,6 +392,7 @@ async fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<ClientEvent>,
     compress: bool,
+    close_after_switch: bool,
 ) {
     let mut ws = Some(ws);
     loop {
@@ -393,6 +405,12 @@ async fn run(
                             ClientEvent::Ping => {
                                 let pong = Message::text(r#"{"type":"pong"}"#);
                                 let _ = ws.as_mut().unwrap().send(pong).await;
+                            }
+                            ev @ ClientEvent::Switched { ignore_disconnect_websocket: true } if close_after_switch => {
+                                let _ = events.send(ev);
+                                if let Some(mut w) = ws.take() {
+                                    let _ = w.send(Message::Close(None)).await;
+                                }
                             }
                             ev => {
                                 let _ = events.send(ev);

@@ -61,6 +61,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             // 128 KiB read buffer per connection was ~100 KB of each peer's
             // RSS (heaptrack). It grows when a frame needs more.
             config.read_buffer_size = 4096;
+            // Frames are buffered up to this much before a write; the
+            // buffer never shrinks, so tungstenite's 128 KiB default let
+            // a connect storm's notifies leave ~100 KB in every peer.
+            config.write_buffer_size = 16 * 1024;
             let handshake =
                 tokio_tungstenite::accept_hdr_async_with_config(tcp, only_signaling, Some(config));
             match tokio::time::timeout(shared.config.connect_timeout(), handshake).await {
@@ -296,7 +300,8 @@ struct Session {
 
 struct Drive {
     end: End,
-    stream: WsStream,
+    /// None once the WebSocket has closed.
+    stream: Option<WsStream>,
     events: mpsc::Receiver<PeerEvent>,
 }
 
@@ -308,12 +313,12 @@ impl Session {
 
     async fn drive(
         &mut self,
-        mut stream: WsStream,
+        stream: WsStream,
         mut events: mpsc::Receiver<PeerEvent>,
         mut kill_rx: mpsc::UnboundedReceiver<Kill>,
     ) -> Drive {
         let mut shutdown = self.shared.shutdown.subscribe();
-        let mut ws_open = true;
+        let mut stream = Some(stream);
         loop {
             let deadline = self.machine.poll_timeout();
             let sleep = async {
@@ -324,11 +329,15 @@ impl Session {
             };
             let now = || std::time::Instant::now();
             tokio::select! {
-                msg = stream.next(), if ws_open => match msg {
+                msg = async { stream.as_mut().unwrap().next().await }, if stream.is_some() => match msg {
                     Some(Ok(Message::Text(t))) => self.machine.on_ws_text(now(), t.as_bytes()),
                     Some(Ok(Message::Binary(_))) => self.machine.on_ws_binary(),
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
-                        ws_open = false;
+                        // Dropping the reading half lets the socket and its
+                        // buffers go as soon as the outbox has dropped the
+                        // writing half (at once after a switch with
+                        // ignore_disconnect_websocket).
+                        stream = None;
                         self.machine.on_ws_closed();
                         if !self.machine.ws_in_use() && self.machine.switched() {
                             tracing::debug!(connection_id = %self.connection_id, "WebSocket gone after switch, as expected");
@@ -510,7 +519,7 @@ impl Session {
                 })
                 .await;
         }
-        if websocket_closed {
+        if let (true, Some(stream)) = (websocket_closed, stream.as_mut()) {
             // Let the client's Close frame come back, so its close is clean.
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 while let Some(Ok(_)) = stream.next().await {}

@@ -31,7 +31,7 @@ use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,6 +50,9 @@ const EVENT_RESERVE: usize = 16;
 /// Datagrams held for a peer that is not ready for them yet (an ICE check or
 /// a DTLS ClientHello that overtook the answer on the signaling path).
 const EARLY_LIMIT: usize = 64;
+
+/// How often shard 0 of a server engine returns free memory to the kernel.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
 
 /// Peers removed between two returns of free memory to the kernel.
 const TRIM_AFTER: usize = 256;
@@ -239,6 +242,7 @@ pub fn spawn(
                     timers: BinaryHeap::new(),
                     out: Vec::new(),
                     removed_since_trim: 0,
+                    next_trim: Instant::now() + TRIM_EVERY,
                 }
                 .run(rx)
                 .await;
@@ -261,7 +265,31 @@ struct Channel {
     id: RTCDataChannelId,
     open: bool,
     backlogged: bool,
+    /// Messages not yet handed to SCTP, held as shared `Bytes` (a push
+    /// to many peers is one buffer for all of them) while SCTP holds
+    /// [`SCTP_HIGH`] bytes unacknowledged. SCTP copies each message and
+    /// its queues never shrink, so a burst (a connect storm's notifies)
+    /// would otherwise stay resident in every peer.
+    pending: VecDeque<(Bytes, bool)>,
+    pending_bytes: usize,
 }
+
+impl Channel {
+    fn new(label: Arc<str>, id: RTCDataChannelId) -> Channel {
+        Channel {
+            label,
+            id,
+            open: false,
+            backlogged: false,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+        }
+    }
+}
+
+/// Unacknowledged bytes a channel's SCTP stream may hold; more waits in
+/// the channel's `pending` queue.
+const SCTP_HIGH: usize = 128 * 1024;
 
 struct PeerSlot {
     pc: RTCPeerConnection,
@@ -295,12 +323,7 @@ impl PeerSlot {
             return Some(c.label.clone());
         }
         let label: Arc<str> = self.pc.data_channel(id)?.label().into();
-        self.channels.push(Channel {
-            label: label.clone(),
-            id,
-            open: false,
-            backlogged: false,
-        });
+        self.channels.push(Channel::new(label.clone(), id));
         Some(label)
     }
 }
@@ -320,6 +343,7 @@ struct Shard {
     timers: BinaryHeap<Reverse<(Instant, PeerId)>>,
     out: Vec<(SocketAddr, BytesMut)>,
     removed_since_trim: usize,
+    next_trim: Instant,
 }
 
 impl Shard {
@@ -348,6 +372,13 @@ impl Shard {
                 () = sleep => {}
             }
             let now = Instant::now();
+            // Shard 0 hands freed memory back now and then: a connect
+            // storm's notifies sit in SCTP queues by the hundred thousand
+            // for a few seconds, and glibc would otherwise keep that peak.
+            if self.k == 0 && self.socket.is_some() && now >= self.next_trim {
+                self.next_trim = now + TRIM_EVERY;
+                give_back_memory();
+            }
             for c in commands.drain(..) {
                 self.on_command(c, now);
             }
@@ -532,12 +563,7 @@ impl Shard {
                         .create_data_channel(&label, Some(RTCDataChannelInit::default()))
                         .map_err(e)?
                         .id();
-                    channels.push(Channel {
-                        label,
-                        id,
-                        open: false,
-                        backlogged: false,
-                    });
+                    channels.push(Channel::new(label, id));
                 }
                 let offer = pc.create_offer(None).map_err(e)?;
                 pc.set_local_description(now, offer).map_err(e)?;
@@ -605,49 +631,28 @@ impl Shard {
     }
 
     fn send(&mut self, id: PeerId, label: &str, data: &Bytes, text: bool, now: Instant) {
+        let stats = self.common.stats.clone();
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        let Some(ch) = p.channels.iter_mut().find(|c| &*c.label == label) else {
-            self.common
-                .stats
-                .failed_sends
-                .fetch_add(1, Ordering::Relaxed);
+        let Some(ci) = p.channels.iter().position(|c| &*c.label == label) else {
+            stats.failed_sends.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let Some(mut dc) = p.pc.data_channel(ch.id) else {
-            self.common
-                .stats
-                .failed_sends
-                .fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let result = if text {
-            // The bytes are UTF-8 by construction (JSON text); the core
-            // only needs them flagged as a string.
-            match std::str::from_utf8(data) {
-                Ok(s) => dc.send_text(now, s),
-                Err(_) => dc.send(now, BytesMut::from(&data[..])),
-            }
-        } else {
-            dc.send(now, BytesMut::from(&data[..]))
-        };
-        match result {
-            Ok(()) => {
-                if !ch.backlogged && dc.outstanding_bytes() > self.common.backlog_limit {
-                    ch.backlogged = true;
-                    let label = ch.label.clone();
-                    p.emit(PeerEvent::Backlog(label));
-                }
-            }
-            Err(e) => {
-                self.common
-                    .stats
-                    .failed_sends
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(peer = id, label, error = %e, "DataChannel send failed");
-            }
+        let ch = &mut p.channels[ci];
+        ch.pending.push_back((data.clone(), text));
+        ch.pending_bytes += data.len();
+        let queued = ch.pending_bytes;
+        let outstanding =
+            p.pc.data_channel(p.channels[ci].id)
+                .map_or(0, |dc| dc.outstanding_bytes());
+        let ch = &mut p.channels[ci];
+        if !ch.backlogged && queued + outstanding > self.common.backlog_limit {
+            ch.backlogged = true;
+            let label = ch.label.clone();
+            p.emit(PeerEvent::Backlog(label));
         }
+        feed_sctp(p, ci, now, &stats, id);
         self.mark(id);
     }
 
@@ -801,10 +806,19 @@ impl Shard {
                     }
                 }
             }
+            for ci in 0..p.channels.len() {
+                if !p.channels[ci].pending.is_empty()
+                    && feed_sctp(p, ci, Instant::now(), &stats, id)
+                {
+                    progressed = true;
+                }
+            }
             if let Some(until) = p.closing {
                 let drained = p.channels.iter().all(|c| {
-                    p.pc.data_channel(c.id)
-                        .is_none_or(|dc| dc.outstanding_bytes() == 0)
+                    c.pending.is_empty()
+                        && p.pc
+                            .data_channel(c.id)
+                            .is_none_or(|dc| dc.outstanding_bytes() == 0)
                 });
                 if drained || Instant::now() >= until {
                     p.closing = None;
@@ -872,6 +886,44 @@ impl Shard {
         }
         self.out.clear();
     }
+}
+
+/// Hands channel `ci`'s pending messages to SCTP while it holds less than
+/// [`SCTP_HIGH`] unacknowledged bytes. Returns whether it sent any.
+fn feed_sctp(p: &mut PeerSlot, ci: usize, now: Instant, stats: &Stats, id: PeerId) -> bool {
+    let ch = &mut p.channels[ci];
+    let Some(mut dc) = p.pc.data_channel(ch.id) else {
+        return false;
+    };
+    let mut sent = false;
+    while dc.outstanding_bytes() < SCTP_HIGH {
+        let Some((data, text)) = ch.pending.pop_front() else {
+            break;
+        };
+        ch.pending_bytes -= data.len();
+        let result = if text {
+            // JSON text, UTF-8 by construction; the core only needs it
+            // flagged as a string.
+            match std::str::from_utf8(&data) {
+                Ok(s) => dc.send_text(now, s),
+                Err(_) => dc.send(now, BytesMut::from(&data[..])),
+            }
+        } else {
+            dc.send(now, BytesMut::from(&data[..]))
+        };
+        match result {
+            Ok(()) => sent = true,
+            Err(e) => {
+                stats.failed_sends.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = id, label = %ch.label, error = %e, "DataChannel send failed");
+            }
+        }
+    }
+    if ch.pending.is_empty() && ch.pending.capacity() > 64 {
+        // A burst is over: give its queue back.
+        ch.pending = VecDeque::new();
+    }
+    sent
 }
 
 fn on_event(p: &mut PeerSlot, ev: RTCPeerConnectionEvent, stats: &Stats) {

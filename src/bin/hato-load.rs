@@ -282,6 +282,8 @@ async fn connect_peer(args: &Args, i: usize) -> Result<(Client, Duration, Durati
     opts.data_channel_signaling = Some(args.data_channel_signaling);
     opts.ignore_disconnect_websocket = Some(args.ignore_disconnect_websocket);
     opts.extra.insert("sora_client".into(), json!("hato-load"));
+    // As sora-js-sdk does: the WebSocket goes once it is not needed.
+    opts.close_websocket_after_switch = true;
     let start = Instant::now();
     let mut c = Client::connect(&opts).await.map_err(|e| e.to_string())?;
     // Connected: own connection.created; with DataChannel signaling also
