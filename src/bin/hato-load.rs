@@ -6,6 +6,12 @@
 //! told otherwise.
 
 use bytes::Bytes;
+
+/// mimalloc instead of glibc's malloc: every delivery allocates and frees
+/// a few small buffers on the engine threads, where glibc's malloc/free
+/// were ~10 % of the profile.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, ValueEnum};
 use hato::client::{now_us, Client, ClientEvent, ClientOptions, Via};
 use hdrhistogram::Histogram;
