@@ -1,10 +1,4 @@
 use clap::Parser;
-
-/// mimalloc instead of glibc's malloc: every delivery allocates and frees
-/// a few small buffers on the engine threads, where glibc's malloc/free
-/// were ~10 % of the profile.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use hato::{Config, Server};
 use tracing_subscriber::EnvFilter;
 
