@@ -342,6 +342,12 @@ impl Client {
         .is_some()
     }
 
+    /// Stops reading and acknowledging anything on the PeerConnection, as
+    /// a frozen client would, while keeping it open.
+    pub fn stall_peer(&self) {
+        self.peer.stall();
+    }
+
     /// Ends the PeerConnection from this side.
     pub fn close_peer(&self) {
         self.peer.close();

@@ -1171,3 +1171,47 @@ async fn strangers_on_the_webrtc_port_are_dropped_and_harm_no_one() {
         (Some("here"), Via::DataChannel)
     );
 }
+
+/// A switched DataChannel peer that stops acknowledging is disconnected
+/// with OUTBOX-OVERFLOW once 8 MiB wait for it; a healthy peer in the same
+/// channel gets every push, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datachannel_peer_that_stops_acknowledging_is_disconnected() {
+    let s = server().await;
+    let mut healthy = switched_client(&s, "frozen", true).await;
+    let frozen = switched_client(&s, "frozen", true).await;
+    table_len(&s, 2).await;
+    frozen.stall_peer();
+    let big = "x".repeat(200_000);
+    let mut pushes = 0;
+    while s.table().len() == 2 && pushes < 100 {
+        push(
+            &s,
+            "Sora_20160711.PushChannel",
+            json!({"channel_id": "frozen", "data": {"n": pushes, "big": big}}),
+        )
+        .await;
+        pushes += 1;
+    }
+    table_len(&s, 1).await;
+    assert!(
+        pushes > 40,
+        "disconnected after only {pushes} pushes of 200 KB"
+    );
+    assert!(
+        s.shared
+            .table
+            .stats
+            .overflows
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    for n in 0..pushes {
+        let (msg, via) = next_push(&mut healthy).await.expect("every push arrives");
+        assert_eq!(
+            (msg["data"]["n"].as_u64(), via),
+            (Some(n), Via::DataChannel)
+        );
+    }
+    drop(frozen);
+}

@@ -341,6 +341,13 @@ impl Peer {
         });
     }
 
+    /// From now on, drops every datagram that arrives for this peer, as if
+    /// its host had frozen: nothing is read or acknowledged. For tests of
+    /// peers that stop keeping up.
+    pub fn stall(&self) {
+        self.shard.command(shard::Command::Stall { id: self.id });
+    }
+
     /// Ends the connection: the other side is told (SCTP ABORT, DTLS
     /// close_notify); events stop after a final `Failed`.
     pub fn close(&self) {

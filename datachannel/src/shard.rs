@@ -112,6 +112,9 @@ pub enum Command {
     Remove {
         id: PeerId,
     },
+    Stall {
+        id: PeerId,
+    },
     /// A datagram that a per-peer socket received.
     Inbound {
         id: PeerId,
@@ -311,6 +314,8 @@ struct PeerSlot {
     association_closed: bool,
     /// Close every channel once drained, or at this time.
     closing: Option<Instant>,
+    /// Drops whatever arrives for it (a test's frozen client).
+    stalled: bool,
 }
 
 impl PeerSlot {
@@ -466,6 +471,11 @@ impl Shard {
                 }
             }
             Command::Remove { id } => self.remove(id),
+            Command::Stall { id } => {
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.stalled = true;
+                }
+            }
             Command::Inbound { id, datagram } => self.deliver(id, datagram, now),
         }
     }
@@ -607,6 +617,7 @@ impl Shard {
                 association_up: false,
                 association_closed: false,
                 closing: None,
+                stalled: false,
             },
         );
         self.common.stats.live_peers.fetch_add(1, Ordering::Relaxed);
@@ -710,6 +721,9 @@ impl Shard {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         };
+        if p.stalled {
+            return;
+        }
         if let Some(early) = &mut p.early {
             if early.len() < EARLY_LIMIT {
                 early.push(d);
