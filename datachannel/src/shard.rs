@@ -689,6 +689,13 @@ impl Shard {
         self.common.stats.live_peers.fetch_sub(1, Ordering::Relaxed);
         drop(p);
         self.removed_since_trim += 1;
+        if self.peers.is_empty() {
+            // The maps keep the capacity of their busiest moment (a slot
+            // holds a whole PeerConnection, ~9 KB): give it back.
+            self.peers = HashMap::new();
+            self.timers = BinaryHeap::new();
+            self.demux = Demux::default();
+        }
         if self.peers.is_empty() || self.removed_since_trim >= TRIM_AFTER {
             self.removed_since_trim = 0;
             give_back_memory();
