@@ -309,19 +309,16 @@ fn push(
     let data_json = serde_json::to_string(data).expect("a JSON map always serialises");
     let frame = Arc::new(Frame::new(message::push_json(&data_json)));
     let conns = shared.table.lookup(channel_id, target);
-    // Refuse up front rather than drop silently at a DataChannel (RFC 8831
-    // §6.6: a message above the peer's max-message-size cannot be sent).
-    if let Some((conn, limit)) = conns
-        .iter()
-        .find_map(|c| c.message_limit.filter(|l| frame.len() > *l).map(|l| (c, l)))
-    {
+    // Refuse up front a push larger than hato itself sends over a
+    // DataChannel, when a recipient would need one (RFC 8831 §6.6).
+    let own_limit = shared.config.data_channel_message_limit;
+    if frame.len() > own_limit && conns.iter().any(|c| c.message_limit.is_some()) {
         return Err(ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
             error_type: "PUSH-TOO-LARGE",
             message: format!(
-                "the push is {} bytes; connection {} takes at most {limit} bytes over its DataChannel",
-                frame.len(),
-                conn.connection_id
+                "the push is {} bytes; hato sends at most {own_limit} bytes over a DataChannel (--data-channel-message-limit)",
+                frame.len()
             ),
         });
     }
@@ -331,7 +328,14 @@ fn push(
     // Switched peers, by framing: handed to the engine in one call each,
     // which reaches every shard once however many peers it holds.
     let mut direct: [Vec<Arc<Peer>>; 2] = Default::default();
+    let mut undeliverable = 0;
     for conn in &conns {
+        // One recipient never vetoes a push: a peer whose answer took
+        // less than this push is skipped, and the others still get it.
+        if conn.message_limit.is_some_and(|l| frame.len() > l) {
+            undeliverable += 1;
+            continue;
+        }
         match conn.push(&frame) {
             Delivery::Queued => queued += 1,
             Delivery::Direct { peer, compress } => direct[usize::from(compress)].push(peer),
@@ -355,6 +359,17 @@ fn push(
         );
     }
     stats.deliveries.fetch_add(queued, Ordering::Relaxed);
+    if undeliverable > 0 {
+        stats
+            .undeliverable
+            .fetch_add(undeliverable, Ordering::Relaxed);
+        tracing::warn!(
+            channel_id,
+            bytes = frame.len(),
+            skipped = undeliverable,
+            "push larger than some recipients' a=max-message-size: skipped for them"
+        );
+    }
     Ok(json_response(
         StatusCode::OK,
         format!(r#"{{"data":{data_json},"type":"push"}}"#),

@@ -201,6 +201,9 @@ pub struct Stats {
     pub pushes: AtomicU64,
     pub deliveries: AtomicU64,
     pub overflows: AtomicU64,
+    /// Deliveries skipped because the push exceeded the recipient's
+    /// `a=max-message-size`.
+    pub undeliverable: AtomicU64,
 }
 
 #[derive(Default)]

@@ -1215,3 +1215,111 @@ async fn a_datachannel_peer_that_stops_acknowledging_is_disconnected() {
     }
     drop(frozen);
 }
+
+/// Connects by hand with DataChannel signaling and answers with
+/// `a=max-message-size:size`; returns the WebSocket and the peer's events.
+async fn answer_with_max_message_size(
+    s: &Server,
+    channel: &str,
+    size: usize,
+) -> (
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    hato_datachannel::Peer,
+    tokio::sync::mpsc::Receiver<hato_datachannel::PeerEvent>,
+) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
+        .await
+        .unwrap();
+    ws.send(text(
+        json!({"type": "connect", "role": "recvonly", "channel_id": channel,
+                         "data_channel_signaling": true}),
+    ))
+    .await
+    .unwrap();
+    let offer: Value = match ws.next().await {
+        Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
+        o => panic!("{o:?}"),
+    };
+    let (peer, answer, events) = hato::client::default_engine()
+        .answer(offer["sdp"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert!(answer.contains("a=max-message-size:"), "{answer}");
+    let answer: String = answer
+        .lines()
+        .map(|l| match l.strip_prefix("a=max-message-size:") {
+            Some(_) => format!("a=max-message-size:{size}\r\n"),
+            None => format!("{l}\r\n"),
+        })
+        .collect();
+    ws.send(text(json!({"type": "answer", "sdp": answer})))
+        .await
+        .unwrap();
+    (ws, peer, events)
+}
+
+/// A peer whose answer takes small messages no longer vetoes a push for
+/// its channel: it is skipped and counted, everyone else gets the push. An
+/// answer below 1 KiB is refused at connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_max_message_size_never_vetoes_a_push() {
+    let s = server().await;
+    let mut honest = switched_client(&s, "veto", true).await;
+    let (_ws, _peer, mut small) = answer_with_max_message_size(&s, "veto", 2000).await;
+    table_len(&s, 2).await;
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "veto", "data": {"x": "y".repeat(5_000)}}),
+    )
+    .await;
+    let (msg, via) = next_push(&mut honest)
+        .await
+        .expect("the honest peer gets it");
+    assert_eq!(
+        (msg["data"]["x"].as_str().map(str::len), via),
+        (Some(5_000), Via::DataChannel)
+    );
+    let undeliverable = || {
+        s.shared
+            .table
+            .stats
+            .undeliverable
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(undeliverable(), 1);
+    // A push that fits reaches the small peer too, on its push channel.
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "veto", "data": {"small": true}}),
+    )
+    .await;
+    assert!(next_push(&mut honest).await.is_some());
+    let got = tokio::time::timeout(T, async {
+        while let Some(ev) = small.recv().await {
+            if let hato_datachannel::PeerEvent::Message { label, data, .. } = ev {
+                if &*label == "push" {
+                    return Some(String::from_utf8_lossy(&data).into_owned());
+                }
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .expect("the small peer gets the push that fits");
+    assert!(got.contains(r#""small":true"#), "{got}");
+    assert!(!got.contains("yyyy"), "the big push was not sent to it");
+
+    // Below 1 KiB: refused at connect with 4490 and a reason.
+    let (mut ws, _peer, _events) = answer_with_max_message_size(&s, "veto", 300).await;
+    match tokio::time::timeout(T, ws.next()).await {
+        Ok(Some(Ok(Message::Close(Some(f))))) => assert_eq!(
+            (u16::from(f.code), f.reason.as_str()),
+            (4490, "a=max-message-size:300 is below 1024 bytes")
+        ),
+        other => panic!("no 4490: {other:?}"),
+    }
+}

@@ -3,6 +3,11 @@
 /// RFC 8841 §6: without `a=max-message-size` the peer accepts 64 KiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 65_536;
 
+/// The smallest `a=max-message-size` hato accepts in an answer: below it
+/// no push fits, and the SCTP stack logs an error for every packet it
+/// cannot send.
+pub const MIN_MAX_MESSAGE_SIZE: usize = 1024;
+
 /// The largest DataChannel message the answering peer accepts, from its
 /// `a=max-message-size`. `None` means "no limit" (the attribute is `0`).
 pub fn max_message_size(sdp: &str) -> Option<usize> {

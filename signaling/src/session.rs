@@ -267,12 +267,19 @@ impl Machine {
                 if self.answered || self.applying {
                     return; // a second answer is ignored
                 }
+                let theirs = sdp::max_message_size(&sdp);
+                if let Some(n) = theirs.filter(|n| *n < sdp::MIN_MAX_MESSAGE_SIZE) {
+                    return self.end(End::Refused(format!(
+                        "a=max-message-size:{n} is below {} bytes",
+                        sdp::MIN_MAX_MESSAGE_SIZE
+                    )));
+                }
                 self.applying = true;
                 let limit = self.rules.data_channel_message_limit;
                 self.message_limit = self
                     .mode
                     .data_channel_signaling
-                    .then(|| sdp::max_message_size(&sdp).map_or(limit, |n| n.min(limit)));
+                    .then(|| theirs.map_or(limit, |n| n.min(limit)));
                 self.actions.push_back(Action::ApplyAnswer(sdp));
             }
             ClientMessage::Candidate(c) => {
@@ -397,7 +404,7 @@ mod tests {
         std::iter::from_fn(|| m.poll_action()).collect()
     }
 
-    const ANSWER: &[u8] = br#"{"type":"answer","sdp":"v=0\r\na=max-message-size:1000\r\n"}"#;
+    const ANSWER: &[u8] = br#"{"type":"answer","sdp":"v=0\r\na=max-message-size:2000\r\n"}"#;
 
     /// Answered and applied at `t`, connected, every channel open.
     fn switched(t: Instant, ignore: bool) -> Machine {
@@ -434,7 +441,7 @@ mod tests {
         let mut m = Machine::new(t, rules(), mode(true, false));
         m.on_ws_text(t, ANSWER);
         m.on_ws_text(t, ANSWER);
-        let sdp = "v=0\r\na=max-message-size:1000\r\n".to_owned();
+        let sdp = "v=0\r\na=max-message-size:2000\r\n".to_owned();
         assert_eq!(actions(&mut m), [Action::ApplyAnswer(sdp)]);
         let t1 = t + Duration::from_secs(1);
         m.answer_applied(t1, Ok(()));
@@ -462,7 +469,7 @@ mod tests {
     #[test]
     fn a_push_limit_comes_from_the_answer_only_with_datachannel_signaling() {
         let t = Instant::now();
-        for (dc, want) in [(true, Some(1000)), (false, None)] {
+        for (dc, want) in [(true, Some(2000)), (false, None)] {
             let mut m = Machine::new(t, rules(), mode(dc, false));
             m.on_ws_text(t, ANSWER);
             m.answer_applied(t, Ok(()));
@@ -475,6 +482,28 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn an_answer_with_a_tiny_max_message_size_is_refused() {
+        let t = Instant::now();
+        let mut m = Machine::new(t, rules(), mode(true, false));
+        m.on_ws_text(
+            t,
+            br#"{"type":"answer","sdp":"v=0\r\na=max-message-size:300\r\n"}"#,
+        );
+        assert_eq!(
+            actions(&mut m),
+            [Action::End(End::Refused(
+                "a=max-message-size:300 is below 1024 bytes".into()
+            ))]
+        );
+        let mut ok = Machine::new(t, rules(), mode(true, false));
+        ok.on_ws_text(
+            t,
+            br#"{"type":"answer","sdp":"v=0\r\na=max-message-size:1024\r\n"}"#,
+        );
+        assert!(matches!(&actions(&mut ok)[..], [Action::ApplyAnswer(_)]));
     }
 
     #[test]
