@@ -17,6 +17,7 @@ use bytes::Bytes;
 use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
 use hato_datachannel::Peer;
+use hato_signaling::session::Closing;
 use hato_signaling::{message, zlib};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -102,19 +103,10 @@ pub enum Route {
 
 pub type SharedRoute = Arc<std::sync::Mutex<Route>>;
 
-/// How the session ends the connection's sending side.
-#[derive(Debug, Default)]
-pub struct Close {
-    /// A WebSocket Close frame (code, reason).
-    pub websocket: Option<(u16, String)>,
-    /// A `close` message on the `signaling` DataChannel (code, reason).
-    pub signaling: Option<(u16, String)>,
-}
-
 /// The session's handle on its outbox task.
 pub struct Outbox {
     pub queue: mpsc::Sender<Out>,
-    close: oneshot::Sender<Close>,
+    close: oneshot::Sender<Closing>,
     task: JoinHandle<()>,
 }
 
@@ -143,9 +135,10 @@ impl Outbox {
         Outbox { queue, close, task }
     }
 
-    /// Sends `close` ahead of anything still queued, then waits (bounded)
-    /// for the task to finish sending it.
-    pub async fn close(self, close: Close) {
+    /// Sends what `close` says (its WebSocket Close frame and `close`
+    /// message; the channels are the session's) ahead of anything still
+    /// queued, then waits (bounded) for the task to finish sending it.
+    pub async fn close(self, close: Closing) {
         let _ = self.close.send(close);
         let mut task = self.task;
         if tokio::time::timeout(Duration::from_secs(3), &mut task)
@@ -169,7 +162,7 @@ struct Sender {
 }
 
 impl Sender {
-    async fn run(mut self, mut rx: mpsc::Receiver<Out>, mut close_rx: oneshot::Receiver<Close>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Out>, mut close_rx: oneshot::Receiver<Closing>) {
         loop {
             let first = tokio::select! {
                 biased;
@@ -266,7 +259,7 @@ impl Sender {
         }
     }
 
-    async fn close(mut self, close: Close) {
+    async fn close(mut self, close: Closing) {
         if let Some((code, reason)) = close.signaling {
             let text = message::close(code, &reason);
             let frame = Frame::new(text);

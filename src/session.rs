@@ -7,7 +7,7 @@
 //! Every wait is bounded; every way out goes through [`Session::finish`],
 //! which leaves the table, the tasks and the sockets as they were.
 
-use crate::outbox::{truncate_reason, Close, Frame, Out, Outbox, SharedRoute};
+use crate::outbox::{truncate_reason, Frame, Out, Outbox, SharedRoute};
 use crate::table::{Conn, Kill, Mailbox};
 use crate::Shared;
 use futures_util::stream::SplitStream;
@@ -511,13 +511,9 @@ impl Session {
         }
         let closing = self.machine.closing(&end);
         let websocket_closed = closing.websocket.is_some();
+        let close_channels = closing.close_channels;
         if let Some(outbox) = self.outbox.take() {
-            outbox
-                .close(Close {
-                    websocket: closing.websocket,
-                    signaling: closing.signaling,
-                })
-                .await;
+            outbox.close(closing).await;
         }
         if let (true, Some(stream)) = (websocket_closed, stream.as_mut()) {
             // Let the client's Close frame come back, so its close is clean.
@@ -527,7 +523,7 @@ impl Session {
             .await;
         }
         drop(stream);
-        if closing.close_channels {
+        if close_channels {
             // Close each channel (an SCTP stream reset each) and let the
             // client finish: the SDKs wait for every `onclose`, then close
             // their PeerConnection. Ending the association first would turn

@@ -404,7 +404,7 @@ impl Shard {
                 self.on_datagram(d, now);
             }
             self.on_timers(now);
-            self.drive_dirty();
+            self.drive_dirty(now);
             self.flush().await;
         }
         // The engine is gone: tell every remaining peer.
@@ -653,17 +653,19 @@ impl Shard {
         let ch = &mut p.channels[ci];
         ch.pending.push_back((data.clone(), text));
         ch.pending_bytes += data.len();
-        let queued = ch.pending_bytes;
-        let outstanding =
-            p.pc.data_channel(p.channels[ci].id)
+        feed_sctp(p, ci, now, &stats, id);
+        // What waits for the peer: held here, or in SCTP unacknowledged.
+        let ch = &p.channels[ci];
+        let waiting = ch.pending_bytes
+            + p.pc
+                .data_channel(ch.id)
                 .map_or(0, |dc| dc.outstanding_bytes());
         let ch = &mut p.channels[ci];
-        if !ch.backlogged && queued + outstanding > self.common.backlog_limit {
+        if !ch.backlogged && waiting > self.common.backlog_limit {
             ch.backlogged = true;
             let label = ch.label.clone();
             p.emit(PeerEvent::Backlog(label));
         }
-        feed_sctp(p, ci, now, &stats, id);
         self.mark(id);
     }
 
@@ -673,15 +675,7 @@ impl Shard {
         };
         // Tell the other side, then forget everything of this peer.
         let _ = p.pc.close();
-        while let Some(w) = p.pc.poll_write() {
-            let to = w.transport.peer_addr;
-            match &p.own_socket {
-                Some((s, _)) => {
-                    let _ = s.try_send_to(&w.message, to);
-                }
-                None => self.out.push((to, w.message)),
-            }
-        }
+        take_writes(&mut p, &mut self.out, &self.common.stats, |_| {});
         if let Some((_, task)) = p.own_socket.take() {
             task.abort();
         }
@@ -788,17 +782,17 @@ impl Shard {
         }
     }
 
-    fn drive_dirty(&mut self) {
+    fn drive_dirty(&mut self, now: Instant) {
         let mut dirty = std::mem::take(&mut self.dirty);
         for id in dirty.drain(..) {
-            self.drive(id);
+            self.drive(id, now);
         }
         self.dirty = dirty;
     }
 
     /// Drains the peer's events and reads, then its writes, until it has
     /// nothing more to say; then re-arms its timer.
-    fn drive(&mut self, id: PeerId) {
+    fn drive(&mut self, id: PeerId, now: Instant) {
         let stats = self.common.stats.clone();
         let Some(p) = self.peers.get_mut(&id) else {
             return;
@@ -828,9 +822,7 @@ impl Shard {
                 }
             }
             for ci in 0..p.channels.len() {
-                if !p.channels[ci].pending.is_empty()
-                    && feed_sctp(p, ci, Instant::now(), &stats, id)
-                {
+                if !p.channels[ci].pending.is_empty() && feed_sctp(p, ci, now, &stats, id) {
                     progressed = true;
                 }
             }
@@ -841,7 +833,7 @@ impl Shard {
                             .data_channel(c.id)
                             .is_none_or(|dc| dc.outstanding_bytes() == 0)
                 });
-                if drained || Instant::now() >= until {
+                if drained || now >= until {
                     p.closing = None;
                     let ids: Vec<_> = p.channels.iter().map(|c| c.id).collect();
                     for cid in ids {
@@ -852,20 +844,9 @@ impl Shard {
                     progressed = true;
                 }
             }
-            while let Some(w) = p.pc.poll_write() {
+            let demux = &mut self.demux;
+            if take_writes(p, &mut self.out, &stats, |to| demux.sent(id, to)) {
                 progressed = true;
-                let to = w.transport.peer_addr;
-                match &p.own_socket {
-                    Some((s, _)) => {
-                        if s.try_send_to(&w.message, to).is_err() {
-                            stats.dropped_outbound.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    None => {
-                        self.demux.sent(id, to);
-                        self.out.push((to, w.message));
-                    }
-                }
             }
             if !progressed {
                 break;
@@ -907,6 +888,34 @@ impl Shard {
         }
         self.out.clear();
     }
+}
+
+/// Takes every datagram the peer has to send: through its own socket at
+/// once, or into `out` (the shard's socket, at the end of the turn), telling
+/// `sent` each destination. Returns whether there were any.
+fn take_writes(
+    p: &mut PeerSlot,
+    out: &mut Vec<(SocketAddr, BytesMut)>,
+    stats: &Stats,
+    mut sent: impl FnMut(SocketAddr),
+) -> bool {
+    let mut any = false;
+    while let Some(w) = p.pc.poll_write() {
+        any = true;
+        let to = w.transport.peer_addr;
+        match &p.own_socket {
+            Some((s, _)) => {
+                if s.try_send_to(&w.message, to).is_err() {
+                    stats.dropped_outbound.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                sent(to);
+                out.push((to, w.message));
+            }
+        }
+    }
+    any
 }
 
 /// Hands channel `ci`'s pending messages to SCTP while it holds less than

@@ -134,10 +134,6 @@ impl Machine {
         }
     }
 
-    pub fn mode(&self) -> Mode {
-        self.mode
-    }
-
     /// Registered and, with DataChannel signaling, switched.
     pub fn established(&self) -> bool {
         self.registered && (!self.mode.data_channel_signaling || self.switched)
@@ -145,10 +141,6 @@ impl Machine {
 
     pub fn switched(&self) -> bool {
         self.switched
-    }
-
-    pub fn connected(&self) -> bool {
-        self.connected
     }
 
     /// Whether the WebSocket still carries signaling: after the switch
