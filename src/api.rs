@@ -15,7 +15,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde_json::{json, Map, Value};
+use serde_json::json;
+use serde_json::value::RawValue;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -186,7 +188,8 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<
             format!("unknown x-sora-target {target:?}"),
         )
     })?;
-    let body = read_body(shared, req).await?;
+    let bytes = read_body(shared, req).await?;
+    let body = parse_body(&bytes)?;
     match operation {
         Operation::Push(scope) => push(shared, scope, &body),
         Operation::Disconnect(scope) => disconnect(shared, scope, &body),
@@ -201,10 +204,7 @@ fn too_large(limit: usize) -> ApiError {
     }
 }
 
-async fn read_body(
-    shared: &Shared,
-    req: Request<Incoming>,
-) -> Result<Map<String, Value>, ApiError> {
+async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, ApiError> {
     let limit = shared.config.api_body_limit;
     let declared = req
         .headers()
@@ -214,7 +214,7 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large(limit));
     }
-    let bytes = Limited::new(req.into_body(), limit)
+    Ok(Limited::new(req.into_body(), limit)
         .collect()
         .await
         .map_err(|e| {
@@ -224,91 +224,122 @@ async fn read_body(
                 ApiError::bad("INVALID-BODY", format!("could not read the body: {e}"))
             }
         })?
-        .to_bytes();
-    match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ApiError::bad(
-            "INVALID-BODY",
-            "the body must be a JSON object",
-        )),
-        Err(e) => Err(ApiError::bad(
-            "INVALID-JSON",
-            format!("the body is not JSON: {e}"),
-        )),
-    }
+        .to_bytes())
 }
 
-fn string_key<'a>(body: &'a Map<String, Value>, key: &str) -> Result<&'a str, ApiError> {
+/// A request body: a JSON object whose values stay the text the backend
+/// sent. Pushes pass `data` through byte for byte — key order, big
+/// integers and all — and nothing is parsed into a tree and printed again.
+type Body<'a> = HashMap<String, &'a RawValue>;
+
+fn parse_body(bytes: &[u8]) -> Result<Body<'_>, ApiError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| ApiError::bad("INVALID-JSON", format!("the body is not UTF-8: {e}")))?;
+    let value: &RawValue = serde_json::from_str(text)
+        .map_err(|e| ApiError::bad("INVALID-JSON", format!("the body is not JSON: {e}")))?;
+    if !is_object(value) {
+        return Err(ApiError::bad(
+            "INVALID-BODY",
+            "the body must be a JSON object",
+        ));
+    }
+    serde_json::from_str(value.get())
+        .map_err(|e| ApiError::bad("INVALID-JSON", format!("the body is not JSON: {e}")))
+}
+
+/// Whether a (valid) JSON text is an object.
+fn is_object(value: &RawValue) -> bool {
+    value.get().trim_start().starts_with('{')
+}
+
+fn string_key<'a>(body: &Body<'a>, key: &str) -> Result<String, ApiError> {
     match body.get(key) {
-        Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(ApiError::bad(
-            "INVALID-TYPE",
-            format!("{key} must be a string"),
-        )),
+        Some(raw) => serde_json::from_str::<String>(raw.get())
+            .map_err(|_| ApiError::bad("INVALID-TYPE", format!("{key} must be a string"))),
         None => Err(ApiError::bad("MISSING-KEY", format!("{key} is missing"))),
     }
 }
 
-/// The `channel_id` and the target its scope's key names.
-fn target<'a>(
-    scope: Scope,
-    body: &'a Map<String, Value>,
-) -> Result<(&'a str, Target<'a>), ApiError> {
-    let channel_id = string_key(body, "channel_id")?;
-    let target = match scope {
-        Scope::Channel => Target::Channel,
-        Scope::Client => Target::Client(string_key(body, "client_id")?),
-        Scope::Connection => Target::Connection(string_key(body, "connection_id")?),
-        Scope::ChannelByRole => {
-            let role = string_key(body, "role")?;
-            Target::Role(Role::parse(role).ok_or_else(|| {
-                ApiError::bad(
-                    "INVALID-ROLE",
-                    format!("role must be sendrecv, sendonly or recvonly, not {role:?}"),
-                )
-            })?)
+/// Who a call addresses: its `channel_id` and its scope's key.
+struct Address {
+    channel_id: String,
+    key: String,
+    role: Option<Role>,
+}
+
+impl Address {
+    fn parse(scope: Scope, body: &Body<'_>) -> Result<Address, ApiError> {
+        let channel_id = string_key(body, "channel_id")?;
+        let (key, role) = match scope {
+            Scope::Channel => (String::new(), None),
+            Scope::Client => (string_key(body, "client_id")?, None),
+            Scope::Connection => (string_key(body, "connection_id")?, None),
+            Scope::ChannelByRole => {
+                let role = string_key(body, "role")?;
+                let parsed = Role::parse(&role).ok_or_else(|| {
+                    ApiError::bad(
+                        "INVALID-ROLE",
+                        format!("role must be sendrecv, sendonly or recvonly, not {role:?}"),
+                    )
+                })?;
+                (role, Some(parsed))
+            }
+        };
+        Ok(Address {
+            channel_id,
+            key,
+            role,
+        })
+    }
+
+    fn target(&self, scope: Scope) -> Target<'_> {
+        match (scope, self.role) {
+            (Scope::Channel, _) => Target::Channel,
+            (Scope::Client, _) => Target::Client(&self.key),
+            (Scope::Connection, _) => Target::Connection(&self.key),
+            (Scope::ChannelByRole, Some(role)) => Target::Role(role),
+            (Scope::ChannelByRole, None) => unreachable!("parse sets the role of ByRole"),
         }
-    };
-    Ok((channel_id, target))
+    }
 }
 
 /// `Disconnect*`: each addressed session ends with `DISCONNECTED-API`
-/// (§5.3); the answer echoes the keys that named them.
+/// (§5.3); the answer echoes the keys that named them, as sent.
 fn disconnect(
     shared: &Shared,
     scope: Scope,
-    body: &Map<String, Value>,
+    body: &Body<'_>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let (channel_id, target) = target(scope, body)?;
-    for conn in shared.table.lookup(channel_id, target) {
+    let address = Address::parse(scope, body)?;
+    for conn in shared
+        .table
+        .lookup(&address.channel_id, address.target(scope))
+    {
         conn.disconnect();
     }
-    let mut echo = Map::new();
+    let mut echo = String::from("{");
     for key in ["channel_id", "client_id", "connection_id", "role"] {
         if let Some(v) = body.get(key) {
-            echo.insert(key.to_owned(), v.clone());
+            if echo.len() > 1 {
+                echo.push(',');
+            }
+            echo.push_str(&format!("\"{key}\":{}", v.get()));
         }
     }
-    Ok(json_response(
-        StatusCode::OK,
-        Value::Object(echo).to_string(),
-    ))
+    echo.push('}');
+    Ok(json_response(StatusCode::OK, echo))
 }
 
-fn push(
-    shared: &Shared,
-    scope: Scope,
-    body: &Map<String, Value>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
-    let (channel_id, target) = target(scope, body)?;
-    let data = match body.get("data") {
-        Some(Value::Object(data)) => data,
+fn push(shared: &Shared, scope: Scope, body: &Body<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let address = Address::parse(scope, body)?;
+    let channel_id = address.channel_id.as_str();
+    let data_json = match body.get("data") {
+        Some(data) if is_object(data) => data.get(),
         Some(_) => return Err(ApiError::bad("INVALID-DATA", "data must be a JSON object")),
         None => return Err(ApiError::bad("MISSING-KEY", "data is missing")),
     };
-    let data_json = serde_json::to_string(data).expect("a JSON map always serialises");
-    let frame = Arc::new(Frame::new(message::push_json(&data_json)));
-    let conns = shared.table.lookup(channel_id, target);
+    let frame = Arc::new(Frame::new(message::push_json(data_json)));
+    let conns = shared.table.lookup(channel_id, address.target(scope));
     // Refuse up front a push larger than hato itself sends over a
     // DataChannel, when a recipient would need one (RFC 8831 §6.6).
     let own_limit = shared.config.data_channel_message_limit;

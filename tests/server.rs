@@ -1323,3 +1323,57 @@ async fn a_small_max_message_size_never_vetoes_a_push() {
         other => panic!("no 4490: {other:?}"),
     }
 }
+
+/// `data` reaches every peer, and the API's answer, byte for byte as the
+/// backend sent it: key order, integers beyond f64, exponents beyond its
+/// range and whitespace are never parsed and printed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_data_passes_through_byte_for_byte() {
+    let s = server().await;
+    let mut ws_peer = connected(&opts(&s, "raw", "recvonly")).await;
+    let mut dc_peer = switched_client(&s, "raw", true).await;
+    table_len(&s, 2).await;
+    let data = r#"{"z":1, "a":{"n":12345678901234567890123,"x":1e400},"m":"\u00e9"}"#;
+    let body = format!(r#"{{"channel_id":"raw","data":{data}}}"#);
+    let (status, _, answer) = http(
+        &s,
+        "POST",
+        &[("x-sora-target", "Sora_20160711.PushChannel")],
+        &body,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, format!(r#"{{"data":{data},"type":"push"}}"#));
+    let expected = format!(r#"{{"type":"push","data":{data}}}"#);
+    for (c, via) in [
+        (&mut ws_peer, Via::WebSocket),
+        (&mut dc_peer, Via::DataChannel),
+    ] {
+        match c
+            .wait_for(T, |e| matches!(e, ClientEvent::Push { .. }))
+            .await
+        {
+            Some(ClientEvent::Push { text, via: got, .. }) => {
+                assert_eq!(
+                    (std::str::from_utf8(&text).unwrap(), got),
+                    (&*expected, via)
+                )
+            }
+            other => panic!("{via:?}: {other:?}"),
+        }
+    }
+    // Data that is not an object is still refused, without a tree.
+    for bad in [r#"[1]"#, r#""s""#, "1e400"] {
+        let (status, v) = api(
+            &s,
+            "Sora_20160711.PushChannel",
+            &format!(r#"{{"channel_id":"raw","data":{bad}}}"#),
+        )
+        .await;
+        assert_eq!(
+            (status, v["error_type"].as_str()),
+            (400, Some("INVALID-DATA")),
+            "{bad}"
+        );
+    }
+}
