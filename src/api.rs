@@ -2,6 +2,7 @@
 //! object in, a JSON object out (protocol.md §6). Every error becomes a
 //! response in one place, [`ApiError::into_response`].
 
+use crate::limits::{self, Throttle};
 use crate::outbox::Frame;
 use crate::table::{Delivery, Target};
 use crate::Shared;
@@ -21,31 +22,197 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::net::TcpListener;
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
-/// Serves the API until the listener fails.
+/// Serves the API until the task is aborted. Each connection has a place
+/// under `--api-max-connections` and a [`Clock`] that closes it when a
+/// request's head is slower than `--api-header-timeout-ms` or it idles
+/// longer than `--api-idle-timeout-ms`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    static ACCEPT_ERRORS: Throttle = Throttle::new(Duration::from_secs(1));
+    static REFUSALS: Throttle = Throttle::new(Duration::from_secs(1));
+    let cap = shared.config.api_max_connections;
+    let places = Arc::new(Semaphore::new(if cap == 0 {
+        Semaphore::MAX_PERMITS
+    } else {
+        cap
+    }));
     loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "API accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, addr) = limits::accept(&listener, "API", &ACCEPT_ERRORS).await;
         let _ = tcp.set_nodelay(true);
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            if let Some(folded) = REFUSALS.hit() {
+                tracing::warn!(%addr, refused_since_last_line = folded, "API connection refused: --api-max-connections {cap} reached");
+            }
+            tokio::spawn(refuse_connection(tcp, cap));
+            continue;
+        };
         let shared = shared.clone();
+        let timeouts = (
+            shared.config.api_header_timeout(),
+            shared.config.api_idle_timeout(),
+        );
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
-            });
-            let _ = http1::Builder::new()
+            let clock = Arc::new(Clock::new());
+            let service = {
+                let clock = clock.clone();
+                service_fn(move |req| {
+                    let shared = shared.clone();
+                    let clock = clock.clone();
+                    async move {
+                        clock.set(Phase::Busy);
+                        let resp = handle(&shared, req).await;
+                        clock.set(Phase::Idle(Instant::now()));
+                        Ok::<_, Infallible>(resp)
+                    }
+                })
+            };
+            let (header_timeout, idle_timeout) = timeouts;
+            let io = Timed {
+                inner: tcp,
+                clock: clock.clone(),
+            };
+            let conn = http1::Builder::new()
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+                .serve_connection(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            loop {
+                let deadline = clock.deadline(header_timeout, idle_timeout);
+                tokio::select! {
+                    _ = &mut conn => break,
+                    () = clock.changed.notified() => {}
+                    () = async {
+                        match deadline {
+                            Some(t) => tokio::time::sleep_until(t.into()).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        if clock.deadline(header_timeout, idle_timeout).is_some_and(|t| t <= Instant::now()) {
+                            tracing::debug!(%addr, "API connection closed: header or idle timeout");
+                            break;
+                        }
+                    }
+                }
+            }
+            drop(place);
         });
+    }
+}
+
+/// Answers a connection over `--api-max-connections` with 503 and closes
+/// it, reading what the client sent so that the close is not a reset.
+async fn refuse_connection(mut tcp: TcpStream, cap: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = json!({
+        "error_type": "TOO-MANY-CONNECTIONS",
+        "message": format!("the API serves at most {cap} connections (--api-max-connections)"),
+    })
+    .to_string();
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = tcp.write_all(format!("{head}{body}").as_bytes()).await;
+        let _ = tcp.shutdown().await;
+        let mut sink = [0u8; 4096];
+        while let Ok(1..) = tcp.read(&mut sink).await {}
+    })
+    .await;
+}
+
+/// Where one API connection is between requests.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Waiting for a request since then.
+    Idle(Instant),
+    /// The first bytes of a request's head arrived then.
+    Head(Instant),
+    /// A request is being handled (its body has its own timeout).
+    Busy,
+}
+
+/// Shared by a connection's socket wrapper, which sees a request begin,
+/// and its service, which sees it parsed and answered.
+struct Clock {
+    phase: std::sync::Mutex<Phase>,
+    changed: tokio::sync::Notify,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            phase: std::sync::Mutex::new(Phase::Idle(Instant::now())),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn set(&self, phase: Phase) {
+        *self.phase.lock().unwrap() = phase;
+        self.changed.notify_one();
+    }
+
+    /// Bytes came in: an idle connection has begun a request.
+    fn bytes_in(&self) {
+        let mut phase = self.phase.lock().unwrap();
+        if let Phase::Idle(_) = *phase {
+            *phase = Phase::Head(Instant::now());
+            drop(phase);
+            self.changed.notify_one();
+        }
+    }
+
+    fn deadline(&self, header: Duration, idle: Duration) -> Option<Instant> {
+        match *self.phase.lock().unwrap() {
+            Phase::Idle(since) => Some(since + idle),
+            Phase::Head(since) => Some(since + header),
+            Phase::Busy => None,
+        }
+    }
+}
+
+/// The API's TCP stream, telling its [`Clock`] when bytes arrive.
+struct Timed {
+    inner: TcpStream,
+    clock: Arc<Clock>,
+}
+
+impl tokio::io::AsyncRead for Timed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.clock.bytes_in();
+        }
+        poll
+    }
+}
+
+impl tokio::io::AsyncWrite for Timed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -214,9 +381,18 @@ async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, Api
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large(limit));
     }
-    Ok(Limited::new(req.into_body(), limit)
-        .collect()
+    let timeout = shared.config.api_body_timeout();
+    let collected = tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect())
         .await
+        .map_err(|_| ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            error_type: "REQUEST-TIMEOUT",
+            message: format!(
+                "the body did not arrive within {} ms (--api-body-timeout-ms)",
+                timeout.as_millis()
+            ),
+        })?;
+    Ok(collected
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 too_large(limit)

@@ -53,6 +53,42 @@ pub struct Config {
     #[arg(long, env = "HATO_API_BODY_LIMIT", default_value_t = 1 << 20)]
     pub api_body_limit: usize,
 
+    /// Signaling connections the server holds at most (handshaking or
+    /// connected); one more is refused with HTTP 503 before its upgrade.
+    /// 0: no limit.
+    #[arg(long, env = "HATO_MAX_CONNECTIONS", default_value_t = 50_000)]
+    pub max_connections: usize,
+
+    /// Signaling connections one IP address may hold; one more gets 503.
+    /// 0: no limit (behind a reverse proxy every peer shares its address).
+    #[arg(long, env = "HATO_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// Signaling connections between TCP accept and connected (ICE and
+    /// DTLS up); one more gets 503. 0: no limit.
+    #[arg(long, env = "HATO_MAX_HANDSHAKES", default_value_t = 1_000)]
+    pub max_handshakes: usize,
+
+    /// Concurrent HTTP API connections; one more is answered 503 and
+    /// closed. 0: no limit.
+    #[arg(long, env = "HATO_API_MAX_CONNECTIONS", default_value_t = 1_024)]
+    pub api_max_connections: usize,
+
+    /// Time an API client has to send a request's headers once it has
+    /// started one, in ms; the connection is then closed.
+    #[arg(long, env = "HATO_API_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub api_header_timeout_ms: u64,
+
+    /// Time an API client has to send a request's body once its headers
+    /// are in, in ms; then 408.
+    #[arg(long, env = "HATO_API_BODY_TIMEOUT_MS", default_value_t = 30_000)]
+    pub api_body_timeout_ms: u64,
+
+    /// A keep-alive API connection with no request for this long is
+    /// closed, in ms.
+    #[arg(long, env = "HATO_API_IDLE_TIMEOUT_MS", default_value_t = 75_000)]
+    pub api_idle_timeout_ms: u64,
+
     /// Messages a connection may have queued; one more disconnects it
     /// with reason OUTBOX-OVERFLOW.
     #[arg(long, env = "HATO_OUTBOX_CAPACITY", default_value_t = 4096)]
@@ -136,6 +172,15 @@ impl Config {
     }
     pub fn establish_timeout(&self) -> Duration {
         Duration::from_millis(self.establish_timeout_ms)
+    }
+    pub fn api_header_timeout(&self) -> Duration {
+        Duration::from_millis(self.api_header_timeout_ms)
+    }
+    pub fn api_body_timeout(&self) -> Duration {
+        Duration::from_millis(self.api_body_timeout_ms)
+    }
+    pub fn api_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.api_idle_timeout_ms)
     }
     pub fn ping_interval(&self) -> Duration {
         Duration::from_millis(self.ping_interval_ms)

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod limits;
 pub mod outbox;
 pub mod session;
 pub mod table;
@@ -33,6 +34,8 @@ pub struct Shared {
     pub session_id: Arc<str>,
     /// Sessions from WebSocket accept to teardown, for a graceful shutdown.
     pub sessions: std::sync::atomic::AtomicUsize,
+    /// Admission of signaling connections (--max-connections & co).
+    pub admission: Arc<limits::Admission>,
     /// Set once, on shutdown; every session watches it.
     pub shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -53,10 +56,16 @@ impl Server {
         let api = TcpListener::bind(config.api_addr).await?;
         let engine = hato_datachannel::Engine::start(config.engine())
             .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let admission = limits::Admission::new(
+            config.max_connections,
+            config.max_connections_per_ip,
+            config.max_handshakes,
+        );
         let shared = Arc::new(Shared {
             engine,
             config,
             table: table::Table::default(),
+            admission,
             session_id: hato_signaling::id::new_id().into(),
             sessions: Default::default(),
             shutdown: tokio::sync::watch::Sender::new(false),

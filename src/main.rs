@@ -11,6 +11,9 @@ async fn main() {
         )
         .init();
     let config = Config::parse();
+    if let Some(fds) = hato::limits::raise_fd_limit() {
+        tracing::info!(open_files_limit = fds, "file descriptors");
+    }
     let server = match Server::start(config).await {
         Ok(s) => s,
         Err(e) => {

@@ -7,6 +7,7 @@
 //! Every wait is bounded; every way out goes through [`Session::finish`],
 //! which leaves the table, the tasks and the sockets as they were.
 
+use crate::limits::{self, Throttle, Ticket};
 use crate::outbox::{truncate_reason, Frame, Out, Outbox, SharedRoute};
 use crate::table::{Conn, Kill, Mailbox};
 use crate::Shared;
@@ -40,20 +41,15 @@ const CHANNEL_DRAIN_LIMIT: Duration = Duration::from_millis(500);
 
 type WsStream = SplitStream<WebSocketStream<TcpStream>>;
 
-/// Accepts signaling WebSockets on `/signaling` until the listener fails.
+/// Accepts signaling WebSockets on `/signaling` until the task is aborted.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    static ACCEPT_ERRORS: Throttle = Throttle::new(Duration::from_secs(1));
     loop {
-        let (tcp, addr) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "signaling accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, addr) = limits::accept(&listener, "signaling", &ACCEPT_ERRORS).await;
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
+            let admitted = shared.admission.admit(addr.ip());
             let mut config = WebSocketConfig::default();
             config.max_message_size = Some(shared.config.client_message_limit);
             config.max_frame_size = Some(shared.config.client_message_limit);
@@ -65,27 +61,66 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             // buffer never shrinks, so tungstenite's 128 KiB default let
             // a connect storm's notifies leave ~100 KB in every peer.
             config.write_buffer_size = 16 * 1024;
+            let refusal = admitted.as_ref().err().map(|r| r.reason(&shared.admission));
+            #[allow(clippy::result_large_err)] // the error type is tungstenite's
+            let callback = |req: &Request, resp: Response| upgrade(req, resp, refusal.as_deref());
             let handshake =
-                tokio_tungstenite::accept_hdr_async_with_config(tcp, only_signaling, Some(config));
-            match tokio::time::timeout(shared.config.connect_timeout(), handshake).await {
-                Ok(Ok(ws)) => run(shared, ws).await,
-                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "WebSocket handshake failed"),
-                Err(_) => tracing::debug!(%addr, "WebSocket handshake timed out"),
+                tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config));
+            let result = tokio::time::timeout(shared.config.connect_timeout(), handshake).await;
+            match (result, admitted) {
+                (Ok(Ok(ws)), Ok(ticket)) => run(shared, ws, ticket).await,
+                (Ok(Ok(_)), Err(_)) => unreachable!("a refused upgrade never completes"),
+                (Ok(Err(e)), _) => match refusal {
+                    Some(reason) => {
+                        if let Some(folded) = REFUSALS.hit() {
+                            tracing::warn!(%addr, reason, refused_since_last_line = folded, "signaling connection refused (503)");
+                        }
+                    }
+                    None => tracing::debug!(%addr, error = %e, "WebSocket handshake failed"),
+                },
+                (Err(_), _) => tracing::debug!(%addr, "WebSocket handshake timed out"),
             }
         });
     }
 }
 
-/// The handshake callback: only `/signaling` is served, anything else is 404.
+static REFUSALS: Throttle = Throttle::new(Duration::from_secs(1));
+
+/// The upgrade callback: only `/signaling` is served (anything else is
+/// 404), and a connection over a limit gets 503 with a JSON reason.
 #[allow(clippy::result_large_err)] // the error type is tungstenite's
-fn only_signaling(req: &Request, resp: Response) -> Result<Response, ErrorResponse> {
-    if req.uri().path() == "/signaling" {
-        Ok(resp)
-    } else {
-        let mut err = ErrorResponse::new(Some("only /signaling is served".into()));
-        *err.status_mut() = StatusCode::NOT_FOUND;
-        Err(err)
+fn upgrade(
+    req: &Request,
+    resp: Response,
+    refusal: Option<&str>,
+) -> Result<Response, ErrorResponse> {
+    let (status, error_type, message) = match refusal {
+        _ if req.uri().path() != "/signaling" => (
+            StatusCode::NOT_FOUND,
+            "NOT-FOUND",
+            "only /signaling is served".to_owned(),
+        ),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            reason.split(':').next().unwrap_or(reason),
+            reason.to_owned(),
+        ),
+        None => return Ok(resp),
+    };
+    let body = json!({"error_type": error_type, "message": message}).to_string();
+    let mut err = ErrorResponse::new(Some(body));
+    *err.status_mut() = status;
+    err.headers_mut().insert(
+        tokio_tungstenite::tungstenite::http::header::CONTENT_TYPE,
+        tokio_tungstenite::tungstenite::http::HeaderValue::from_static("application/json"),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        err.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::header::RETRY_AFTER,
+            tokio_tungstenite::tungstenite::http::HeaderValue::from_static("1"),
+        );
     }
+    Err(err)
 }
 
 async fn refuse(ws: WebSocketStream<TcpStream>, reason: &str) {
@@ -148,7 +183,7 @@ impl Drop for Live {
     }
 }
 
-async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>) {
+async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>, ticket: Ticket) {
     shared
         .sessions
         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -274,6 +309,7 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>) {
         outbox: Some(outbox),
         mailbox,
         conn: None,
+        ticket,
     };
     let end = session.drive(stream, events, kill_rx).await;
     session.finish(end).await;
@@ -296,6 +332,26 @@ struct Session {
     mailbox: Arc<Mailbox>,
     /// Set once the peer is in the table.
     conn: Option<Arc<Conn>>,
+    /// This connection's place under the admission limits.
+    ticket: Ticket,
+}
+
+/// A session that unwinds (a panic) or is dropped before `finish` still
+/// leaves the table: no ghost connection keeps receiving pushes.
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            tracing::error!(connection_id = %self.connection_id, "session dropped without finishing; removed from the table");
+            if let Some((others, counts)) = self.shared.table.remove(&conn) {
+                self.notify_others(
+                    "connection.destroyed",
+                    &others,
+                    counts,
+                    &time::now_rfc3339(),
+                );
+            }
+        }
+    }
 }
 
 struct Drive {
@@ -319,6 +375,9 @@ impl Session {
     ) -> Drive {
         let mut shutdown = self.shared.shutdown.subscribe();
         let mut stream = Some(stream);
+        // Once the engine has dropped its end, the arm is off: a closed
+        // channel would otherwise be ready on every turn.
+        let mut events_open = true;
         loop {
             let deadline = self.machine.poll_timeout();
             let sleep = async {
@@ -345,7 +404,10 @@ impl Session {
                     }
                     Some(Ok(_)) => {}
                 },
-                ev = events.recv() => self.on_peer(ev),
+                ev = events.recv(), if events_open => {
+                    events_open = ev.is_some();
+                    self.on_peer(ev);
+                }
                 Some(kill) = kill_rx.recv() => self.machine.on_server_end(match kill {
                     Kill::Overflow => "OUTBOX-OVERFLOW",
                     Kill::Api => "DISCONNECTED-API",
@@ -445,6 +507,7 @@ impl Session {
             message_limit,
             self.mailbox.clone(),
         ));
+        self.ticket.handshake_done();
         let (others, counts) = self.shared.table.insert(conn.clone());
         self.conn = Some(conn);
         let present: Vec<Value> = others

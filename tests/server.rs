@@ -40,10 +40,18 @@ async fn http(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String, String) {
+    http_to(&server.api_addr.to_string(), method, headers, body).await
+}
+
+/// A raw HTTP/1.1 request to `addr`: status, lowercased head, body.
+async fn http_to(
+    addr: &str,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(server.api_addr)
-        .await
-        .unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut req = format!(
         "{method} / HTTP/1.1\r\nhost: hato\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
@@ -1376,4 +1384,262 @@ async fn push_data_passes_through_byte_for_byte() {
             "{bad}"
         );
     }
+}
+
+/// Opens a WebSocket to /signaling from `source` (an address of the
+/// loopback network) without sending anything: the HTTP status of the
+/// upgrade, and the socket when it was 101.
+async fn upgrade_from(
+    s: &Server,
+    source: &str,
+) -> (
+    u16,
+    String,
+    Option<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>>,
+) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let tcp = sock.connect(s.signaling_addr).await.unwrap();
+    match tokio_tungstenite::client_async(s.signaling_url(), tcp).await {
+        Ok((ws, resp)) => (resp.status().as_u16(), String::new(), Some(ws)),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => (
+            resp.status().as_u16(),
+            String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned(),
+            None,
+        ),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// --max-connections, --max-connections-per-ip and --max-handshakes: the
+/// connection over a limit gets 503 with a JSON reason before its upgrade,
+/// the connected peer keeps getting pushes, and a place that frees up is
+/// taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_refuse_with_503_and_harm_no_one() {
+    let s = server_with(|c| {
+        c.max_connections = 3;
+        c.max_connections_per_ip = 2;
+        c.max_handshakes = 1;
+    })
+    .await;
+    let mut member = connected(&opts(&s, "lim", "recvonly")).await;
+    let refused = |body: &str| -> String {
+        let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+        v["error_type"].as_str().unwrap_or(body).to_owned()
+    };
+    // One handshake in flight (upgraded, no connect yet) takes the only
+    // handshake place.
+    let (status, _, pending) = upgrade_from(&s, "127.0.0.1").await;
+    assert_eq!(status, 101);
+    let (status, body, _) = upgrade_from(&s, "127.0.0.2").await;
+    assert_eq!(
+        (status, refused(&body)),
+        (503, "TOO-MANY-HANDSHAKES".into())
+    );
+    drop(pending);
+    let admission = &s.shared.admission;
+    for _ in 0..200 {
+        if admission.connections() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(admission.connections(), 1);
+    // Per address: 127.0.0.1 holds the member and a second peer.
+    let _second = connected(&opts(&s, "lim", "recvonly")).await;
+    let (status, body, _) = upgrade_from(&s, "127.0.0.1").await;
+    assert_eq!(
+        (status, refused(&body)),
+        (503, "TOO-MANY-CONNECTIONS".into())
+    );
+    // Whole server: the third place goes to 127.0.0.3, the fourth is refused.
+    let (status, _, _third) = upgrade_from(&s, "127.0.0.3").await;
+    assert_eq!(status, 101);
+    let (status, body, _) = upgrade_from(&s, "127.0.0.4").await;
+    assert_eq!((status, refused(&body)), (503, "SERVER-FULL".into()));
+    assert_eq!(
+        admission.refused.load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    // The member never noticed.
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "lim", "data": {"still": "here"}}),
+    )
+    .await;
+    let (msg, _) = next_push(&mut member).await.unwrap();
+    assert_eq!(msg["data"]["still"], "here");
+}
+
+/// Reads until EOF or `limit`; true when the server closed the socket.
+async fn closed_within(tcp: &mut tokio::net::TcpStream, limit: Duration) -> (bool, String) {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(limit, tcp.read_to_end(&mut out))
+        .await
+        .is_ok();
+    (closed, String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A client that sends half a request head is closed within the header
+/// timeout; half a body gets 408; an idle keep-alive connection is closed
+/// after the idle timeout; one over --api-max-connections gets 503. The
+/// API keeps answering everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_timeouts_and_connection_cap() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let s = server_with(|c| {
+        c.api_header_timeout_ms = 300;
+        c.api_body_timeout_ms = 300;
+        c.api_idle_timeout_ms = 600;
+        c.api_max_connections = 3;
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut half_head = TcpStream::connect(s.api_addr).await.unwrap();
+    half_head
+        .write_all(b"POST / HTTP/1.1\r\nhost: hato\r\nx-sora-tar")
+        .await
+        .unwrap();
+    let mut half_body = TcpStream::connect(s.api_addr).await.unwrap();
+    half_body
+        .write_all(b"POST / HTTP/1.1\r\nhost: hato\r\nx-sora-target: Sora_20160711.PushChannel\r\ncontent-length: 100\r\n\r\n{\"chan")
+        .await
+        .unwrap();
+    let mut idle = TcpStream::connect(s.api_addr).await.unwrap();
+    // Three connections held: a fourth is refused, with a JSON 503.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (status, head, body) = http(&s, "POST", &[], "{}").await;
+    assert_eq!(status, 503, "{head}{body}");
+    assert!(body.contains("TOO-MANY-CONNECTIONS"), "{body}");
+
+    let (closed, got) = closed_within(&mut half_head, T).await;
+    assert!(closed && got.is_empty(), "half a head: {got:?}");
+    let header_closed = started.elapsed();
+    let (closed, got) = closed_within(&mut half_body, T).await;
+    assert!(
+        closed && got.starts_with("HTTP/1.1 408"),
+        "half a body: {got:?}"
+    );
+    assert!(got.contains("REQUEST-TIMEOUT"), "{got}");
+    let (closed, got) = closed_within(&mut idle, T).await;
+    assert!(closed && got.is_empty(), "idle: {got:?}");
+    let idle_closed = started.elapsed();
+    assert!(
+        header_closed < idle_closed,
+        "the header timeout ({header_closed:?}) is not the idle one ({idle_closed:?})"
+    );
+    // Places are free again, and the API answers.
+    let (status, _) = api(
+        &s,
+        "Sora_20160711.PushChannel",
+        r#"{"channel_id":"x","data":{}}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+/// The hato binary with at most 48 open files: a flood of connections
+/// exhausts them, the accept loop says so at most once a second, and once
+/// the flood goes the server serves a new peer again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_is_logged_once_a_second_and_survived() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 48 && exec {} --signaling-addr 127.0.0.1:0 --api-addr 127.0.0.1:0 --rtc-addr 127.0.0.1:0 --rtc-shards 1",
+            env!("CARGO_BIN_EXE_hato")
+        ))
+        .env("HATO_LOG", "hato=info,warn")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut signaling, mut api) = (None, None);
+    while signaling.is_none() {
+        let line = tokio::time::timeout(T, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("hato says where it serves");
+        let field = |name: &str| {
+            line.split(&format!("{name}=")).nth(1).map(|r| {
+                r.split_whitespace()
+                    .next()
+                    .unwrap()
+                    .trim_start_matches("ws://")
+                    .trim_start_matches("http://")
+                    .split('/')
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            })
+        };
+        if line.contains("hato is serving") {
+            signaling = field("signaling");
+            api = field("api");
+        }
+    }
+    let (signaling, api) = (signaling.unwrap(), api.unwrap());
+    let lines = tokio::spawn(async move {
+        let mut fd_lines = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("out of file descriptors") {
+                fd_lines.push(std::time::Instant::now());
+            }
+        }
+        fd_lines
+    });
+    let flood_started = std::time::Instant::now();
+    let mut flood = Vec::new();
+    for _ in 0..80 {
+        flood.push(tokio::net::TcpStream::connect(&signaling).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let flood_time = flood_started.elapsed();
+    drop(flood);
+    // Serving again: a WebSocket peer connects and gets a push.
+    let url = format!("ws://{signaling}/signaling");
+    let mut peer = loop {
+        let o = ClientOptions::new(&url, "fd", "recvonly");
+        match Client::connect(&o).await {
+            Ok(mut c) => {
+                if c.wait_connected(T).await {
+                    break c;
+                }
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+        assert!(
+            flood_started.elapsed() < Duration::from_secs(30),
+            "never served again"
+        );
+    };
+    let (status, _, body) = http_to(
+        &api,
+        "POST",
+        &[("x-sora-target", "Sora_20160711.PushChannel")],
+        r#"{"channel_id":"fd","data":{"ok":1}}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (msg, _) = next_push(&mut peer).await.unwrap();
+    assert_eq!(msg["data"]["ok"], 1);
+    drop(peer);
+    let _ = child.start_kill();
+    let fd_lines = lines.await.unwrap();
+    eprintln!("{} out-of-fds lines in {flood_time:?}", fd_lines.len());
+    assert!(!fd_lines.is_empty(), "running out was never logged");
+    let allowed = flood_time.as_secs() as usize + 2;
+    assert!(
+        fd_lines.len() <= allowed,
+        "{} lines in {flood_time:?}",
+        fd_lines.len()
+    );
 }

@@ -1,0 +1,279 @@
+//! What keeps one peer or client from hurting the others: admission of
+//! signaling connections (a total, a per-address and a handshake cap),
+//! accept loops that survive running out of file descriptors, and log
+//! lines an attacker cannot multiply.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Why a signaling connection was refused before its upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Full,
+    PerAddress,
+    Handshakes,
+}
+
+impl Refusal {
+    /// The reason the refusal carries, as Sora-style `error_type` text.
+    pub fn reason(self, admission: &Admission) -> String {
+        match self {
+            Refusal::Full => format!(
+                "SERVER-FULL: {} connections (--max-connections)",
+                admission.max_total
+            ),
+            Refusal::PerAddress => format!(
+                "TOO-MANY-CONNECTIONS: {} from this address (--max-connections-per-ip)",
+                admission.max_per_ip
+            ),
+            Refusal::Handshakes => format!(
+                "TOO-MANY-HANDSHAKES: {} in flight (--max-handshakes)",
+                admission.max_handshakes
+            ),
+        }
+    }
+}
+
+/// Counts signaling connections, from TCP accept to the session's end.
+/// A limit of 0 is no limit.
+#[derive(Debug)]
+pub struct Admission {
+    max_total: usize,
+    max_per_ip: usize,
+    max_handshakes: usize,
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    handshakes: Arc<Semaphore>,
+    /// Connections refused, by any limit.
+    pub refused: AtomicU64,
+}
+
+impl Admission {
+    pub fn new(max_total: usize, max_per_ip: usize, max_handshakes: usize) -> Arc<Admission> {
+        Arc::new(Admission {
+            max_total,
+            max_per_ip,
+            max_handshakes,
+            total: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+            handshakes: Arc::new(Semaphore::new(if max_handshakes == 0 {
+                Semaphore::MAX_PERMITS
+            } else {
+                max_handshakes
+            })),
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    /// Signaling connections now, handshaking or not.
+    pub fn connections(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Takes a place for a connection from `ip`, or says which limit is
+    /// reached. The place is given back when the [`Ticket`] drops.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refusal> {
+        let refuse = |why| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            Err(why)
+        };
+        let before = self.total.fetch_add(1, Ordering::AcqRel);
+        if self.max_total > 0 && before >= self.max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return refuse(Refusal::Full);
+        }
+        {
+            let mut per_ip = self.per_ip.lock().unwrap();
+            let n = per_ip.entry(ip).or_insert(0);
+            if self.max_per_ip > 0 && *n >= self.max_per_ip {
+                drop(per_ip);
+                self.total.fetch_sub(1, Ordering::AcqRel);
+                return refuse(Refusal::PerAddress);
+            }
+            *n += 1;
+        }
+        // From here on, dropping the ticket gives the place back.
+        let mut ticket = Ticket {
+            admission: self.clone(),
+            ip,
+            handshake: None,
+        };
+        match self.handshakes.clone().try_acquire_owned() {
+            Ok(permit) => ticket.handshake = Some(permit),
+            Err(_) => return refuse(Refusal::Handshakes),
+        }
+        Ok(ticket)
+    }
+}
+/// One admitted connection's place; dropping it frees the place.
+#[derive(Debug)]
+pub struct Ticket {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+    handshake: Option<OwnedSemaphorePermit>,
+}
+
+impl Ticket {
+    /// The handshake is over (the peer is connected): its place among the
+    /// handshakes in flight goes to the next one.
+    pub fn handshake_done(&mut self) {
+        self.handshake = None;
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.admission.total.fetch_sub(1, Ordering::AcqRel);
+        let mut per_ip = self.admission.per_ip.lock().unwrap();
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// At most one log line per `every` for a kind of event, however often it
+/// happens; the line says how many were folded into it.
+#[derive(Debug)]
+pub struct Throttle {
+    every: Duration,
+    last: Mutex<Option<Instant>>,
+    folded: AtomicU64,
+}
+
+impl Throttle {
+    pub const fn new(every: Duration) -> Throttle {
+        Throttle {
+            every,
+            last: Mutex::new(None),
+            folded: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)`: log now, and say that `n` more happened since the last
+    /// line. `None`: folded into the next line.
+    pub fn hit(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap();
+        match *last {
+            Some(t) if now.duration_since(t) < self.every => {
+                self.folded.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            _ => {
+                *last = Some(now);
+                Some(self.folded.swap(0, Ordering::Relaxed))
+            }
+        }
+    }
+}
+
+/// Accepts the next connection. Errors never end the loop: running out
+/// of file descriptors is said once per second (with how many accepts
+/// failed since) while the connections already open keep being served.
+pub async fn accept(
+    listener: &TcpListener,
+    what: &str,
+    throttle: &Throttle,
+) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                let fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                if let Some(folded) = throttle.hit() {
+                    if fds {
+                        tracing::error!(
+                            listener = what,
+                            error = %e,
+                            failed_since_last_line = folded,
+                            "out of file descriptors: new connections wait (raise LimitNOFILE / ulimit -n)"
+                        );
+                    } else {
+                        tracing::warn!(listener = what, error = %e, failed_since_last_line = folded, "accept failed");
+                    }
+                }
+                // The pending connection stays in the backlog; try again
+                // once some descriptor may have been freed.
+                tokio::time::sleep(Duration::from_millis(if fds { 100 } else { 10 })).await;
+            }
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime
+/// does: every signaling peer holds a TCP socket, and the soft default of
+/// 1024 is reached long before anything else. Returns the limit now.
+pub fn raise_fd_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return Some(raised.rlim_cur);
+            }
+        }
+    }
+    Some(lim.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_counts_and_gives_back() {
+        let a = Admission::new(3, 2, 0);
+        let ip1: IpAddr = "10.0.0.1".parse().unwrap();
+        let ip2: IpAddr = "10.0.0.2".parse().unwrap();
+        let t1 = a.admit(ip1).unwrap();
+        let _t2 = a.admit(ip1).unwrap();
+        assert_eq!(a.admit(ip1).unwrap_err(), Refusal::PerAddress);
+        let _t3 = a.admit(ip2).unwrap();
+        assert_eq!(a.admit(ip2).unwrap_err(), Refusal::Full);
+        drop(t1);
+        assert_eq!(a.connections(), 2);
+        let _t4 = a.admit(ip1).unwrap();
+        assert_eq!(a.refused.load(Ordering::Relaxed), 2);
+        drop((_t2, _t3, _t4));
+        assert!(a.per_ip.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn handshakes_are_capped_until_done() {
+        let a = Admission::new(0, 0, 1);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut t = a.admit(ip).unwrap();
+        assert_eq!(a.admit(ip).unwrap_err(), Refusal::Handshakes);
+        t.handshake_done();
+        let _u = a.admit(ip).unwrap();
+    }
+
+    #[test]
+    fn throttle_folds_repeats() {
+        let t = Throttle::new(Duration::from_secs(3600));
+        assert_eq!(t.hit(), Some(0));
+        assert_eq!(t.hit(), None);
+        assert_eq!(t.hit(), None);
+        let t = Throttle::new(Duration::ZERO);
+        assert_eq!(t.hit(), Some(0));
+        assert_eq!(t.hit(), Some(0));
+    }
+}
