@@ -94,6 +94,12 @@ pub struct Config {
     #[arg(long, env = "HATO_OUTBOX_CAPACITY", default_value_t = 4096)]
     pub outbox_capacity: usize,
 
+    /// Bytes a connection may have queued (pushes and notifies waiting for
+    /// its WebSocket); more disconnects it with OUTBOX-OVERFLOW. After the
+    /// switch the DataChannel's own 8 MiB bound applies.
+    #[arg(long, env = "HATO_OUTBOX_CAPACITY_BYTES", default_value_t = 8 << 20)]
+    pub outbox_capacity_bytes: usize,
+
     /// DataChannel signaling for peers whose connect does not say
     /// (Sora's default_data_channel_signaling).
     #[arg(long, env = "HATO_DATA_CHANNEL_SIGNALING", default_value_t = false)]
@@ -124,6 +130,12 @@ pub struct Config {
     /// DataChannel message after inflating), in bytes.
     #[arg(long, env = "HATO_CLIENT_MESSAGE_LIMIT", default_value_t = 1 << 20)]
     pub client_message_limit: usize,
+
+    /// Largest `signaling_notify_metadata` a peer may send in `connect`
+    /// (its JSON text, in bytes); larger is refused with Close 4490. Every
+    /// peer of the channel receives it in notify.
+    #[arg(long, env = "HATO_NOTIFY_METADATA_LIMIT", default_value_t = 8 * 1024)]
+    pub notify_metadata_limit: usize,
 
     /// Time from WebSocket open to `connect`, in ms.
     #[arg(long, env = "HATO_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]

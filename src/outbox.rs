@@ -19,6 +19,7 @@ use futures_util::SinkExt;
 use hato_datachannel::Peer;
 use hato_signaling::session::Closing;
 use hato_signaling::{message, zlib};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -89,6 +90,55 @@ pub enum Out {
     Switch { ignore_disconnect_websocket: bool },
 }
 
+impl Out {
+    /// The bytes this item holds for its connection, for the byte bound
+    /// of the queue.
+    fn len(&self) -> usize {
+        match self {
+            Out::Ws(text) => text.len(),
+            Out::Push(frame) | Out::Notify(frame) => frame.len(),
+            Out::Switch { .. } => 0,
+        }
+    }
+}
+
+/// The sending end of a connection's queue, bounded in items (the
+/// channel) and in bytes: whatever the number of items, a slow peer holds
+/// at most `byte_limit` (one item larger than that still goes alone).
+#[derive(Debug, Clone)]
+pub struct Queue {
+    tx: mpsc::Sender<Out>,
+    bytes: Arc<AtomicUsize>,
+    byte_limit: usize,
+}
+
+impl Queue {
+    pub fn new(tx: mpsc::Sender<Out>, byte_limit: usize) -> Queue {
+        Queue {
+            tx,
+            bytes: Arc::default(),
+            byte_limit,
+        }
+    }
+
+    pub fn try_send(&self, out: Out) -> Result<(), mpsc::error::TrySendError<Out>> {
+        let n = out.len();
+        let before = self.bytes.fetch_add(n, Ordering::AcqRel);
+        if before > 0 && before + n > self.byte_limit {
+            self.bytes.fetch_sub(n, Ordering::AcqRel);
+            return Err(mpsc::error::TrySendError::Full(out));
+        }
+        self.tx.try_send(out).inspect_err(|_| {
+            self.bytes.fetch_sub(n, Ordering::AcqRel);
+        })
+    }
+
+    /// Bytes queued now.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
 /// Where a connection's pushes go, shared by its outbox task and its
 /// table entry. A std mutex: held for a few instructions, never across an
 /// `.await`.
@@ -105,7 +155,7 @@ pub type SharedRoute = Arc<std::sync::Mutex<Route>>;
 
 /// The session's handle on its outbox task.
 pub struct Outbox {
-    pub queue: mpsc::Sender<Out>,
+    pub queue: Queue,
     close: oneshot::Sender<Closing>,
     task: JoinHandle<()>,
 }
@@ -118,12 +168,15 @@ impl Outbox {
         peer: Arc<Peer>,
         compress: bool,
         capacity: usize,
+        byte_limit: usize,
         route: SharedRoute,
     ) -> Outbox {
-        let (queue, rx) = mpsc::channel(capacity.max(1));
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let queue = Queue::new(tx, byte_limit);
         let (close, close_rx) = oneshot::channel();
         let task = tokio::spawn(
             Sender {
+                queued: queue.bytes.clone(),
                 ws: Some(ws),
                 peer,
                 compress,
@@ -154,6 +207,8 @@ impl Outbox {
 const BATCH: usize = 64;
 
 struct Sender {
+    /// The queue's byte count, given back as items leave it.
+    queued: Arc<AtomicUsize>,
     ws: Option<WsSink>,
     peer: Arc<Peer>,
     compress: bool,
@@ -220,6 +275,7 @@ impl Sender {
         let mut later = Vec::new();
         let mut route = self.route.lock().unwrap();
         while let Ok(item) = rx.try_recv() {
+            self.taken(&item);
             match item {
                 Out::Push(frame) => self.dc_send("push", &frame),
                 Out::Notify(frame) => self.dc_send("notify", &frame),
@@ -233,7 +289,12 @@ impl Sender {
         later
     }
 
+    fn taken(&self, out: &Out) {
+        self.queued.fetch_sub(out.len(), Ordering::AcqRel);
+    }
+
     async fn send(&mut self, out: Out, rx: &mut mpsc::Receiver<Out>) {
+        self.taken(&out);
         match out {
             Out::Ws(text) => self.ws_feed(text.into()).await,
             Out::Push(frame) if self.switched => self.dc_send("push", &frame),

@@ -31,6 +31,10 @@ use tokio_tungstenite::WebSocketStream;
 
 pub use hato_signaling::session::SIGNALING_ERROR;
 
+/// The metadata of others that one joiner's own `connection.created`
+/// carries at most, in bytes of JSON; the entries beyond carry their ids.
+pub const PRESENT_METADATA_BUDGET: usize = 256 * 1024;
+
 /// How long a DataChannel peer gets to close its side after hato closed
 /// the channels, before hato ends the association itself.
 const CLIENT_CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -211,6 +215,17 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>, ticket: Ti
         Err(e) => return refuse(ws, &e.0).await,
     };
 
+    if let Some(m) = &connect.signaling_notify_metadata {
+        let len = serde_json::to_string(m).map_or(usize::MAX, |t| t.len());
+        if len > cfg.notify_metadata_limit {
+            let reason = format!(
+                "signaling_notify_metadata is {len} bytes; at most {} (--notify-metadata-limit)",
+                cfg.notify_metadata_limit
+            );
+            return refuse(ws, &reason).await;
+        }
+    }
+
     let dc_signaling = connect
         .data_channel_signaling
         .unwrap_or(cfg.data_channel_signaling);
@@ -268,6 +283,7 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>, ticket: Ti
         peer.clone(),
         compress,
         cfg.outbox_capacity,
+        cfg.outbox_capacity_bytes,
         route.clone(),
     );
     let (kill_tx, kill_rx) = mpsc::unbounded_channel();
@@ -510,16 +526,35 @@ impl Session {
         self.ticket.handshake_done();
         let (others, counts) = self.shared.table.insert(conn.clone());
         self.conn = Some(conn);
+        // The joiner's own connection.created lists everyone present with
+        // their metadata: bounded, so that joining a big channel cannot
+        // build a message of N × --notify-metadata-limit.
+        let mut budget = PRESENT_METADATA_BUDGET;
+        let mut without_metadata = 0;
         let present: Vec<Value> = others
             .iter()
             .map(|o| {
                 let mut v = json!({"client_id": &*o.client_id, "connection_id": &*o.connection_id});
                 if let Some(m) = &o.notify_metadata {
-                    v["metadata"] = m.clone();
+                    let len = m.to_string().len();
+                    if len <= budget {
+                        budget -= len;
+                        v["metadata"] = m.clone();
+                    } else {
+                        without_metadata += 1;
+                    }
                 }
                 v
             })
             .collect();
+        if without_metadata > 0 {
+            tracing::info!(
+                connection_id = %self.connection_id,
+                without_metadata,
+                "connection.created lists the channel with its first {} KiB of metadata",
+                PRESENT_METADATA_BUDGET / 1024
+            );
+        }
         let now = time::now_rfc3339();
         let own = message::notify_connection(
             "connection.created",

@@ -6,7 +6,7 @@
 //! a few hash-map operations and never awaits, so a blocking lock is both
 //! cheaper and impossible to hold across an `.await` by accident.
 
-use crate::outbox::{Frame, Out, Route, SharedRoute};
+use crate::outbox::{Frame, Out, Queue, Route, SharedRoute};
 use hato_datachannel::Peer;
 use hato_signaling::message::ChannelCounts;
 use hato_signaling::Role;
@@ -32,7 +32,7 @@ pub enum Kill {
 #[derive(Debug)]
 pub struct Mailbox {
     connection_id: Arc<str>,
-    queue: mpsc::Sender<Out>,
+    queue: Queue,
     kill: mpsc::UnboundedSender<Kill>,
     overflowed: AtomicBool,
     route: SharedRoute,
@@ -41,7 +41,7 @@ pub struct Mailbox {
 impl Mailbox {
     pub fn new(
         connection_id: Arc<str>,
-        queue: mpsc::Sender<Out>,
+        queue: Queue,
         kill: mpsc::UnboundedSender<Kill>,
         route: SharedRoute,
     ) -> Mailbox {
@@ -294,7 +294,12 @@ mod tests {
             role,
             None,
             None,
-            Arc::new(Mailbox::new(id.into(), tx, kill, Default::default())),
+            Arc::new(Mailbox::new(
+                id.into(),
+                Queue::new(tx, 1 << 20),
+                kill,
+                Default::default(),
+            )),
         );
         (Arc::new(c), rx)
     }
@@ -344,7 +349,12 @@ mod tests {
             Role::Recvonly,
             None,
             None,
-            Arc::new(Mailbox::new("a".into(), tx, kill_tx, Default::default())),
+            Arc::new(Mailbox::new(
+                "a".into(),
+                Queue::new(tx, 1 << 20),
+                kill_tx,
+                Default::default(),
+            )),
         );
         let f = Arc::new(Frame::new("{}".into()));
         assert!(matches!(c.push(&f), Delivery::Queued));

@@ -541,8 +541,19 @@ async fn cors_when_an_origin_is_configured() {
 /// fills and it is disconnected, while others keep receiving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_cannot_keep_up_is_disconnected() {
-    let s = server_with(|c| c.outbox_capacity = 8).await;
-    let mut healthy = connected(&opts(&s, "slow", "recvonly")).await;
+    // Bounded in items, and in bytes whatever the number of items.
+    for (items, bytes) in [(8, 8 << 20), (100_000, 1 << 20)] {
+        let s = server_with(|c| {
+            c.outbox_capacity = items;
+            c.outbox_capacity_bytes = bytes;
+        })
+        .await;
+        cannot_keep_up(&s).await;
+    }
+}
+
+async fn cannot_keep_up(s: &Server) {
+    let mut healthy = connected(&opts(s, "slow", "recvonly")).await;
     let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
         .await
         .unwrap();
@@ -562,20 +573,20 @@ async fn a_peer_that_cannot_keep_up_is_disconnected() {
     ws.send(text(json!({"type": "answer", "sdp": answer})))
         .await
         .unwrap();
-    table_len(&s, 2).await;
+    table_len(s, 2).await;
     // Never read `ws` again. Big pushes fill the socket buffers, then the outbox.
     let big = "x".repeat(200_000);
     let mut pushes = 0;
     while s.table().len() == 2 && pushes < 2000 {
         push(
-            &s,
+            s,
             "Sora_20160711.PushChannel",
             json!({"channel_id": "slow", "data": {"big": big}}),
         )
         .await;
         pushes += 1;
     }
-    table_len(&s, 1).await;
+    table_len(s, 1).await;
     assert!(
         s.shared
             .table
@@ -1642,4 +1653,46 @@ async fn out_of_file_descriptors_is_logged_once_a_second_and_survived() {
         "{} lines in {flood_time:?}",
         fd_lines.len()
     );
+}
+
+/// `signaling_notify_metadata` over --notify-metadata-limit is refused at
+/// connect; a joiner's own connection.created carries at most 256 KiB of
+/// the others' metadata (the rest are listed by id), so one join never
+/// builds N × the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_metadata_is_bounded() {
+    let s = server_with(|c| c.notify_metadata_limit = 200_000).await;
+    let big = |n: usize| json!({"pad": "m".repeat(n)});
+    let mut too_big = json!({"type": "connect", "role": "recvonly", "channel_id": "meta"});
+    too_big["signaling_notify_metadata"] = big(200_001);
+    let (code, reason) = refused(&s, vec![text(too_big)]).await;
+    assert_eq!(code, 4490);
+    assert!(reason.contains("--notify-metadata-limit"), "{reason}");
+
+    let with_metadata = |n: usize| {
+        let mut o = opts(&s, "meta", "recvonly");
+        o.extra.insert("signaling_notify_metadata".into(), big(n));
+        o
+    };
+    let _a = connected(&with_metadata(150_000)).await;
+    let _b = connected(&with_metadata(150_000)).await;
+    let mut joiner = Client::connect(&opts(&s, "meta", "recvonly"))
+        .await
+        .unwrap();
+    let id = joiner.connection_id.clone();
+    let created = match joiner
+        .wait_for(T, |e| {
+            matches!(e, ClientEvent::Notify { message, .. }
+                if message["event_type"] == "connection.created" && message["connection_id"] == id.as_str())
+        })
+        .await
+    {
+        Some(ClientEvent::Notify { message, .. }) => message,
+        other => panic!("{other:?}"),
+    };
+    let listed = created["data"].as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    let with: Vec<bool> = listed.iter().map(|e| e.get("metadata").is_some()).collect();
+    assert_eq!(with.iter().filter(|w| **w).count(), 1, "{with:?}");
+    assert!(listed.iter().all(|e| e["connection_id"].is_string()));
 }
