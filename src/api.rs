@@ -3,7 +3,7 @@
 //! response in one place, [`ApiError::into_response`].
 
 use crate::limits::{self, Throttle};
-use crate::outbox::Frame;
+use crate::outbox::{Frame, Out};
 use crate::table::{Delivery, Target};
 use crate::Shared;
 use bytes::Bytes;
@@ -519,7 +519,11 @@ fn push(shared: &Shared, scope: Scope, body: &Body<'_>) -> Result<Response<Full<
     // Refuse up front a push larger than hato itself sends over a
     // DataChannel, when a recipient would need one (RFC 8831 §6.6).
     let own_limit = shared.config.data_channel_message_limit;
-    if frame.len() > own_limit && conns.iter().any(|c| c.message_limit.is_some()) {
+    if frame.len() > own_limit
+        && conns
+            .iter()
+            .any(|c| c.message_limit.is_some() && !c.websocket_fallback)
+    {
         return Err(ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
             error_type: "PUSH-TOO-LARGE",
@@ -537,13 +541,19 @@ fn push(shared: &Shared, scope: Scope, body: &Body<'_>) -> Result<Response<Full<
     let mut direct: [Vec<Arc<Peer>>; 2] = Default::default();
     let mut undeliverable = 0;
     for conn in &conns {
-        // One recipient never vetoes a push: a peer whose answer took
-        // less than this push is skipped, and the others still get it.
-        if conn.message_limit.is_some_and(|l| frame.len() > l) {
-            undeliverable += 1;
-            continue;
-        }
-        match conn.push(&frame) {
+        // One recipient never vetoes a push: a peer whose DataChannel takes
+        // less than this push gets it on its WebSocket, or, without one,
+        // is skipped while the others still get it.
+        let delivery = if conn.message_limit.is_some_and(|l| frame.len() > l) {
+            if !conn.websocket_fallback {
+                undeliverable += 1;
+                continue;
+            }
+            conn.deliver(Out::PushWs(frame.clone()))
+        } else {
+            conn.push(&frame)
+        };
+        match delivery {
             Delivery::Queued => queued += 1,
             Delivery::Direct { peer, compress } => direct[usize::from(compress)].push(peer),
             Delivery::Overflow => {
@@ -570,12 +580,16 @@ fn push(shared: &Shared, scope: Scope, body: &Body<'_>) -> Result<Response<Full<
         stats
             .undeliverable
             .fetch_add(undeliverable, Ordering::Relaxed);
-        tracing::warn!(
-            channel_id,
-            bytes = frame.len(),
-            skipped = undeliverable,
-            "push larger than some recipients' a=max-message-size: skipped for them"
-        );
+        static SKIPPED: Throttle = Throttle::new(Duration::from_secs(1));
+        if let Some(folded) = SKIPPED.hit() {
+            tracing::warn!(
+                channel_id,
+                bytes = frame.len(),
+                skipped = undeliverable,
+                pushes_folded = folded,
+                "push larger than some DataChannel-only recipients' a=max-message-size: skipped for them"
+            );
+        }
     }
     Ok(json_response(
         StatusCode::OK,

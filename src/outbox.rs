@@ -84,6 +84,9 @@ pub enum Out {
     Ws(String),
     /// A `push`: on the `push` DataChannel after the switch, else the WebSocket.
     Push(Arc<Frame>),
+    /// A `push` larger than this peer's DataChannel takes: on the
+    /// WebSocket whatever the switch (hybrid mode keeps it open).
+    PushWs(Arc<Frame>),
     /// A `notify`: on the `notify` DataChannel after the switch, else the WebSocket.
     Notify(Arc<Frame>),
     /// Send `switched` on the WebSocket, then use the DataChannels.
@@ -96,7 +99,7 @@ impl Out {
     fn len(&self) -> usize {
         match self {
             Out::Ws(text) => text.len(),
-            Out::Push(frame) | Out::Notify(frame) => frame.len(),
+            Out::Push(frame) | Out::PushWs(frame) | Out::Notify(frame) => frame.len(),
             Out::Switch { .. } => 0,
         }
     }
@@ -299,7 +302,9 @@ impl Sender {
             Out::Ws(text) => self.ws_feed(text.into()).await,
             Out::Push(frame) if self.switched => self.dc_send("push", &frame),
             Out::Notify(frame) if self.switched => self.dc_send("notify", &frame),
-            Out::Push(frame) | Out::Notify(frame) => self.ws_feed(frame.text.clone()).await,
+            Out::Push(frame) | Out::PushWs(frame) | Out::Notify(frame) => {
+                self.ws_feed(frame.text.clone()).await
+            }
             Out::Switch {
                 ignore_disconnect_websocket,
             } => {

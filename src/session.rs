@@ -311,6 +311,7 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>, ticket: Ti
         data_channel_signaling: dc_signaling,
         ignore_disconnect_websocket: ignore_ws,
         compress,
+        libwebrtc: connect.libwebrtc.is_some(),
     };
     let mut session = Session {
         shared: shared.clone(),
@@ -521,6 +522,7 @@ impl Session {
             self.role,
             self.notify_metadata.clone(),
             message_limit,
+            !self.machine.mode().ignore_disconnect_websocket,
             self.mailbox.clone(),
         ));
         self.ticket.handshake_done();

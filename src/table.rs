@@ -91,6 +91,9 @@ pub struct Conn {
     /// Largest push this peer can take, when pushes may go over its
     /// DataChannel; `None` for WebSocket-only peers.
     pub message_limit: Option<usize>,
+    /// Its WebSocket stays open for the whole session (hybrid mode, or no
+    /// DataChannel signaling): what its DataChannel cannot take goes there.
+    pub websocket_fallback: bool,
     mailbox: Arc<Mailbox>,
 }
 
@@ -121,6 +124,7 @@ impl Conn {
         role: Role,
         notify_metadata: Option<Value>,
         message_limit: Option<usize>,
+        websocket_fallback: bool,
         mailbox: Arc<Mailbox>,
     ) -> Conn {
         Conn {
@@ -132,6 +136,7 @@ impl Conn {
             role,
             notify_metadata,
             message_limit,
+            websocket_fallback,
             mailbox,
         }
     }
@@ -294,6 +299,7 @@ mod tests {
             role,
             None,
             None,
+            true,
             Arc::new(Mailbox::new(
                 id.into(),
                 Queue::new(tx, 1 << 20),
@@ -349,6 +355,7 @@ mod tests {
             Role::Recvonly,
             None,
             None,
+            true,
             Arc::new(Mailbox::new(
                 "a".into(),
                 Queue::new(tx, 1 << 20),

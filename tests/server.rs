@@ -909,20 +909,33 @@ async fn malformed_datachannel_input_and_a_zlib_bomb_are_dropped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_too_large_for_the_datachannel_gets_413() {
+    // 413 only for a push over hato's own --data-channel-message-limit
+    // that a DataChannel-only peer would need; a hybrid peer gets it on its
+    // WebSocket.
     let s = server_with(|c| c.data_channel_message_limit = 10_000).await;
-    let mut c = switched_client(&s, "big", false).await;
+    let mut hybrid = switched_client(&s, "big", false).await;
+    let dc_only = switched_client(&s, "big", true).await;
     let body = json!({"channel_id": "big", "data": {"x": "y".repeat(20_000)}}).to_string();
     let (status, resp) = api(&s, "Sora_20160711.PushChannel", &body).await;
     assert_eq!(status, 413);
     assert_eq!(resp["error_type"], "PUSH-TOO-LARGE");
-    no_push(&mut c).await;
+    no_push(&mut hybrid).await;
+    drop(dc_only);
+    table_len(&s, 1).await;
+    let (status, _) = api(&s, "Sora_20160711.PushChannel", &body).await;
+    assert_eq!(status, 200);
+    let (msg, via) = next_push(&mut hybrid).await.unwrap();
+    assert_eq!(
+        (msg["data"]["x"].as_str().map(str::len), via),
+        (Some(20_000), Via::WebSocket)
+    );
     push(
         &s,
         "Sora_20160711.PushChannel",
         json!({"channel_id": "big", "data": {"x": "y".repeat(5_000)}}),
     )
     .await;
-    assert!(next_push(&mut c).await.is_some());
+    assert_eq!(next_push(&mut hybrid).await.unwrap().1, Via::DataChannel);
 }
 
 /// Pushes without pause while peers of every mode connect and switch:
@@ -1237,10 +1250,14 @@ async fn a_datachannel_peer_that_stops_acknowledging_is_disconnected() {
 
 /// Connects by hand with DataChannel signaling and answers with
 /// `a=max-message-size:size`; returns the WebSocket and the peer's events.
+/// A DataChannel-signaling peer answering by hand: `size` replaces its
+/// answer's `a=max-message-size` (`None`: drops it, as libwebrtc's native
+/// SDKs do); `connect` adds `extra`.
 async fn answer_with_max_message_size(
     s: &Server,
     channel: &str,
-    size: usize,
+    size: Option<usize>,
+    extra: Value,
 ) -> (
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     hato_datachannel::Peer,
@@ -1249,12 +1266,12 @@ async fn answer_with_max_message_size(
     let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
         .await
         .unwrap();
-    ws.send(text(
-        json!({"type": "connect", "role": "recvonly", "channel_id": channel,
-                         "data_channel_signaling": true}),
-    ))
-    .await
-    .unwrap();
+    let mut connect = json!({"type": "connect", "role": "recvonly", "channel_id": channel,
+                         "data_channel_signaling": true});
+    for (k, v) in extra.as_object().unwrap() {
+        connect[k] = v.clone();
+    }
+    ws.send(text(connect)).await.unwrap();
     let offer: Value = match ws.next().await {
         Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
         o => panic!("{o:?}"),
@@ -1266,15 +1283,59 @@ async fn answer_with_max_message_size(
     assert!(answer.contains("a=max-message-size:"), "{answer}");
     let answer: String = answer
         .lines()
-        .map(|l| match l.strip_prefix("a=max-message-size:") {
-            Some(_) => format!("a=max-message-size:{size}\r\n"),
-            None => format!("{l}\r\n"),
+        .filter_map(|l| match (l.strip_prefix("a=max-message-size:"), size) {
+            (Some(_), Some(size)) => Some(format!("a=max-message-size:{size}\r\n")),
+            (Some(_), None) => None,
+            (None, _) => Some(format!("{l}\r\n")),
         })
         .collect();
     ws.send(text(json!({"type": "answer", "sdp": answer})))
         .await
         .unwrap();
     (ws, peer, events)
+}
+
+/// The next message on DataChannel `label`, as text.
+async fn next_on(
+    events: &mut tokio::sync::mpsc::Receiver<hato_datachannel::PeerEvent>,
+    want: &str,
+) -> Option<String> {
+    tokio::time::timeout(T, async {
+        while let Some(ev) = events.recv().await {
+            if let hato_datachannel::PeerEvent::Message { label, data, .. } = ev {
+                if &*label == want {
+                    return Some(String::from_utf8_lossy(&data).into_owned());
+                }
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The next text frame on a raw WebSocket that contains `needle`.
+async fn next_ws_text<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    needle: &str,
+) -> Option<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::time::timeout(T, async {
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Text(t) = m {
+                if t.contains(needle) {
+                    return Some(t.to_string());
+                }
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// A peer whose answer takes small messages no longer vetoes a push for
@@ -1284,8 +1345,19 @@ async fn answer_with_max_message_size(
 async fn a_small_max_message_size_never_vetoes_a_push() {
     let s = server().await;
     let mut honest = switched_client(&s, "veto", true).await;
-    let (_ws, _peer, mut small) = answer_with_max_message_size(&s, "veto", 2000).await;
-    table_len(&s, 2).await;
+    // Hybrid (its WebSocket stays) and DataChannel-only, both taking 2000.
+    let (mut hybrid_ws, _p1, mut hybrid) =
+        answer_with_max_message_size(&s, "veto", Some(2000), json!({})).await;
+    let (mut dc_only_ws, _p2, mut dc_only) = answer_with_max_message_size(
+        &s,
+        "veto",
+        Some(2000),
+        json!({"ignore_disconnect_websocket": true}),
+    )
+    .await;
+    table_len(&s, 3).await;
+    assert!(next_ws_text(&mut dc_only_ws, "switched").await.is_some());
+    assert!(next_ws_text(&mut hybrid_ws, "switched").await.is_some());
     push(
         &s,
         "Sora_20160711.PushChannel",
@@ -1299,6 +1371,10 @@ async fn a_small_max_message_size_never_vetoes_a_push() {
         (msg["data"]["x"].as_str().map(str::len), via),
         (Some(5_000), Via::DataChannel)
     );
+    let got = next_ws_text(&mut hybrid_ws, "\"push\"")
+        .await
+        .expect("the hybrid peer gets it on its WebSocket");
+    assert!(got.contains(&"y".repeat(5_000)));
     let undeliverable = || {
         s.shared
             .table
@@ -1306,8 +1382,12 @@ async fn a_small_max_message_size_never_vetoes_a_push() {
             .undeliverable
             .load(std::sync::atomic::Ordering::Relaxed)
     };
-    assert_eq!(undeliverable(), 1);
-    // A push that fits reaches the small peer too, on its push channel.
+    assert_eq!(
+        undeliverable(),
+        1,
+        "the DataChannel-only peer is skipped and counted"
+    );
+    // A push that fits reaches both small peers on their push channel.
     push(
         &s,
         "Sora_20160711.PushChannel",
@@ -1315,25 +1395,17 @@ async fn a_small_max_message_size_never_vetoes_a_push() {
     )
     .await;
     assert!(next_push(&mut honest).await.is_some());
-    let got = tokio::time::timeout(T, async {
-        while let Some(ev) = small.recv().await {
-            if let hato_datachannel::PeerEvent::Message { label, data, .. } = ev {
-                if &*label == "push" {
-                    return Some(String::from_utf8_lossy(&data).into_owned());
-                }
-            }
-        }
-        None
-    })
-    .await
-    .ok()
-    .flatten()
-    .expect("the small peer gets the push that fits");
-    assert!(got.contains(r#""small":true"#), "{got}");
-    assert!(!got.contains("yyyy"), "the big push was not sent to it");
+    for events in [&mut hybrid, &mut dc_only] {
+        let got = next_on(events, "push")
+            .await
+            .expect("the small peer gets the push that fits");
+        assert!(got.contains(r#""small":true"#), "{got}");
+        assert!(!got.contains("yyyy"), "the big push was not sent on it");
+    }
 
     // Below 1 KiB: refused at connect with 4490 and a reason.
-    let (mut ws, _peer, _events) = answer_with_max_message_size(&s, "veto", 300).await;
+    let (mut ws, _peer, _events) =
+        answer_with_max_message_size(&s, "veto", Some(300), json!({})).await;
     match tokio::time::timeout(T, ws.next()).await {
         Ok(Some(Ok(Message::Close(Some(f))))) => assert_eq!(
             (u16::from(f.code), f.reason.as_str()),
@@ -1341,6 +1413,55 @@ async fn a_small_max_message_size_never_vetoes_a_push() {
         ),
         other => panic!("no 4490: {other:?}"),
     }
+}
+
+/// A 100 KB push reaches a WebSocket peer, a hybrid DataChannel peer and
+/// a DataChannel-only native peer (its connect names `libwebrtc`, its
+/// answer has no a=max-message-size, as the Python and C++ SDKs send).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_kb_push_reaches_every_kind_of_peer() {
+    let s = server().await;
+    let mut ws_peer = connected(&opts(&s, "big100", "recvonly")).await;
+    let mut hybrid = switched_client(&s, "big100", false).await;
+    let (mut native_ws, _peer, mut native) = answer_with_max_message_size(
+        &s,
+        "big100",
+        None,
+        json!({"ignore_disconnect_websocket": true, "libwebrtc": "Shiguredo-build M138",
+               "sora_client": "Sora Python SDK 2025.5.0"}),
+    )
+    .await;
+    table_len(&s, 3).await;
+    assert!(next_ws_text(&mut native_ws, "switched").await.is_some());
+    let big = "z".repeat(100_000);
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "big100", "data": {"big": big}}),
+    )
+    .await;
+    for (c, via) in [
+        (&mut ws_peer, Via::WebSocket),
+        (&mut hybrid, Via::DataChannel),
+    ] {
+        let (msg, got) = next_push(c).await.expect("delivered");
+        assert_eq!(
+            (msg["data"]["big"].as_str().map(str::len), got),
+            (Some(100_000), via)
+        );
+    }
+    let got = next_on(&mut native, "push")
+        .await
+        .expect("the native peer gets it on its push channel");
+    assert!(got.contains(&big));
+    assert_eq!(
+        s.shared
+            .table
+            .stats
+            .undeliverable
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
 
 /// `data` reaches every peer, and the API's answer, byte for byte as the

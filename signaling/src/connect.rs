@@ -73,6 +73,7 @@ struct RawConnect {
     data_channel_signaling: Option<Value>,
     ignore_disconnect_websocket: Option<Value>,
     sora_client: Option<Value>,
+    libwebrtc: Option<Value>,
     redirect: Option<Value>,
 }
 
@@ -91,6 +92,9 @@ pub struct ConnectRequest {
     pub data_channel_signaling: Option<bool>,
     pub ignore_disconnect_websocket: Option<bool>,
     pub sora_client: Option<String>,
+    /// The libwebrtc version the native SDKs (C++, Python, Rust, iOS,
+    /// Android) name; browsers do not send it.
+    pub libwebrtc: Option<String>,
 }
 
 fn optional_id(value: Option<Value>, key: &str) -> Result<Option<String>, ConnectError> {
@@ -163,6 +167,10 @@ impl ConnectRequest {
                 Some(Value::String(s)) => Some(s),
                 _ => None,
             },
+            libwebrtc: match raw.libwebrtc {
+                Some(Value::String(s)) => Some(s),
+                _ => None,
+            },
         })
     }
 }
@@ -216,6 +224,7 @@ mod tests {
         assert_eq!(c.client_id.as_deref(), Some("c1"));
         assert_eq!(c.data_channel_signaling, Some(true));
         assert_eq!(c.ignore_disconnect_websocket, Some(true));
+        assert_eq!(c.libwebrtc.as_deref(), Some("Shiguredo-build M138"));
     }
 
     /// sora-rust-sdk may omit `audio`, `video` and `metadata` entirely.

@@ -43,6 +43,10 @@ pub struct Mode {
     pub ignore_disconnect_websocket: bool,
     /// The system DataChannels are zlib-framed.
     pub compress: bool,
+    /// `connect` named its `libwebrtc` (a native SDK): an answer without
+    /// `a=max-message-size` takes 256 KiB, as libwebrtc's SCTP does, not
+    /// RFC 8841's 64 KiB.
+    pub libwebrtc: bool,
 }
 
 /// Why a session ends, which decides what the peer is told.
@@ -141,6 +145,10 @@ impl Machine {
 
     pub fn switched(&self) -> bool {
         self.switched
+    }
+
+    pub fn mode(&self) -> &Mode {
+        &self.mode
     }
 
     /// Whether the WebSocket still carries signaling: after the switch
@@ -259,7 +267,14 @@ impl Machine {
                 if self.answered || self.applying {
                     return; // a second answer is ignored
                 }
-                let theirs = sdp::max_message_size(&sdp);
+                let (sdp, theirs) = if self.mode.libwebrtc && !sdp::declares_max_message_size(&sdp)
+                {
+                    let n = sdp::LIBWEBRTC_MAX_MESSAGE_SIZE;
+                    (sdp::with_max_message_size(&sdp, n), Some(n))
+                } else {
+                    let theirs = sdp::max_message_size(&sdp);
+                    (sdp, theirs)
+                };
                 if let Some(n) = theirs.filter(|n| *n < sdp::MIN_MAX_MESSAGE_SIZE) {
                     return self.end(End::Refused(format!(
                         "a=max-message-size:{n} is below {} bytes",
@@ -389,6 +404,7 @@ mod tests {
             data_channel_signaling: dc,
             ignore_disconnect_websocket: ignore,
             compress: false,
+            libwebrtc: false,
         }
     }
 
@@ -473,6 +489,40 @@ mod tests {
                     message_limit: want
                 }
             );
+        }
+    }
+
+    /// A native SDK (it names `libwebrtc`) answers with no
+    /// `a=max-message-size`: the answer applied says 256 KiB, and so does
+    /// the push limit; a browser's answer without one stays at 64 KiB.
+    #[test]
+    fn a_native_answer_without_max_message_size_takes_256_kib() {
+        let t = Instant::now();
+        let answer = br#"{"type":"answer","sdp":"v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=sctp-port:5000\r\n"}"#;
+        for (libwebrtc, want) in [(true, 262_144), (false, 65_536)] {
+            let mut m = Machine::new(
+                t,
+                rules(),
+                Mode {
+                    libwebrtc,
+                    ..mode(true, true)
+                },
+            );
+            m.on_ws_text(t, answer);
+            let applied = actions(&mut m);
+            let [Action::ApplyAnswer(sdp)] = &applied[..] else {
+                panic!("{applied:?}")
+            };
+            assert_eq!(
+                sdp.contains("a=max-message-size:262144\r\n"),
+                libwebrtc,
+                "{sdp}"
+            );
+            m.answer_applied(t, Ok(()));
+            m.on_transport_connected();
+            assert!(actions(&mut m).contains(&Action::Register {
+                message_limit: Some(want)
+            }));
         }
     }
 
