@@ -348,6 +348,12 @@ impl Client {
         self.peer.stall();
     }
 
+    /// Opens a DataChannel from the client's side (hato must refuse it);
+    /// later `send_dc` on `label` use it.
+    pub fn open_channel(&self, label: &str) {
+        self.peer.open_channel(label);
+    }
+
     /// Ends the PeerConnection from this side.
     pub fn close_peer(&self) {
         self.peer.close();

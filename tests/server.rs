@@ -1817,3 +1817,50 @@ async fn notify_metadata_is_bounded() {
     assert_eq!(with.iter().filter(|w| **w).count(), 1, "{with:?}");
     assert!(listed.iter().all(|e| e["connection_id"].is_string()));
 }
+
+/// Channels a peer opens itself — one named like hato's own `signaling` —
+/// are closed by hato and counted; the session goes on, pushes still come
+/// on hato's `push` channel, and hato's own `signaling` still carries the
+/// peer's `disconnect`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_a_peer_opens_are_refused_and_counted() {
+    let s = server().await;
+    let mut c = switched_client(&s, "own", true).await;
+    let refused = || {
+        s.shared
+            .engine
+            .stats()
+            .refused_channels
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    c.open_channel("signaling");
+    c.open_channel("#spam");
+    for _ in 0..500 {
+        if refused() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(refused(), 2);
+    // Let the closes reach the client, so that its sends on `signaling`
+    // take hato's channel again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "own", "data": {"after": "refusal"}}),
+    )
+    .await;
+    let (msg, via) = next_push(&mut c).await.expect("still served");
+    assert_eq!(
+        (msg["data"]["after"].as_str(), via),
+        (Some("refusal"), Via::DataChannel)
+    );
+    assert_eq!(s.table().len(), 1);
+    c.send_dc(
+        "signaling",
+        r#"{"type":"disconnect","reason":"NO-ERROR"}"#,
+        true,
+    );
+    table_len(&s, 0).await;
+}

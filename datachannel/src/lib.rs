@@ -348,6 +348,16 @@ impl Peer {
         self.shard.command(shard::Command::Stall { id: self.id });
     }
 
+    /// Opens a DataChannel from this side; later sends on `label` use it.
+    /// hato's server side never does (and refuses channels its peers
+    /// open); the client side does it to test that.
+    pub fn open_channel(&self, label: &str) {
+        self.shard.command(shard::Command::OpenChannel {
+            id: self.id,
+            label: label.into(),
+        });
+    }
+
     /// Ends the connection: the other side is told (SCTP ABORT, DTLS
     /// close_notify); events stop after a final `Failed`.
     pub fn close(&self) {

@@ -115,6 +115,10 @@ pub enum Command {
     Stall {
         id: PeerId,
     },
+    OpenChannel {
+        id: PeerId,
+        label: Arc<str>,
+    },
     /// A datagram that a per-peer socket received.
     Inbound {
         id: PeerId,
@@ -327,6 +331,12 @@ impl PeerSlot {
         if let Some(c) = self.channels.iter().find(|c| c.id == id) {
             return Some(c.label.clone());
         }
+        if self.offerer {
+            // Only the channels this side created carry messages: one the
+            // peer opened (refused, or about to be) never stands in for
+            // `signaling`, `notify`, `push` or `stats`.
+            return None;
+        }
         let label: Arc<str> = self.pc.data_channel(id)?.label().into();
         self.channels.push(Channel::new(label.clone(), id));
         Some(label)
@@ -474,6 +484,19 @@ impl Shard {
             Command::Stall { id } => {
                 if let Some(p) = self.peers.get_mut(&id) {
                     p.stalled = true;
+                }
+            }
+            Command::OpenChannel { id, label } => {
+                if let Some(p) = self.peers.get_mut(&id) {
+                    match p.pc.create_data_channel(&label, None) {
+                        // First, so that sends on `label` take this one.
+                        Ok(dc) => {
+                            let cid = dc.id();
+                            p.channels.insert(0, Channel::new(label, cid));
+                        }
+                        Err(e) => tracing::debug!(peer = id, error = %e, "cannot open a channel"),
+                    }
+                    self.drive(id, now);
                 }
             }
             Command::Inbound { id, datagram } => self.deliver(id, datagram, now),
@@ -808,6 +831,7 @@ impl Shard {
                 progressed = true;
                 if let RTCMessage::DataChannelMessage(cid, msg) = m.message {
                     let Some(label) = p.label_of(cid) else {
+                        stats.dropped_messages.fetch_add(1, Ordering::Relaxed);
                         continue;
                     };
                     if p.events.capacity() > EVENT_RESERVE {
@@ -972,19 +996,21 @@ fn on_event(p: &mut PeerSlot, ev: RTCPeerConnectionEvent, stats: &Stats) {
         RTCPeerConnectionEvent::OnDataChannel(dc) => match dc {
             RTCDataChannelEvent::OnOpen(cid) => {
                 let known = p.channels.iter().any(|c| c.id == cid);
-                let Some(label) = p.label_of(cid) else { return };
-                if p.offerer && (!known || &*label == QUIET_LABEL) {
-                    if &*label != QUIET_LABEL {
+                if p.offerer && !known {
+                    let Some(mut dc) = p.pc.data_channel(cid) else {
+                        return;
+                    };
+                    if dc.label() != QUIET_LABEL {
                         // Only this side creates channels (Sora's rule): a
-                        // channel the other side opens is closed at once.
+                        // channel the other side opens is closed at once,
+                        // and its messages are never read (`label_of`).
                         stats.refused_channels.fetch_add(1, Ordering::Relaxed);
-                        p.channels.retain(|c| c.id != cid);
-                        if let Some(mut dc) = p.pc.data_channel(cid) {
-                            let _ = dc.close();
-                        }
+                        tracing::debug!(label = dc.label(), "a channel the peer opened is refused");
+                        let _ = dc.close();
                     }
                     return;
                 }
+                let Some(label) = p.label_of(cid) else { return };
                 if let Some(c) = p.channels.iter_mut().find(|c| c.id == cid) {
                     c.open = true;
                 }
