@@ -354,6 +354,11 @@ impl Client {
         self.peer.open_channel(label);
     }
 
+    /// Closes one DataChannel from the client's side.
+    pub fn close_channel(&self, label: &str) {
+        self.peer.close_channel(label);
+    }
+
     /// Ends the PeerConnection from this side.
     pub fn close_peer(&self) {
         self.peer.close();
@@ -450,7 +455,7 @@ async fn run(
                     Some(PeerEvent::Open(l)) => ClientEvent::Open(l.to_string()),
                     Some(PeerEvent::Closed(l)) => ClientEvent::ChannelClosed(l.to_string()),
                     Some(PeerEvent::AssociationClosed) => ClientEvent::PeerFailed("the SCTP association closed".into()),
-                    Some(PeerEvent::Writable(_) | PeerEvent::Backlog(_)) => continue,
+                    Some(PeerEvent::Writable(_) | PeerEvent::Backlog(_) | PeerEvent::SendFailed { .. }) => continue,
                     Some(PeerEvent::Message { label, data, text }) => {
                         let data = if compress && !text {
                             match zlib::decompress(&data, 16 << 20) {

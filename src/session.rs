@@ -483,7 +483,14 @@ impl Session {
                 }
             }
             PeerEvent::Closed(label) => {
-                tracing::debug!(connection_id = %self.connection_id, %label, "DataChannel closed");
+                tracing::warn!(connection_id = %self.connection_id, %label, "DataChannel closed by the peer mid-session, disconnecting (DATA-CHANNEL-CLOSED)");
+                self.count_channel_failure();
+                self.machine.on_channel_closed(&label);
+            }
+            PeerEvent::SendFailed { label, error } => {
+                tracing::warn!(connection_id = %self.connection_id, %label, %error, "DataChannel send failed, disconnecting (DATA-CHANNEL-SEND-FAILED)");
+                self.count_channel_failure();
+                self.machine.on_send_failed();
             }
             PeerEvent::Writable(_) => {}
             PeerEvent::Backlog(label) => {
@@ -496,6 +503,14 @@ impl Session {
                 self.machine.on_server_end("OUTBOX-OVERFLOW");
             }
         }
+    }
+
+    fn count_channel_failure(&self) {
+        self.shared
+            .table
+            .stats
+            .channel_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn who(&self) -> NotifyConnection<'_> {

@@ -209,6 +209,9 @@ pub struct Stats {
     /// Deliveries skipped because the push exceeded the recipient's
     /// `a=max-message-size`.
     pub undeliverable: AtomicU64,
+    /// Sessions ended because one of their DataChannels closed mid-session
+    /// or a send on one failed.
+    pub channel_failures: AtomicU64,
 }
 
 #[derive(Default)]

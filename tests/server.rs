@@ -1864,3 +1864,74 @@ async fn channels_a_peer_opens_are_refused_and_counted() {
     );
     table_len(&s, 0).await;
 }
+
+/// A peer that closes hato's `push` channel mid-session would lose every
+/// later push without a word: the session ends with DATA-CHANNEL-CLOSED
+/// (a `close` message on `signaling`, DataChannel-only) and is counted; a
+/// send on a channel that is gone is reported and counted by the engine.
+/// Everyone else keeps being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_datachannel_ends_the_session_with_a_reason() {
+    let s = server().await;
+    let mut other = switched_client(&s, "lost", true).await;
+    let mut c = switched_client(&s, "lost", true).await;
+    c.close_channel("push");
+    expect_server_close(&mut c, 1000, "DATA-CHANNEL-CLOSED").await;
+    table_len(&s, 1).await;
+    assert_eq!(
+        s.shared
+            .table
+            .stats
+            .channel_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "lost", "data": {"n": 1}}),
+    )
+    .await;
+    assert!(next_push(&mut other).await.is_some());
+
+    // The engine: a send on a channel that does not exist is an event
+    // (once) and a count, not a debug line.
+    let engine = hato::client::default_engine();
+    let (offerer, offer, mut offer_events) = s.shared.engine.offer(&["push"]).await.unwrap();
+    let (_answerer, answer, _answer_events) = engine.answer(&offer).await.unwrap();
+    offerer.apply_answer(&answer).await.unwrap();
+    let failed_before = s
+        .shared
+        .engine
+        .stats()
+        .failed_sends
+        .load(std::sync::atomic::Ordering::Relaxed);
+    offerer.send("nope", bytes::Bytes::from_static(b"x"), true);
+    offerer.send("nope", bytes::Bytes::from_static(b"y"), true);
+    let ev = tokio::time::timeout(T, async {
+        while let Some(ev) = offer_events.recv().await {
+            if let hato_datachannel::PeerEvent::SendFailed { label, .. } = ev {
+                return Some(label);
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert_eq!(ev.as_deref(), Some("nope"));
+    let failed = || {
+        s.shared
+            .engine
+            .stats()
+            .failed_sends
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - failed_before
+    };
+    for _ in 0..200 {
+        if failed() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(failed(), 2);
+}

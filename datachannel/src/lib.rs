@@ -106,6 +106,10 @@ pub enum PeerEvent {
     /// PeerConnection, or it was aborted): nothing more travels on any
     /// channel.
     AssociationClosed,
+    /// A send on this channel failed (the channel is gone, or the core
+    /// refused the message). Said once per peer; every failure is counted
+    /// in [`Stats::failed_sends`].
+    SendFailed { label: Arc<str>, error: String },
     /// A channel's unacknowledged bytes fell below its low-water mark.
     Writable(Arc<str>),
     /// A channel holds more than [`EngineConfig::backlog_limit`] bytes the
@@ -353,6 +357,14 @@ impl Peer {
     /// open); the client side does it to test that.
     pub fn open_channel(&self, label: &str) {
         self.shard.command(shard::Command::OpenChannel {
+            id: self.id,
+            label: label.into(),
+        });
+    }
+
+    /// Closes one channel (an SCTP stream reset), as a client may.
+    pub fn close_channel(&self, label: &str) {
+        self.shard.command(shard::Command::CloseChannel {
             id: self.id,
             label: label.into(),
         });

@@ -119,6 +119,10 @@ pub enum Command {
         id: PeerId,
         label: Arc<str>,
     },
+    CloseChannel {
+        id: PeerId,
+        label: Arc<str>,
+    },
     /// A datagram that a per-peer socket received.
     Inbound {
         id: PeerId,
@@ -320,9 +324,20 @@ struct PeerSlot {
     closing: Option<Instant>,
     /// Drops whatever arrives for it (a test's frozen client).
     stalled: bool,
+    /// A failed send was reported (once: the session ends on it).
+    send_failed: bool,
 }
 
 impl PeerSlot {
+    /// Counts a send that failed and tells the session, once.
+    fn send_failed(&mut self, stats: &Stats, label: Arc<str>, error: String) {
+        stats.failed_sends.fetch_add(1, Ordering::Relaxed);
+        if !self.send_failed {
+            self.send_failed = true;
+            self.emit(PeerEvent::SendFailed { label, error });
+        }
+    }
+
     fn emit(&self, ev: PeerEvent) {
         let _ = self.events.try_send(ev);
     }
@@ -499,6 +514,15 @@ impl Shard {
                     self.drive(id, now);
                 }
             }
+            Command::CloseChannel { id, label } => {
+                if let Some(p) = self.peers.get_mut(&id) {
+                    let cid = p.channels.iter().find(|c| c.label == label).map(|c| c.id);
+                    if let Some(mut dc) = cid.and_then(|cid| p.pc.data_channel(cid)) {
+                        let _ = dc.close();
+                    }
+                    self.drive(id, now);
+                }
+            }
             Command::Inbound { id, datagram } => self.deliver(id, datagram, now),
         }
     }
@@ -641,6 +665,7 @@ impl Shard {
                 association_closed: false,
                 closing: None,
                 stalled: false,
+                send_failed: false,
             },
         );
         self.common.stats.live_peers.fetch_add(1, Ordering::Relaxed);
@@ -670,7 +695,7 @@ impl Shard {
             return;
         };
         let Some(ci) = p.channels.iter().position(|c| &*c.label == label) else {
-            stats.failed_sends.fetch_add(1, Ordering::Relaxed);
+            p.send_failed(&stats, label.into(), "no such channel (closed?)".into());
             return;
         };
         let ch = &mut p.channels[ci];
@@ -950,6 +975,7 @@ fn feed_sctp(p: &mut PeerSlot, ci: usize, now: Instant, stats: &Stats, id: PeerI
         return false;
     };
     let mut sent = false;
+    let mut failure = None;
     while dc.outstanding_bytes() < SCTP_HIGH {
         let Some((data, text)) = ch.pending.pop_front() else {
             break;
@@ -965,17 +991,19 @@ fn feed_sctp(p: &mut PeerSlot, ci: usize, now: Instant, stats: &Stats, id: PeerI
         } else {
             dc.send(now, BytesMut::from(&data[..]))
         };
-        match result {
-            Ok(()) => sent = true,
-            Err(e) => {
-                stats.failed_sends.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(peer = id, label = %ch.label, error = %e, "DataChannel send failed");
-            }
+        if let Err(e) = result {
+            failure = Some((ch.label.clone(), e.to_string()));
+            break;
         }
+        sent = true;
     }
     if ch.pending.is_empty() && ch.pending.capacity() > 64 {
         // A burst is over: give its queue back.
         ch.pending = VecDeque::new();
+    }
+    if let Some((label, error)) = failure {
+        tracing::debug!(peer = id, %label, %error, "DataChannel send failed");
+        p.send_failed(stats, label, error);
     }
     sent
 }

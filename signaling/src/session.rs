@@ -334,6 +334,21 @@ impl Machine {
         self.maybe_switch();
     }
 
+    /// A DataChannel closed. One of hato's own, once open, is never
+    /// closed by a live session: the pushes and notifies it carried would
+    /// be lost without a word, so the session ends, saying why.
+    pub fn on_channel_closed(&mut self, label: &str) {
+        if self.open.iter().any(|l| l == label) {
+            self.end(End::Server("DATA-CHANNEL-CLOSED"));
+        }
+    }
+
+    /// A send on a DataChannel failed: what it carried is lost, so the
+    /// session ends, saying why.
+    pub fn on_send_failed(&mut self) {
+        self.end(End::Server("DATA-CHANNEL-SEND-FAILED"));
+    }
+
     /// The PeerConnection failed or the association ended.
     pub fn on_transport_failed(&mut self, reason: String) {
         self.end(End::PeerFailed(reason));
@@ -490,6 +505,28 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn a_system_channel_that_closes_or_a_failed_send_ends_the_session() {
+        let t = Instant::now();
+        let mut m = Machine::new(t, rules(), mode(true, true));
+        m.on_ws_text(t, ANSWER);
+        m.answer_applied(t, Ok(()));
+        m.on_channel_closed("push"); // never open: nothing to lose
+        m.on_channel_open("push");
+        assert!(!actions(&mut m).iter().any(|a| matches!(a, Action::End(_))));
+        m.on_channel_closed("push");
+        assert_eq!(
+            actions(&mut m),
+            [Action::End(End::Server("DATA-CHANNEL-CLOSED"))]
+        );
+        let mut m = Machine::new(t, rules(), mode(true, true));
+        m.on_send_failed();
+        assert_eq!(
+            actions(&mut m),
+            [Action::End(End::Server("DATA-CHANNEL-SEND-FAILED"))]
+        );
     }
 
     /// A native SDK (it names `libwebrtc`) answers with no
