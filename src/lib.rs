@@ -12,6 +12,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod limits;
+pub mod logging;
 pub mod outbox;
 pub mod session;
 pub mod table;

@@ -1,15 +1,10 @@
 use clap::Parser;
 use hato::{Config, Server};
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("HATO_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("hato=info,warn")),
-        )
-        .init();
+    let flood_guard = hato::logging::init();
+    tokio::spawn(flood_guard.summarise());
     let config = Config::parse();
     if let Some(fds) = hato::limits::raise_fd_limit() {
         tracing::info!(open_files_limit = fds, "file descriptors");

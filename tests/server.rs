@@ -1674,19 +1674,25 @@ async fn api_timeouts_and_connection_cap() {
     assert_eq!(status, 200);
 }
 
-/// The hato binary with at most 48 open files: a flood of connections
-/// exhausts them, the accept loop says so at most once a second, and once
-/// the flood goes the server serves a new peer again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn out_of_file_descriptors_is_logged_once_a_second_and_survived() {
+/// The hato binary, started by bash after `prelude`, on ephemeral ports
+/// with its default logging: the process (killed on drop), its signaling
+/// and API addresses, and its log lines.
+async fn spawn_hato(
+    prelude: &str,
+) -> (
+    tokio::process::Child,
+    String,
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut child = tokio::process::Command::new("bash")
         .arg("-c")
         .arg(format!(
-            "ulimit -n 48 && exec {} --signaling-addr 127.0.0.1:0 --api-addr 127.0.0.1:0 --rtc-addr 127.0.0.1:0 --rtc-shards 1",
+            "{prelude} exec {} --signaling-addr 127.0.0.1:0 --api-addr 127.0.0.1:0 --rtc-addr 127.0.0.1:0 --rtc-shards 1",
             env!("CARGO_BIN_EXE_hato")
         ))
-        .env("HATO_LOG", "hato=info,warn")
+        .env_remove("HATO_LOG")
         .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -1718,10 +1724,26 @@ async fn out_of_file_descriptors_is_logged_once_a_second_and_survived() {
             api = field("api");
         }
     }
-    let (signaling, api) = (signaling.unwrap(), api.unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, signaling.unwrap(), api.unwrap(), rx)
+}
+
+/// The hato binary with at most 48 open files: a flood of connections
+/// exhausts them, the accept loop says so at most once a second, and once
+/// the flood goes the server serves a new peer again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_is_logged_once_a_second_and_survived() {
+    let (child, signaling, api, mut lines) = spawn_hato("ulimit -n 48 &&").await;
     let lines = tokio::spawn(async move {
         let mut fd_lines = Vec::new();
-        while let Ok(Some(line)) = lines.next_line().await {
+        while let Some(line) = lines.recv().await {
             if line.contains("out of file descriptors") {
                 fd_lines.push(std::time::Instant::now());
             }
@@ -1764,7 +1786,7 @@ async fn out_of_file_descriptors_is_logged_once_a_second_and_survived() {
     let (msg, _) = next_push(&mut peer).await.unwrap();
     assert_eq!(msg["data"]["ok"], 1);
     drop(peer);
-    let _ = child.start_kill();
+    drop(child);
     let fd_lines = lines.await.unwrap();
     eprintln!("{} out-of-fds lines in {flood_time:?}", fd_lines.len());
     assert!(!fd_lines.is_empty(), "running out was never logged");
@@ -1934,4 +1956,46 @@ async fn a_lost_datachannel_ends_the_session_with_a_reason() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(failed(), 2);
+}
+
+/// A peer that sends a thousand malformed messages makes hato log at most
+/// 20 lines a second about it (the flood guard of src/logging.rs), and is
+/// still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_flood_the_log() {
+    let (_child, signaling, api, mut lines) = spawn_hato("").await;
+    let url = format!("ws://{signaling}/signaling");
+    let mut o = ClientOptions::new(&url, "flood", "recvonly");
+    o.data_channel_signaling = Some(true);
+    o.ignore_disconnect_websocket = Some(false);
+    let mut c = Client::connect(&o).await.unwrap();
+    assert!(!switched(&mut c).await, "hybrid");
+    let started = std::time::Instant::now();
+    for i in 0..1000 {
+        c.send_dc_raw("signaling", format!("not json {i}").as_bytes(), true);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let elapsed = started.elapsed();
+    let mut dropped_lines = 0;
+    while let Ok(line) = lines.try_recv() {
+        if line.contains("DataChannel message dropped") {
+            dropped_lines += 1;
+        }
+    }
+    eprintln!("{dropped_lines} lines for 1000 malformed messages in {elapsed:?}");
+    assert!(dropped_lines >= 1, "the first ones are logged");
+    assert!(
+        dropped_lines <= 20 * (elapsed.as_secs() as usize + 1),
+        "{dropped_lines} lines in {elapsed:?}"
+    );
+    let (status, _, _) = http_to(
+        &api,
+        "POST",
+        &[("x-sora-target", "Sora_20160711.PushChannel")],
+        r#"{"channel_id":"flood","data":{"still":"served"}}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (msg, _) = next_push(&mut c).await.expect("still served");
+    assert_eq!(msg["data"]["still"], "served");
 }
