@@ -78,7 +78,7 @@ impl FloodGuard {
             .collect();
         // Sites that only ever logged a few lines need no memory.
         sites.retain(|_, s| s.held_back > 0 || s.in_window >= PER_SECOND);
-        out.sort_by(|a, b| b.2.cmp(&a.2));
+        out.sort_by_key(|s| std::cmp::Reverse(s.2));
         out
     }
 
