@@ -8,7 +8,8 @@ use crate::table::{Delivery, Target};
 use crate::Shared;
 use bytes::Bytes;
 use hato_datachannel::Peer;
-use hato_signaling::{message, Role};
+use hato_signaling::api::{self, Key, Operation};
+use hato_signaling::message;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
@@ -17,8 +18,6 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use serde_json::value::RawValue;
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -279,39 +278,6 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
     resp
 }
 
-/// Which connections a target addresses, by the key it names them with.
-#[derive(Debug, Clone, Copy)]
-enum Scope {
-    Channel,
-    Client,
-    Connection,
-    ChannelByRole,
-}
-
-/// What an `x-sora-target` does.
-#[derive(Debug, Clone, Copy)]
-enum Operation {
-    Push(Scope),
-    Disconnect(Scope),
-}
-
-impl Operation {
-    fn from_target(target: &str) -> Option<Operation> {
-        use Operation::*;
-        Some(match target {
-            "Sora_20160711.PushChannel" => Push(Scope::Channel),
-            "Sora_20160711.PushClient" => Push(Scope::Client),
-            "Sora_20160711.PushConnection" => Push(Scope::Connection),
-            "Sora_20201120.PushChannelByRole" => Push(Scope::ChannelByRole),
-            "Sora_20151104.DisconnectChannel" => Disconnect(Scope::Channel),
-            "Sora_20151104.DisconnectClient" => Disconnect(Scope::Client),
-            "Sora_20151104.DisconnectConnection" => Disconnect(Scope::Connection),
-            "Sora_20201120.DisconnectChannelByRole" => Disconnect(Scope::ChannelByRole),
-            _ => return None,
-        })
-    }
-}
-
 async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
     if req.uri().path() != "/" {
         return Err(ApiError {
@@ -356,10 +322,10 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<
         )
     })?;
     let bytes = read_body(shared, req).await?;
-    let body = parse_body(&bytes)?;
+    let call = api::parse(operation, &bytes).map_err(|e| ApiError::bad(e.error_type, e.message))?;
     match operation {
-        Operation::Push(scope) => push(shared, scope, &body),
-        Operation::Disconnect(scope) => disconnect(shared, scope, &body),
+        Operation::Push(_) => push(shared, &call),
+        Operation::Disconnect(_) => disconnect(shared, &call),
     }
 }
 
@@ -403,119 +369,29 @@ async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, Api
         .to_bytes())
 }
 
-/// A request body: a JSON object whose values stay the text the backend
-/// sent. Pushes pass `data` through byte for byte — key order, big
-/// integers and all — and nothing is parsed into a tree and printed again.
-type Body<'a> = HashMap<String, &'a RawValue>;
-
-fn parse_body(bytes: &[u8]) -> Result<Body<'_>, ApiError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| ApiError::bad("INVALID-JSON", format!("the body is not UTF-8: {e}")))?;
-    let value: &RawValue = serde_json::from_str(text)
-        .map_err(|e| ApiError::bad("INVALID-JSON", format!("the body is not JSON: {e}")))?;
-    if !is_object(value) {
-        return Err(ApiError::bad(
-            "INVALID-BODY",
-            "the body must be a JSON object",
-        ));
-    }
-    serde_json::from_str(value.get())
-        .map_err(|e| ApiError::bad("INVALID-JSON", format!("the body is not JSON: {e}")))
-}
-
-/// Whether a (valid) JSON text is an object.
-fn is_object(value: &RawValue) -> bool {
-    value.get().trim_start().starts_with('{')
-}
-
-fn string_key<'a>(body: &Body<'a>, key: &str) -> Result<String, ApiError> {
-    match body.get(key) {
-        Some(raw) => serde_json::from_str::<String>(raw.get())
-            .map_err(|_| ApiError::bad("INVALID-TYPE", format!("{key} must be a string"))),
-        None => Err(ApiError::bad("MISSING-KEY", format!("{key} is missing"))),
-    }
-}
-
-/// Who a call addresses: its `channel_id` and its scope's key.
-struct Address {
-    channel_id: String,
-    key: String,
-    role: Option<Role>,
-}
-
-impl Address {
-    fn parse(scope: Scope, body: &Body<'_>) -> Result<Address, ApiError> {
-        let channel_id = string_key(body, "channel_id")?;
-        let (key, role) = match scope {
-            Scope::Channel => (String::new(), None),
-            Scope::Client => (string_key(body, "client_id")?, None),
-            Scope::Connection => (string_key(body, "connection_id")?, None),
-            Scope::ChannelByRole => {
-                let role = string_key(body, "role")?;
-                let parsed = Role::parse(&role).ok_or_else(|| {
-                    ApiError::bad(
-                        "INVALID-ROLE",
-                        format!("role must be sendrecv, sendonly or recvonly, not {role:?}"),
-                    )
-                })?;
-                (role, Some(parsed))
-            }
-        };
-        Ok(Address {
-            channel_id,
-            key,
-            role,
-        })
-    }
-
-    fn target(&self, scope: Scope) -> Target<'_> {
-        match (scope, self.role) {
-            (Scope::Channel, _) => Target::Channel,
-            (Scope::Client, _) => Target::Client(&self.key),
-            (Scope::Connection, _) => Target::Connection(&self.key),
-            (Scope::ChannelByRole, Some(role)) => Target::Role(role),
-            (Scope::ChannelByRole, None) => unreachable!("parse sets the role of ByRole"),
-        }
+fn target<'a>(call: &'a api::Call<'_>) -> Target<'a> {
+    match &call.key {
+        Key::Channel => Target::Channel,
+        Key::Client(id) => Target::Client(id),
+        Key::Connection(id) => Target::Connection(id),
+        Key::Role(role) => Target::Role(*role),
     }
 }
 
 /// `Disconnect*`: each addressed session ends with `DISCONNECTED-API`
 /// (§5.3); the answer echoes the keys that named them, as sent.
-fn disconnect(
-    shared: &Shared,
-    scope: Scope,
-    body: &Body<'_>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
-    let address = Address::parse(scope, body)?;
-    for conn in shared
-        .table
-        .lookup(&address.channel_id, address.target(scope))
-    {
+fn disconnect(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    for conn in shared.table.lookup(&call.channel_id, target(call)) {
         conn.disconnect();
     }
-    let mut echo = String::from("{");
-    for key in ["channel_id", "client_id", "connection_id", "role"] {
-        if let Some(v) = body.get(key) {
-            if echo.len() > 1 {
-                echo.push(',');
-            }
-            echo.push_str(&format!("\"{key}\":{}", v.get()));
-        }
-    }
-    echo.push('}');
-    Ok(json_response(StatusCode::OK, echo))
+    Ok(json_response(StatusCode::OK, call.echo.clone()))
 }
 
-fn push(shared: &Shared, scope: Scope, body: &Body<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
-    let address = Address::parse(scope, body)?;
-    let channel_id = address.channel_id.as_str();
-    let data_json = match body.get("data") {
-        Some(data) if is_object(data) => data.get(),
-        Some(_) => return Err(ApiError::bad("INVALID-DATA", "data must be a JSON object")),
-        None => return Err(ApiError::bad("MISSING-KEY", "data is missing")),
-    };
+fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let channel_id = call.channel_id.as_str();
+    let data_json = call.data.expect("a push call has data");
     let frame = Arc::new(Frame::new(message::push_json(data_json)));
-    let conns = shared.table.lookup(channel_id, address.target(scope));
+    let conns = shared.table.lookup(channel_id, target(call));
     // Refuse up front a push larger than hato itself sends over a
     // DataChannel, when a recipient would need one (RFC 8831 §6.6).
     let own_limit = shared.config.data_channel_message_limit;

@@ -6,6 +6,7 @@
 //! every protocol rule is checked with plain function calls. The wire facts
 //! come from `shared/protocol.md`; section numbers in comments point there.
 
+pub mod api;
 pub mod connect;
 pub mod id;
 pub mod message;

@@ -1,0 +1,226 @@
+//! The Push API's requests as data (protocol.md §6): which operation an
+//! `x-sora-target` names, and the validated body of each. No socket here:
+//! the server's HTTP shell and the fuzz targets call the same functions.
+//!
+//! The body is read as a map of raw JSON values: `data` is checked to be
+//! an object and passed on as the text the backend sent (key order, big
+//! integers, `1e400` and all), never parsed into a tree and printed again.
+
+use crate::Role;
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+
+/// Which connections a target addresses, by the key it names them with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Channel,
+    Client,
+    Connection,
+    ChannelByRole,
+}
+
+/// What an `x-sora-target` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Push(Scope),
+    Disconnect(Scope),
+}
+
+/// Every target hato implements, by name.
+pub const TARGETS: [(&str, Operation); 8] = [
+    ("Sora_20160711.PushChannel", Operation::Push(Scope::Channel)),
+    ("Sora_20160711.PushClient", Operation::Push(Scope::Client)),
+    (
+        "Sora_20160711.PushConnection",
+        Operation::Push(Scope::Connection),
+    ),
+    (
+        "Sora_20201120.PushChannelByRole",
+        Operation::Push(Scope::ChannelByRole),
+    ),
+    (
+        "Sora_20151104.DisconnectChannel",
+        Operation::Disconnect(Scope::Channel),
+    ),
+    (
+        "Sora_20151104.DisconnectClient",
+        Operation::Disconnect(Scope::Client),
+    ),
+    (
+        "Sora_20151104.DisconnectConnection",
+        Operation::Disconnect(Scope::Connection),
+    ),
+    (
+        "Sora_20201120.DisconnectChannelByRole",
+        Operation::Disconnect(Scope::ChannelByRole),
+    ),
+];
+
+impl Operation {
+    pub fn from_target(target: &str) -> Option<Operation> {
+        TARGETS.iter().find(|(t, _)| *t == target).map(|(_, o)| *o)
+    }
+
+    pub fn scope(self) -> Scope {
+        match self {
+            Operation::Push(s) | Operation::Disconnect(s) => s,
+        }
+    }
+}
+
+/// A body that cannot be served: a Sora-style `error_type` and a readable
+/// message (always a 400).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyError {
+    pub error_type: &'static str,
+    pub message: String,
+}
+
+fn bad(error_type: &'static str, message: impl Into<String>) -> BodyError {
+    BodyError {
+        error_type,
+        message: message.into(),
+    }
+}
+
+/// Who a call addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    Channel,
+    Client(String),
+    Connection(String),
+    Role(Role),
+}
+
+/// A validated request body.
+#[derive(Debug)]
+pub struct Call<'a> {
+    pub channel_id: String,
+    pub key: Key,
+    /// For a push: the text of `data`, a JSON object, as sent.
+    pub data: Option<&'a str>,
+    /// For a disconnect: the answer, the keys that named the connections
+    /// as sent (`{"channel_id":…,"client_id":…}`).
+    pub echo: String,
+}
+
+/// Validates the body of `operation`.
+pub fn parse(operation: Operation, body: &[u8]) -> Result<Call<'_>, BodyError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| bad("INVALID-JSON", format!("the body is not UTF-8: {e}")))?;
+    let value: &RawValue = serde_json::from_str(text)
+        .map_err(|e| bad("INVALID-JSON", format!("the body is not JSON: {e}")))?;
+    if !is_object(value) {
+        return Err(bad("INVALID-BODY", "the body must be a JSON object"));
+    }
+    let map: HashMap<String, &RawValue> = serde_json::from_str(value.get())
+        .map_err(|e| bad("INVALID-JSON", format!("the body is not JSON: {e}")))?;
+    let string = |key: &str| -> Result<String, BodyError> {
+        match map.get(key) {
+            Some(raw) => serde_json::from_str::<String>(raw.get())
+                .map_err(|_| bad("INVALID-TYPE", format!("{key} must be a string"))),
+            None => Err(bad("MISSING-KEY", format!("{key} is missing"))),
+        }
+    };
+    let channel_id = string("channel_id")?;
+    let key = match operation.scope() {
+        Scope::Channel => Key::Channel,
+        Scope::Client => Key::Client(string("client_id")?),
+        Scope::Connection => Key::Connection(string("connection_id")?),
+        Scope::ChannelByRole => {
+            let role = string("role")?;
+            Key::Role(Role::parse(&role).ok_or_else(|| {
+                bad(
+                    "INVALID-ROLE",
+                    format!("role must be sendrecv, sendonly or recvonly, not {role:?}"),
+                )
+            })?)
+        }
+    };
+    let mut call = Call {
+        channel_id,
+        key,
+        data: None,
+        echo: String::new(),
+    };
+    match operation {
+        Operation::Push(_) => {
+            call.data = Some(match map.get("data") {
+                Some(data) if is_object(data) => data.get(),
+                Some(_) => return Err(bad("INVALID-DATA", "data must be a JSON object")),
+                None => return Err(bad("MISSING-KEY", "data is missing")),
+            })
+        }
+        Operation::Disconnect(_) => {
+            let mut echo = String::from("{");
+            for key in ["channel_id", "client_id", "connection_id", "role"] {
+                if let Some(v) = map.get(key) {
+                    if echo.len() > 1 {
+                        echo.push(',');
+                    }
+                    echo.push('"');
+                    echo.push_str(key);
+                    echo.push_str("\":");
+                    echo.push_str(v.get());
+                }
+            }
+            echo.push('}');
+            call.echo = echo;
+        }
+    }
+    Ok(call)
+}
+
+/// Whether a (valid) JSON text is an object.
+fn is_object(value: &RawValue) -> bool {
+    value.get().trim_start().starts_with('{')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_is_passed_through_as_sent() {
+        let body = br#"{"channel_id":"c","data":{"z":1, "n":12345678901234567890123,"x":1e400}}"#;
+        let call = parse(Operation::Push(Scope::Channel), body).unwrap();
+        assert_eq!(
+            call.data,
+            Some(r#"{"z":1, "n":12345678901234567890123,"x":1e400}"#)
+        );
+    }
+
+    #[test]
+    fn every_rule_has_its_error_type() {
+        let push = Operation::Push(Scope::ChannelByRole);
+        for (body, want) in [
+            (&b"\xff"[..], "INVALID-JSON"),
+            (b"{", "INVALID-JSON"),
+            (b"[]", "INVALID-BODY"),
+            (br#"{"role":"recvonly","data":{}}"#, "MISSING-KEY"),
+            (
+                br#"{"channel_id":1,"role":"recvonly","data":{}}"#,
+                "INVALID-TYPE",
+            ),
+            (
+                br#"{"channel_id":"c","role":"x","data":{}}"#,
+                "INVALID-ROLE",
+            ),
+            (
+                br#"{"channel_id":"c","role":"recvonly","data":[]}"#,
+                "INVALID-DATA",
+            ),
+            (br#"{"channel_id":"c","role":"recvonly"}"#, "MISSING-KEY"),
+        ] {
+            assert_eq!(parse(push, body).unwrap_err().error_type, want, "{body:?}");
+        }
+    }
+
+    #[test]
+    fn disconnect_echoes_the_keys_as_sent() {
+        let body = br#"{"client_id":"a\u0062","channel_id":"c","x":1}"#;
+        let call = parse(Operation::Disconnect(Scope::Client), body).unwrap();
+        assert_eq!(call.key, Key::Client("ab".into()));
+        assert_eq!(call.echo, r#"{"channel_id":"c","client_id":"a\u0062"}"#);
+    }
+}
