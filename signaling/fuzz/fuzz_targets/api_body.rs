@@ -1,0 +1,29 @@
+//! The body of each API target. What a push passes on must be a JSON
+//! object that makes a valid push message, byte for byte as sent.
+#![no_main]
+use hato_signaling::api::{parse, Key, TARGETS};
+use hato_signaling::message::push_json;
+use libfuzzer_sys::fuzz_target;
+use serde_json::value::RawValue;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&pick, body)) = data.split_first() else {
+        return;
+    };
+    let (_, operation) = TARGETS[usize::from(pick) % TARGETS.len()];
+    let Ok(call) = parse(operation, body) else {
+        return;
+    };
+    if let Some(data) = call.data {
+        assert!(data.starts_with('{'));
+        let text = std::str::from_utf8(body).unwrap();
+        assert!(text.contains(data), "data is a slice of the body as sent");
+        let message = push_json(data);
+        serde_json::from_str::<&RawValue>(&message).expect("the push message is JSON");
+    } else {
+        serde_json::from_str::<&RawValue>(&call.echo).expect("the echo is JSON");
+    }
+    if let Key::Client(id) | Key::Connection(id) = &call.key {
+        let _ = id.len();
+    }
+});
