@@ -279,6 +279,9 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
 }
 
 async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    if req.uri().path() == "/.hato/stats" && req.method() == Method::GET {
+        return Ok(json_response(StatusCode::OK, runtime_stats(shared)));
+    }
     if req.uri().path() != "/" {
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,
@@ -327,6 +330,31 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<
         Operation::Push(_) => push(shared, &call),
         Operation::Disconnect(_) => disconnect(shared, &call),
     }
+}
+
+/// `GET /.hato/stats`: what lives in the process now, for operators and
+/// `hato-load --churn` (sessions from accept to teardown, connections in
+/// the table, WebRTC peers in the engine, tokio tasks alive).
+fn runtime_stats(shared: &Shared) -> String {
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let t = &shared.table.stats;
+    let e = shared.engine.stats();
+    json!({
+        "sessions": shared.sessions.load(Ordering::Relaxed),
+        "signaling_connections": shared.admission.connections(),
+        "connections": shared.table.len(),
+        "live_peers": e.live_peers.load(Ordering::Relaxed),
+        "alive_tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
+        "refused_connections": n(&shared.admission.refused),
+        "pushes": n(&t.pushes),
+        "deliveries": n(&t.deliveries),
+        "overflows": n(&t.overflows),
+        "undeliverable": n(&t.undeliverable),
+        "channel_failures": n(&t.channel_failures),
+        "failed_sends": n(&e.failed_sends),
+        "refused_channels": n(&e.refused_channels),
+    })
+    .to_string()
 }
 
 fn too_large(limit: usize) -> ApiError {

@@ -35,6 +35,19 @@ pub struct ClientOptions {
     /// After `switched` with `ignore_disconnect_websocket: true`, close
     /// the WebSocket (a Close frame without a code), as sora-js-sdk does.
     pub close_websocket_after_switch: bool,
+    /// Walk away mid-handshake without a word (churn tests):
+    /// [`Client::connect`] then returns [`ClientError::Abandoned`].
+    pub abandon: Option<Abandon>,
+}
+
+/// Where a client vanishes during the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abandon {
+    /// Once the offer is in, before answering: the WebSocket just drops.
+    AfterOffer,
+    /// Once the answer is sent: the WebSocket drops and the PeerConnection
+    /// is forgotten without a word.
+    AfterAnswer,
 }
 
 impl ClientOptions {
@@ -50,6 +63,7 @@ impl ClientOptions {
             engine: default_engine(),
             timeout: Duration::from_secs(10),
             close_websocket_after_switch: false,
+            abandon: None,
         }
     }
 
@@ -155,6 +169,8 @@ pub enum ClientError {
         reason: String,
     },
     Failed(String),
+    /// [`ClientOptions::abandon`] said to walk away, and it did.
+    Abandoned,
 }
 
 impl std::fmt::Display for ClientError {
@@ -162,6 +178,7 @@ impl std::fmt::Display for ClientError {
         match self {
             ClientError::Refused { code, reason } => write!(f, "refused with {code} {reason}"),
             ClientError::Failed(e) => f.write_str(e),
+            ClientError::Abandoned => f.write_str("abandoned mid-handshake, as asked"),
         }
     }
 }
@@ -236,6 +253,9 @@ impl Client {
         .await
         .map_err(|_| fail("no offer before the timeout"))??;
         let offer_at = std::time::Instant::now();
+        if opts.abandon == Some(Abandon::AfterOffer) {
+            return Err(ClientError::Abandoned);
+        }
         let sdp = offer["sdp"]
             .as_str()
             .ok_or_else(|| fail("offer without sdp"))?;
@@ -245,6 +265,10 @@ impl Client {
         ))
         .await
         .map_err(fail)?;
+        if opts.abandon == Some(Abandon::AfterAnswer) {
+            peer.vanish();
+            return Err(ClientError::Abandoned);
+        }
         let compress = offer["data_channels"]
             .as_array()
             .is_some_and(|dcs| dcs.iter().any(|d| d["compress"] == true));
@@ -357,6 +381,12 @@ impl Client {
     /// Closes one DataChannel from the client's side.
     pub fn close_channel(&self, label: &str) {
         self.peer.close_channel(label);
+    }
+
+    /// Vanishes: the PeerConnection is forgotten without a word and the
+    /// WebSocket drops without a Close frame, as when a host goes away.
+    pub fn vanish(self) {
+        self.peer.vanish();
     }
 
     /// Ends the PeerConnection from this side.

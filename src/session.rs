@@ -483,14 +483,13 @@ impl Session {
                 }
             }
             PeerEvent::Closed(label) => {
-                tracing::warn!(connection_id = %self.connection_id, %label, "DataChannel closed by the peer mid-session, disconnecting (DATA-CHANNEL-CLOSED)");
-                self.count_channel_failure();
-                self.machine.on_channel_closed(&label);
+                tracing::debug!(connection_id = %self.connection_id, %label, "DataChannel closed by the peer");
+                self.machine
+                    .on_channel_closed(std::time::Instant::now(), &label);
             }
             PeerEvent::SendFailed { label, error } => {
-                tracing::warn!(connection_id = %self.connection_id, %label, %error, "DataChannel send failed, disconnecting (DATA-CHANNEL-SEND-FAILED)");
-                self.count_channel_failure();
-                self.machine.on_send_failed();
+                tracing::debug!(connection_id = %self.connection_id, %label, %error, "DataChannel send failed");
+                self.machine.on_send_failed(std::time::Instant::now());
             }
             PeerEvent::Writable(_) => {}
             PeerEvent::Backlog(label) => {
@@ -503,14 +502,6 @@ impl Session {
                 self.machine.on_server_end("OUTBOX-OVERFLOW");
             }
         }
-    }
-
-    fn count_channel_failure(&self) {
-        self.shared
-            .table
-            .stats
-            .channel_failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn who(&self) -> NotifyConnection<'_> {
@@ -614,6 +605,14 @@ impl Session {
             mut events,
         } = drive;
         tracing::info!(connection_id = %self.connection_id, ?end, "session ends");
+        if let End::Server(reason @ ("DATA-CHANNEL-CLOSED" | "DATA-CHANNEL-SEND-FAILED")) = end {
+            tracing::warn!(connection_id = %self.connection_id, reason, "a DataChannel was lost mid-session; the session ends so that nothing is lost without a word");
+            self.shared
+                .table
+                .stats
+                .channel_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Some(conn) = self.conn.take() {
             if let Some((others, counts)) = self.shared.table.remove(&conn) {
                 self.notify_others(

@@ -362,6 +362,12 @@ impl Peer {
         });
     }
 
+    /// Forgets this peer without a word to the other side, as if its host
+    /// had vanished: the other side must find out by itself (ICE consent).
+    pub fn vanish(&self) {
+        self.shard.command(shard::Command::Vanish { id: self.id });
+    }
+
     /// Closes one channel (an SCTP stream reset), as a client may.
     pub fn close_channel(&self, label: &str) {
         self.shard.command(shard::Command::CloseChannel {

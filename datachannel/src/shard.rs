@@ -112,6 +112,11 @@ pub enum Command {
     Remove {
         id: PeerId,
     },
+    /// Forget a peer without telling the other side (a test's client
+    /// whose host vanished).
+    Vanish {
+        id: PeerId,
+    },
     Stall {
         id: PeerId,
     },
@@ -435,7 +440,7 @@ impl Shard {
         // The engine is gone: tell every remaining peer.
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         for id in ids {
-            self.remove(id);
+            self.remove(id, true);
         }
         self.flush().await;
     }
@@ -495,7 +500,8 @@ impl Shard {
                     self.mark(id);
                 }
             }
-            Command::Remove { id } => self.remove(id),
+            Command::Remove { id } => self.remove(id, true),
+            Command::Vanish { id } => self.remove(id, false),
             Command::Stall { id } => {
                 if let Some(p) = self.peers.get_mut(&id) {
                     p.stalled = true;
@@ -717,13 +723,15 @@ impl Shard {
         self.mark(id);
     }
 
-    fn remove(&mut self, id: PeerId) {
+    fn remove(&mut self, id: PeerId, tell: bool) {
         let Some(mut p) = self.peers.remove(&id) else {
             return;
         };
         // Tell the other side, then forget everything of this peer.
-        let _ = p.pc.close();
-        take_writes(&mut p, &mut self.out, &self.common.stats, |_| {});
+        if tell {
+            let _ = p.pc.close();
+            take_writes(&mut p, &mut self.out, &self.common.stats, |_| {});
+        }
         if let Some((_, task)) = p.own_socket.take() {
             task.abort();
         }

@@ -112,9 +112,18 @@ pub struct Machine {
     /// When the current phase (answer, then establishment) times out.
     deadline: Instant,
     next_ping: Option<Instant>,
+    /// One of hato's channels closed while the association stayed: the
+    /// session ends with DATA-CHANNEL-CLOSED at this time, unless the
+    /// whole PeerConnection closes first (a peer leaving closes every
+    /// channel, then the association).
+    channel_lost: Option<(Instant, &'static str)>,
     actions: VecDeque<Action>,
     ended: bool,
 }
+
+/// How long after one of its channels closes a peer's association may
+/// still end (a normal leave) before the closed channel ends the session.
+pub const CHANNEL_LOSS_GRACE: Duration = Duration::from_millis(1000);
 
 impl Machine {
     /// The offer has just been sent at `now`.
@@ -133,6 +142,7 @@ impl Machine {
             message_limit: None,
             last_pong: now,
             next_ping: None,
+            channel_lost: None,
             actions: VecDeque::new(),
             ended: false,
         }
@@ -168,7 +178,10 @@ impl Machine {
             return None;
         }
         let phase = (!self.established()).then_some(self.deadline);
-        [phase, self.next_ping].into_iter().flatten().min()
+        [phase, self.next_ping, self.channel_lost.map(|(at, _)| at)]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn end(&mut self, end: End) {
@@ -181,6 +194,11 @@ impl Machine {
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.ended {
             return;
+        }
+        if let Some((at, reason)) = self.channel_lost {
+            if now >= at {
+                return self.end(End::Server(reason));
+            }
         }
         if !self.established() && now >= self.deadline {
             return self.end(End::Refused(if self.answered {
@@ -336,17 +354,25 @@ impl Machine {
 
     /// A DataChannel closed. One of hato's own, once open, is never
     /// closed by a live session: the pushes and notifies it carried would
-    /// be lost without a word, so the session ends, saying why.
-    pub fn on_channel_closed(&mut self, label: &str) {
+    /// be lost without a word, so the session ends, saying why — after
+    /// [`CHANNEL_LOSS_GRACE`], in which a peer that is leaving altogether
+    /// ends its association (then the session ends as a normal leave).
+    pub fn on_channel_closed(&mut self, now: Instant, label: &str) {
         if self.open.iter().any(|l| l == label) {
-            self.end(End::Server("DATA-CHANNEL-CLOSED"));
+            self.lose_channel(now, "DATA-CHANNEL-CLOSED");
         }
     }
 
     /// A send on a DataChannel failed: what it carried is lost, so the
-    /// session ends, saying why.
-    pub fn on_send_failed(&mut self) {
-        self.end(End::Server("DATA-CHANNEL-SEND-FAILED"));
+    /// session ends, saying why (with the same grace).
+    pub fn on_send_failed(&mut self, now: Instant) {
+        self.lose_channel(now, "DATA-CHANNEL-SEND-FAILED");
+    }
+
+    fn lose_channel(&mut self, now: Instant, reason: &'static str) {
+        if self.channel_lost.is_none() {
+            self.channel_lost = Some((now + CHANNEL_LOSS_GRACE, reason));
+        }
     }
 
     /// The PeerConnection failed or the association ended.
@@ -513,16 +539,29 @@ mod tests {
         let mut m = Machine::new(t, rules(), mode(true, true));
         m.on_ws_text(t, ANSWER);
         m.answer_applied(t, Ok(()));
-        m.on_channel_closed("push"); // never open: nothing to lose
+        m.on_channel_closed(t, "push"); // never open: nothing to lose
         m.on_channel_open("push");
         assert!(!actions(&mut m).iter().any(|a| matches!(a, Action::End(_))));
-        m.on_channel_closed("push");
+        m.on_channel_closed(t, "push");
+        // A peer that is leaving ends its association within the grace.
+        let mut leaving = Machine::new(t, rules(), mode(true, true));
+        leaving.on_channel_open("push");
+        leaving.on_channel_closed(t, "push");
+        leaving.on_transport_failed("the SCTP association closed".into());
+        assert!(matches!(
+            &actions(&mut leaving)[..],
+            [Action::End(End::PeerFailed(_))]
+        ));
+        // Otherwise the lost channel ends the session once the grace is over.
+        assert!(m.poll_timeout() <= Some(t + CHANNEL_LOSS_GRACE));
+        m.handle_timeout(t + CHANNEL_LOSS_GRACE);
         assert_eq!(
             actions(&mut m),
             [Action::End(End::Server("DATA-CHANNEL-CLOSED"))]
         );
         let mut m = Machine::new(t, rules(), mode(true, true));
-        m.on_send_failed();
+        m.on_send_failed(t);
+        m.handle_timeout(t + CHANNEL_LOSS_GRACE);
         assert_eq!(
             actions(&mut m),
             [Action::End(End::Server("DATA-CHANNEL-SEND-FAILED"))]

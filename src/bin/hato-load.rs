@@ -137,6 +137,15 @@ struct Args {
     /// is not the ceiling of a run.
     #[arg(long, default_value_t = 1)]
     processes: usize,
+    /// Churn instead of pushes: CYCLES times, connect --peers peers and
+    /// end them in mixed ways (peer i takes ending i mod 5: clean
+    /// `disconnect`, WebSocket dropped, vanished after the offer, vanished
+    /// after the answer, vanished while connected), wait for the server to
+    /// end every session, and report its RSS, open fds, threads and live
+    /// tasks (GET /.hato/stats) per cycle. Needs --server-pid or
+    /// --server-process.
+    #[arg(long, value_name = "CYCLES")]
+    churn: Option<usize>,
     /// Internal: this process is worker N of --processes.
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
@@ -278,6 +287,11 @@ fn quantiles(h: &Histogram<u64>, scale: f64) -> Value {
 }
 
 async fn connect_peer(args: &Args, i: usize) -> Result<(Client, Duration, Duration), String> {
+    connect_with(args, peer_options(args, i)).await
+}
+
+/// Peer i's options: its channel, client_id and signaling mode.
+fn peer_options(args: &Args, i: usize) -> ClientOptions {
     let channel = i % args.channels;
     let mut opts = ClientOptions::new(
         &args.signaling_url,
@@ -293,6 +307,16 @@ async fn connect_peer(args: &Args, i: usize) -> Result<(Client, Duration, Durati
     opts.extra.insert("sora_client".into(), json!("hato-load"));
     // As sora-js-sdk does: the WebSocket goes once it is not needed.
     opts.close_websocket_after_switch = true;
+    opts
+}
+
+/// Connects with `opts` and waits until the peer is in: its own
+/// connection.created, and with DataChannel signaling `switched` and the
+/// push channel open. Returns the client, connect time and offer → ready.
+async fn connect_with(
+    args: &Args,
+    opts: ClientOptions,
+) -> Result<(Client, Duration, Duration), String> {
     let start = Instant::now();
     let mut c = Client::connect(&opts).await.map_err(|e| e.to_string())?;
     // Connected: own connection.created; with DataChannel signaling also
@@ -829,6 +853,14 @@ fn check(args: &Args) -> Result<(), &'static str> {
     if args.arrival == Arrival::Open && args.rate <= 0.0 {
         return Err("open arrival needs --rate > 0");
     }
+    if args.churn.is_some_and(|c| c == 0 || c > 100) {
+        return Err("--churn must be 1..=100 cycles");
+    }
+    if args.churn.is_some() && args.server_pid.is_none() && args.server_process.is_none() {
+        return Err(
+            "--churn reports the server's RSS and fds: give --server-pid or --server-process",
+        );
+    }
     if args.processes == 0 || args.processes > 64 {
         return Err("--processes must be 1..=64");
     }
@@ -980,10 +1012,228 @@ async fn main() {
     let tty = std::io::stderr().is_terminal();
     let code = match args.worker_index {
         Some(i) => worker(args, i).await,
+        None if args.churn.is_some() => churn(args, tty).await,
         None if args.processes > 1 => parent(args, tty).await,
         None => single(args, tty).await,
     };
     let _ = std::io::stderr().flush();
     // Exit at once: the peers' tasks and sockets go with the process.
     std::process::exit(code);
+}
+
+/// How a churned peer ends; peer i takes `ENDINGS[i % 5]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Connected, then `disconnect` (on `signaling` after the switch).
+    Disconnect,
+    /// Connected, then the WebSocket drops without a Close frame and the
+    /// PeerConnection closes.
+    WebSocketDropped,
+    /// Gone once the offer is in.
+    AfterOffer,
+    /// Gone once the answer is sent, before ICE.
+    AfterAnswer,
+    /// Connected, then gone without a word (ICE consent must notice).
+    WhileConnected,
+}
+
+const ENDINGS: [Ending; 5] = [
+    Ending::Disconnect,
+    Ending::WebSocketDropped,
+    Ending::AfterOffer,
+    Ending::AfterAnswer,
+    Ending::WhileConnected,
+];
+
+async fn churn_peer(args: &Args, i: usize) -> Result<(), String> {
+    let ending = ENDINGS[i % ENDINGS.len()];
+    let mut opts = peer_options(args, i);
+    opts.abandon = match ending {
+        Ending::AfterOffer => Some(hato::client::Abandon::AfterOffer),
+        Ending::AfterAnswer => Some(hato::client::Abandon::AfterAnswer),
+        _ => None,
+    };
+    if opts.abandon.is_some() {
+        return match Client::connect(&opts).await {
+            Err(hato::client::ClientError::Abandoned) => Ok(()),
+            Err(e) => Err(e.to_string()),
+            Ok(_) => Err("connected although told to abandon".into()),
+        };
+    }
+    let (mut c, _, _) = connect_with(args, opts).await?;
+    match ending {
+        Ending::Disconnect => {
+            let bye = r#"{"type":"disconnect","reason":"NO-ERROR"}"#;
+            if args.data_channel_signaling {
+                c.send_dc("signaling", bye, true);
+            } else {
+                c.send_ws(bye);
+            }
+            // Until the server has closed its side (bounded).
+            let _ = c
+                .wait_for(Duration::from_secs(5), |e| {
+                    matches!(
+                        e,
+                        ClientEvent::WebSocketClosed { .. }
+                            | ClientEvent::ServerClose { .. }
+                            | ClientEvent::PeerFailed(_)
+                    )
+                })
+                .await;
+        }
+        Ending::WhileConnected => c.vanish(),
+        _ => drop(c),
+    }
+    Ok(())
+}
+
+/// What the server holds after a cycle.
+#[derive(Debug, Clone, serde::Serialize)]
+struct CycleReport {
+    cycle: usize,
+    peers_ok: usize,
+    peers_failed: usize,
+    settle_s: f64,
+    rss_kb: u64,
+    fds: usize,
+    threads: usize,
+    stats: Value,
+}
+
+fn fds_and_threads(pid: u32) -> (usize, usize) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+    (fds, threads)
+}
+
+/// `GET /.hato/stats` on the API (hato only; Null elsewhere).
+async fn server_stats(api_url: &str) -> Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let authority = api_url
+        .split("://")
+        .nth(1)
+        .unwrap_or(api_url)
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let get = async {
+        let mut tcp = tokio::net::TcpStream::connect(&authority).await.ok()?;
+        let req =
+            format!("GET /.hato/stats HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.ok()?;
+        let mut out = Vec::new();
+        tcp.read_to_end(&mut out).await.ok()?;
+        let text = String::from_utf8_lossy(&out);
+        serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
+    };
+    tokio::time::timeout(Duration::from_secs(5), get)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(Value::Null)
+}
+
+/// `--churn`: cycles of peers coming and going in every way, and what the
+/// server holds after each.
+async fn churn(args: Args, tty: bool) -> i32 {
+    let cycles = args.churn.unwrap_or(1);
+    let Some(pid) = args
+        .server_pid
+        .or_else(|| args.server_process.as_deref().and_then(find_pid))
+    else {
+        eprintln!("hato-load: server process not found");
+        return 2;
+    };
+    let args = Arc::new(args);
+    let mut reports: Vec<CycleReport> = Vec::new();
+    for cycle in 1..=cycles {
+        let sem = Arc::new(Semaphore::new(args.concurrency.max(1)));
+        let t0 = Instant::now();
+        let mut joins = Vec::new();
+        for i in 0..args.peers {
+            let at = t0 + Duration::from_secs_f64(i as f64 / args.hatch_rate.max(0.001));
+            tokio::time::sleep_until(at.into()).await;
+            let permit = sem.clone().acquire_owned().await.expect("semaphore open");
+            let a = args.clone();
+            joins.push(tokio::spawn(async move {
+                let r = churn_peer(&a, i).await;
+                drop(permit);
+                r
+            }));
+        }
+        let (mut ok, mut failed) = (0, 0);
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        for j in joins {
+            match j.await {
+                Ok(Ok(())) => ok += 1,
+                Ok(Err(e)) => {
+                    failed += 1;
+                    *reasons.entry(e).or_default() += 1;
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        // Until the server has ended every session (vanished DataChannel
+        // peers take ICE's failure time), bounded.
+        let settle_start = Instant::now();
+        let mut stats = server_stats(&args.api_url).await;
+        while stats["sessions"].as_u64().unwrap_or(0) > 0
+            && settle_start.elapsed() < Duration::from_secs(60)
+        {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            stats = server_stats(&args.api_url).await;
+        }
+        let settle_s = settle_start.elapsed().as_secs_f64();
+        // What the server frees after its last session (malloc_trim) has
+        // happened; a moment more for the shards' own trims.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let stats = server_stats(&args.api_url).await;
+        let (rss_kb, _) = proc_stat(pid).unwrap_or_default();
+        let (fds, threads) = fds_and_threads(pid);
+        let report = CycleReport {
+            cycle,
+            peers_ok: ok,
+            peers_failed: failed,
+            settle_s,
+            rss_kb,
+            fds,
+            threads,
+            stats,
+        };
+        if tty {
+            eprint!("\r");
+        }
+        println!(
+            "cycle {cycle}: {ok} peers ended ({failed} failed{}), server settled in {settle_s:.1} s: RSS {rss_kb} kB, {fds} fds, {threads} threads, {} live tasks, {} sessions, {} live WebRTC peers",
+            if reasons.is_empty() { String::new() } else { format!(": {reasons:?}") },
+            report.stats["alive_tasks"],
+            report.stats["sessions"],
+            report.stats["live_peers"],
+        );
+        reports.push(report);
+    }
+    let (first, last) = (&reports[0], &reports[reports.len() - 1]);
+    let rss_change = (last.rss_kb as f64 / first.rss_kb.max(1) as f64 - 1.0) * 100.0;
+    println!(
+        "churn: {cycles} cycles of {} peers: RSS {} → {} kB ({rss_change:+.1} %), fds {} → {}, threads {} → {}, live tasks {} → {}",
+        args.peers,
+        first.rss_kb,
+        last.rss_kb,
+        first.fds,
+        last.fds,
+        first.threads,
+        last.threads,
+        first.stats["alive_tasks"],
+        last.stats["alive_tasks"],
+    );
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&json!({"churn": reports})).unwrap_or_default();
+        if path == "-" {
+            println!("{text}");
+        } else if let Err(e) = std::fs::write(path, text) {
+            eprintln!("hato-load: cannot write {path}: {e}");
+        }
+    }
+    0
 }
