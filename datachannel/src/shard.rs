@@ -496,8 +496,11 @@ impl Shard {
             }
             Command::Close { id } => {
                 if let Some(p) = self.peers.get_mut(&id) {
-                    let _ = p.pc.close();
-                    self.mark(id);
+                    // A peer that never connected has no path to be told on.
+                    if p.connected || p.association_up {
+                        let _ = p.pc.close();
+                        self.mark(id);
+                    }
                 }
             }
             Command::Remove { id } => self.remove(id, true),
@@ -727,8 +730,10 @@ impl Shard {
         let Some(mut p) = self.peers.remove(&id) else {
             return;
         };
-        // Tell the other side, then forget everything of this peer.
-        if tell {
+        // Tell the other side, then forget everything of this peer. A peer
+        // that never connected has no path to tell it on (the core logs
+        // an error for every such write).
+        if tell && (p.connected || p.association_up) {
             let _ = p.pc.close();
             take_writes(&mut p, &mut self.out, &self.common.stats, |_| {});
         }
