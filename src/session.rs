@@ -357,16 +357,9 @@ struct Session {
 /// leaves the table: no ghost connection keeps receiving pushes.
 impl Drop for Session {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
+        if self.conn.is_some() {
             tracing::error!(connection_id = %self.connection_id, "session dropped without finishing; removed from the table");
-            if let Some((others, counts)) = self.shared.table.remove(&conn) {
-                self.notify_others(
-                    "connection.destroyed",
-                    &others,
-                    counts,
-                    &time::now_rfc3339(),
-                );
-            }
+            self.leave_table();
         }
     }
 }
@@ -598,6 +591,20 @@ impl Session {
         }
     }
 
+    /// Leaves the table (once) and tells the channel: `connection.destroyed`.
+    fn leave_table(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if let Some((others, counts)) = self.shared.table.remove(&conn) {
+                self.notify_others(
+                    "connection.destroyed",
+                    &others,
+                    counts,
+                    &time::now_rfc3339(),
+                );
+            }
+        }
+    }
+
     async fn finish(mut self, drive: Drive) {
         let Drive {
             end,
@@ -613,16 +620,7 @@ impl Session {
                 .channel_failures
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        if let Some(conn) = self.conn.take() {
-            if let Some((others, counts)) = self.shared.table.remove(&conn) {
-                self.notify_others(
-                    "connection.destroyed",
-                    &others,
-                    counts,
-                    &time::now_rfc3339(),
-                );
-            }
-        }
+        self.leave_table();
         let closing = self.machine.closing(&end);
         let websocket_closed = closing.websocket.is_some();
         let close_channels = closing.close_channels;
