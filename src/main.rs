@@ -3,6 +3,7 @@ use hato::{Config, Server};
 
 #[tokio::main]
 async fn main() {
+    hato_datachannel::fix_mmap_threshold();
     let flood_guard = hato::logging::init();
     tokio::spawn(flood_guard.summarise());
     let config = Config::parse();

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
-pub use shard::{give_back_memory, EVENT_BUFFER};
+pub use shard::{fix_mmap_threshold, give_back_memory, EVENT_BUFFER};
 
 /// How peers reach the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
