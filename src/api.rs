@@ -235,6 +235,10 @@ impl ApiError {
     fn into_response(self) -> Response<Full<Bytes>> {
         let body = json!({"error_type": self.error_type, "message": self.message});
         let mut resp = json_response(self.status, body.to_string());
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        }
         if self.status == StatusCode::METHOD_NOT_ALLOWED {
             resp.headers_mut()
                 .insert(ALLOW, HeaderValue::from_static("POST, OPTIONS"));
@@ -270,7 +274,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
         h.insert(
             "access-control-allow-headers",
             HeaderValue::from_static(
-                "Origin, X-Requested-With, Content-Type, Accept, x-sora-target",
+                "Origin, X-Requested-With, Content-Type, Accept, Authorization, x-sora-target",
             ),
         );
         h.insert("access-control-max-age", HeaderValue::from_static("1000"));
@@ -279,6 +283,16 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
 }
 
 async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    if let Some(token) = &shared.config.api_token {
+        let preflight = req.method() == Method::OPTIONS && shared.config.api_cors_origin.is_some();
+        if !preflight && !bearer_matches(&req, token) {
+            return Err(ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                error_type: "UNAUTHORIZED",
+                message: "this API needs Authorization: Bearer <token> (--api-token)".into(),
+            });
+        }
+    }
     if req.uri().path() == "/.hato/stats" && req.method() == Method::GET {
         return Ok(json_response(StatusCode::OK, runtime_stats(shared)));
     }
@@ -330,6 +344,21 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<
         Operation::Push(_) => push(shared, &call),
         Operation::Disconnect(_) => disconnect(shared, &call),
     }
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`, compared
+/// in time that does not depend on where the first difference is.
+fn bearer_matches(req: &Request<Incoming>, token: &str) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `GET /.hato/stats`: what lives in the process now, for operators and

@@ -49,6 +49,12 @@ pub struct Config {
     #[arg(long, env = "HATO_API_CORS_ORIGIN")]
     pub api_cors_origin: Option<String>,
 
+    /// Require `Authorization: Bearer TOKEN` on every API call (401
+    /// otherwise). Unset: no token (keep the API on loopback or a private
+    /// network).
+    #[arg(long, env = "HATO_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
     /// Largest API request body, in bytes; larger gets 413.
     #[arg(long, env = "HATO_API_BODY_LIMIT", default_value_t = 1 << 20)]
     pub api_body_limit: usize,

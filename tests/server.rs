@@ -1999,3 +1999,38 @@ async fn a_peer_cannot_flood_the_log() {
     let (msg, _) = next_push(&mut c).await.expect("still served");
     assert_eq!(msg["data"]["still"], "served");
 }
+
+/// --api-token: every call needs `Authorization: Bearer <token>`; without
+/// it, or with another, 401 and a JSON error, and nothing is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_token_is_required_when_set() {
+    let s = server_with(|c| c.api_token = Some("s3cret".into())).await;
+    let mut c = connected(&opts(&s, "tok", "recvonly")).await;
+    let body = r#"{"channel_id":"tok","data":{"n":1}}"#;
+    let target = ("x-sora-target", "Sora_20160711.PushChannel");
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("s3cret"),
+        Some("Bearer s3cre"),
+    ] {
+        let mut headers = vec![target];
+        if let Some(a) = auth {
+            headers.push(("authorization", a));
+        }
+        let (status, head, answer) = http(&s, "POST", &headers, body).await;
+        assert_eq!(status, 401, "{auth:?}");
+        assert!(head.contains("www-authenticate: bearer"), "{head}");
+        assert!(answer.contains("UNAUTHORIZED"), "{answer}");
+    }
+    no_push(&mut c).await;
+    let (status, _, _) = http(
+        &s,
+        "POST",
+        &[target, ("authorization", "Bearer s3cret")],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(next_push(&mut c).await.unwrap().0["data"]["n"], 1);
+}
