@@ -143,6 +143,26 @@ pub struct Config {
     #[arg(long, env = "HATO_NOTIFY_METADATA_LIMIT", default_value_t = 8 * 1024)]
     pub notify_metadata_limit: usize,
 
+    /// Sora's auth webhook: after `connect`, hato POSTs what it knows of
+    /// the peer here and goes on only on `{"allowed": true, …}`
+    /// (http:// only).
+    #[arg(long, env = "HATO_AUTH_WEBHOOK_URL")]
+    pub auth_webhook_url: Option<String>,
+
+    /// Time the auth webhook has to answer, in ms; then the connection is
+    /// refused (AUTH-WEBHOOK-TIMEOUT).
+    #[arg(long, env = "HATO_AUTH_WEBHOOK_TIMEOUT_MS", default_value_t = 5_000)]
+    pub auth_webhook_timeout_ms: u64,
+
+    /// Auth webhook calls in flight at most; more wait (within their
+    /// timeout) for a place.
+    #[arg(long, env = "HATO_AUTH_WEBHOOK_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub auth_webhook_max_in_flight: usize,
+
+    /// This node's name in webhooks (Sora's node_name). Default: the host name.
+    #[arg(long, env = "HATO_NODE_NAME")]
+    pub node_name: Option<String>,
+
     /// Time from WebSocket open to `connect`, in ms.
     #[arg(long, env = "HATO_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
     pub connect_timeout_ms: u64,
@@ -180,6 +200,15 @@ impl Config {
             rtc_addr: "127.0.0.1:0".parse().unwrap(),
             ..Config::default()
         }
+    }
+
+    /// `--node-name`, or the host name.
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "hato".into())
+        })
     }
 
     pub fn connect_timeout(&self) -> Duration {

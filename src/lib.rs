@@ -16,6 +16,7 @@ pub mod logging;
 pub mod outbox;
 pub mod session;
 pub mod table;
+pub mod webhook;
 
 pub use config::Config;
 
@@ -35,6 +36,8 @@ pub struct Shared {
     pub session_id: Arc<str>,
     /// Sessions from WebSocket accept to teardown, for a graceful shutdown.
     pub sessions: std::sync::atomic::AtomicUsize,
+    /// The auth webhook, when `--auth-webhook-url` is set.
+    pub auth_webhook: Option<webhook::AuthWebhook>,
     /// Admission of signaling connections (--max-connections & co).
     pub admission: Arc<limits::Admission>,
     /// Set once, on shutdown; every session watches it.
@@ -62,7 +65,19 @@ impl Server {
             config.max_connections_per_ip,
             config.max_handshakes,
         );
+        let auth_webhook = match &config.auth_webhook_url {
+            Some(url) => Some(
+                webhook::AuthWebhook::new(
+                    url,
+                    std::time::Duration::from_millis(config.auth_webhook_timeout_ms),
+                    config.auth_webhook_max_in_flight,
+                )
+                .map_err(std::io::Error::other)?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
+            auth_webhook,
             engine,
             config,
             table: table::Table::default(),

@@ -10,11 +10,14 @@
 use crate::limits::{self, Throttle, Ticket};
 use crate::outbox::{truncate_reason, Frame, Out, Outbox, SharedRoute};
 use crate::table::{Conn, Kill, Mailbox};
+use crate::webhook::{Failure, Verdict};
 use crate::Shared;
 use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
 use hato_datachannel::{Peer, PeerEvent};
-use hato_signaling::message::{self, ChannelCounts, ClientMessage, NotifyConnection};
+use hato_signaling::message::{
+    self, ChannelCounts, ClientMessage, NotifyConnection, NotifyMetadata,
+};
 use hato_signaling::session::{Action, End, Machine, Mode, Rules};
 use hato_signaling::{id, time, ConnectRequest, DataChannelSpec, Offer, Role};
 use serde_json::{json, Value};
@@ -164,6 +167,125 @@ async fn first_text(ws: &mut WebSocketStream<TcpStream>) -> Result<String, Optio
     }
 }
 
+/// What the auth webhook granted beyond `connect`'s own fields.
+#[derive(Debug, Default)]
+struct Granted {
+    /// The offer's `metadata`.
+    offer_metadata: Option<Value>,
+    authn_metadata: Option<Value>,
+    authz_metadata: Option<Value>,
+    /// Kept for the event webhooks.
+    #[allow(dead_code)]
+    event_metadata: Option<Value>,
+}
+
+/// The auth webhook's request (protocol.md §7.1): what hato knows of the
+/// peer, `metadata` exactly as the client sent it (its text is spliced in,
+/// never parsed and printed again).
+fn auth_request(
+    shared: &Shared,
+    connect: &ConnectRequest,
+    text: &str,
+    connection_id: &str,
+) -> String {
+    #[derive(serde::Deserialize)]
+    struct Raw<'a> {
+        #[serde(borrow)]
+        metadata: Option<&'a serde_json::value::RawValue>,
+        environment: Option<Value>,
+    }
+    let raw: Option<Raw<'_>> = serde_json::from_str(text).ok();
+    let metadata = raw
+        .as_ref()
+        .and_then(|r| r.metadata)
+        .map_or("null", |m| m.get());
+    let counts = shared.table.counts(&connect.channel_id);
+    let cfg = &shared.config;
+    let dc = connect
+        .data_channel_signaling
+        .unwrap_or(cfg.data_channel_signaling);
+    let rest = json!({
+        "timestamp": time::now_rfc3339(),
+        "id": id::new_id(),
+        "label": "hato",
+        "version": env!("CARGO_PKG_VERSION"),
+        "node_name": cfg.node_name(),
+        "role": connect.role.as_str(),
+        "channel_id": connect.channel_id,
+        "client_id": connect.client_id,
+        "bundle_id": connect.bundle_id,
+        "connection_id": connection_id,
+        "signaling_notify_metadata": connect.signaling_notify_metadata,
+        "data_channel_signaling": dc,
+        "ignore_disconnect_websocket": dc && connect
+            .ignore_disconnect_websocket
+            .unwrap_or(cfg.ignore_disconnect_websocket),
+        "sora_client": {
+            "raw": connect.sora_client,
+            "libwebrtc": connect.libwebrtc,
+            "environment": raw.and_then(|r| r.environment),
+        },
+        "audio": false,
+        "video": false,
+        "multistream": false,
+        "simulcast": false,
+        "spotlight": false,
+        "e2ee": false,
+        "channel_connections": counts.all,
+        "channel_sendrecv_connections": counts.sendrecv,
+        "channel_sendonly_connections": counts.sendonly,
+        "channel_recvonly_connections": counts.recvonly,
+    })
+    .to_string();
+    // `rest` is a non-empty object: `{"metadata":<as sent>,` + its keys.
+    format!(r#"{{"metadata":{metadata},{}"#, &rest[1..])
+}
+
+/// Applies an `allowed: true` answer's overrides to `connect`; returns
+/// the rest. A wrongly typed override refuses the connection: the backend
+/// meant something hato cannot do.
+fn apply_overrides(
+    connect: &mut ConnectRequest,
+    mut overrides: serde_json::Map<String, Value>,
+) -> Result<Granted, String> {
+    let wrong = |key: &str, want: &str| format!("AUTH-WEBHOOK-ERROR: {key} must be {want}");
+    for key in ["client_id", "bundle_id"] {
+        match overrides.remove(key) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 255 => {
+                if key == "client_id" {
+                    connect.client_id = Some(s);
+                } else {
+                    connect.bundle_id = Some(s);
+                }
+            }
+            Some(_) => return Err(wrong(key, "a string of 1 to 255 bytes")),
+        }
+    }
+    for key in ["data_channel_signaling", "ignore_disconnect_websocket"] {
+        match overrides.remove(key) {
+            None | Some(Value::Null) => {}
+            Some(Value::Bool(b)) => {
+                if key == "data_channel_signaling" {
+                    connect.data_channel_signaling = Some(b);
+                } else {
+                    connect.ignore_disconnect_websocket = Some(b);
+                }
+            }
+            Some(_) => return Err(wrong(key, "a boolean")),
+        }
+    }
+    if let Some(m) = overrides.remove("signaling_notify_metadata") {
+        connect.signaling_notify_metadata = Some(m).filter(|m| !m.is_null());
+    }
+    Ok(Granted {
+        offer_metadata: overrides.remove("metadata"),
+        authn_metadata: overrides.remove("authn_metadata"),
+        authz_metadata: overrides.remove("authz_metadata"),
+        event_metadata: overrides.remove("event_metadata"),
+    })
+}
+
 /// Resolves once the server is shutting down.
 async fn shutting_down(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     // The guard `wait_for` returns is dropped here, not held by the caller.
@@ -206,7 +328,7 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>, ticket: Ti
         Ok(Err(Some(reason))) => return refuse(ws, &reason).await,
         Err(_) => return refuse(ws, "no connect message before the timeout").await,
     };
-    let connect = match ClientMessage::parse(text.as_bytes()) {
+    let mut connect = match ClientMessage::parse(text.as_bytes()) {
         Ok(ClientMessage::Connect(v)) => match ConnectRequest::from_value(v) {
             Ok(c) => c,
             Err(e) => return refuse(ws, &e.0).await,
@@ -223,6 +345,35 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>, ticket: Ti
                 cfg.notify_metadata_limit
             );
             return refuse(ws, &reason).await;
+        }
+    }
+
+    let connection_id: Arc<str> = id::new_id().into();
+    let mut granted = Granted::default();
+    if let Some(hook) = &shared.auth_webhook {
+        let body = auth_request(&shared, &connect, &text, &connection_id);
+        let verdict = tokio::select! {
+            v = hook.ask(&body, &connection_id) => v,
+            () = shutting_down(&mut shutdown) => {
+                return close_before_offer(ws, 1000, "SHUTDOWN").await;
+            }
+        };
+        match verdict {
+            Ok(Verdict::Allowed(overrides)) => match apply_overrides(&mut connect, overrides) {
+                Ok(g) => granted = g,
+                Err(reason) => {
+                    tracing::warn!(%connection_id, reason, "auth webhook overrides refused");
+                    return refuse(ws, &reason).await;
+                }
+            },
+            Ok(Verdict::Denied(reason)) => {
+                tracing::info!(%connection_id, reason, "auth webhook denied the connection");
+                return refuse(ws, &reason).await;
+            }
+            Err(Failure(reason)) => {
+                tracing::warn!(%connection_id, reason, "auth webhook failed; connection refused");
+                return refuse(ws, &reason).await;
+            }
         }
     }
 
@@ -248,7 +399,6 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>, ticket: Ti
     };
     let peer = Arc::new(peer);
 
-    let connection_id: Arc<str> = id::new_id().into();
     let client_id: Arc<str> = connect
         .client_id
         .clone()
@@ -272,6 +422,7 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>, ticket: Ti
         data_channel_signaling: dc_signaling,
         ignore_disconnect_websocket: ignore_ws,
         data_channels: dc_signaling.then(|| DataChannelSpec::system(compress)),
+        metadata: granted.offer_metadata.take(),
         version: concat!("hato/", env!("CARGO_PKG_VERSION")),
     };
     let offer_json = serde_json::to_string(&offer).expect("an offer always serialises");
@@ -320,7 +471,11 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>, ticket: Ti
         bundle_id,
         channel_id: connect.channel_id.as_str().into(),
         role: connect.role,
-        notify_metadata: connect.signaling_notify_metadata.clone(),
+        notify_metadata: NotifyMetadata {
+            metadata: connect.signaling_notify_metadata.clone(),
+            authn_metadata: granted.authn_metadata,
+            authz_metadata: granted.authz_metadata,
+        },
         machine: Machine::new(std::time::Instant::now(), rules, mode),
         peer,
         outbox: Some(outbox),
@@ -342,7 +497,7 @@ struct Session {
     bundle_id: Arc<str>,
     channel_id: Arc<str>,
     role: Role,
-    notify_metadata: Option<Value>,
+    notify_metadata: NotifyMetadata,
     machine: Machine,
     peer: Arc<Peer>,
     outbox: Option<Outbox>,
@@ -505,7 +660,7 @@ impl Session {
             client_id: &self.client_id,
             bundle_id: &self.bundle_id,
             connection_id: &self.connection_id,
-            metadata: self.notify_metadata.as_ref(),
+            meta: &self.notify_metadata,
         }
     }
 
@@ -536,15 +691,17 @@ impl Session {
             .iter()
             .map(|o| {
                 let mut v = json!({"client_id": &*o.client_id, "connection_id": &*o.connection_id});
-                if let Some(m) = &o.notify_metadata {
+                let mut with_metadata = true;
+                if let Some(m) = &o.notify_metadata.metadata {
                     let len = m.to_string().len();
                     if len <= budget {
                         budget -= len;
-                        v["metadata"] = m.clone();
                     } else {
+                        with_metadata = false;
                         without_metadata += 1;
                     }
                 }
+                o.notify_metadata.write_into(&mut v, with_metadata);
                 v
             })
             .collect();

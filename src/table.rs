@@ -8,9 +8,8 @@
 
 use crate::outbox::{Frame, Out, Queue, Route, SharedRoute};
 use hato_datachannel::Peer;
-use hato_signaling::message::ChannelCounts;
+use hato_signaling::message::{ChannelCounts, NotifyMetadata};
 use hato_signaling::Role;
-use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -86,8 +85,8 @@ pub struct Conn {
     pub channel_id: Arc<str>,
     pub session_id: Arc<str>,
     pub role: Role,
-    /// `signaling_notify_metadata`, shown to others in `notify`.
-    pub notify_metadata: Option<Value>,
+    /// What `notify` shows of it besides its ids.
+    pub notify_metadata: NotifyMetadata,
     /// Largest push this peer can take, when pushes may go over its
     /// DataChannel; `None` for WebSocket-only peers.
     pub message_limit: Option<usize>,
@@ -122,7 +121,7 @@ impl Conn {
         channel_id: Arc<str>,
         session_id: Arc<str>,
         role: Role,
-        notify_metadata: Option<Value>,
+        notify_metadata: NotifyMetadata,
         message_limit: Option<usize>,
         websocket_fallback: bool,
         mailbox: Arc<Mailbox>,
@@ -276,6 +275,15 @@ impl Table {
         }
     }
 
+    /// The channel's head-counts now.
+    pub fn counts(&self, channel_id: &str) -> ChannelCounts {
+        let channels = self.channels.lock().unwrap();
+        channels
+            .get(channel_id)
+            .map(|c| c.counts())
+            .unwrap_or_default()
+    }
+
     pub fn len(&self) -> usize {
         let channels = self.channels.lock().unwrap();
         channels.values().map(|c| c.by_connection.len()).sum()
@@ -300,7 +308,7 @@ mod tests {
             channel.into(),
             "s".into(),
             role,
-            None,
+            NotifyMetadata::default(),
             None,
             true,
             Arc::new(Mailbox::new(
@@ -356,7 +364,7 @@ mod tests {
             "ch".into(),
             "s".into(),
             Role::Recvonly,
-            None,
+            NotifyMetadata::default(),
             None,
             true,
             Arc::new(Mailbox::new(

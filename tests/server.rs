@@ -2034,3 +2034,187 @@ async fn the_api_token_is_required_when_set() {
     assert_eq!(status, 200);
     assert_eq!(next_push(&mut c).await.unwrap().0["data"]["n"], 1);
 }
+
+/// A real HTTP webhook for the tests: answers by the `answer` key of the
+/// peer's `metadata`, and keeps every request body it got.
+async fn auth_webhook() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use http_body_util::{BodyExt, Full};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/auth", listener.local_addr().unwrap());
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let log = log.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let text = String::from_utf8_lossy(&body).into_owned();
+                            log.lock().unwrap().push(text.clone());
+                            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                            let (status, answer) =
+                                match v["metadata"]["answer"].as_str().unwrap_or("allow") {
+                                    "deny" => (
+                                        200,
+                                        r#"{"allowed":false,"reason":"NOT-ON-THE-LIST"}"#
+                                            .to_owned(),
+                                    ),
+                                    "override" => (
+                                        200,
+                                        json!({"allowed": true, "client_id": "from-hook",
+                                "metadata": {"greeting": "hi"}, "authn_metadata": {"user": "u1"},
+                                "signaling_notify_metadata": {"shown": "by hook"}})
+                                        .to_string(),
+                                    ),
+                                    "slow" => {
+                                        tokio::time::sleep(Duration::from_secs(3)).await;
+                                        (200, r#"{"allowed":true}"#.to_owned())
+                                    }
+                                    "500" => (500, "oops".to_owned()),
+                                    "garbage" => (200, "hello".to_owned()),
+                                    _ => (200, r#"{"allowed":true}"#.to_owned()),
+                                };
+                            let mut resp =
+                                hyper::Response::new(Full::new(bytes::Bytes::from(answer)));
+                            *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+fn with_answer(s: &Server, channel: &str, answer: &str) -> ClientOptions {
+    let mut o = opts(s, channel, "recvonly");
+    o.extra.insert("metadata".into(), json!({"answer": answer}));
+    o
+}
+
+/// The auth webhook decides who connects: allowed (the request carries
+/// metadata exactly as sent), overrides seen by the client (offer) and by
+/// others (notify), denied with its reason (Close 4490), and a timeout, a
+/// 500, a garbage answer and an unreachable webhook each refused with a
+/// reason that says which — while a peer the webhook allows at the same
+/// time is not held up by the slow one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_auth_webhook_decides_who_connects() {
+    let (url, seen) = auth_webhook().await;
+    let s = server_with(|c| {
+        c.auth_webhook_url = Some(url.clone());
+        c.auth_webhook_timeout_ms = 1000;
+        c.node_name = Some("node-a".into());
+    })
+    .await;
+    // Allowed; the webhook sees metadata byte for byte.
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
+        .await
+        .unwrap();
+    ws.send(Message::text(
+        r#"{"type":"connect","role":"recvonly","channel_id":"auth","metadata":{"z":1, "answer":"allow","a":[2]},"sora_client":"Sora JavaScript SDK 2026.1.0"}"#,
+    ))
+    .await
+    .unwrap();
+    assert!(
+        next_ws_text(&mut ws, "\"offer\"").await.is_some(),
+        "allowed: an offer"
+    );
+    drop(ws);
+    let first = seen.lock().unwrap()[0].clone();
+    assert!(
+        first.starts_with(r#"{"metadata":{"z":1, "answer":"allow","a":[2]},"#),
+        "{first}"
+    );
+    let req: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(
+        (
+            req["channel_id"].as_str(),
+            req["role"].as_str(),
+            req["node_name"].as_str()
+        ),
+        (Some("auth"), Some("recvonly"), Some("node-a"))
+    );
+    assert_eq!(req["sora_client"]["raw"], "Sora JavaScript SDK 2026.1.0");
+    assert!(
+        req["connection_id"].is_string() && req["id"].is_string() && req["timestamp"].is_string()
+    );
+    assert_eq!(req["channel_connections"], 0);
+
+    // Overrides: the client's offer, and what the others are told.
+    let mut watcher = connected(&with_answer(&s, "auth", "allow")).await;
+    let overridden = connected(&with_answer(&s, "auth", "override")).await;
+    assert_eq!(overridden.offer["metadata"], json!({"greeting": "hi"}));
+    assert_eq!(overridden.offer["client_id"], "from-hook");
+    let id = overridden.connection_id.clone();
+    let created = watcher
+        .wait_for(T, |e| matches!(e, ClientEvent::Notify { message, .. }
+            if message["event_type"] == "connection.created" && message["connection_id"] == id.as_str()))
+        .await;
+    let Some(ClientEvent::Notify { message, .. }) = created else {
+        panic!("{created:?}")
+    };
+    assert_eq!(message["client_id"], "from-hook");
+    assert_eq!(message["authn_metadata"], json!({"user": "u1"}));
+    assert_eq!(message["metadata"], json!({"shown": "by hook"}));
+
+    // Denied, and each kind of failure, with a reason that says which;
+    // the slow one runs beside an allowed peer that is not held up.
+    let slow = tokio::spawn({
+        let o = with_answer(&s, "auth", "slow");
+        async move { Client::connect(&o).await.err() }
+    });
+    let started = std::time::Instant::now();
+    let _quick = connected(&with_answer(&s, "auth", "allow")).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "held up by the slow webhook call"
+    );
+    for (answer, want) in [
+        ("deny", "NOT-ON-THE-LIST"),
+        ("500", "AUTH-WEBHOOK-ERROR: the webhook answered 500"),
+        (
+            "garbage",
+            "AUTH-WEBHOOK-ERROR: the answer is not a JSON object",
+        ),
+    ] {
+        match Client::connect(&with_answer(&s, "auth", answer)).await {
+            Err(hato::client::ClientError::Refused { code, reason }) => {
+                assert_eq!(code, 4490, "{answer}");
+                assert!(reason.starts_with(want), "{answer}: {reason}");
+            }
+            other => panic!("{answer}: {:?}", other.map(|c| c.connection_id)),
+        }
+    }
+    match slow.await.unwrap() {
+        Some(hato::client::ClientError::Refused { code: 4490, reason }) => {
+            assert!(reason.starts_with("AUTH-WEBHOOK-TIMEOUT"), "{reason}")
+        }
+        other => panic!("slow: {other:?}"),
+    }
+    table_len(&s, 3).await;
+
+    // Unreachable.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = format!("http://{}/auth", closed.local_addr().unwrap());
+    drop(closed);
+    let s2 = server_with(|c| c.auth_webhook_url = Some(dead)).await;
+    match Client::connect(&opts(&s2, "auth", "recvonly")).await {
+        Err(hato::client::ClientError::Refused { code: 4490, reason }) => {
+            assert!(
+                reason.starts_with("AUTH-WEBHOOK-ERROR: cannot reach"),
+                "{reason}"
+            )
+        }
+        other => panic!("unreachable: {:?}", other.map(|c| c.connection_id)),
+    }
+    assert_eq!(s2.table().len(), 0);
+}

@@ -143,6 +143,9 @@ pub struct Offer {
     pub ignore_disconnect_websocket: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_channels: Option<Vec<DataChannelSpec>>,
+    /// The auth webhook's `metadata`, for the client (§7.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
     pub version: &'static str,
 }
 
@@ -193,7 +196,32 @@ pub struct NotifyConnection<'a> {
     pub client_id: &'a str,
     pub bundle_id: &'a str,
     pub connection_id: &'a str,
-    pub metadata: Option<&'a Value>,
+    pub meta: &'a NotifyMetadata,
+}
+
+/// What `notify` shows of a connection besides its ids: its
+/// `signaling_notify_metadata` (as `metadata`) and what the auth webhook
+/// said of it (`authn_metadata`, `authz_metadata`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NotifyMetadata {
+    pub metadata: Option<Value>,
+    pub authn_metadata: Option<Value>,
+    pub authz_metadata: Option<Value>,
+}
+
+impl NotifyMetadata {
+    /// Sets the keys present on a `notify` or a `data` entry.
+    pub fn write_into(&self, v: &mut Value, with_metadata: bool) {
+        if let (Some(m), true) = (&self.metadata, with_metadata) {
+            v["metadata"] = m.clone();
+        }
+        if let Some(m) = &self.authn_metadata {
+            v["authn_metadata"] = m.clone();
+        }
+        if let Some(m) = &self.authz_metadata {
+            v["authz_metadata"] = m.clone();
+        }
+    }
 }
 
 /// Channel head-counts after the event, as `channel_*_connections`.
@@ -233,9 +261,7 @@ pub fn notify_connection(
         "channel_recvonly_connections": counts.recvonly,
         "turn_transport_type": "udp",
     });
-    if let Some(m) = who.metadata {
-        v["metadata"] = m.clone();
-    }
+    who.meta.write_into(&mut v, true);
     if let Some(d) = data {
         v["data"] = Value::Array(d);
     }
@@ -316,6 +342,7 @@ mod tests {
             data_channel_signaling: true,
             ignore_disconnect_websocket: false,
             data_channels: Some(DataChannelSpec::system(false)),
+            metadata: None,
             version: "hato",
         };
         let v: Value = serde_json::to_value(&offer).unwrap();
@@ -352,7 +379,7 @@ mod tests {
             client_id: "cl",
             bundle_id: "b",
             connection_id: "id",
-            metadata: None,
+            meta: &NotifyMetadata::default(),
         };
         let counts = ChannelCounts {
             all: 1,
