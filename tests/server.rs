@@ -521,7 +521,7 @@ async fn cors_when_an_origin_is_configured() {
     for h in [
         "access-control-allow-origin: https://app.example",
         "access-control-allow-methods: post, options",
-        "access-control-allow-headers: origin, x-requested-with, content-type, accept, x-sora-target",
+        "access-control-allow-headers: origin, x-requested-with, content-type, accept, authorization, x-sora-target",
         "access-control-max-age: 1000",
     ] {
         assert!(head.contains(h), "{h} missing from {head}");
