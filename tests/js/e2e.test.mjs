@@ -25,14 +25,34 @@ const freePort = () =>
     });
   });
 
-let hato, web, browser, signalingUrl, apiUrl, pageUrl;
+let hato, web, hook, browser, signalingUrl, apiUrl, pageUrl;
 let hatoLog = "";
+// What the auth webhook was asked: every connect of these tests goes
+// through it; a connect whose metadata says deny is refused.
+const hookCalls = [];
 
 before(async () => {
   const [sig, api] = [await freePort(), await freePort()];
   signalingUrl = `ws://127.0.0.1:${sig}/signaling`;
   apiUrl = `http://127.0.0.1:${api}/`;
-  hato = spawn(hatoBin, ["--signaling-addr", `127.0.0.1:${sig}`, "--api-addr", `127.0.0.1:${api}`], {
+  hook = createServer((req, res) => {
+    let body = "";
+    req.on("data", (d) => (body += d));
+    req.on("end", () => {
+      const asked = JSON.parse(body);
+      hookCalls.push(asked);
+      const answer = asked.metadata?.deny
+        ? { allowed: false, reason: "NOT-ON-THE-LIST" }
+        : { allowed: true };
+      res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify(answer));
+    });
+  });
+  await new Promise((r) => hook.listen(0, "127.0.0.1", r));
+  const hookUrl = `http://127.0.0.1:${hook.address().port}/auth`;
+  hato = spawn(hatoBin, [
+    "--signaling-addr", `127.0.0.1:${sig}`, "--api-addr", `127.0.0.1:${api}`,
+    "--auth-webhook-url", hookUrl,
+  ], {
     env: { ...process.env, HATO_LOG: "hato=debug" },
   });
   hato.stdout.on("data", (d) => (hatoLog += d));
@@ -68,6 +88,7 @@ before(async () => {
 after(async () => {
   await browser?.close();
   web?.close();
+  hook?.close();
   hato?.kill("SIGINT");
   // hato's own log, for reading after a failure.
   if (process.env.HATO_E2E_LOG) writeFileSync(process.env.HATO_E2E_LOG, hatoLog);
@@ -84,13 +105,19 @@ const push = async (target, body) => {
   return JSON.parse(text);
 };
 
-/** Opens a page, connects with `options`, returns the page and connection id. */
-const connect = async (channelId, options) => {
+/** A page with the SDK loaded. */
+const openPage = async () => {
   const page = await browser.newPage();
   page.on("console", (m) => m.type() === "error" && console.log("browser:", m.text()));
   await page.goto(pageUrl);
   await page.waitForFunction(() => typeof window.start === "function");
-  const id = await page.evaluate(([u, c, o]) => window.start(u, c, o), [signalingUrl, channelId, options]);
+  return page;
+};
+
+/** Opens a page, connects with `options`, returns the page and connection id. */
+const connect = async (channelId, options, metadata = null) => {
+  const page = await openPage();
+  const id = await page.evaluate(([u, c, o, m]) => window.start(u, c, o, m), [signalingUrl, channelId, options, metadata]);
   await page.waitForFunction(() => window.events.some((e) => e.kind === "connected"), null, { timeout: 10000 });
   return { page, id };
 };
@@ -142,5 +169,24 @@ test("ignoreDisconnectWebSocket: a push after the WebSocket closed still arrives
   await push("Sora_20201120.PushChannelByRole", { channel_id: "js-ig", role: "recvonly", data: { after: "ws-closed" } });
   const [got] = await waitPush(page);
   assert.deepEqual([got.data, got.transportType], [{ after: "ws-closed" }, "datachannel"]);
+  await disconnectCleanly(page);
+});
+
+test("auth webhook: a denied connect() is rejected with the webhook's reason, an allowed one gets a push", async () => {
+  const denied = await openPage();
+  const refusal = await denied
+    .evaluate(([u]) => window.start(u, "js-auth", { dataChannelSignaling: false }, { deny: true }), [signalingUrl])
+    .then(() => "connected", (e) => String(e.message ?? e));
+  assert.match(refusal, /4490/);
+  assert.match(refusal, /NOT-ON-THE-LIST/);
+  await denied.close();
+  const { page } = await connect("js-auth", { dataChannelSignaling: true, ignoreDisconnectWebSocket: true }, { token: "ok" });
+  const asked = hookCalls.filter((c) => c.channel_id === "js-auth");
+  assert.deepEqual(asked.map((c) => c.metadata), [{ deny: true }, { token: "ok" }]);
+  assert.match(asked[1].sora_client.raw, /Sora JavaScript SDK/);
+  await page.waitForFunction(() => window.events.some((e) => e.kind === "switched"), null, { timeout: 10000 });
+  await push("Sora_20160711.PushChannel", { channel_id: "js-auth", data: { allowed: "in" } });
+  const [got] = await waitPush(page);
+  assert.deepEqual([got.data, got.transportType], [{ allowed: "in" }, "datachannel"]);
   await disconnectCleanly(page);
 });
