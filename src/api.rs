@@ -4,11 +4,11 @@
 
 use crate::limits::{self, Throttle};
 use crate::outbox::{Frame, Out};
-use crate::table::{Delivery, Target};
+use crate::table::{Conn, Delivery, Target};
 use crate::Shared;
 use bytes::Bytes;
 use hato_datachannel::Peer;
-use hato_signaling::api::{self, Key, Operation};
+use hato_signaling::api::{self, Key, Operation, Scope};
 use hato_signaling::message;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -17,7 +17,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -341,9 +341,116 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<
     let bytes = read_body(shared, req).await?;
     let call = api::parse(operation, &bytes).map_err(|e| ApiError::bad(e.error_type, e.message))?;
     match operation {
-        Operation::Push(_) => push(shared, &call),
+        Operation::Push(scope) => {
+            let stats = &shared.table.stats;
+            stats.pushes_by_target[scope as usize].fetch_add(1, Ordering::Relaxed);
+            push(shared, &call)
+        }
         Operation::Disconnect(_) => disconnect(shared, &call),
+        Operation::List(scope) => {
+            let conns = match scope {
+                Some(_) => shared.table.lookup(&call.channel_id, Target::Channel),
+                None => shared.table.all(),
+            };
+            let list: Vec<Value> = conns.iter().map(|c| connection_json(c)).collect();
+            Ok(json_response(
+                StatusCode::OK,
+                Value::Array(list).to_string(),
+            ))
+        }
+        Operation::StatsReport => Ok(json_response(
+            StatusCode::OK,
+            stats_report(shared).to_string(),
+        )),
     }
+}
+
+/// One connection as the listing targets show it (protocol.md §6.3), with
+/// hato's transport for its pushes now.
+fn connection_json(c: &Conn) -> Value {
+    json!({
+        "channel_id": &*c.channel_id,
+        "client_id": &*c.client_id,
+        "bundle_id": &*c.bundle_id,
+        "connection_id": &*c.connection_id,
+        "session_id": &*c.session_id,
+        "role": c.role.as_str(),
+        "created_time": c.created_time,
+        "audio": false,
+        "video": false,
+        "simulcast": false,
+        "spotlight": false,
+        "multistream": false,
+        "data_channel_signaling": c.message_limit.is_some(),
+        "ignore_disconnect_websocket": !c.websocket_fallback,
+        "transport": if c.on_datachannel() { "datachannel" } else { "websocket" },
+    })
+}
+
+/// `GetStatsReport`: server-wide counters (hato's own names; Sora's
+/// report is media-centric).
+fn stats_report(shared: &Shared) -> Value {
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let t = &shared.table.stats;
+    let e = shared.engine.stats();
+    let conns = shared.table.all();
+    let count = |role: &str, dc: Option<bool>| {
+        conns
+            .iter()
+            .filter(|c| c.role.as_str() == role && dc.is_none_or(|d| c.on_datachannel() == d))
+            .count()
+    };
+    let by_role = |dc: Option<bool>| {
+        json!({
+            "sendrecv": count("sendrecv", dc),
+            "sendonly": count("sendonly", dc),
+            "recvonly": count("recvonly", dc),
+        })
+    };
+    let deliveries = n(&t.deliveries);
+    let dc_deliveries = n(&t.deliveries_datachannel);
+    let hook = shared.auth_webhook.as_ref().map(|h| {
+        json!({
+            "calls": n(&h.counters.calls),
+            "allowed": n(&h.counters.allowed),
+            "denied": n(&h.counters.denied),
+            "failures": n(&h.counters.failures),
+        })
+    });
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "node_name": shared.config.node_name(),
+        "total_connections": conns.len(),
+        "connections": by_role(None),
+        "connections_by_transport": {
+            "websocket": by_role(Some(false)),
+            "datachannel": by_role(Some(true)),
+        },
+        "signaling_connections": shared.admission.connections(),
+        "pushes": n(&t.pushes),
+        "pushes_by_target": {
+            "PushChannel": n(&t.pushes_by_target[Scope::Channel as usize]),
+            "PushClient": n(&t.pushes_by_target[Scope::Client as usize]),
+            "PushConnection": n(&t.pushes_by_target[Scope::Connection as usize]),
+            "PushChannelByRole": n(&t.pushes_by_target[Scope::ChannelByRole as usize]),
+        },
+        "deliveries": deliveries,
+        "deliveries_by_transport": {
+            "websocket": deliveries.saturating_sub(dc_deliveries),
+            "datachannel": dc_deliveries,
+        },
+        "drops": {
+            "outbox_overflow": n(&t.overflows),
+            "undeliverable": n(&t.undeliverable),
+            "channel_failures": n(&t.channel_failures),
+            "refused_connections": n(&shared.admission.refused),
+            "refused_channels": n(&e.refused_channels),
+            "failed_sends": n(&e.failed_sends),
+            "dropped_datagrams_unknown": n(&e.dropped_unknown),
+            "dropped_datagrams_integrity": n(&e.dropped_integrity),
+        },
+        "auth_webhook": hook,
+    })
 }
 
 /// Whether the request carries `Authorization: Bearer <token>`, compared
@@ -501,6 +608,9 @@ fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, 
         }
         let compress = compress == 1;
         queued += peers.len() as u64;
+        stats
+            .deliveries_datachannel
+            .fetch_add(peers.len() as u64, Ordering::Relaxed);
         shared.engine.send_many(
             peers.iter().map(|p| &**p),
             "push",

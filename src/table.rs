@@ -93,6 +93,8 @@ pub struct Conn {
     /// Its WebSocket stays open for the whole session (hybrid mode, or no
     /// DataChannel signaling): what its DataChannel cannot take goes there.
     pub websocket_fallback: bool,
+    /// When it joined the table (RFC 3339), for the listing targets.
+    pub created_time: String,
     mailbox: Arc<Mailbox>,
 }
 
@@ -136,8 +138,18 @@ impl Conn {
             notify_metadata,
             message_limit,
             websocket_fallback,
+            created_time: hato_signaling::time::now_rfc3339(),
             mailbox,
         }
+    }
+
+    /// Whether its pushes go over its `push` DataChannel now (after
+    /// `switched`), else its WebSocket.
+    pub fn on_datachannel(&self) -> bool {
+        matches!(
+            *self.mailbox.route.lock().unwrap(),
+            Route::DataChannel { .. }
+        )
     }
 
     /// Queues `out` on this connection's outbox; see [`Mailbox::deliver`].
@@ -211,6 +223,10 @@ pub struct Stats {
     /// Sessions ended because one of their DataChannels closed mid-session
     /// or a send on one failed.
     pub channel_failures: AtomicU64,
+    /// Pushes by target: channel, client, connection, role.
+    pub pushes_by_target: [AtomicU64; 4],
+    /// Deliveries handed to the WebRTC engine (switched peers).
+    pub deliveries_datachannel: AtomicU64,
 }
 
 #[derive(Default)]
@@ -273,6 +289,15 @@ impl Table {
             Target::Connection(id) => ch.by_connection.get(id).cloned().into_iter().collect(),
             Target::Role(role) => ch.by_role[role_index(role)].clone(),
         }
+    }
+
+    /// Every connection, channel by channel.
+    pub fn all(&self) -> Vec<Arc<Conn>> {
+        let channels = self.channels.lock().unwrap();
+        channels
+            .values()
+            .flat_map(|c| c.by_connection.values().cloned())
+            .collect()
     }
 
     /// The channel's head-counts now.

@@ -2218,3 +2218,97 @@ async fn the_auth_webhook_decides_who_connects() {
     }
     assert_eq!(s2.table().len(), 0);
 }
+
+/// ListConnections, ListChannelConnections and GetStatsReport over
+/// connections in two channels, three roles and both transports; the
+/// parameterless targets take an empty body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_and_stats_targets() {
+    let s = server().await;
+    let _a = connected(&opts(&s, "la", "recvonly")).await;
+    let _b = connected(&opts(&s, "la", "sendonly")).await;
+    let _c = switched_client(&s, "lb", true).await;
+    let _d = connected(&opts(&s, "lb", "sendrecv")).await;
+    table_len(&s, 4).await;
+    let (status, all) = api(&s, "Sora_20201013.ListConnections", "").await;
+    assert_eq!(status, 200, "{all}");
+    let all = all.as_array().unwrap().clone();
+    assert_eq!(all.len(), 4);
+    for c in &all {
+        for key in [
+            "channel_id",
+            "client_id",
+            "bundle_id",
+            "connection_id",
+            "session_id",
+            "role",
+            "created_time",
+            "transport",
+        ] {
+            assert!(c[key].is_string(), "{key} in {c}");
+        }
+    }
+    let dc: Vec<_> = all
+        .iter()
+        .filter(|c| c["transport"] == "datachannel")
+        .collect();
+    assert_eq!(dc.len(), 1);
+    assert_eq!(
+        (
+            dc[0]["channel_id"].as_str(),
+            dc[0]["connection_id"].as_str()
+        ),
+        (Some("lb"), Some(&*_c.connection_id))
+    );
+    let (status, la) = api(
+        &s,
+        "Sora_20201013.ListChannelConnections",
+        r#"{"channel_id":"la"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut roles: Vec<&str> = la
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["role"].as_str().unwrap())
+        .collect();
+    roles.sort();
+    assert_eq!(roles, ["recvonly", "sendonly"]);
+    let (status, err) = api(&s, "Sora_20201013.ListChannelConnections", "").await;
+    assert_eq!(
+        (status, err["error_type"].as_str()),
+        (400, Some("INVALID-JSON"))
+    );
+
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "lb", "data": {}}),
+    )
+    .await;
+    push(
+        &s,
+        "Sora_20160711.PushConnection",
+        json!({"channel_id": "la", "connection_id": _a.connection_id, "data": {}}),
+    )
+    .await;
+    let (status, report) = api(&s, "Sora_20171010.GetStatsReport", "").await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["total_connections"], 4);
+    assert_eq!(
+        report["connections"],
+        json!({"sendrecv": 1, "sendonly": 1, "recvonly": 2})
+    );
+    assert_eq!(
+        report["connections_by_transport"]["datachannel"]["recvonly"],
+        1
+    );
+    assert_eq!(report["pushes_by_target"]["PushChannel"], 1);
+    assert_eq!(report["pushes_by_target"]["PushConnection"], 1);
+    assert_eq!(report["deliveries"], 3);
+    assert_eq!(
+        report["deliveries_by_transport"],
+        json!({"websocket": 2, "datachannel": 1})
+    );
+}

@@ -24,10 +24,15 @@ pub enum Scope {
 pub enum Operation {
     Push(Scope),
     Disconnect(Scope),
+    /// `ListConnections` (every connection) or `ListChannelConnections`
+    /// (`Scope::Channel`: one channel's).
+    List(Option<Scope>),
+    /// `GetStatsReport`: server-wide counters.
+    StatsReport,
 }
 
 /// Every target hato implements, by name.
-pub const TARGETS: [(&str, Operation); 8] = [
+pub const TARGETS: [(&str, Operation); 11] = [
     ("Sora_20160711.PushChannel", Operation::Push(Scope::Channel)),
     ("Sora_20160711.PushClient", Operation::Push(Scope::Client)),
     (
@@ -54,6 +59,12 @@ pub const TARGETS: [(&str, Operation); 8] = [
         "Sora_20201120.DisconnectChannelByRole",
         Operation::Disconnect(Scope::ChannelByRole),
     ),
+    ("Sora_20201013.ListConnections", Operation::List(None)),
+    (
+        "Sora_20201013.ListChannelConnections",
+        Operation::List(Some(Scope::Channel)),
+    ),
+    ("Sora_20171010.GetStatsReport", Operation::StatsReport),
 ];
 
 impl Operation {
@@ -61,9 +72,13 @@ impl Operation {
         TARGETS.iter().find(|(t, _)| *t == target).map(|(_, o)| *o)
     }
 
-    pub fn scope(self) -> Scope {
+    /// The scope whose keys the body must carry; `None` for a
+    /// parameterless target, whose body may be empty.
+    pub fn scope(self) -> Option<Scope> {
         match self {
-            Operation::Push(s) | Operation::Disconnect(s) => s,
+            Operation::Push(s) | Operation::Disconnect(s) => Some(s),
+            Operation::List(s) => s,
+            Operation::StatsReport => None,
         }
     }
 }
@@ -104,8 +119,25 @@ pub struct Call<'a> {
     pub echo: String,
 }
 
-/// Validates the body of `operation`.
+/// Validates the body of `operation`. A parameterless target takes an
+/// empty body as `{}` (the Sora SDKs and exporters send none).
 pub fn parse(operation: Operation, body: &[u8]) -> Result<Call<'_>, BodyError> {
+    let Some(scope) = operation.scope() else {
+        if !body.iter().all(u8::is_ascii_whitespace) {
+            parse_object(body)?;
+        }
+        return Ok(Call {
+            channel_id: String::new(),
+            key: Key::Channel,
+            data: None,
+            echo: String::new(),
+        });
+    };
+    let map = parse_object(body)?;
+    parse_scoped(operation, scope, map)
+}
+
+fn parse_object(body: &[u8]) -> Result<HashMap<String, &RawValue>, BodyError> {
     let text = std::str::from_utf8(body)
         .map_err(|e| bad("INVALID-JSON", format!("the body is not UTF-8: {e}")))?;
     let value: &RawValue = serde_json::from_str(text)
@@ -113,8 +145,15 @@ pub fn parse(operation: Operation, body: &[u8]) -> Result<Call<'_>, BodyError> {
     if !is_object(value) {
         return Err(bad("INVALID-BODY", "the body must be a JSON object"));
     }
-    let map: HashMap<String, &RawValue> = serde_json::from_str(value.get())
-        .map_err(|e| bad("INVALID-JSON", format!("the body is not JSON: {e}")))?;
+    serde_json::from_str(value.get())
+        .map_err(|e| bad("INVALID-JSON", format!("the body is not JSON: {e}")))
+}
+
+fn parse_scoped<'a>(
+    operation: Operation,
+    scope: Scope,
+    map: HashMap<String, &'a RawValue>,
+) -> Result<Call<'a>, BodyError> {
     let string = |key: &str| -> Result<String, BodyError> {
         match map.get(key) {
             Some(raw) => serde_json::from_str::<String>(raw.get())
@@ -123,7 +162,7 @@ pub fn parse(operation: Operation, body: &[u8]) -> Result<Call<'_>, BodyError> {
         }
     };
     let channel_id = string("channel_id")?;
-    let key = match operation.scope() {
+    let key = match scope {
         Scope::Channel => Key::Channel,
         Scope::Client => Key::Client(string("client_id")?),
         Scope::Connection => Key::Connection(string("connection_id")?),
@@ -151,6 +190,7 @@ pub fn parse(operation: Operation, body: &[u8]) -> Result<Call<'_>, BodyError> {
                 None => return Err(bad("MISSING-KEY", "data is missing")),
             })
         }
+        Operation::List(_) | Operation::StatsReport => {}
         Operation::Disconnect(_) => {
             let mut echo = String::from("{");
             for key in ["channel_id", "client_id", "connection_id", "role"] {
@@ -214,6 +254,24 @@ mod tests {
         ] {
             assert_eq!(parse(push, body).unwrap_err().error_type, want, "{body:?}");
         }
+    }
+
+    #[test]
+    fn parameterless_targets_take_an_empty_body() {
+        for body in [&b""[..], b"  ", b"{}", br#"{"x":1}"#] {
+            assert!(parse(Operation::StatsReport, body).is_ok(), "{body:?}");
+            assert!(parse(Operation::List(None), body).is_ok(), "{body:?}");
+        }
+        assert_eq!(
+            parse(Operation::List(None), b"[").unwrap_err().error_type,
+            "INVALID-JSON"
+        );
+        let list = Operation::List(Some(Scope::Channel));
+        assert_eq!(parse(list, b"").unwrap_err().error_type, "INVALID-JSON");
+        assert_eq!(
+            parse(list, br#"{"channel_id":"c"}"#).unwrap().channel_id,
+            "c"
+        );
     }
 
     #[test]
