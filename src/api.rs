@@ -417,6 +417,16 @@ fn stats_report(shared: &Shared) -> Value {
             "failures": n(&h.counters.failures),
         })
     });
+    let events = shared.event_webhook.as_ref().map(|h| {
+        let c = &h.counters;
+        json!({
+            "queued": n(&c.queued),
+            "sent": n(&c.sent),
+            "failed_calls": n(&c.failed_calls),
+            "given_up": n(&c.given_up),
+            "dropped": n(&c.dropped),
+        })
+    });
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "node_name": shared.config.node_name(),
@@ -450,6 +460,7 @@ fn stats_report(shared: &Shared) -> Value {
             "dropped_datagrams_integrity": n(&e.dropped_integrity),
         },
         "auth_webhook": hook,
+        "event_webhook": events,
     })
 }
 

@@ -159,6 +159,24 @@ pub struct Config {
     #[arg(long, env = "HATO_AUTH_WEBHOOK_MAX_IN_FLIGHT", default_value_t = 256)]
     pub auth_webhook_max_in_flight: usize,
 
+    /// Sora's event webhooks (http:// only): connection.created,
+    /// connection.destroyed and connection.failed are POSTed here.
+    #[arg(long, env = "HATO_EVENT_WEBHOOK_URL")]
+    pub event_webhook_url: Option<String>,
+
+    /// Retries of a failed event webhook call (backoff 0.1 s doubling to
+    /// 5 s), after which the event is given up and counted.
+    #[arg(long, env = "HATO_EVENT_WEBHOOK_RETRIES", default_value_t = 3)]
+    pub event_webhook_retries: u32,
+
+    /// Time one event webhook call has, in ms.
+    #[arg(long, env = "HATO_EVENT_WEBHOOK_TIMEOUT_MS", default_value_t = 5_000)]
+    pub event_webhook_timeout_ms: u64,
+
+    /// Events waiting to be sent at most; one more is dropped and counted.
+    #[arg(long, env = "HATO_EVENT_WEBHOOK_QUEUE", default_value_t = 10_000)]
+    pub event_webhook_queue: usize,
+
     /// This node's name in webhooks (Sora's node_name). Default: the host name.
     #[arg(long, env = "HATO_NODE_NAME")]
     pub node_name: Option<String>,

@@ -37,7 +37,9 @@ pub struct Shared {
     /// Sessions from WebSocket accept to teardown, for a graceful shutdown.
     pub sessions: std::sync::atomic::AtomicUsize,
     /// The auth webhook, when `--auth-webhook-url` is set.
-    pub auth_webhook: Option<webhook::AuthWebhook>,
+    pub auth_webhook: Option<webhook::Webhook>,
+    /// The event webhooks, when `--event-webhook-url` is set.
+    pub event_webhook: Option<webhook::EventWebhook>,
     /// Admission of signaling connections (--max-connections & co).
     pub admission: Arc<limits::Admission>,
     /// Set once, on shutdown; every session watches it.
@@ -67,7 +69,8 @@ impl Server {
         );
         let auth_webhook = match &config.auth_webhook_url {
             Some(url) => Some(
-                webhook::AuthWebhook::new(
+                webhook::Webhook::new(
+                    "--auth-webhook-url",
                     url,
                     std::time::Duration::from_millis(config.auth_webhook_timeout_ms),
                     config.auth_webhook_max_in_flight,
@@ -76,8 +79,21 @@ impl Server {
             ),
             None => None,
         };
+        let event_webhook = match &config.event_webhook_url {
+            Some(url) => Some(
+                webhook::EventWebhook::start(
+                    url,
+                    std::time::Duration::from_millis(config.event_webhook_timeout_ms),
+                    config.event_webhook_retries,
+                    config.event_webhook_queue,
+                )
+                .map_err(std::io::Error::other)?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             auth_webhook,
+            event_webhook,
             engine,
             config,
             table: table::Table::default(),

@@ -167,6 +167,11 @@ async fn first_text(ws: &mut WebSocketStream<TcpStream>) -> Result<String, Optio
     }
 }
 
+fn conn_created_time(conn: &Option<Arc<Conn>>) -> String {
+    conn.as_ref()
+        .map_or_else(time::now_rfc3339, |c| c.created_time.clone())
+}
+
 /// What the auth webhook granted beyond `connect`'s own fields.
 #[derive(Debug, Default)]
 struct Granted {
@@ -174,8 +179,7 @@ struct Granted {
     offer_metadata: Option<Value>,
     authn_metadata: Option<Value>,
     authz_metadata: Option<Value>,
-    /// Kept for the event webhooks.
-    #[allow(dead_code)]
+    /// Sent with every event webhook of the connection.
     event_metadata: Option<Value>,
 }
 
@@ -482,6 +486,8 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>, ticket: Ti
         mailbox,
         conn: None,
         ticket,
+        event_metadata: granted.event_metadata,
+        joined: None,
     };
     let end = session.drive(stream, events, kill_rx).await;
     session.finish(end).await;
@@ -504,6 +510,10 @@ struct Session {
     mailbox: Arc<Mailbox>,
     /// Set once the peer is in the table.
     conn: Option<Arc<Conn>>,
+    /// The auth webhook's `event_metadata`, for the event webhooks.
+    event_metadata: Option<Value>,
+    /// When it joined the table.
+    joined: Option<(String, std::time::Instant)>,
     /// This connection's place under the admission limits.
     ticket: Ticket,
 }
@@ -723,6 +733,8 @@ impl Session {
         );
         self.queue(Out::Notify(Arc::new(Frame::new(own))));
         self.notify_others("connection.created", &others, counts, &now);
+        self.joined = Some((conn_created_time(&self.conn), std::time::Instant::now()));
+        self.send_event("connection.created", counts, None);
         tracing::info!(connection_id = %self.connection_id, channel_id = %self.channel_id, "connected");
     }
 
@@ -749,17 +761,69 @@ impl Session {
     }
 
     /// Leaves the table (once) and tells the channel: `connection.destroyed`.
-    fn leave_table(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            if let Some((others, counts)) = self.shared.table.remove(&conn) {
-                self.notify_others(
-                    "connection.destroyed",
-                    &others,
-                    counts,
-                    &time::now_rfc3339(),
-                );
+    /// Returns the channel's counts after, when it was in the table.
+    fn leave_table(&mut self) -> Option<ChannelCounts> {
+        let conn = self.conn.take()?;
+        let (others, counts) = self.shared.table.remove(&conn)?;
+        self.notify_others(
+            "connection.destroyed",
+            &others,
+            counts,
+            &time::now_rfc3339(),
+        );
+        Some(counts)
+    }
+
+    /// Queues an event webhook (protocol.md §7.2) if one is configured.
+    fn send_event(&self, event_type: &str, counts: ChannelCounts, end: Option<&End>) {
+        let Some(hook) = &self.shared.event_webhook else {
+            return;
+        };
+        let now = time::now_rfc3339();
+        let mode = self.machine.mode();
+        let mut data = json!({
+            "audio": false,
+            "video": false,
+            "channel_connections": counts.all,
+            "channel_sendrecv_connections": counts.sendrecv,
+            "channel_sendonly_connections": counts.sendonly,
+            "channel_recvonly_connections": counts.recvonly,
+            "turn_transport_type": "udp",
+            "data_channel_signaling": mode.data_channel_signaling,
+            "ignore_disconnect_websocket": mode.ignore_disconnect_websocket,
+        });
+        if let Some((created, at)) = &self.joined {
+            data["created_time"] = json!(created);
+            data["minutes"] = json!(at.elapsed().as_secs() / 60);
+        }
+        if let Some(end) = end {
+            data["reason"] = json!(end.reason());
+            if event_type == "connection.destroyed" {
+                data["destroyed_time"] = json!(now);
             }
         }
+        let mut event = json!({
+            "type": event_type,
+            "timestamp": now,
+            "id": id::new_id(),
+            "label": "hato",
+            "node_name": self.shared.config.node_name(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "role": self.role.as_str(),
+            "channel_id": &*self.channel_id,
+            "session_id": &*self.shared.session_id,
+            "client_id": &*self.client_id,
+            "bundle_id": &*self.bundle_id,
+            "connection_id": &*self.connection_id,
+            "multistream": false,
+            "simulcast": false,
+            "spotlight": false,
+            "data": data,
+        });
+        if let Some(m) = &self.event_metadata {
+            event["event_metadata"] = m.clone();
+        }
+        hook.send(&self.connection_id, event.to_string());
     }
 
     async fn finish(mut self, drive: Drive) {
@@ -777,7 +841,13 @@ impl Session {
                 .channel_failures
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        self.leave_table();
+        match self.leave_table() {
+            Some(counts) => self.send_event("connection.destroyed", counts, Some(&end)),
+            None => {
+                let counts = self.shared.table.counts(&self.channel_id);
+                self.send_event("connection.failed", counts, Some(&end));
+            }
+        }
         let closing = self.machine.closing(&end);
         let websocket_closed = closing.websocket.is_some();
         let close_channels = closing.close_channels;

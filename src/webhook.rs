@@ -40,7 +40,9 @@ pub struct Counters {
     pub failures: AtomicU64,
 }
 
-pub struct AuthWebhook {
+/// One webhook URL over a keep-alive pool: the auth webhook asks
+/// ([`Webhook::ask`]), the event webhooks post.
+pub struct Webhook {
     url: Uri,
     client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
@@ -48,15 +50,19 @@ pub struct AuthWebhook {
     pub counters: Counters,
 }
 
-impl AuthWebhook {
-    /// `url` must be `http://…` (TLS for webhooks comes with hato's TLS).
-    pub fn new(url: &str, timeout: Duration, max_in_flight: usize) -> Result<AuthWebhook, String> {
-        let url: Uri = url
-            .parse()
-            .map_err(|e| format!("--auth-webhook-url {url:?}: {e}"))?;
+impl Webhook {
+    /// `url` (given as `flag`) must be `http://…` (TLS for webhooks comes
+    /// with hato's TLS).
+    pub fn new(
+        flag: &str,
+        url: &str,
+        timeout: Duration,
+        max_in_flight: usize,
+    ) -> Result<Webhook, String> {
+        let url: Uri = url.parse().map_err(|e| format!("{flag} {url:?}: {e}"))?;
         if url.scheme_str() != Some("http") || url.host().is_none() {
             return Err(format!(
-                "--auth-webhook-url {url}: only http://host[:port]/path is supported"
+                "{flag} {url}: only http://host[:port]/path is supported"
             ));
         }
         let mut connector = HttpConnector::new();
@@ -64,7 +70,7 @@ impl AuthWebhook {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        Ok(AuthWebhook {
+        Ok(Webhook {
             url,
             client,
             timeout,
@@ -164,6 +170,127 @@ mod tests {
         );
         for garbage in [&br#"{"allowed":"yes"}"#[..], b"[]", b"nope", b"{}"] {
             assert!(verdict(garbage).is_err());
+        }
+    }
+}
+
+/// Sora's event webhooks (protocol.md §7.2): `connection.created`,
+/// `connection.destroyed` and `connection.failed`, POSTed from bounded
+/// queues by a few workers. A connection's events always go to the same
+/// worker, so they arrive in order; a worker retries a failed call with
+/// backoff (`--event-webhook-retries`); a full queue drops the event and
+/// counts it. Sessions and pushes never wait on any of it.
+pub struct EventWebhook {
+    queues: Vec<tokio::sync::mpsc::Sender<String>>,
+    pub counters: std::sync::Arc<EventCounters>,
+}
+
+#[derive(Debug, Default)]
+pub struct EventCounters {
+    pub queued: AtomicU64,
+    pub sent: AtomicU64,
+    /// Calls that failed (each retry counts).
+    pub failed_calls: AtomicU64,
+    /// Events given up after every retry.
+    pub given_up: AtomicU64,
+    /// Events dropped because their queue was full.
+    pub dropped: AtomicU64,
+}
+
+/// Workers, each with its own queue and order.
+const EVENT_WORKERS: usize = 4;
+
+impl EventWebhook {
+    pub fn start(
+        url: &str,
+        timeout: Duration,
+        retries: u32,
+        capacity: usize,
+    ) -> Result<EventWebhook, String> {
+        let poster = std::sync::Arc::new(Webhook::new(
+            "--event-webhook-url",
+            url,
+            timeout,
+            EVENT_WORKERS,
+        )?);
+        let counters = std::sync::Arc::new(EventCounters::default());
+        let per_worker = capacity.div_ceil(EVENT_WORKERS).max(1);
+        let queues = (0..EVENT_WORKERS)
+            .map(|_| {
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(per_worker);
+                let (poster, counters) = (poster.clone(), counters.clone());
+                tokio::spawn(async move {
+                    while let Some(body) = rx.recv().await {
+                        let mut backoff = Duration::from_millis(100);
+                        let mut attempt = 0;
+                        loop {
+                            match tokio::time::timeout(poster.timeout, poster.post(&body)).await {
+                                Ok(Ok(())) => {
+                                    counters.sent.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
+                                Ok(Err(why)) => {
+                                    counters.failed_calls.fetch_add(1, Ordering::Relaxed);
+                                    tracing::debug!(%why, attempt, "event webhook call failed");
+                                }
+                                Err(_) => {
+                                    counters.failed_calls.fetch_add(1, Ordering::Relaxed);
+                                    tracing::debug!(attempt, "event webhook call timed out");
+                                }
+                            }
+                            if attempt >= retries {
+                                counters.given_up.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(
+                                    attempts = attempt + 1,
+                                    "event webhook: an event is given up after every retry"
+                                );
+                                break;
+                            }
+                            attempt += 1;
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                });
+                tx
+            })
+            .collect();
+        Ok(EventWebhook { queues, counters })
+    }
+
+    /// Queues an event of `connection_id` without waiting; a full queue
+    /// drops it (counted).
+    pub fn send(&self, connection_id: &str, body: String) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        connection_id.hash(&mut h);
+        let queue = &self.queues[h.finish() as usize % self.queues.len()];
+        match queue.try_send(body) {
+            Ok(()) => {
+                self.counters.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Webhook {
+    /// POSTs `body`; Ok on a 2xx answer (its body is ignored).
+    async fn post(&self, body: &str) -> Result<(), String> {
+        let mut req = Request::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = self.url.clone();
+        req.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let _ = Limited::new(resp.into_body(), ANSWER_LIMIT).collect().await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("answered {}", status.as_u16()))
         }
     }
 }

@@ -2312,3 +2312,155 @@ async fn listing_and_stats_targets() {
         json!({"websocket": 2, "datachannel": 1})
     );
 }
+
+/// Event webhooks: created and destroyed (with the reason) in order per
+/// connection, failed for a connection that never came up; a webhook that
+/// is down or stuck leaves every session alone, and what it could not take
+/// is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_webhooks_in_order_and_never_in_the_way() {
+    let (url, seen) = auth_webhook().await;
+    let s = server_with(|c| c.event_webhook_url = Some(url.clone())).await;
+    let a = connected(&opts(&s, "ev", "recvonly")).await;
+    let a_id = a.connection_id.clone();
+    a.send_ws(r#"{"type":"disconnect","reason":"NO-ERROR"}"#);
+    table_len(&s, 0).await;
+    let mut b = opts(&s, "ev", "sendonly");
+    b.abandon = Some(hato::client::Abandon::AfterAnswer);
+    assert!(matches!(
+        Client::connect(&b).await,
+        Err(hato::client::ClientError::Abandoned)
+    ));
+    let events = |seen: &std::sync::Mutex<Vec<String>>| -> Vec<Value> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .map(|t| serde_json::from_str(t).unwrap())
+            .collect()
+    };
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        got = events(&seen);
+        if got.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let of_a: Vec<(&str, &str)> = got
+        .iter()
+        .filter(|e| e["connection_id"] == a_id.as_str())
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap(),
+                e["data"]["reason"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        of_a,
+        [
+            ("connection.created", ""),
+            ("connection.destroyed", "TYPE-DISCONNECT")
+        ]
+    );
+    let created = got
+        .iter()
+        .find(|e| e["type"] == "connection.created")
+        .unwrap();
+    for key in [
+        "timestamp",
+        "id",
+        "node_name",
+        "session_id",
+        "client_id",
+        "bundle_id",
+    ] {
+        assert!(created[key].is_string(), "{key}: {created}");
+    }
+    assert_eq!(created["data"]["channel_connections"], 1);
+    let failed: Vec<&Value> = got
+        .iter()
+        .filter(|e| e["type"] == "connection.failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{got:?}");
+    assert_eq!(failed[0]["role"], "sendonly");
+    // It went away (its WebSocket with it) before ICE came up.
+    assert_eq!(
+        failed[0]["data"]["reason"], "WEBSOCKET-ONCLOSE",
+        "{}",
+        failed[0]
+    );
+
+    // A webhook that never answers: the sessions go on; what cannot be
+    // queued is dropped and counted.
+    let stuck = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stuck_url = format!("http://{}/events", stuck.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((tcp, _)) = stuck.accept().await {
+            open.push(tcp);
+        }
+    });
+    let s2 = server_with(|c| {
+        c.event_webhook_url = Some(stuck_url);
+        c.event_webhook_queue = 4;
+        c.event_webhook_timeout_ms = 10_000;
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut peers = Vec::new();
+    for _ in 0..8 {
+        peers.push(connected(&opts(&s2, "stuck", "recvonly")).await);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "sessions waited on the webhook"
+    );
+    push(
+        &s2,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "stuck", "data": {"still": "served"}}),
+    )
+    .await;
+    for p in &mut peers {
+        assert!(next_push(p).await.is_some());
+    }
+    let counters = &s2.shared.event_webhook.as_ref().unwrap().counters;
+    assert!(counters.dropped.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    held.abort();
+
+    // One that is down: each event is retried, then given up and counted.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = format!("http://{}/events", closed.local_addr().unwrap());
+    drop(closed);
+    let s3 = server_with(|c| {
+        c.event_webhook_url = Some(dead);
+        c.event_webhook_retries = 1;
+    })
+    .await;
+    let mut p = connected(&opts(&s3, "down", "recvonly")).await;
+    push(
+        &s3,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "down", "data": {}}),
+    )
+    .await;
+    assert!(next_push(&mut p).await.is_some());
+    let counters = &s3.shared.event_webhook.as_ref().unwrap().counters;
+    for _ in 0..100 {
+        if counters.given_up.load(std::sync::atomic::Ordering::Relaxed) >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        counters.given_up.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        counters
+            .failed_calls
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}

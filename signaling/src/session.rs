@@ -65,6 +65,18 @@ pub enum End {
     Server(&'static str),
 }
 
+impl End {
+    /// The reason an event webhook or a log names for this end.
+    pub fn reason(&self) -> String {
+        match self {
+            End::Refused(r) | End::PeerFailed(r) => r.clone(),
+            End::ClientDisconnect => "TYPE-DISCONNECT".into(),
+            End::WebSocketLost => "WEBSOCKET-ONCLOSE".into(),
+            End::Server(r) => (*r).into(),
+        }
+    }
+}
+
 /// What the shell must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
