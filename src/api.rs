@@ -283,6 +283,11 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
 }
 
 async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    if req.uri().path() == "/.ok" && req.method() == Method::GET {
+        // For load balancers: 503 from the moment shutdown begins, so
+        // that they drain this node while its sessions end.
+        return Ok(health(shared));
+    }
     if let Some(token) = &shared.config.api_token {
         let preflight = req.method() == Method::OPTIONS && shared.config.api_cors_origin.is_some();
         if !preflight && !bearer_matches(&req, token) {
@@ -462,6 +467,19 @@ fn stats_report(shared: &Shared) -> Value {
         "auth_webhook": hook,
         "event_webhook": events,
     })
+}
+
+/// `GET /.ok`: 200 `{"status":"ok"}` while serving, 503
+/// `{"status":"shutting-down"}` once shutdown has begun.
+pub fn health(shared: &Shared) -> Response<Full<Bytes>> {
+    if *shared.shutdown.borrow() {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"shutting-down"}"#.into(),
+        )
+    } else {
+        json_response(StatusCode::OK, r#"{"status":"ok"}"#.into())
+    }
 }
 
 /// Whether the request carries `Authorization: Bearer <token>`, compared

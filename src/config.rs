@@ -177,6 +177,12 @@ pub struct Config {
     #[arg(long, env = "HATO_EVENT_WEBHOOK_QUEUE", default_value_t = 10_000)]
     pub event_webhook_queue: usize,
 
+    /// Log lines as text (default) or as JSON objects, one per line, with
+    /// timestamp, level, target, fields and, inside a session, its
+    /// connection_id, channel_id and client_id (under `span`).
+    #[arg(long, env = "HATO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// This node's name in webhooks (Sora's node_name). Default: the host name.
     #[arg(long, env = "HATO_NODE_NAME")]
     pub node_name: Option<String>,
@@ -261,6 +267,12 @@ impl Config {
             ..hato_datachannel::EngineConfig::server(self.rtc_addr)
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// The default UDP port of `--rtc-addr` when only a host is given.

@@ -135,10 +135,11 @@ impl Server {
     /// frame, or a `close` message on `signaling` for DataChannel-only
     /// peers; sessions still before their offer get a Close frame too), and
     /// waits up to `limit` for them to finish.
+    /// The API keeps answering meanwhile (`GET /.ok` says 503, so that a
+    /// load balancer drains this node), and stops last.
     pub async fn shutdown(&self, limit: std::time::Duration) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        // The signaling listener first: no new peers.
+        self.tasks[0].abort();
         self.shared.shutdown.send_replace(true);
         let until = tokio::time::Instant::now() + limit;
         while self
@@ -149,6 +150,9 @@ impl Server {
             && tokio::time::Instant::now() < until
         {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        for t in &self.tasks {
+            t.abort();
         }
     }
 }

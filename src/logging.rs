@@ -111,17 +111,25 @@ impl<S> Filter<S> for FloodGuard {
     }
 }
 
-/// Installs hato's logging: text lines on stdout, `HATO_LOG` (an
-/// EnvFilter; default `hato=info,warn`) choosing what, the flood guard
-/// capping how often. Returns the guard, whose summaries the caller runs.
-pub fn init() -> FloodGuard {
+/// Installs hato's logging: lines on stdout, text or JSON (`format`),
+/// `HATO_LOG` (an EnvFilter; default `hato=info,warn`) choosing what, the
+/// flood guard capping how often. Returns the guard, whose summaries the
+/// caller runs.
+pub fn init(format: crate::config::LogFormat) -> FloodGuard {
     let guard = FloodGuard::default();
     let env =
         EnvFilter::try_from_env("HATO_LOG").unwrap_or_else(|_| EnvFilter::new("hato=info,warn"));
+    let filter = tracing_subscriber::filter::FilterExt::and(env, guard.clone());
+    let layer = match format {
+        crate::config::LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+        crate::config::LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+    };
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_filter(
-            tracing_subscriber::filter::FilterExt::and(env, guard.clone()),
-        ))
+        .with(layer.with_filter(filter))
         .init();
     guard
 }

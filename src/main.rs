@@ -4,9 +4,9 @@ use hato::{Config, Server};
 #[tokio::main]
 async fn main() {
     hato_datachannel::fix_mmap_threshold();
-    let flood_guard = hato::logging::init();
-    tokio::spawn(flood_guard.summarise());
     let config = Config::parse();
+    let flood_guard = hato::logging::init(config.log_format);
+    tokio::spawn(flood_guard.summarise());
     if let Some(fds) = hato::limits::raise_fd_limit() {
         tracing::info!(open_files_limit = fds, "file descriptors");
     }

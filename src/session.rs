@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+use tracing::Instrument;
 
 pub use hato_signaling::session::SIGNALING_ERROR;
 
@@ -489,8 +490,20 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>, ticket: Ti
         event_metadata: granted.event_metadata,
         joined: None,
     };
-    let end = session.drive(stream, events, kill_rx).await;
-    session.finish(end).await;
+    // Every line of the session carries who it is (in JSON logs, as the
+    // `span` object).
+    let span = tracing::info_span!(
+        "session",
+        connection_id = %session.connection_id,
+        channel_id = %session.channel_id,
+        client_id = %session.client_id,
+    );
+    async move {
+        let end = session.drive(stream, events, kill_rx).await;
+        session.finish(end).await;
+    }
+    .instrument(span)
+    .await;
 }
 
 /// The I/O shell of one connection: it feeds the sockets' events to the

@@ -1679,6 +1679,7 @@ async fn api_timeouts_and_connection_cap() {
 /// and API addresses, and its log lines.
 async fn spawn_hato(
     prelude: &str,
+    args: &str,
 ) -> (
     tokio::process::Child,
     String,
@@ -1689,7 +1690,7 @@ async fn spawn_hato(
     let mut child = tokio::process::Command::new("bash")
         .arg("-c")
         .arg(format!(
-            "{prelude} exec {} --signaling-addr 127.0.0.1:0 --api-addr 127.0.0.1:0 --rtc-addr 127.0.0.1:0 --rtc-shards 1",
+            "{prelude} exec {} --signaling-addr 127.0.0.1:0 --api-addr 127.0.0.1:0 --rtc-addr 127.0.0.1:0 --rtc-shards 1 {args}",
             env!("CARGO_BIN_EXE_hato")
         ))
         .env_remove("HATO_LOG")
@@ -1706,8 +1707,13 @@ async fn spawn_hato(
             .unwrap()
             .unwrap()
             .expect("hato says where it serves");
+        let json: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
         let field = |name: &str| {
-            line.split(&format!("{name}=")).nth(1).map(|r| {
+            let text = match json["fields"][name].as_str() {
+                Some(v) => format!("{name}={v}"),
+                None => line.clone(),
+            };
+            text.split(&format!("{name}=")).nth(1).map(|r| {
                 r.split_whitespace()
                     .next()
                     .unwrap()
@@ -1740,7 +1746,7 @@ async fn spawn_hato(
 /// the flood goes the server serves a new peer again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_file_descriptors_is_logged_once_a_second_and_survived() {
-    let (child, signaling, api, mut lines) = spawn_hato("ulimit -n 48 &&").await;
+    let (child, signaling, api, mut lines) = spawn_hato("ulimit -n 48 &&", "").await;
     let lines = tokio::spawn(async move {
         let mut fd_lines = Vec::new();
         while let Some(line) = lines.recv().await {
@@ -1963,7 +1969,7 @@ async fn a_lost_datachannel_ends_the_session_with_a_reason() {
 /// still served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_cannot_flood_the_log() {
-    let (_child, signaling, api, mut lines) = spawn_hato("").await;
+    let (_child, signaling, api, mut lines) = spawn_hato("", "").await;
     let url = format!("ws://{signaling}/signaling");
     let mut o = ClientOptions::new(&url, "flood", "recvonly");
     o.data_channel_signaling = Some(true);
@@ -2463,4 +2469,72 @@ async fn event_webhooks_in_order_and_never_in_the_way() {
             .load(std::sync::atomic::Ordering::Relaxed),
         2
     );
+}
+
+/// `GET /.ok`: 200 while serving; 503 from the moment shutdown begins,
+/// while sessions are still ending (a stalled DataChannel peer keeps the
+/// shutdown busy for a couple of seconds), so a load balancer drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_during_shutdown() {
+    let s = std::sync::Arc::new(server().await);
+    let (status, _, body) = http(&s, "GET", &[], "").await;
+    assert_eq!(status, 405, "GET / is not health: {body}");
+    let ok = |s: std::sync::Arc<Server>| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(s.api_addr).await.unwrap();
+        tcp.write_all(b"GET /.ok HTTP/1.1\r\nhost: hato\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let answer = ok(s.clone()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with(r#"{"status":"ok"}"#), "{answer}");
+    let c = switched_client(&s, "drain", true).await;
+    c.stall_peer();
+    let down = tokio::spawn({
+        let s = s.clone();
+        async move { s.shutdown(Duration::from_secs(5)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!down.is_finished(), "the stalled peer keeps shutdown busy");
+    let answer = ok(s.clone()).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("shutting-down"), "{answer}");
+    down.await.unwrap();
+}
+
+/// --log-format json: every line is a JSON object with timestamp, level,
+/// target and message; a session's lines carry its connection_id,
+/// channel_id and client_id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_parse_line_by_line() {
+    let (_child, signaling, _api, mut lines) = spawn_hato("", "--log-format json").await;
+    let url = format!("ws://{signaling}/signaling");
+    let mut o = ClientOptions::new(&url, "logs", "recvonly");
+    o.client_id = Some("alice".into());
+    let mut c = Client::connect(&o).await.unwrap();
+    assert!(c.wait_connected(T).await);
+    let id = c.connection_id.clone();
+    c.send_ws(r#"{"type":"disconnect","reason":"NO-ERROR"}"#);
+    let mut seen_session = false;
+    let until = tokio::time::Instant::now() + T;
+    while !seen_session {
+        let line = tokio::time::timeout_at(until, lines.recv())
+            .await
+            .expect("a session line in time")
+            .expect("hato still logging");
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        for key in ["timestamp", "level", "target"] {
+            assert!(v[key].is_string(), "{key} in {line}");
+        }
+        assert!(v["fields"]["message"].is_string(), "{line}");
+        if v["span"]["connection_id"] == id.as_str() {
+            assert_eq!(v["span"]["channel_id"], "logs", "{line}");
+            assert_eq!(v["span"]["client_id"], "alice", "{line}");
+            seen_session = true;
+        }
+    }
 }
