@@ -257,7 +257,40 @@ fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let cors = shared.config.api_cors_origin.as_deref();
-    let mut resp = match route(shared, req).await {
+    // A known target names the metrics; anything else is "other", so that
+    // no client can make up label values.
+    let (target, operation) = match req
+        .headers()
+        .get("x-sora-target")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| Some((t, Operation::from_target(t)?)))
+    {
+        Some((t, op)) => (t.to_owned(), Some(op)),
+        None => ("other".to_owned(), None),
+    };
+    let started = Instant::now();
+    let result = route(shared, req).await;
+    let metrics = &shared.metrics;
+    metrics
+        .api_request
+        .get_or_create(&crate::metrics::Target {
+            target: target.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    if let Some(Operation::Push(_)) = operation {
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.error_type,
+        };
+        metrics
+            .pushes
+            .get_or_create(&crate::metrics::PushLabels {
+                target,
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+    let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(status = %e.status, error_type = e.error_type, message = %e.message, "API error");

@@ -26,6 +26,11 @@ pub struct Config {
     #[arg(long, env = "HATO_API_ADDR", default_value = "127.0.0.1:3000")]
     pub api_addr: SocketAddr,
 
+    /// Where Prometheus metrics are served (GET /metrics, and GET /.ok),
+    /// on a listener of their own. Unset: no metrics listener.
+    #[arg(long, env = "HATO_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// The UDP address WebRTC (ICE, DTLS, SCTP) binds: HOST:PORT, or HOST
     /// alone for port 5000. Shard k binds PORT+k, so open PORT up to
     /// PORT+rtc-shards-1 (UDP) in a firewall; every peer of a shard shares

@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
 pub mod outbox;
 pub mod session;
 pub mod table;
@@ -40,6 +41,8 @@ pub struct Shared {
     pub auth_webhook: Option<webhook::Webhook>,
     /// The event webhooks, when `--event-webhook-url` is set.
     pub event_webhook: Option<webhook::EventWebhook>,
+    /// Prometheus metrics (served when --metrics-addr is set).
+    pub metrics: metrics::Metrics,
     /// Admission of signaling connections (--max-connections & co).
     pub admission: Arc<limits::Admission>,
     /// Set once, on shutdown; every session watches it.
@@ -51,6 +54,8 @@ pub struct Shared {
 pub struct Server {
     pub signaling_addr: SocketAddr,
     pub api_addr: SocketAddr,
+    /// Where `/metrics` is served, with `--metrics-addr`.
+    pub metrics_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -91,7 +96,12 @@ impl Server {
             ),
             None => None,
         };
+        let metrics_listener = match config.metrics_addr {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
+            metrics: metrics::Metrics::default(),
             auth_webhook,
             event_webhook,
             engine,
@@ -102,13 +112,24 @@ impl Server {
             sessions: Default::default(),
             shutdown: tokio::sync::watch::Sender::new(false),
         });
+        let (signaling_addr, api_addr) = (signaling.local_addr()?, api.local_addr()?);
+        let mut tasks = vec![
+            tokio::spawn(session::serve(signaling, shared.clone())),
+            tokio::spawn(api::serve(api, shared.clone())),
+        ];
+        let metrics_addr = match metrics_listener {
+            Some(l) => {
+                let addr = l.local_addr()?;
+                tasks.push(tokio::spawn(metrics::serve(l, Arc::downgrade(&shared))));
+                Some(addr)
+            }
+            None => None,
+        };
         let server = Server {
-            signaling_addr: signaling.local_addr()?,
-            api_addr: api.local_addr()?,
-            tasks: vec![
-                tokio::spawn(session::serve(signaling, shared.clone())),
-                tokio::spawn(api::serve(api, shared.clone())),
-            ],
+            signaling_addr,
+            api_addr,
+            metrics_addr,
+            tasks,
             shared,
         };
         Ok(server)

@@ -489,6 +489,7 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>, ticket: Ti
         ticket,
         event_metadata: granted.event_metadata,
         joined: None,
+        offer_at: std::time::Instant::now(),
     };
     // Every line of the session carries who it is (in JSON logs, as the
     // `span` object).
@@ -527,6 +528,8 @@ struct Session {
     event_metadata: Option<Value>,
     /// When it joined the table.
     joined: Option<(String, std::time::Instant)>,
+    /// When its offer was sent.
+    offer_at: std::time::Instant,
     /// This connection's place under the admission limits.
     ticket: Ticket,
 }
@@ -644,7 +647,15 @@ impl Session {
             PeerEvent::AssociationClosed => self
                 .machine
                 .on_transport_failed("the SCTP association closed".into()),
-            PeerEvent::Open(label) => self.machine.on_channel_open(&label),
+            PeerEvent::Open(label) => {
+                if &*label == "push" {
+                    self.shared
+                        .metrics
+                        .offer_to_push_open
+                        .observe(self.offer_at.elapsed().as_secs_f64());
+                }
+                self.machine.on_channel_open(&label)
+            }
             PeerEvent::Message { label, data, text } => {
                 if let Err(why) =
                     self.machine
@@ -747,6 +758,11 @@ impl Session {
         self.queue(Out::Notify(Arc::new(Frame::new(own))));
         self.notify_others("connection.created", &others, counts, &now);
         self.joined = Some((conn_created_time(&self.conn), std::time::Instant::now()));
+        let metrics = &self.shared.metrics;
+        metrics.connects.inc();
+        metrics
+            .offer_to_connected
+            .observe(self.offer_at.elapsed().as_secs_f64());
         self.send_event("connection.created", counts, None);
         tracing::info!(connection_id = %self.connection_id, channel_id = %self.channel_id, "connected");
     }
@@ -846,6 +862,13 @@ impl Session {
             mut events,
         } = drive;
         tracing::info!(connection_id = %self.connection_id, ?end, "session ends");
+        self.shared
+            .metrics
+            .disconnects
+            .get_or_create(&crate::metrics::Reason {
+                reason: end.kind().into(),
+            })
+            .inc();
         if let End::Server(reason @ ("DATA-CHANNEL-CLOSED" | "DATA-CHANNEL-SEND-FAILED")) = end {
             tracing::warn!(connection_id = %self.connection_id, reason, "a DataChannel was lost mid-session; the session ends so that nothing is lost without a word");
             self.shared

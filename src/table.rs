@@ -143,6 +143,11 @@ impl Conn {
         }
     }
 
+    /// Bytes waiting in its outbox now.
+    pub fn queued_bytes(&self) -> usize {
+        self.mailbox.queue.bytes()
+    }
+
     /// Whether its pushes go over its `push` DataChannel now (after
     /// `switched`), else its WebSocket.
     pub fn on_datachannel(&self) -> bool {

@@ -2479,19 +2479,8 @@ async fn health_is_503_during_shutdown() {
     let s = std::sync::Arc::new(server().await);
     let (status, _, body) = http(&s, "GET", &[], "").await;
     assert_eq!(status, 405, "GET / is not health: {body}");
-    let ok = |s: std::sync::Arc<Server>| async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut tcp = tokio::net::TcpStream::connect(s.api_addr).await.unwrap();
-        tcp.write_all(b"GET /.ok HTTP/1.1\r\nhost: hato\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        tcp.read_to_string(&mut out).await.unwrap();
-        out
-    };
-    let answer = ok(s.clone()).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.ends_with(r#"{"status":"ok"}"#), "{answer}");
+    let api = s.api_addr.to_string();
+    assert_eq!(get(&api, "/.ok").await, (200, r#"{"status":"ok"}"#.into()));
     let c = switched_client(&s, "drain", true).await;
     c.stall_peer();
     let down = tokio::spawn({
@@ -2500,9 +2489,10 @@ async fn health_is_503_during_shutdown() {
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!down.is_finished(), "the stalled peer keeps shutdown busy");
-    let answer = ok(s.clone()).await;
-    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    assert!(answer.contains("shutting-down"), "{answer}");
+    assert_eq!(
+        get(&api, "/.ok").await,
+        (503, r#"{"status":"shutting-down"}"#.into())
+    );
     down.await.unwrap();
 }
 
@@ -2537,4 +2527,124 @@ async fn json_logs_parse_line_by_line() {
             seen_session = true;
         }
     }
+}
+
+/// GET /metrics on --metrics-addr, read with a Prometheus text-format
+/// parser; counters move as peers connect, pushes go out and peers leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_move() {
+    let s = server_with(|c| c.metrics_addr = Some("127.0.0.1:0".parse().unwrap())).await;
+    let addr = s.metrics_addr.unwrap().to_string();
+    let scrape = || {
+        let addr = addr.clone();
+        async move {
+            let (status, text) = get(&addr, "/metrics").await;
+            assert_eq!(status, 200, "{text}");
+            let lines = text.lines().map(|l| Ok(l.to_owned()));
+            prometheus_parse::Scrape::parse(lines).expect("Prometheus text format")
+        }
+    };
+    let value = |scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|smp| {
+                smp.metric == name && labels.iter().all(|(k, v)| smp.labels.get(k) == Some(*v))
+            })
+            .map(|smp| match smp.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let before = scrape().await;
+    assert_eq!(value(&before, "hato_connects_total", &[]), 0.0);
+    assert!(value(&before, "process_resident_memory_bytes", &[]) > 0.0);
+    assert!(value(&before, "process_open_fds", &[]) > 0.0);
+
+    let ws = connected(&opts(&s, "m", "recvonly")).await;
+    let mut dc = switched_client(&s, "m", true).await;
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "m", "data": {}}),
+    )
+    .await;
+    assert!(next_push(&mut dc).await.is_some());
+    let (status, _) = api(&s, "Sora_20160711.PushChannel", r#"{"channel_id":"m"}"#).await;
+    assert_eq!(status, 400);
+    ws.send_ws(r#"{"type":"disconnect","reason":"NO-ERROR"}"#);
+    table_len(&s, 1).await;
+
+    let after = scrape().await;
+    assert_eq!(value(&after, "hato_connects_total", &[]), 2.0);
+    let push_ok = [("target", "Sora_20160711.PushChannel"), ("outcome", "ok")];
+    assert_eq!(value(&after, "hato_pushes_total", &push_ok), 1.0);
+    let push_bad = [
+        ("target", "Sora_20160711.PushChannel"),
+        ("outcome", "MISSING-KEY"),
+    ];
+    assert_eq!(value(&after, "hato_pushes_total", &push_bad), 1.0);
+    assert_eq!(
+        value(
+            &after,
+            "hato_disconnects_total",
+            &[("reason", "TYPE-DISCONNECT")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "hato_deliveries_total",
+            &[("transport", "datachannel")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "hato_deliveries_total",
+            &[("transport", "websocket")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "hato_connections",
+            &[("role", "recvonly"), ("transport", "datachannel")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&after, "hato_connections", &[("transport", "websocket")]),
+        0.0
+    );
+    assert!(after
+        .samples
+        .iter()
+        .any(|smp| smp.metric == "hato_offer_to_connected_seconds"));
+    // Health on the metrics listener too.
+    assert_eq!(get(&addr, "/.ok").await, (200, r#"{"status":"ok"}"#.into()));
+}
+
+/// `GET path` over a fresh connection: status and body.
+async fn get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: hato\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        body.to_owned(),
+    )
 }

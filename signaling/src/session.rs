@@ -66,6 +66,18 @@ pub enum End {
 }
 
 impl End {
+    /// A bounded name for metrics labels: free-text reasons fold into
+    /// their kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            End::Refused(_) => "REFUSED",
+            End::PeerFailed(_) => "PEER-FAILED",
+            End::ClientDisconnect => "TYPE-DISCONNECT",
+            End::WebSocketLost => "WEBSOCKET-ONCLOSE",
+            End::Server(r) => r,
+        }
+    }
+
     /// The reason an event webhook or a log names for this end.
     pub fn reason(&self) -> String {
         match self {

@@ -1,0 +1,369 @@
+//! Prometheus metrics (`--metrics-addr`, off by default): `GET /metrics`
+//! in the text exposition format, and `GET /.ok` for load balancers, on a
+//! listener of their own. Built with `prometheus-client`, the Prometheus
+//! project's Rust client.
+//!
+//! Events hato already counts elsewhere (the table's, the engine's, the
+//! webhooks' atomics) are copied into their metrics at scrape time; what
+//! only exists here (connects, disconnects by reason, latencies) is
+//! recorded as it happens.
+
+use crate::Shared;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PushLabels {
+    pub target: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Transport {
+    pub transport: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleTransport {
+    pub role: String,
+    pub transport: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Target {
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: String,
+}
+
+/// Every metric hato exports.
+pub struct Metrics {
+    registry: Registry,
+    pub connects: Counter,
+    pub disconnects: Family<Reason, Counter>,
+    pub pushes: Family<PushLabels, Counter>,
+    pub offer_to_connected: Histogram,
+    pub offer_to_push_open: Histogram,
+    pub api_request: Family<Target, Histogram>,
+    deliveries: Family<Transport, Counter>,
+    drops: Family<Reason, Counter>,
+    connections: Family<RoleTransport, Gauge>,
+    signaling_connections: Gauge,
+    outbox_bytes: Gauge,
+    auth_webhook: Family<Outcome, Counter>,
+    event_webhook: Family<Outcome, Counter>,
+    resident_memory: Gauge,
+    open_fds: Gauge,
+    cpu_seconds: Counter<f64, AtomicU64>,
+}
+
+fn seconds_buckets() -> impl Iterator<Item = f64> {
+    // 1 ms … ~16 s.
+    exponential_buckets(0.001, 2.0, 15)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = Registry::default();
+        let m = Metrics {
+            connects: Counter::default(),
+            disconnects: Family::default(),
+            pushes: Family::default(),
+            offer_to_connected: Histogram::new(seconds_buckets()),
+            offer_to_push_open: Histogram::new(seconds_buckets()),
+            api_request: Family::new_with_constructor(|| Histogram::new(seconds_buckets())),
+            deliveries: Family::default(),
+            drops: Family::default(),
+            connections: Family::default(),
+            signaling_connections: Gauge::default(),
+            outbox_bytes: Gauge::default(),
+            auth_webhook: Family::default(),
+            event_webhook: Family::default(),
+            resident_memory: Gauge::default(),
+            open_fds: Gauge::default(),
+            cpu_seconds: Counter::default(),
+            registry: Registry::default(),
+        };
+        r.register(
+            "hato_connects",
+            "Peers that joined the table (ICE and DTLS up)",
+            m.connects.clone(),
+        );
+        r.register(
+            "hato_disconnects",
+            "Sessions that ended, by reason",
+            m.disconnects.clone(),
+        );
+        r.register(
+            "hato_pushes",
+            "API push calls, by target and outcome (ok, or the error type)",
+            m.pushes.clone(),
+        );
+        r.register_with_unit(
+            "hato_offer_to_connected",
+            "From the offer sent to ICE and DTLS up",
+            Unit::Seconds,
+            m.offer_to_connected.clone(),
+        );
+        r.register_with_unit(
+            "hato_offer_to_push_open",
+            "From the offer sent to the push DataChannel open",
+            Unit::Seconds,
+            m.offer_to_push_open.clone(),
+        );
+        r.register_with_unit(
+            "hato_api_request",
+            "API request handling time, by x-sora-target",
+            Unit::Seconds,
+            m.api_request.clone(),
+        );
+        r.register(
+            "hato_deliveries",
+            "Push deliveries queued, by transport",
+            m.deliveries.clone(),
+        );
+        r.register(
+            "hato_drops",
+            "Things dropped or refused, by reason",
+            m.drops.clone(),
+        );
+        r.register(
+            "hato_connections",
+            "Connections in the table now, by role and transport",
+            m.connections.clone(),
+        );
+        r.register(
+            "hato_signaling_connections",
+            "Signaling connections now, handshakes included",
+            m.signaling_connections.clone(),
+        );
+        r.register_with_unit(
+            "hato_outbox",
+            "Bytes queued in every connection's outbox now",
+            Unit::Bytes,
+            m.outbox_bytes.clone(),
+        );
+        r.register(
+            "hato_auth_webhook_calls",
+            "Auth webhook calls, by outcome",
+            m.auth_webhook.clone(),
+        );
+        r.register(
+            "hato_event_webhook_events",
+            "Event webhook events, by outcome",
+            m.event_webhook.clone(),
+        );
+        r.register_with_unit(
+            "process_resident_memory",
+            "Resident memory",
+            Unit::Bytes,
+            m.resident_memory.clone(),
+        );
+        r.register(
+            "process_open_fds",
+            "Open file descriptors",
+            m.open_fds.clone(),
+        );
+        r.register_with_unit(
+            "process_cpu",
+            "User and system CPU time",
+            Unit::Seconds,
+            m.cpu_seconds.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+}
+
+fn set(counter: &Counter, value: u64) {
+    counter.inner().store(value, Ordering::Relaxed);
+}
+
+impl Metrics {
+    /// Copies what is counted elsewhere, then encodes everything.
+    pub fn render(&self, shared: &Shared) -> String {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let t = &shared.table.stats;
+        let e = shared.engine.stats();
+        let dc = n(&t.deliveries_datachannel);
+        let ws = n(&t.deliveries).saturating_sub(dc);
+        for (transport, v) in [("websocket", ws), ("datachannel", dc)] {
+            set(
+                &self.deliveries.get_or_create(&Transport {
+                    transport: transport.into(),
+                }),
+                v,
+            );
+        }
+        for (reason, v) in [
+            ("outbox_overflow", n(&t.overflows)),
+            ("undeliverable", n(&t.undeliverable)),
+            ("channel_failure", n(&t.channel_failures)),
+            ("refused_connection", n(&shared.admission.refused)),
+            ("refused_channel", n(&e.refused_channels)),
+            ("failed_send", n(&e.failed_sends)),
+            ("datagram_unknown", n(&e.dropped_unknown)),
+            ("datagram_integrity", n(&e.dropped_integrity)),
+        ] {
+            set(
+                &self.drops.get_or_create(&Reason {
+                    reason: reason.into(),
+                }),
+                v,
+            );
+        }
+        let conns = shared.table.all();
+        let mut outbox = 0;
+        for role in ["sendrecv", "sendonly", "recvonly"] {
+            for (transport, on_dc) in [("websocket", false), ("datachannel", true)] {
+                let count = conns
+                    .iter()
+                    .filter(|c| c.role.as_str() == role && c.on_datachannel() == on_dc)
+                    .count();
+                self.connections
+                    .get_or_create(&RoleTransport {
+                        role: role.into(),
+                        transport: transport.into(),
+                    })
+                    .set(count as i64);
+            }
+        }
+        for c in &conns {
+            outbox += c.queued_bytes();
+        }
+        self.outbox_bytes.set(outbox as i64);
+        self.signaling_connections
+            .set(shared.admission.connections() as i64);
+        if let Some(h) = &shared.auth_webhook {
+            let c = &h.counters;
+            for (outcome, v) in [
+                ("allowed", n(&c.allowed)),
+                ("denied", n(&c.denied)),
+                ("failed", n(&c.failures)),
+            ] {
+                set(
+                    &self.auth_webhook.get_or_create(&Outcome {
+                        outcome: outcome.into(),
+                    }),
+                    v,
+                );
+            }
+        }
+        if let Some(h) = &shared.event_webhook {
+            let c = &h.counters;
+            for (outcome, v) in [
+                ("sent", n(&c.sent)),
+                ("failed_call", n(&c.failed_calls)),
+                ("given_up", n(&c.given_up)),
+                ("dropped", n(&c.dropped)),
+            ] {
+                set(
+                    &self.event_webhook.get_or_create(&Outcome {
+                        outcome: outcome.into(),
+                    }),
+                    v,
+                );
+            }
+        }
+        if let Some((rss, fds, cpu)) = process_figures() {
+            self.resident_memory.set(rss as i64);
+            self.open_fds.set(fds as i64);
+            self.cpu_seconds
+                .inner()
+                .store(cpu.to_bits(), Ordering::Relaxed);
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String does not fail");
+        out
+    }
+}
+
+/// RSS in bytes, open fds, CPU seconds of this process (Linux).
+fn process_figures() -> Option<(u64, usize, f64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let rss_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let fds = std::fs::read_dir("/proc/self/fd").ok()?.count();
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some((rss_kb * 1024, fds, ticks as f64 / hz))
+}
+
+/// Serves `GET /metrics` and `GET /.ok` until the task is aborted.
+pub async fn serve(listener: TcpListener, shared: Weak<Shared>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let shared = shared.upgrade();
+                async move { Ok::<_, Infallible>(answer(shared.as_deref(), &req)) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+fn answer(shared: Option<&Shared>, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let Some(shared) = shared else {
+        let mut resp = Response::new(Full::new(Bytes::from_static(b"stopped")));
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return resp;
+    };
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            let mut resp = Response::new(Full::new(Bytes::from(shared.metrics.render(shared))));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        (&Method::GET, "/.ok") => crate::api::health(shared),
+        _ => {
+            let mut resp =
+                Response::new(Full::new(Bytes::from_static(b"GET /metrics or GET /.ok\n")));
+            *resp.status_mut() = StatusCode::NOT_FOUND;
+            resp
+        }
+    }
+}
+
+/// The shared handle the rest of hato records into.
+pub type SharedMetrics = Arc<Metrics>;
