@@ -18,6 +18,15 @@ pub const DATA_CHANNEL_RECEIVE_LIMIT: usize = 262_144;
     about = "A push server speaking Sora's signaling and Push API"
 )]
 pub struct Config {
+    /// A TOML file with any of these settings (keys: the flag names with
+    /// `_` for `-`). Flags and environment variables win over it.
+    #[arg(long, env = "HATO_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
     /// Where the signaling WebSocket listens (path /signaling).
     #[arg(long, env = "HATO_SIGNALING_ADDR", default_value = "127.0.0.1:5000")]
     pub signaling_addr: SocketAddr,

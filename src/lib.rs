@@ -11,6 +11,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod config_file;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

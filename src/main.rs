@@ -1,10 +1,16 @@
-use clap::Parser;
-use hato::{Config, Server};
+use hato::Server;
 
 #[tokio::main]
 async fn main() {
     hato_datachannel::fix_mmap_threshold();
-    let config = Config::parse();
+    let (config, matches) = match hato::config_file::load(std::env::args_os().collect()) {
+        Ok(loaded) => loaded,
+        Err(e) => e.exit(),
+    };
+    if config.print_config {
+        print!("{}", hato::config_file::to_toml(&matches));
+        return;
+    }
     let flood_guard = hato::logging::init(config.log_format);
     tokio::spawn(flood_guard.summarise());
     if let Some(fds) = hato::limits::raise_fd_limit() {

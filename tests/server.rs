@@ -2648,3 +2648,117 @@ async fn get(addr: &str, path: &str) -> (u16, String) {
         body.to_owned(),
     )
 }
+
+/// --config hato.toml: the file sets the ports the binary serves on; an
+/// environment variable beats the file and a flag beats both
+/// (--print-config shows the effective values); an unknown key or a bad
+/// value stops start-up naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_sets_ports_and_yields_to_env_and_flags() {
+    let dir = std::env::temp_dir().join(format!("hato-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (sig, api) = (free(), free());
+    let file = dir.join("hato.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "signaling_addr = \"{sig}\"\napi_addr = \"{api}\"\nrtc_addr = \"127.0.0.1:0\"\nrtc_shards = 1\nmax_connections = 10\nnotify_metadata_limit = 100\ndata_channel_signaling = true\npublic_ips = [\"192.0.2.7\"]\n"
+        ),
+    )
+    .unwrap();
+    let hato = env!("CARGO_BIN_EXE_hato");
+    let print = |env: &[(&str, &str)], flags: &[&str]| {
+        let mut cmd = std::process::Command::new(hato);
+        cmd.arg("--config")
+            .arg(&file)
+            .arg("--print-config")
+            .args(flags);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let effective = print(&[], &[]);
+    for line in [
+        "max_connections = 10",
+        "data_channel_signaling = true",
+        "public_ips = [\"192.0.2.7\"]",
+        "notify_metadata_limit = 100",
+    ] {
+        assert!(
+            effective.lines().any(|l| l == line),
+            "{line} in\n{effective}"
+        );
+    }
+    let effective = print(
+        &[
+            ("HATO_MAX_CONNECTIONS", "20"),
+            ("HATO_NOTIFY_METADATA_LIMIT", "200"),
+        ],
+        &["--notify-metadata-limit", "300"],
+    );
+    assert!(
+        effective.lines().any(|l| l == "max_connections = 20"),
+        "env beats the file:\n{effective}"
+    );
+    assert!(
+        effective
+            .lines()
+            .any(|l| l == "notify_metadata_limit = 300"),
+        "a flag beats both:\n{effective}"
+    );
+
+    // The file's ports are the ones served.
+    let mut child = tokio::process::Command::new(hato)
+        .arg("--config")
+        .arg(&file)
+        .env("HATO_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("ws://{sig}/signaling");
+    let mut served = false;
+    for _ in 0..100 {
+        if let Ok(mut c) = Client::connect(&ClientOptions::new(&url, "cfg", "recvonly")).await {
+            assert!(c.wait_connected(T).await);
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "nothing served on {sig}");
+    assert_eq!(get(&api.to_string(), "/.ok").await.0, 200);
+    let _ = child.start_kill();
+
+    for (text, want) in [
+        ("nope = 1\n", "unknown key \"nope\""),
+        (
+            "max_connections = \"many\"\n",
+            "invalid value 'many' for '--max-connections",
+        ),
+    ] {
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, text).unwrap();
+        let out = std::process::Command::new(hato)
+            .arg("--config")
+            .arg(&bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}");
+        assert!(err.contains(want), "{text}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
