@@ -5,6 +5,7 @@
 use crate::limits::{self, Throttle};
 use crate::outbox::{Frame, Out};
 use crate::table::{Conn, Delivery, Target};
+use crate::tls::Stream;
 use crate::Shared;
 use bytes::Bytes;
 use hato_datachannel::Peer;
@@ -45,7 +46,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             if let Some(folded) = REFUSALS.hit() {
                 tracing::warn!(%addr, refused_since_last_line = folded, "API connection refused: --api-max-connections {cap} reached");
             }
-            tokio::spawn(refuse_connection(tcp, cap));
+            tokio::spawn(refuse_connection(shared.clone(), tcp, cap));
             continue;
         };
         let shared = shared.clone();
@@ -54,6 +55,18 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             shared.config.api_idle_timeout(),
         );
         tokio::spawn(async move {
+            // The TLS handshake (with --tls-cert) has the header timeout.
+            let tcp =
+                match tokio::time::timeout(timeouts.0, Stream::accept(shared.tls.as_deref(), tcp))
+                    .await
+                {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%addr, error = %e, "API TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
             let clock = Arc::new(Clock::new());
             let service = {
                 let clock = clock.clone();
@@ -102,7 +115,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 
 /// Answers a connection over `--api-max-connections` with 503 and closes
 /// it, reading what the client sent so that the close is not a reset.
-async fn refuse_connection(mut tcp: TcpStream, cap: usize) {
+async fn refuse_connection(shared: Arc<Shared>, tcp: TcpStream, cap: usize) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = json!({
         "error_type": "TOO-MANY-CONNECTIONS",
@@ -114,6 +127,9 @@ async fn refuse_connection(mut tcp: TcpStream, cap: usize) {
         body.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let Ok(mut tcp) = Stream::accept(shared.tls.as_deref(), tcp).await else {
+            return;
+        };
         let _ = tcp.write_all(format!("{head}{body}").as_bytes()).await;
         let _ = tcp.shutdown().await;
         let mut sink = [0u8; 4096];
@@ -174,7 +190,7 @@ impl Clock {
 
 /// The API's TCP stream, telling its [`Clock`] when bytes arrive.
 struct Timed {
-    inner: TcpStream,
+    inner: Stream,
     clock: Arc<Clock>,
 }
 

@@ -35,6 +35,15 @@ pub struct Config {
     #[arg(long, env = "HATO_API_ADDR", default_value = "127.0.0.1:3000")]
     pub api_addr: SocketAddr,
 
+    /// PEM certificate chain: serve wss:// and https:// (with --tls-key)
+    /// on the signaling and API listeners. Read again on SIGHUP.
+    #[arg(long, env = "HATO_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "HATO_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+
     /// Where Prometheus metrics are served (GET /metrics, and GET /.ok),
     /// on a listener of their own. Unset: no metrics listener.
     #[arg(long, env = "HATO_METRICS_ADDR")]

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod session;
 pub mod table;
+pub mod tls;
 pub mod webhook;
 
 pub use config::Config;
@@ -42,6 +43,8 @@ pub struct Shared {
     pub auth_webhook: Option<webhook::Webhook>,
     /// The event webhooks, when `--event-webhook-url` is set.
     pub event_webhook: Option<webhook::EventWebhook>,
+    /// TLS for both listeners, with --tls-cert and --tls-key.
+    pub tls: Option<Arc<tls::Tls>>,
     /// Prometheus metrics (served when --metrics-addr is set).
     pub metrics: metrics::Metrics,
     /// Admission of signaling connections (--max-connections & co).
@@ -101,7 +104,19 @@ impl Server {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
         };
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                tls::Tls::load(cert.clone(), key.clone()).map_err(std::io::Error::other)?,
+            )),
+            (None, None) => None,
+            _ => {
+                return Err(std::io::Error::other(
+                    "--tls-cert and --tls-key go together",
+                ))
+            }
+        };
         let shared = Arc::new(Shared {
+            tls,
             metrics: metrics::Metrics::default(),
             auth_webhook,
             event_webhook,
@@ -137,7 +152,12 @@ impl Server {
     }
 
     pub fn signaling_url(&self) -> String {
-        format!("ws://{}/signaling", self.signaling_addr)
+        let scheme = if self.shared.tls.is_some() {
+            "wss"
+        } else {
+            "ws"
+        };
+        format!("{scheme}://{}/signaling", self.signaling_addr)
     }
 
     /// The UDP addresses WebRTC peers reach, one per shard.
@@ -146,7 +166,12 @@ impl Server {
     }
 
     pub fn api_url(&self) -> String {
-        format!("http://{}/", self.api_addr)
+        let scheme = if self.shared.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}/", self.api_addr)
     }
 
     pub fn table(&self) -> &table::Table {

@@ -28,6 +28,24 @@ async fn main() {
         api = %server.api_url(),
         "hato is serving"
     );
+    // SIGHUP reads the TLS certificate and key again; connections keep
+    // the certificate they were accepted with.
+    let tls = server.shared.tls.clone();
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .expect("SIGHUP handler");
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match &tls {
+                Some(tls) => match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "SIGHUP: TLS reload failed; the old certificate stays")
+                    }
+                },
+                None => tracing::info!("SIGHUP: no TLS certificate to reload"),
+            }
+        }
+    });
     // Ctrl-C or SIGTERM (what service managers send).
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");

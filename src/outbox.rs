@@ -22,7 +22,6 @@ use hato_signaling::{message, zlib};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -30,7 +29,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-pub type WsSink = SplitSink<WebSocketStream<TcpStream>, Message>;
+pub type WsSink = SplitSink<WebSocketStream<crate::tls::Stream>, Message>;
 
 /// A server → client message serialised once and shared by every
 /// recipient; its zlib form is made on first use, once.

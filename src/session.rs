@@ -10,6 +10,7 @@
 use crate::limits::{self, Throttle, Ticket};
 use crate::outbox::{truncate_reason, Frame, Out, Outbox, SharedRoute};
 use crate::table::{Conn, Kill, Mailbox};
+use crate::tls::Stream;
 use crate::webhook::{Failure, Verdict};
 use crate::Shared;
 use futures_util::stream::SplitStream;
@@ -23,7 +24,7 @@ use hato_signaling::{id, time, ConnectRequest, DataChannelSpec, Offer, Role};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
@@ -47,7 +48,7 @@ const CLIENT_CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// before hato closes them anyway.
 const CHANNEL_DRAIN_LIMIT: Duration = Duration::from_millis(500);
 
-type WsStream = SplitStream<WebSocketStream<TcpStream>>;
+type WsStream = SplitStream<WebSocketStream<Stream>>;
 
 /// Accepts signaling WebSockets on `/signaling` until the task is aborted.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -72,8 +73,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let refusal = admitted.as_ref().err().map(|r| r.reason(&shared.admission));
             #[allow(clippy::result_large_err)] // the error type is tungstenite's
             let callback = |req: &Request, resp: Response| upgrade(req, resp, refusal.as_deref());
-            let handshake =
-                tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config));
+            // The TLS handshake (with --tls-cert) and the upgrade share the
+            // connect timeout.
+            let handshake = async {
+                let stream = Stream::accept(shared.tls.as_deref(), tcp)
+                    .await
+                    .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
+                tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config))
+                    .await
+            };
             let result = tokio::time::timeout(shared.config.connect_timeout(), handshake).await;
             match (result, admitted) {
                 (Ok(Ok(ws)), Ok(ticket)) => run(shared, ws, ticket).await,
@@ -131,14 +139,14 @@ fn upgrade(
     Err(err)
 }
 
-async fn refuse(ws: WebSocketStream<TcpStream>, reason: &str) {
+async fn refuse(ws: WebSocketStream<Stream>, reason: &str) {
     tracing::info!(reason, "connect refused");
     close_before_offer(ws, SIGNALING_ERROR, reason).await;
 }
 
 /// Closes a WebSocket that has no outbox yet, waiting (bounded) for the
 /// client's Close so that it sees a clean close.
-async fn close_before_offer(mut ws: WebSocketStream<TcpStream>, code: u16, reason: &str) {
+async fn close_before_offer(mut ws: WebSocketStream<Stream>, code: u16, reason: &str) {
     let frame = CloseFrame {
         code: CloseCode::from(code),
         reason: truncate_reason(reason).into(),
@@ -152,7 +160,7 @@ async fn close_before_offer(mut ws: WebSocketStream<TcpStream>, code: u16, reaso
 
 /// Reads the first text frame. `Err(None)`: the socket went away quietly;
 /// `Err(Some(reason))`: refuse with `reason`.
-async fn first_text(ws: &mut WebSocketStream<TcpStream>) -> Result<String, Option<String>> {
+async fn first_text(ws: &mut WebSocketStream<Stream>) -> Result<String, Option<String>> {
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
@@ -314,7 +322,7 @@ impl Drop for Live {
     }
 }
 
-async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>, ticket: Ticket) {
+async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<Stream>, ticket: Ticket) {
     shared
         .sessions
         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);

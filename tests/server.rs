@@ -1717,6 +1717,8 @@ async fn spawn_hato(
                 r.split_whitespace()
                     .next()
                     .unwrap()
+                    .trim_start_matches("wss://")
+                    .trim_start_matches("https://")
                     .trim_start_matches("ws://")
                     .trim_start_matches("http://")
                     .split('/')
@@ -2760,5 +2762,124 @@ async fn a_config_file_sets_ports_and_yields_to_env_and_flags() {
         assert!(!out.status.success(), "{text}");
         assert!(err.contains(want), "{text}: {err}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A TLS client for the tests, trusting exactly `roots` (PEM).
+fn tls_connector(roots: &[&str]) -> tokio_rustls::TlsConnector {
+    let mut store = rustls::RootCertStore::empty();
+    for pem in roots {
+        use rustls::pki_types::pem::PemObject;
+        store
+            .add(rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap())
+            .unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+async fn tls_to(
+    connector: &tokio_rustls::TlsConnector,
+    addr: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.expect("TLS handshake")
+}
+
+/// POSTs a push over https; the status.
+async fn https_push(connector: &tokio_rustls::TlsConnector, api: &str, body: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls_to(connector, api).await;
+    let req = format!(
+        "POST / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\nx-sora-target: Sora_20160711.PushChannel\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    text.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0)
+}
+
+/// --tls-cert/--tls-key: a peer connects over wss:// and receives a push
+/// sent over https://; on SIGHUP the certificate files are read again —
+/// new connections get the new certificate while the connected peer stays
+/// and keeps receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_wss_and_https_and_reloads_on_sighup() {
+    let dir = std::env::temp_dir().join(format!("hato-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let make = || rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let first = make();
+    std::fs::write(&cert_path, first.cert.pem()).unwrap();
+    std::fs::write(&key_path, first.signing_key.serialize_pem()).unwrap();
+    let args = format!(
+        "--tls-cert {} --tls-key {}",
+        cert_path.display(),
+        key_path.display()
+    );
+    let (child, signaling, api, _lines) = spawn_hato("", &args).await;
+    let second = make();
+    let connector = tls_connector(&[&first.cert.pem(), &second.cert.pem()]);
+
+    let tls = tls_to(&connector, &signaling).await;
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://localhost/signaling", tls)
+        .await
+        .expect("WebSocket over TLS");
+    ws.send(text(
+        json!({"type": "connect", "role": "recvonly", "channel_id": "tls"}),
+    ))
+    .await
+    .unwrap();
+    let offer: Value =
+        serde_json::from_str(&next_ws_text(&mut ws, "\"offer\"").await.unwrap()).unwrap();
+    let (_peer, answer, _events) = hato::client::default_engine()
+        .answer(offer["sdp"].as_str().unwrap())
+        .await
+        .unwrap();
+    ws.send(text(json!({"type": "answer", "sdp": answer})))
+        .await
+        .unwrap();
+    assert!(next_ws_text(&mut ws, "connection.created").await.is_some());
+    let body = r#"{"channel_id":"tls","data":{"over":"https"}}"#;
+    assert_eq!(https_push(&connector, &api, body).await, 200);
+    let got = next_ws_text(&mut ws, "\"push\"")
+        .await
+        .expect("the push over wss");
+    assert!(got.contains(r#""over":"https""#), "{got}");
+
+    // Reload: new files, SIGHUP.
+    std::fs::write(&cert_path, second.cert.pem()).unwrap();
+    std::fs::write(&key_path, second.signing_key.serialize_pem()).unwrap();
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: signals the child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let want = second.cert.der().to_vec();
+    let mut reloaded = false;
+    for _ in 0..50 {
+        let tls = tls_to(&connector, &api).await;
+        let presented = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+        if presented == want {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "the new certificate is served after SIGHUP");
+    let body = r#"{"channel_id":"tls","data":{"after":"reload"}}"#;
+    assert_eq!(https_push(&connector, &api, body).await, 200);
+    let got = next_ws_text(&mut ws, "\"push\"")
+        .await
+        .expect("the peer stayed");
+    assert!(got.contains(r#""after":"reload""#), "{got}");
+    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
