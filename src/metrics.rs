@@ -68,6 +68,7 @@ pub struct Metrics {
     pub offer_to_connected: Histogram,
     pub offer_to_push_open: Histogram,
     pub api_request: Family<Target, Histogram>,
+    pub auth_webhook_seconds: Histogram,
     deliveries: Family<Transport, Counter>,
     drops: Family<Reason, Counter>,
     connections: Family<RoleTransport, Gauge>,
@@ -95,6 +96,7 @@ impl Default for Metrics {
             offer_to_connected: Histogram::new(seconds_buckets()),
             offer_to_push_open: Histogram::new(seconds_buckets()),
             api_request: Family::new_with_constructor(|| Histogram::new(seconds_buckets())),
+            auth_webhook_seconds: Histogram::new(seconds_buckets()),
             deliveries: Family::default(),
             drops: Family::default(),
             connections: Family::default(),
@@ -139,6 +141,12 @@ impl Default for Metrics {
             "API request handling time, by x-sora-target",
             Unit::Seconds,
             m.api_request.clone(),
+        );
+        r.register_with_unit(
+            "hato_auth_webhook",
+            "Auth webhook call time, answered or not",
+            Unit::Seconds,
+            m.auth_webhook_seconds.clone(),
         );
         r.register(
             "hato_deliveries",

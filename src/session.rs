@@ -365,8 +365,12 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<Stream>, ticket: Ticke
     let mut granted = Granted::default();
     if let Some(hook) = &shared.auth_webhook {
         let body = auth_request(&shared, &connect, &text, &connection_id);
+        let asked = std::time::Instant::now();
         let verdict = tokio::select! {
-            v = hook.ask(&body, &connection_id) => v,
+            v = hook.ask(&body, &connection_id) => {
+                shared.metrics.auth_webhook_seconds.observe(asked.elapsed().as_secs_f64());
+                v
+            }
             () = shutting_down(&mut shutdown) => {
                 return close_before_offer(ws, 1000, "SHUTDOWN").await;
             }

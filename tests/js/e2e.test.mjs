@@ -4,9 +4,11 @@
 // candidate is loopback or a documentation-range address.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { spawn, execFileSync, execSync } from "node:child_process";
 import { createServer } from "node:http";
-import { readFileSync, writeFileSync } from "node:fs";
+import https from "node:https";
+import { readFileSync, writeFileSync, mkdtempSync } from "node:fs";
+import os from "node:os";
 import net from "node:net";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
@@ -26,6 +28,9 @@ const freePort = () =>
   });
 
 let hato, web, hook, browser, signalingUrl, apiUrl, pageUrl;
+// A second hato over TLS, with a certificate made here (openssl) that
+// Chromium is told to trust by its public key.
+let hatoTls, tlsSignalingUrl, tlsApiPort, certPem;
 let hatoLog = "";
 // What the auth webhook was asked: every connect of these tests goes
 // through it; a connect whose metadata says deny is refused.
@@ -65,9 +70,30 @@ before(async () => {
   });
   await new Promise((r) => web.listen(0, "127.0.0.1", r));
   pageUrl = `http://127.0.0.1:${web.address().port}/`;
+  const dir = mkdtempSync(path.join(os.tmpdir(), "hato-tls-"));
+  const [certFile, keyFile] = [path.join(dir, "cert.pem"), path.join(dir, "key.pem")];
+  execFileSync("openssl", [
+    "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1",
+    "-keyout", keyFile, "-out", certFile,
+  ], { stdio: "ignore" });
+  certPem = readFileSync(certFile, "utf8");
+  const spki = execSync(
+    `openssl x509 -pubkey -noout -in ${certFile} | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64`,
+  ).toString().trim();
+  const [tsig, tapi] = [await freePort(), await freePort()];
+  tlsSignalingUrl = `wss://127.0.0.1:${tsig}/signaling`;
+  tlsApiPort = tapi;
+  hatoTls = spawn(hatoBin, [
+    "--signaling-addr", `127.0.0.1:${tsig}`, "--api-addr", `127.0.0.1:${tapi}`,
+    "--rtc-addr", "127.0.0.1:0", "--tls-cert", certFile, "--tls-key", keyFile,
+  ], { env: { ...process.env, HATO_LOG: "hato=debug" } });
+  hatoTls.stdout.on("data", (d) => (hatoLog += d));
+  hatoTls.stderr.on("data", (d) => (hatoLog += d));
   browser = await chromium.launch({
     executablePath: chromiumPath,
     args: [
+      `--ignore-certificate-errors-spki-list=${spki}`,
       "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
       "--disable-background-networking", "--disable-component-update", "--disable-sync",
       "--allow-loopback-in-peer-connection",
@@ -90,6 +116,7 @@ after(async () => {
   web?.close();
   hook?.close();
   hato?.kill("SIGINT");
+  hatoTls?.kill("SIGINT");
   // hato's own log, for reading after a failure.
   if (process.env.HATO_E2E_LOG) writeFileSync(process.env.HATO_E2E_LOG, hatoLog);
 });
@@ -115,9 +142,9 @@ const openPage = async () => {
 };
 
 /** Opens a page, connects with `options`, returns the page and connection id. */
-const connect = async (channelId, options, metadata = null) => {
+const connect = async (channelId, options, metadata = null, url = signalingUrl) => {
   const page = await openPage();
-  const id = await page.evaluate(([u, c, o, m]) => window.start(u, c, o, m), [signalingUrl, channelId, options, metadata]);
+  const id = await page.evaluate(([u, c, o, m]) => window.start(u, c, o, m), [url, channelId, options, metadata]);
   await page.waitForFunction(() => window.events.some((e) => e.kind === "connected"), null, { timeout: 10000 });
   return { page, id };
 };
@@ -188,5 +215,42 @@ test("auth webhook: a denied connect() is rejected with the webhook's reason, an
   await push("Sora_20160711.PushChannel", { channel_id: "js-auth", data: { allowed: "in" } });
   const [got] = await waitPush(page);
   assert.deepEqual([got.data, got.transportType], [{ allowed: "in" }, "datachannel"]);
+  await disconnectCleanly(page);
+});
+
+/** A push over https to the TLS hato, trusting only the test's certificate. */
+const pushTls = (body) =>
+  new Promise((resolve, reject) => {
+    const req = https.request(
+      {
+        host: "127.0.0.1", port: tlsApiPort, method: "POST", path: "/", ca: certPem,
+        headers: { "x-sora-target": "Sora_20160711.PushChannel", "content-type": "application/json" },
+      },
+      (res) => {
+        let text = "";
+        res.on("data", (d) => (text += d));
+        res.on("end", () => resolve([res.statusCode, text]));
+      },
+    );
+    req.on("error", reject);
+    req.end(JSON.stringify(body));
+  });
+
+test("TLS: the SDK connects over wss:// and receives a push sent over https://", async () => {
+  // hato may still be starting.
+  for (let i = 0; i < 100; i++) {
+    try {
+      await pushTls({ channel_id: "warmup", data: {} });
+      break;
+    } catch {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  const { page } = await connect("js-tls", { dataChannelSignaling: true, ignoreDisconnectWebSocket: false }, null, tlsSignalingUrl);
+  await page.waitForFunction(() => window.events.some((e) => e.kind === "switched"), null, { timeout: 10000 });
+  const [status, text] = await pushTls({ channel_id: "js-tls", data: { secure: true } });
+  assert.equal(status, 200, text);
+  const [got] = await waitPush(page);
+  assert.deepEqual([got.data, got.transportType], [{ secure: true }, "datachannel"]);
   await disconnectCleanly(page);
 });
