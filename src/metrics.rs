@@ -311,7 +311,14 @@ impl Metrics {
 
 /// RSS in bytes, open fds, CPU seconds of this process (Linux).
 fn process_figures() -> Option<(u64, usize, f64)> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    process_figures_of("self")
+}
+
+/// RSS in bytes, open fds and CPU seconds (user + system) of process
+/// `pid` ("self" for this one), from /proc. `hato-load` reads the server
+/// it measures with it.
+pub fn process_figures_of(pid: &str) -> Option<(u64, usize, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kb: u64 = status
         .lines()
         .find(|l| l.starts_with("VmRSS:"))?
@@ -319,8 +326,8 @@ fn process_figures() -> Option<(u64, usize, f64)> {
         .nth(1)?
         .parse()
         .ok()?;
-    let fds = std::fs::read_dir("/proc/self/fd").ok()?.count();
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // SAFETY: sysconf only reads a configuration value.

@@ -227,19 +227,10 @@ struct Counters {
     deliveries: AtomicU64,
 }
 
+/// The server's RSS (kB) and CPU seconds.
 fn proc_stat(pid: u32) -> Option<(u64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kb = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some((rss_kb, ticks as f64 / 100.0))
+    let (rss, _, cpu) = hato::metrics::process_figures_of(&pid.to_string())?;
+    Some((rss / 1024, cpu))
 }
 
 /// The live process called `name` (zombies left by a killed server skipped).
