@@ -69,19 +69,20 @@ pub fn give_back_memory() {
     }
 }
 
-/// Fixes glibc's mmap threshold at 128 KiB (unless `MALLOC_MMAP_THRESHOLD_`
+/// Fixes glibc's mmap threshold at 1 MiB (unless `MALLOC_MMAP_THRESHOLD_`
 /// is set). glibc raises the threshold each time a large mmapped block is
 /// freed, so after a connect storm later large blocks come from the
 /// threads' heaps, where they fragment: ten cycles of 500 DataChannel
 /// peers kept +36 % RSS over the first cycle with the dynamic threshold,
-/// +7 % with this (docs/benchmarks.md). For the server process; call it
-/// before the first threads start.
+/// +6.4 % with this (docs/benchmarks.md). 128 KiB did as well for memory
+/// but mmapped blocks the push path allocates and frees all the time:
+/// +20 % CPU per delivery at 25 000/s. For the server process.
 pub fn fix_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
         // SAFETY: mallopt only changes a tunable of the allocator.
         unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
         }
     }
 }
