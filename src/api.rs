@@ -327,6 +327,10 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
             ),
         );
         h.insert("access-control-max-age", HeaderValue::from_static("1000"));
+        h.insert(
+            "access-control-expose-headers",
+            HeaderValue::from_static("x-hato-recipients"),
+        );
     }
     resp
 }
@@ -712,8 +716,13 @@ fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, 
             );
         }
     }
-    Ok(json_response(
+    // The body stays exactly Sora's; how many connections the push was
+    // queued to (0: nobody matched) goes in a header of hato's own.
+    let mut resp = json_response(
         StatusCode::OK,
         format!(r#"{{"data":{data_json},"type":"push"}}"#),
-    ))
+    );
+    resp.headers_mut()
+        .insert("x-hato-recipients", HeaderValue::from(queued));
+    Ok(resp)
 }

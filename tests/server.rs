@@ -2878,3 +2878,41 @@ async fn tls_serves_wss_and_https_and_reloads_on_sighup() {
     drop(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every push answer says in `x-hato-recipients` how many connections it
+/// was queued to — 0 when nobody matched — and the body stays Sora's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_answers_carry_the_recipient_count() {
+    let s = server().await;
+    let a = connected(&opts(&s, "rc", "recvonly")).await;
+    let _b = switched_client(&s, "rc", true).await;
+    table_len(&s, 2).await;
+    let recipients = |head: &str| -> Option<u64> {
+        head.lines()
+            .find_map(|l| l.strip_prefix("x-hato-recipients: "))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    for (target, body, want) in [
+        (
+            "Sora_20160711.PushChannel",
+            json!({"channel_id": "rc", "data": {}}),
+            2,
+        ),
+        (
+            "Sora_20160711.PushChannel",
+            json!({"channel_id": "nobody", "data": {}}),
+            0,
+        ),
+        (
+            "Sora_20160711.PushConnection",
+            json!({"channel_id": "rc", "connection_id": a.connection_id, "data": {}}),
+            1,
+        ),
+    ] {
+        let (status, head, answer) =
+            http(&s, "POST", &[("x-sora-target", target)], &body.to_string()).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer, r#"{"data":{},"type":"push"}"#);
+        assert_eq!(recipients(&head), Some(want), "{target} {body}: {head}");
+    }
+}
