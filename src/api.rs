@@ -323,13 +323,13 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
         h.insert(
             "access-control-allow-headers",
             HeaderValue::from_static(
-                "Origin, X-Requested-With, Content-Type, Accept, Authorization, x-sora-target",
+                "Origin, X-Requested-With, Content-Type, Accept, Authorization, Idempotency-Key, x-sora-target",
             ),
         );
         h.insert("access-control-max-age", HeaderValue::from_static("1000"));
         h.insert(
             "access-control-expose-headers",
-            HeaderValue::from_static("x-hato-recipients"),
+            HeaderValue::from_static("x-hato-recipients, idempotent-replayed"),
         );
     }
     resp
@@ -396,8 +396,52 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<
             format!("unknown x-sora-target {target:?}"),
         )
     })?;
+    let key = match req.headers().get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) if !k.is_empty() && k.len() <= crate::idempotency::MAX_KEY_BYTES => {
+            Some(k.to_owned())
+        }
+        Some(_) => {
+            return Err(ApiError::bad(
+                "INVALID-IDEMPOTENCY-KEY",
+                format!(
+                    "Idempotency-Key must be 1 to {} bytes of text",
+                    crate::idempotency::MAX_KEY_BYTES
+                ),
+            ))
+        }
+    };
     let bytes = read_body(shared, req).await?;
-    let call = api::parse(operation, &bytes).map_err(|e| ApiError::bad(e.error_type, e.message))?;
+    let Some(key) = key else {
+        return apply(shared, operation, &bytes);
+    };
+    let once = || apply(shared, operation, &bytes).unwrap_or_else(ApiError::into_response);
+    shared
+        .idempotency
+        .run(&key, &target, &bytes, once)
+        .await
+        .map_err(|refusal| match refusal {
+            crate::idempotency::Refusal::Reused => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                error_type: "IDEMPOTENCY-KEY-REUSED",
+                message: "this Idempotency-Key was used with another target or body".into(),
+            },
+            crate::idempotency::Refusal::Full => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                error_type: "IDEMPOTENCY-STORE-FULL",
+                message: "too many live Idempotency-Keys (--idempotency-max-keys); retry later"
+                    .into(),
+            },
+        })
+}
+
+/// Carries out a validated target.
+fn apply(
+    shared: &Shared,
+    operation: Operation,
+    bytes: &[u8],
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let call = api::parse(operation, bytes).map_err(|e| ApiError::bad(e.error_type, e.message))?;
     match operation {
         Operation::Push(scope) => {
             let stats = &shared.table.stats;

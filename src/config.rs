@@ -166,6 +166,16 @@ pub struct Config {
     #[arg(long, env = "HATO_NOTIFY_METADATA_LIMIT", default_value_t = 8 * 1024)]
     pub notify_metadata_limit: usize,
 
+    /// How long an Idempotency-Key is remembered, in seconds: a repeat of
+    /// the same call within it gets the first answer and delivers nothing.
+    #[arg(long, env = "HATO_IDEMPOTENCY_WINDOW", default_value_t = 60)]
+    pub idempotency_window: u64,
+
+    /// Idempotency-Keys remembered at most; a new one beyond is refused
+    /// with 503 until old ones expire.
+    #[arg(long, env = "HATO_IDEMPOTENCY_MAX_KEYS", default_value_t = 100_000)]
+    pub idempotency_max_keys: usize,
+
     /// Sora's auth webhook: after `connect`, hato POSTs what it knows of
     /// the peer here and goes on only on `{"allowed": true, …}`
     /// (http:// only).

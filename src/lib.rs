@@ -12,6 +12,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod config_file;
+pub mod idempotency;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
@@ -43,6 +44,8 @@ pub struct Shared {
     pub auth_webhook: Option<webhook::Webhook>,
     /// The event webhooks, when `--event-webhook-url` is set.
     pub event_webhook: Option<webhook::EventWebhook>,
+    /// The answers of calls made with an Idempotency-Key.
+    pub idempotency: idempotency::Store,
     /// TLS for both listeners, with --tls-cert and --tls-key.
     pub tls: Option<Arc<tls::Tls>>,
     /// Prometheus metrics (served when --metrics-addr is set).
@@ -116,6 +119,10 @@ impl Server {
             }
         };
         let shared = Arc::new(Shared {
+            idempotency: idempotency::Store::new(
+                std::time::Duration::from_secs(config.idempotency_window),
+                config.idempotency_max_keys,
+            ),
             tls,
             metrics: metrics::Metrics::default(),
             auth_webhook,

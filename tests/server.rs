@@ -536,7 +536,7 @@ async fn cors_when_an_origin_is_configured() {
     for h in [
         "access-control-allow-origin: https://app.example",
         "access-control-allow-methods: post, options",
-        "access-control-allow-headers: origin, x-requested-with, content-type, accept, authorization, x-sora-target",
+        "access-control-allow-headers: origin, x-requested-with, content-type, accept, authorization, idempotency-key, x-sora-target",
         "access-control-max-age: 1000",
     ] {
         assert!(head.contains(h), "{h} missing from {head}");
@@ -2915,4 +2915,50 @@ async fn push_answers_carry_the_recipient_count() {
         assert_eq!(answer, r#"{"data":{},"type":"push"}"#);
         assert_eq!(recipients(&head), Some(want), "{target} {body}: {head}");
     }
+}
+
+/// Idempotency-Key: a retried push is answered again and delivered once;
+/// the key with another body is 422; keys expire with the window and are
+/// bounded in number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_retries_deliver_once() {
+    let s = server_with(|c| {
+        c.idempotency_window = 1;
+        c.idempotency_max_keys = 3;
+    })
+    .await;
+    let mut c = connected(&opts(&s, "idem", "recvonly")).await;
+    let target = ("x-sora-target", "Sora_20160711.PushChannel");
+    let body = r#"{"channel_id":"idem","data":{"n":1}}"#;
+    let send = |key: &'static str, body: &'static str| {
+        let s = &s;
+        async move { http(s, "POST", &[target, ("idempotency-key", key)], body).await }
+    };
+    let (status, head, first) = send("k1", body).await;
+    assert_eq!(status, 200);
+    assert!(!head.contains("idempotent-replayed"), "{head}");
+    assert_eq!(next_push(&mut c).await.unwrap().0["data"]["n"], 1);
+    let (status, head, again) = send("k1", body).await;
+    assert_eq!((status, &again), (200, &first));
+    assert!(head.contains("idempotent-replayed: true"), "{head}");
+    assert!(head.contains("x-hato-recipients: 1"), "{head}");
+    no_push(&mut c).await;
+    let (status, _, err) = send("k1", r#"{"channel_id":"idem","data":{"n":2}}"#).await;
+    assert_eq!(status, 422, "{err}");
+    assert!(err.contains("IDEMPOTENCY-KEY-REUSED"), "{err}");
+    // Another key is another call.
+    assert_eq!(send("k2", body).await.0, 200);
+    assert!(next_push(&mut c).await.is_some());
+    // At most three live keys.
+    assert_eq!(send("k3", body).await.0, 200);
+    assert!(next_push(&mut c).await.is_some());
+    let (status, _, err) = send("k4", body).await;
+    assert_eq!(status, 503, "{err}");
+    assert!(err.contains("IDEMPOTENCY-STORE-FULL"), "{err}");
+    // After the window the key is new again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, head, _) = send("k1", body).await;
+    assert_eq!(status, 200);
+    assert!(!head.contains("idempotent-replayed"), "{head}");
+    assert!(next_push(&mut c).await.is_some());
 }
