@@ -441,6 +441,9 @@ fn apply(
     operation: Operation,
     bytes: &[u8],
 ) -> Result<Response<Full<Bytes>>, ApiError> {
+    if operation == Operation::Batch {
+        return push_batch(shared, bytes);
+    }
     let call = api::parse(operation, bytes).map_err(|e| ApiError::bad(e.error_type, e.message))?;
     match operation {
         Operation::Push(scope) => {
@@ -460,6 +463,7 @@ fn apply(
                 Value::Array(list).to_string(),
             ))
         }
+        Operation::Batch => unreachable!("handled above"),
         Operation::StatsReport => Ok(json_response(
             StatusCode::OK,
             stats_report(shared).to_string(),
@@ -678,6 +682,60 @@ fn disconnect(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Byt
 }
 
 fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let queued = deliver(shared, call)?;
+    let data_json = call.data.expect("a push call has data");
+    // The body stays exactly Sora's; how many connections the push was
+    // queued to (0: nobody matched) goes in a header of hato's own.
+    let mut resp = json_response(
+        StatusCode::OK,
+        format!(r#"{{"data":{data_json},"type":"push"}}"#),
+    );
+    resp.headers_mut()
+        .insert("x-hato-recipients", HeaderValue::from(queued));
+    Ok(resp)
+}
+
+/// `PushBatch`: every item validated first (one bad item: 400 naming it,
+/// nothing sent), then delivered in order — so each connection receives
+/// the batch's pushes in batch order. The answer lists each item's result.
+fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiError> {
+    let items = api::parse_batch(body).map_err(|e| ApiError::bad(e.error_type, e.message))?;
+    let results: Vec<Value> = items
+        .iter()
+        .map(|item| {
+            shared.table.stats.pushes_by_target[item.scope as usize]
+                .fetch_add(1, Ordering::Relaxed);
+            let outcome = deliver(shared, &item.call);
+            shared
+                .metrics
+                .pushes
+                .get_or_create(&crate::metrics::PushLabels {
+                    target: item.target.into(),
+                    outcome: outcome.as_ref().map_or_else(|e| e.error_type, |_| "ok").into(),
+                })
+                .inc();
+            match outcome {
+                Ok(n) => json!({"target": item.target, "status": 200, "recipients": n}),
+                Err(e) => json!({"target": item.target, "status": e.status.as_u16(),
+                                 "error_type": e.error_type, "message": e.message, "recipients": 0}),
+            }
+        })
+        .collect();
+    let total: u64 = results
+        .iter()
+        .filter_map(|r| r["recipients"].as_u64())
+        .sum();
+    let mut resp = json_response(
+        StatusCode::OK,
+        json!({"type": "push_batch", "results": results}).to_string(),
+    );
+    resp.headers_mut()
+        .insert("x-hato-recipients", HeaderValue::from(total));
+    Ok(resp)
+}
+
+/// Queues one push on every matching connection; how many it reached.
+fn deliver(shared: &Shared, call: &api::Call<'_>) -> Result<u64, ApiError> {
     let channel_id = call.channel_id.as_str();
     let data_json = call.data.expect("a push call has data");
     let frame = Arc::new(Frame::new(message::push_json(data_json)));
@@ -760,13 +818,5 @@ fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, 
             );
         }
     }
-    // The body stays exactly Sora's; how many connections the push was
-    // queued to (0: nobody matched) goes in a header of hato's own.
-    let mut resp = json_response(
-        StatusCode::OK,
-        format!(r#"{{"data":{data_json},"type":"push"}}"#),
-    );
-    resp.headers_mut()
-        .insert("x-hato-recipients", HeaderValue::from(queued));
-    Ok(resp)
+    Ok(queued)
 }

@@ -2962,3 +2962,56 @@ async fn idempotent_retries_deliver_once() {
     assert!(!head.contains("idempotent-replayed"), "{head}");
     assert!(next_push(&mut c).await.is_some());
 }
+
+/// Hato_20261201.PushBatch: items validated first (one bad item: 400
+/// naming it, nothing delivered), then applied in order; the answer lists
+/// each item's result and recipient count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_validated_whole_and_delivered_in_order() {
+    let s = server().await;
+    let mut ws = connected(&opts(&s, "bt", "recvonly")).await;
+    let mut dc = switched_client(&s, "bt", true).await;
+    table_len(&s, 2).await;
+    let bad = json!({"pushes": [
+        {"target": "Sora_20160711.PushChannel", "channel_id": "bt", "data": {"n": 0}},
+        {"target": "Sora_20160711.PushChannel", "channel_id": "bt"}
+    ]});
+    let (status, err) = api(&s, "Hato_20261201.PushBatch", &bad.to_string()).await;
+    assert_eq!(status, 400);
+    assert_eq!(err["message"], "pushes[1]: data is missing");
+    no_push(&mut ws).await;
+    let mut pushes: Vec<Value> = (1..=5)
+        .map(|n| json!({"target": "Sora_20160711.PushChannel", "channel_id": "bt", "data": {"n": n}}))
+        .collect();
+    pushes.push(
+        json!({"target": "Sora_20160711.PushConnection", "channel_id": "bt",
+                       "connection_id": ws.connection_id, "data": {"n": 6}}),
+    );
+    pushes.push(
+        json!({"target": "Sora_20160711.PushChannel", "channel_id": "empty", "data": {"n": 7}}),
+    );
+    let (status, answer) = api(
+        &s,
+        "Hato_20261201.PushBatch",
+        &json!({"pushes": pushes}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let counts: Vec<u64> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["recipients"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, [2, 2, 2, 2, 2, 1, 0]);
+    for (c, want) in [
+        (&mut ws, vec![1, 2, 3, 4, 5, 6]),
+        (&mut dc, vec![1, 2, 3, 4, 5]),
+    ] {
+        let mut got = Vec::new();
+        for _ in 0..want.len() {
+            got.push(next_push(c).await.unwrap().0["data"]["n"].as_u64().unwrap());
+        }
+        assert_eq!(got, want);
+    }
+}

@@ -29,10 +29,15 @@ pub enum Operation {
     List(Option<Scope>),
     /// `GetStatsReport`: server-wide counters.
     StatsReport,
+    /// hato's `PushBatch`: several pushes in one call, in order.
+    Batch,
 }
 
+/// The most pushes one batch may carry.
+pub const MAX_BATCH: usize = 1000;
+
 /// Every target hato implements, by name.
-pub const TARGETS: [(&str, Operation); 11] = [
+pub const TARGETS: [(&str, Operation); 12] = [
     ("Sora_20160711.PushChannel", Operation::Push(Scope::Channel)),
     ("Sora_20160711.PushClient", Operation::Push(Scope::Client)),
     (
@@ -65,6 +70,7 @@ pub const TARGETS: [(&str, Operation); 11] = [
         Operation::List(Some(Scope::Channel)),
     ),
     ("Sora_20171010.GetStatsReport", Operation::StatsReport),
+    ("Hato_20261201.PushBatch", Operation::Batch),
 ];
 
 impl Operation {
@@ -78,7 +84,7 @@ impl Operation {
         match self {
             Operation::Push(s) | Operation::Disconnect(s) => Some(s),
             Operation::List(s) => s,
-            Operation::StatsReport => None,
+            Operation::StatsReport | Operation::Batch => None,
         }
     }
 }
@@ -190,7 +196,7 @@ fn parse_scoped<'a>(
                 None => return Err(bad("MISSING-KEY", "data is missing")),
             })
         }
-        Operation::List(_) | Operation::StatsReport => {}
+        Operation::List(_) | Operation::StatsReport | Operation::Batch => {}
         Operation::Disconnect(_) => {
             let mut echo = String::from("{");
             for key in ["channel_id", "client_id", "connection_id", "role"] {
@@ -209,6 +215,67 @@ fn parse_scoped<'a>(
         }
     }
     Ok(call)
+}
+
+/// One item of a batch: its push target and its validated body.
+#[derive(Debug)]
+pub struct BatchItem<'a> {
+    pub target: &'static str,
+    pub scope: Scope,
+    pub call: Call<'a>,
+}
+
+/// Validates a `PushBatch` body, `{"pushes": [{"target": …, …that
+/// target's body}, …]}`: every item before any is carried out. An error
+/// names the item (`pushes[3]: data is missing`).
+pub fn parse_batch(body: &[u8]) -> Result<Vec<BatchItem<'_>>, BodyError> {
+    let map = parse_object(body)?;
+    let items: Vec<&RawValue> = match map.get("pushes") {
+        Some(raw) => serde_json::from_str(raw.get())
+            .map_err(|_| bad("INVALID-TYPE", "pushes must be an array of objects"))?,
+        None => return Err(bad("MISSING-KEY", "pushes is missing")),
+    };
+    if items.is_empty() || items.len() > MAX_BATCH {
+        return Err(bad(
+            "INVALID-BATCH",
+            format!(
+                "pushes must hold 1 to {MAX_BATCH} items, not {}",
+                items.len()
+            ),
+        ));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let at = |e: BodyError| BodyError {
+                error_type: e.error_type,
+                message: format!("pushes[{i}]: {}", e.message),
+            };
+            let fields = parse_object(item.get().as_bytes()).map_err(at)?;
+            let name = match fields.get("target") {
+                Some(raw) => serde_json::from_str::<String>(raw.get())
+                    .map_err(|_| at(bad("INVALID-TYPE", "target must be a string")))?,
+                None => return Err(at(bad("MISSING-KEY", "target is missing"))),
+            };
+            let Some((target, Operation::Push(scope))) = TARGETS
+                .iter()
+                .find(|(t, _)| *t == name)
+                .map(|(t, o)| (*t, *o))
+            else {
+                return Err(at(bad(
+                    "UNKNOWN-TARGET",
+                    format!("{name:?} is not a push target"),
+                )));
+            };
+            let call = parse_scoped(Operation::Push(scope), scope, fields).map_err(at)?;
+            Ok(BatchItem {
+                target,
+                scope,
+                call,
+            })
+        })
+        .collect()
 }
 
 /// Whether a (valid) JSON text is an object.
@@ -271,6 +338,33 @@ mod tests {
         assert_eq!(
             parse(list, br#"{"channel_id":"c"}"#).unwrap().channel_id,
             "c"
+        );
+    }
+
+    #[test]
+    fn a_batch_is_validated_whole_and_names_the_bad_item() {
+        let ok = br#"{"pushes":[{"target":"Sora_20160711.PushChannel","channel_id":"c","data":{"n":1}},
+            {"target":"Sora_20160711.PushConnection","channel_id":"c","connection_id":"x","data":{"n":2}}]}"#;
+        let items = parse_batch(ok).unwrap();
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[1].call.data, Some(r#"{"n":2}"#));
+        let bad_item =
+            br#"{"pushes":[{"target":"Sora_20160711.PushChannel","channel_id":"c","data":{}},
+            {"target":"Sora_20160711.PushChannel","channel_id":"c"}]}"#;
+        let e = parse_batch(bad_item).unwrap_err();
+        assert_eq!(
+            (e.error_type, e.message.as_str()),
+            ("MISSING-KEY", "pushes[1]: data is missing")
+        );
+        let not_push =
+            br#"{"pushes":[{"target":"Sora_20151104.DisconnectChannel","channel_id":"c"}]}"#;
+        assert_eq!(
+            parse_batch(not_push).unwrap_err().error_type,
+            "UNKNOWN-TARGET"
+        );
+        assert_eq!(
+            parse_batch(br#"{"pushes":[]}"#).unwrap_err().error_type,
+            "INVALID-BATCH"
         );
     }
 

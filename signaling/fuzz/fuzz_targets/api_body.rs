@@ -11,6 +11,15 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let (_, operation) = TARGETS[usize::from(pick) % TARGETS.len()];
+    if operation == Operation::Batch {
+        if let Ok(items) = hato_signaling::api::parse_batch(body) {
+            for item in items {
+                let data = item.call.data.expect("a batch item is a push");
+                serde_json::from_str::<&RawValue>(&push_json(data)).expect("the push message is JSON");
+            }
+        }
+        return;
+    }
     let Ok(call) = parse(operation, body) else {
         return;
     };
