@@ -336,6 +336,9 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
 }
 
 async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    if req.uri().path() == "/demo" && req.method() == Method::GET && shared.config.demo_enabled() {
+        return Ok(demo_page(shared, &req));
+    }
     if req.uri().path() == "/.ok" && req.method() == Method::GET {
         // For load balancers: 503 from the moment shutdown begins, so
         // that they drain this node while its sessions end.
@@ -568,6 +571,32 @@ fn stats_report(shared: &Shared) -> Value {
         "auth_webhook": hook,
         "event_webhook": events,
     })
+}
+
+/// `GET /demo`: one self-contained page (compiled in) that connects as a
+/// WebRTC peer through hato's own signaling and sends pushes through the
+/// API of the same origin.
+fn demo_page(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let addr = shared.config.signaling_addr;
+    let host = if addr.ip().is_unspecified() {
+        req.headers()
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.rsplit_once(':').map_or(Some(h), |(name, _)| Some(name)))
+            .unwrap_or("127.0.0.1")
+            .to_owned()
+    } else {
+        addr.ip().to_string()
+    };
+    let scheme = if shared.tls.is_some() { "wss" } else { "ws" };
+    let url = format!("{scheme}://{host}:{}/signaling", addr.port());
+    let page = include_str!("demo.html").replace("__SIGNALING_URL__", &url);
+    let mut resp = Response::new(Full::new(Bytes::from(page)));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp
 }
 
 /// `GET /.ok`: 200 `{"status":"ok"}` while serving, 503

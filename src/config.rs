@@ -72,6 +72,11 @@ pub struct Config {
     #[arg(long, env = "HATO_API_CORS_ORIGIN")]
     pub api_cors_origin: Option<String>,
 
+    /// Turn off the demo page (GET /demo on the API), which is served
+    /// by default while the API listens on loopback.
+    #[arg(long, env = "HATO_DISABLE_DEMO")]
+    pub disable_demo: bool,
+
     /// Require `Authorization: Bearer TOKEN` on every API call (401
     /// otherwise). Unset: no token (keep the API on loopback or a private
     /// network).
@@ -257,6 +262,11 @@ impl Config {
             rtc_addr: "127.0.0.1:0".parse().unwrap(),
             ..Config::default()
         }
+    }
+
+    /// Whether GET /demo is served: on loopback, unless --disable-demo.
+    pub fn demo_enabled(&self) -> bool {
+        !self.disable_demo && self.api_addr.ip().is_loopback()
     }
 
     /// `--node-name`, or the host name.

@@ -254,3 +254,22 @@ test("TLS: the SDK connects over wss:// and receives a push sent over https://",
   assert.deepEqual([got.data, got.transportType], [{ secure: true }, "datachannel"]);
   await disconnectCleanly(page);
 });
+
+test("demo page: connects as a WebRTC peer and shows a push it sends, with its transport", async () => {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 720 } });
+  page.on("console", (m) => m.type() === "error" && console.log("browser:", m.text()));
+  await page.goto(`${apiUrl}demo`);
+  await page.fill("#channel", "js-demo");
+  await page.click("#connect");
+  await page.waitForFunction(() => document.querySelector("#status").textContent.includes("switched"), null, { timeout: 10000 });
+  await page.fill("#data", '{"message": "hello from the demo"}');
+  await page.click("#send");
+  await page.waitForSelector('.event[data-kind="push"][data-transport="datachannel"]', { timeout: 10000 });
+  const shown = await page.textContent('.event[data-kind="push"] pre');
+  assert.match(shown, /hello from the demo/);
+  assert.match(await page.textContent("#answer"), /^200 · recipients 1/);
+  await page.waitForFunction(() => document.querySelector("#conns").textContent.includes("datachannel"), null, { timeout: 10000 });
+  if (process.env.HATO_DEMO_SCREENSHOT) await page.screenshot({ path: process.env.HATO_DEMO_SCREENSHOT });
+  await page.click("#connect");
+  await page.close();
+});
