@@ -268,6 +268,11 @@ test("demo page: connects as a WebRTC peer and shows a push it sends, with its t
   const shown = await page.textContent('.event[data-kind="push"] pre');
   assert.match(shown, /hello from the demo/);
   assert.match(await page.textContent("#answer"), /^200 · recipients 1/);
+  // A push from outside the page, with curl, shows up the same way.
+  execFileSync("curl", ["-sf", apiUrl, "-H", "x-sora-target: Sora_20160711.PushChannel",
+    "-d", JSON.stringify({ channel_id: "js-demo", data: { from: "curl" } })]);
+  await page.waitForFunction(() => [...document.querySelectorAll('.event[data-kind="push"][data-transport="datachannel"] pre')]
+    .some((p) => p.textContent.includes("curl")), null, { timeout: 10000 });
   await page.waitForFunction(() => document.querySelector("#conns").textContent.includes("datachannel"), null, { timeout: 10000 });
   if (process.env.HATO_DEMO_SCREENSHOT) await page.screenshot({ path: process.env.HATO_DEMO_SCREENSHOT });
   await page.click("#connect");
