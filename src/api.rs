@@ -4,7 +4,7 @@
 
 use crate::limits::{self, Throttle};
 use crate::outbox::{Frame, Out};
-use crate::table::{Conn, Delivery, Target};
+use crate::table::{Conn, Delivery, Target, ROLES, TRANSPORTS};
 use crate::tls::Stream;
 use crate::Shared;
 use bytes::Bytes;
@@ -502,19 +502,17 @@ fn stats_report(shared: &Shared) -> Value {
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let t = &shared.table.stats;
     let e = shared.engine.stats();
-    let conns = shared.table.all();
-    let count = |role: &str, dc: Option<bool>| {
-        conns
-            .iter()
-            .filter(|c| c.role.as_str() == role && dc.is_none_or(|d| c.on_datachannel() == d))
-            .count()
-    };
-    let by_role = |dc: Option<bool>| {
-        json!({
-            "sendrecv": count("sendrecv", dc),
-            "sendonly": count("sendonly", dc),
-            "recvonly": count("recvonly", dc),
-        })
+    let census = shared.table.census();
+    // Per role, over the transports `on` selects.
+    let by_role = |on: &[usize]| {
+        let mut v = serde_json::Map::new();
+        for (role, counts) in ROLES.iter().zip(census.by_role_and_transport) {
+            v.insert(
+                role.as_str().into(),
+                on.iter().map(|&t| counts[t]).sum::<usize>().into(),
+            );
+        }
+        Value::Object(v)
     };
     let deliveries = n(&t.deliveries);
     let dc_deliveries = n(&t.deliveries_datachannel);
@@ -539,11 +537,11 @@ fn stats_report(shared: &Shared) -> Value {
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "node_name": shared.config.node_name(),
-        "total_connections": conns.len(),
-        "connections": by_role(None),
+        "total_connections": census.total(),
+        "connections": by_role(&[0, 1]),
         "connections_by_transport": {
-            "websocket": by_role(Some(false)),
-            "datachannel": by_role(Some(true)),
+            TRANSPORTS[0]: by_role(&[0]),
+            TRANSPORTS[1]: by_role(&[1]),
         },
         "signaling_connections": shared.admission.connections(),
         "pushes": n(&t.pushes),

@@ -8,6 +8,7 @@
 //! only exists here (connects, disconnects by reason, latencies) is
 //! recorded as it happens.
 
+use crate::table::{ROLES, TRANSPORTS};
 use crate::Shared;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -242,26 +243,18 @@ impl Metrics {
                 v,
             );
         }
-        let conns = shared.table.all();
-        let mut outbox = 0;
-        for role in ["sendrecv", "sendonly", "recvonly"] {
-            for (transport, on_dc) in [("websocket", false), ("datachannel", true)] {
-                let count = conns
-                    .iter()
-                    .filter(|c| c.role.as_str() == role && c.on_datachannel() == on_dc)
-                    .count();
+        let census = shared.table.census();
+        for (role, counts) in ROLES.iter().zip(census.by_role_and_transport) {
+            for (transport, count) in TRANSPORTS.iter().zip(counts) {
                 self.connections
                     .get_or_create(&RoleTransport {
-                        role: role.into(),
-                        transport: transport.into(),
+                        role: role.as_str().into(),
+                        transport: (*transport).into(),
                     })
                     .set(count as i64);
             }
         }
-        for c in &conns {
-            outbox += c.queued_bytes();
-        }
-        self.outbox_bytes.set(outbox as i64);
+        self.outbox_bytes.set(census.outbox_bytes as i64);
         self.signaling_connections
             .set(shared.admission.connections() as i64);
         if let Some(h) = &shared.auth_webhook {

@@ -176,11 +176,6 @@ async fn first_text(ws: &mut WebSocketStream<Stream>) -> Result<String, Option<S
     }
 }
 
-fn conn_created_time(conn: &Option<Arc<Conn>>) -> String {
-    conn.as_ref()
-        .map_or_else(time::now_rfc3339, |c| c.created_time.clone())
-}
-
 /// What the auth webhook granted beyond `connect`'s own fields.
 #[derive(Debug, Default)]
 struct Granted {
@@ -727,6 +722,7 @@ impl Session {
         ));
         self.ticket.handshake_done();
         let (others, counts) = self.shared.table.insert(conn.clone());
+        self.joined = Some((conn.created_time.clone(), std::time::Instant::now()));
         self.conn = Some(conn);
         // The joiner's own connection.created lists everyone present with
         // their metadata: bounded, so that joining a big channel cannot
@@ -769,7 +765,6 @@ impl Session {
         );
         self.queue(Out::Notify(Arc::new(Frame::new(own))));
         self.notify_others("connection.created", &others, counts, &now);
-        self.joined = Some((conn_created_time(&self.conn), std::time::Instant::now()));
         let metrics = &self.shared.metrics;
         metrics.connects.inc();
         metrics

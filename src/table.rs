@@ -197,6 +197,26 @@ struct Channel {
     by_role: [Vec<Arc<Conn>>; 3],
 }
 
+/// See [`Table::census`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Census {
+    /// `[role][transport]`: roles in [`ROLES`] order, websocket then datachannel.
+    pub by_role_and_transport: [[usize; 2]; 3],
+    pub outbox_bytes: usize,
+}
+
+impl Census {
+    pub fn total(&self) -> usize {
+        self.by_role_and_transport.iter().flatten().sum()
+    }
+}
+
+/// The roles, in the order of [`Census`] and the table's role lists.
+pub const ROLES: [Role; 3] = [Role::Sendrecv, Role::Sendonly, Role::Recvonly];
+
+/// The transports, in the order of [`Census`].
+pub const TRANSPORTS: [&str; 2] = ["websocket", "datachannel"];
+
 fn role_index(role: Role) -> usize {
     match role {
         Role::Sendrecv => 0,
@@ -294,6 +314,18 @@ impl Table {
             Target::Connection(id) => ch.by_connection.get(id).cloned().into_iter().collect(),
             Target::Role(role) => ch.by_role[role_index(role)].clone(),
         }
+    }
+
+    /// Connections now by role (sendrecv, sendonly, recvonly) and
+    /// transport (websocket, datachannel), and the bytes their outboxes
+    /// hold: one pass over the table, for the stats target and /metrics.
+    pub fn census(&self) -> Census {
+        let mut census = Census::default();
+        for c in self.all() {
+            census.by_role_and_transport[role_index(c.role)][usize::from(c.on_datachannel())] += 1;
+            census.outbox_bytes += c.queued_bytes();
+        }
+        census
     }
 
     /// Every connection, channel by channel.

@@ -102,13 +102,9 @@ impl Webhook {
 
     async fn call(&self, body: &str, connection_id: &str) -> Result<Verdict, Failure> {
         let _place = self.in_flight.acquire().await.expect("never closed");
-        let mut req = Request::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
-        *req.method_mut() = Method::POST;
-        *req.uri_mut() = self.url.clone();
-        let headers = req.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let mut req = self.request(body);
         if let Ok(id) = HeaderValue::from_str(connection_id) {
-            headers.insert("sora-connection-id", id);
+            req.headers_mut().insert("sora-connection-id", id);
         }
         let resp =
             self.client.request(req).await.map_err(|e| {
@@ -277,14 +273,23 @@ impl EventWebhook {
 }
 
 impl Webhook {
-    /// POSTs `body`; Ok on a 2xx answer (its body is ignored).
-    async fn post(&self, body: &str) -> Result<(), String> {
+    /// A JSON POST of `body` to the webhook.
+    fn request(&self, body: &str) -> Request<Full<Bytes>> {
         let mut req = Request::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = self.url.clone();
         req.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+        req
+    }
+
+    /// POSTs `body`; Ok on a 2xx answer (its body is ignored).
+    async fn post(&self, body: &str) -> Result<(), String> {
+        let resp = self
+            .client
+            .request(self.request(body))
+            .await
+            .map_err(|e| e.to_string())?;
         let status = resp.status();
         let _ = Limited::new(resp.into_body(), ANSWER_LIMIT).collect().await;
         if status.is_success() {

@@ -896,9 +896,7 @@ async fn worker(args: Args, index: usize) -> i32 {
 /// once they are all connected, and merges what they saw.
 async fn parent(args: Args, tty: bool) -> i32 {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let server_pid = args
-        .server_pid
-        .or_else(|| args.server_process.as_deref().and_then(find_pid));
+    let server_pid = server_pid(&args);
     let mut samples = ServerSamples {
         before: server_pid.and_then(proc_stat),
         ..Default::default()
@@ -962,9 +960,7 @@ async fn parent(args: Args, tty: bool) -> i32 {
 
 /// One process: connect, record, settle, push, drain, report.
 async fn single(args: Args, tty: bool) -> i32 {
-    let server_pid = args
-        .server_pid
-        .or_else(|| args.server_process.as_deref().and_then(find_pid));
+    let server_pid = server_pid(&args);
     let mut samples = ServerSamples {
         before: server_pid.and_then(proc_stat),
         ..Default::default()
@@ -1091,10 +1087,14 @@ struct CycleReport {
     stats: Value,
 }
 
-fn fds_and_threads(pid: u32) -> (usize, usize) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
-    (fds, threads)
+/// The server under test: --server-pid, or the process --server-process names.
+fn server_pid(args: &Args) -> Option<u32> {
+    args.server_pid
+        .or_else(|| args.server_process.as_deref().and_then(find_pid))
+}
+
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
 }
 
 /// `GET /.hato/stats` on the API (hato only; Null elsewhere).
@@ -1129,10 +1129,7 @@ async fn server_stats(api_url: &str) -> Value {
 /// server holds after each.
 async fn churn(args: Args, tty: bool) -> i32 {
     let cycles = args.churn.unwrap_or(1);
-    let Some(pid) = args
-        .server_pid
-        .or_else(|| args.server_process.as_deref().and_then(find_pid))
-    else {
+    let Some(pid) = server_pid(&args) else {
         eprintln!("hato-load: server process not found");
         return 2;
     };
@@ -1180,8 +1177,8 @@ async fn churn(args: Args, tty: bool) -> i32 {
         // happened; a moment more for the shards' own trims.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let stats = server_stats(&args.api_url).await;
-        let (rss_kb, _) = proc_stat(pid).unwrap_or_default();
-        let (fds, threads) = fds_and_threads(pid);
+        let (rss, fds, _) = hato::metrics::process_figures_of(&pid.to_string()).unwrap_or_default();
+        let (rss_kb, threads) = (rss / 1024, threads(pid));
         let report = CycleReport {
             cycle,
             peers_ok: ok,
