@@ -251,6 +251,10 @@ impl ApiError {
     fn into_response(self) -> Response<Full<Bytes>> {
         let body = json!({"error_type": self.error_type, "message": self.message});
         let mut resp = json_response(self.status, body.to_string());
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert("www-authenticate", HeaderValue::from_static("Bearer"));
@@ -415,6 +419,10 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<
         }
     };
     let bytes = read_body(shared, req).await?;
+    if let Operation::List(_) = operation {
+        // Nothing to repeat safely or not: a listing is not idempotent-keyed.
+        return list(shared, operation, &bytes).await;
+    }
     let Some(key) = key else {
         return apply(shared, operation, &bytes);
     };
@@ -455,17 +463,7 @@ fn apply(
             push(shared, &call)
         }
         Operation::Disconnect(_) => disconnect(shared, &call),
-        Operation::List(scope) => {
-            let conns = match scope {
-                Some(_) => shared.table.lookup(&call.channel_id, Target::Channel),
-                None => shared.table.all(),
-            };
-            let list: Vec<Value> = conns.iter().map(|c| connection_json(c)).collect();
-            Ok(json_response(
-                StatusCode::OK,
-                Value::Array(list).to_string(),
-            ))
-        }
+        Operation::List(_) => unreachable!("handled in route"),
         Operation::Batch => unreachable!("handled above"),
         Operation::StatsReport => Ok(json_response(
             StatusCode::OK,
@@ -474,10 +472,64 @@ fn apply(
     }
 }
 
+/// `ListConnections` / `ListChannelConnections`: this node's connections
+/// and, in a cluster, every other node's (scatter-gather; a node that does
+/// not answer within `--cluster-request-timeout-ms` is named in the log and
+/// in `x-hato-partial`).
+async fn list(
+    shared: &Shared,
+    operation: Operation,
+    bytes: &[u8],
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let call = api::parse(operation, bytes).map_err(|e| ApiError::bad(e.error_type, e.message))?;
+    let channel = matches!(operation, Operation::List(Some(_))).then_some(call.channel_id.as_str());
+    let mut list = local_listing(shared, channel);
+    let mut partial = None;
+    if let Some(cluster) = &shared.cluster {
+        let request = json!({ "channel_id": channel }).to_string();
+        let (answers, missing) = cluster
+            .gather(
+                crate::cluster::LIST.into(),
+                request.into(),
+                cluster.live_nodes(),
+            )
+            .await
+            .map_err(cluster_unavailable)?;
+        for answer in answers.into_values() {
+            list.extend(
+                answer
+                    .items
+                    .iter()
+                    .filter_map(|raw| serde_json::from_str::<Value>(raw.get()).ok()),
+            );
+        }
+        if !missing.is_empty() {
+            tracing::warn!(nodes = ?missing, "listing: no answer from these nodes in time; the answer is partial");
+            partial = Some(missing.join(","));
+        }
+    }
+    let mut resp = json_response(StatusCode::OK, Value::Array(list).to_string());
+    if let Some(v) = partial.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        resp.headers_mut().insert("x-hato-partial", v);
+    }
+    Ok(resp)
+}
+
+/// This node's connections (in one channel, or all) as listed.
+pub(crate) fn local_listing(shared: &Shared, channel: Option<&str>) -> Vec<Value> {
+    let conns = match channel {
+        Some(ch) => shared.table.lookup(ch, Target::Channel),
+        None => shared.table.all(),
+    };
+    let node = shared.config.node_name();
+    conns.iter().map(|c| connection_json(c, &node)).collect()
+}
+
 /// One connection as the listing targets show it (protocol.md §6.3), with
-/// hato's transport for its pushes now.
-fn connection_json(c: &Conn) -> Value {
+/// hato's transport for its pushes now and the node that holds it.
+fn connection_json(c: &Conn, node: &str) -> Value {
     json!({
+        "node_name": node,
         "channel_id": &*c.channel_id,
         "client_id": &*c.client_id,
         "bundle_id": &*c.bundle_id,
@@ -568,6 +620,21 @@ fn stats_report(shared: &Shared) -> Value {
         },
         "auth_webhook": hook,
         "event_webhook": events,
+        "cluster": shared.cluster.as_ref().map(|c| {
+            let s = &c.stats;
+            let mut nodes: Vec<String> = c.live_nodes().into_iter().collect();
+            nodes.sort();
+            json!({
+                "nats": if c.available() { "connected" } else { "disconnected" },
+                "other_nodes": nodes,
+                "published": n(&s.published),
+                "received": n(&s.received),
+                "unavailable": n(&s.unavailable),
+                "resyncs": n(&s.resyncs),
+                "nodes_lost": n(&s.nodes_lost),
+                "publish_failures": n(&s.publish_failures),
+            })
+        }),
     })
 }
 
@@ -699,17 +766,120 @@ fn target<'a>(call: &'a api::Call<'_>) -> Target<'a> {
     }
 }
 
-/// `Disconnect*`: each addressed session ends with `DISCONNECTED-API`
-/// (§5.3); the answer echoes the keys that named them, as sent.
-fn disconnect(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
-    for conn in shared.table.lookup(&call.channel_id, target(call)) {
+fn cluster_unavailable(e: crate::cluster::Unavailable) -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        error_type: "CLUSTER-UNAVAILABLE",
+        message: format!("{}; nothing was delivered, retry later", e.0),
+    }
+}
+
+/// The cluster, when `call` may address connections on other nodes: any
+/// call but one naming a connection of this node.
+fn cluster_for<'a>(
+    shared: &'a Shared,
+    call: &api::Call<'_>,
+) -> Option<&'a crate::cluster::Cluster> {
+    let cluster = shared.cluster.as_deref()?;
+    if let Key::Connection(id) = &call.key {
+        if !shared
+            .table
+            .lookup(&call.channel_id, Target::Connection(id))
+            .is_empty()
+        {
+            return None;
+        }
+    }
+    Some(cluster)
+}
+
+/// How `call` crosses to the other nodes.
+fn cluster_item<'a>(op: &'a str, call: &'a api::Call<'_>) -> crate::cluster::Item<'a> {
+    let (scope, key) = match &call.key {
+        Key::Channel => ("channel", None),
+        Key::Client(id) => ("client", Some(id.clone())),
+        Key::Connection(id) => ("connection", Some(id.clone())),
+        Key::Role(role) => ("role", Some(role.as_str().to_owned())),
+    };
+    crate::cluster::Item {
+        op,
+        scope,
+        key,
+        data: call
+            .data
+            .map(|d| serde_json::from_str(d).expect("data was validated as JSON")),
+    }
+}
+
+/// A push or disconnect from another node, for this node's connections.
+pub(crate) fn apply_from_cluster(shared: &Shared, payload: &[u8]) {
+    let wire = match serde_json::from_slice::<crate::cluster::Wire<'_>>(payload) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::debug!(error = %e, "cluster: unreadable channel message");
+            return;
+        }
+    };
+    for item in &wire.items {
+        let key = item.key.as_deref().unwrap_or_default();
+        let target = match item.scope {
+            "channel" => Target::Channel,
+            "client" => Target::Client(key),
+            "connection" => Target::Connection(key),
+            "role" => match hato_signaling::Role::parse(key) {
+                Some(role) => Target::Role(role),
+                None => continue,
+            },
+            _ => continue,
+        };
+        match (item.op, item.data) {
+            ("push", Some(data)) => {
+                let frame = Arc::new(Frame::new(message::push_json(data.get())));
+                let _ = deliver(shared, &wire.channel_id, target, &frame, Origin::Cluster);
+            }
+            ("disconnect", _) => disconnect_local(shared, &wire.channel_id, target),
+            _ => {}
+        }
+    }
+}
+
+fn disconnect_local(shared: &Shared, channel_id: &str, target: Target<'_>) {
+    for conn in shared.table.lookup(channel_id, target) {
         conn.disconnect();
+    }
+}
+
+/// `Disconnect*`: each addressed session ends with `DISCONNECTED-API`
+/// (§5.3), on every node; the answer echoes the keys that named them, as
+/// sent.
+fn disconnect(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+    match cluster_for(shared, call) {
+        None => disconnect_local(shared, &call.channel_id, target(call)),
+        Some(cluster) => {
+            let mut out = cluster.begin(1).map_err(cluster_unavailable)?;
+            disconnect_local(shared, &call.channel_id, target(call));
+            out.send(&call.channel_id, vec![cluster_item("disconnect", call)]);
+        }
     }
     Ok(json_response(StatusCode::OK, call.echo.clone()))
 }
 
 fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
-    let queued = deliver(shared, call)?;
+    let queued = match cluster_for(shared, call) {
+        None => deliver(
+            shared,
+            &call.channel_id,
+            target(call),
+            &push_frame(call),
+            Origin::Api,
+        )?,
+        Some(cluster) => {
+            let mut out = cluster.begin(1).map_err(cluster_unavailable)?;
+            let n = deliver_here_and_there(shared, call)?;
+            out.send(&call.channel_id, vec![cluster_item("push", call)]);
+            n
+        }
+    };
     let data_json = call.data.expect("a push call has data");
     // The body stays exactly Sora's; how many connections the push was
     // queued to (0: nobody matched) goes in a header of hato's own.
@@ -722,17 +892,61 @@ fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, 
     Ok(resp)
 }
 
+fn push_frame(call: &api::Call<'_>) -> Arc<Frame> {
+    Arc::new(Frame::new(message::push_json(
+        call.data.expect("a push call has data"),
+    )))
+}
+
+/// In a cluster: refuses a push too large for a DataChannel-only
+/// recipient on another node, as for one here; delivers it here. Returns
+/// the recipients here and, as this node knows them, on the others.
+fn deliver_here_and_there(shared: &Shared, call: &api::Call<'_>) -> Result<u64, ApiError> {
+    let frame = push_frame(call);
+    let (remote, remote_dc_only) = shared.table.remote_matches(&call.channel_id, target(call));
+    if remote_dc_only {
+        refuse_oversize(shared, &frame)?;
+    }
+    Ok(deliver(shared, &call.channel_id, target(call), &frame, Origin::Api)? + remote as u64)
+}
+
 /// `PushBatch`: every item validated first (one bad item: 400 naming it,
 /// nothing sent), then delivered in order — so each connection receives
 /// the batch's pushes in batch order. The answer lists each item's result.
+/// In a cluster each channel's items cross as one message, in order.
 fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiError> {
     let items = api::parse_batch(body).map_err(|e| ApiError::bad(e.error_type, e.message))?;
+    let mut channels: Vec<&str> = items.iter().map(|i| i.call.channel_id.as_str()).collect();
+    channels.sort_unstable();
+    channels.dedup();
+    let mut out = match shared.cluster.as_deref() {
+        Some(c) => Some(c.begin(channels.len()).map_err(cluster_unavailable)?),
+        None => None,
+    };
+    let mut wires: Vec<(&str, Vec<crate::cluster::Item<'_>>)> = Vec::new();
     let results: Vec<Value> = items
         .iter()
         .map(|item| {
             shared.table.stats.pushes_by_target[item.scope as usize]
                 .fetch_add(1, Ordering::Relaxed);
-            let outcome = deliver(shared, &item.call);
+            let call = &item.call;
+            let outcome = if out.is_some() {
+                let outcome = deliver_here_and_there(shared, call);
+                if outcome.is_ok() {
+                    let channel = call.channel_id.as_str();
+                    let at = match wires.iter().position(|(c, _)| *c == channel) {
+                        Some(at) => at,
+                        None => {
+                            wires.push((channel, Vec::new()));
+                            wires.len() - 1
+                        }
+                    };
+                    wires[at].1.push(cluster_item("push", call));
+                }
+                outcome
+            } else {
+                deliver(shared, &call.channel_id, target(call), &push_frame(call), Origin::Api)
+            };
             shared
                 .metrics
                 .pushes
@@ -748,6 +962,11 @@ fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, Api
             }
         })
         .collect();
+    if let Some(out) = &mut out {
+        for (channel, items) in wires {
+            out.send(channel, items);
+        }
+    }
     let total: u64 = results
         .iter()
         .filter_map(|r| r["recipients"].as_u64())
@@ -761,31 +980,57 @@ fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, Api
     Ok(resp)
 }
 
-/// Queues one push on every matching connection; how many it reached.
-fn deliver(shared: &Shared, call: &api::Call<'_>) -> Result<u64, ApiError> {
-    let channel_id = call.channel_id.as_str();
-    let data_json = call.data.expect("a push call has data");
-    let frame = Arc::new(Frame::new(message::push_json(data_json)));
-    let conns = shared.table.lookup(channel_id, target(call));
-    // Refuse up front a push larger than hato itself sends over a
-    // DataChannel, when a recipient would need one (RFC 8831 §6.6).
+/// Where a push being delivered here comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// This node's API: an oversize push for a DataChannel-only
+    /// recipient is refused (413).
+    Api,
+    /// Another node, which accepted it: such recipients are skipped.
+    Cluster,
+}
+
+/// 413 for a push larger than hato itself sends over a DataChannel
+/// (RFC 8831 §6.6).
+fn refuse_oversize(shared: &Shared, frame: &Frame) -> Result<(), ApiError> {
     let own_limit = shared.config.data_channel_message_limit;
-    if frame.len() > own_limit
+    if frame.len() <= own_limit {
+        return Ok(());
+    }
+    Err(ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        error_type: "PUSH-TOO-LARGE",
+        message: format!(
+            "the push is {} bytes; hato sends at most {own_limit} bytes over a DataChannel (--data-channel-message-limit)",
+            frame.len()
+        ),
+    })
+}
+
+/// Queues one push on every matching connection of this node; how many it
+/// reached.
+fn deliver(
+    shared: &Shared,
+    channel_id: &str,
+    target: Target<'_>,
+    frame: &Arc<Frame>,
+    origin: Origin,
+) -> Result<u64, ApiError> {
+    let conns = shared.table.lookup(channel_id, target);
+    // Refuse up front a push larger than hato itself sends over a
+    // DataChannel, when a recipient would need one.
+    let own_limit = shared.config.data_channel_message_limit;
+    if origin == Origin::Api
         && conns
             .iter()
             .any(|c| c.message_limit.is_some() && !c.websocket_fallback)
     {
-        return Err(ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            error_type: "PUSH-TOO-LARGE",
-            message: format!(
-                "the push is {} bytes; hato sends at most {own_limit} bytes over a DataChannel (--data-channel-message-limit)",
-                frame.len()
-            ),
-        });
+        refuse_oversize(shared, frame)?;
     }
     let stats = &shared.table.stats;
-    stats.pushes.fetch_add(1, Ordering::Relaxed);
+    if origin == Origin::Api {
+        stats.pushes.fetch_add(1, Ordering::Relaxed);
+    }
     let mut queued = 0;
     // Switched peers, by framing: handed to the engine in one call each,
     // which reaches every shard once however many peers it holds.
@@ -795,14 +1040,17 @@ fn deliver(shared: &Shared, call: &api::Call<'_>) -> Result<u64, ApiError> {
         // One recipient never vetoes a push: a peer whose DataChannel takes
         // less than this push gets it on its WebSocket, or, without one,
         // is skipped while the others still get it.
-        let delivery = if conn.message_limit.is_some_and(|l| frame.len() > l) {
+        let delivery = if conn
+            .message_limit
+            .is_some_and(|l| frame.len() > l.min(own_limit))
+        {
             if !conn.websocket_fallback {
                 undeliverable += 1;
                 continue;
             }
             conn.deliver(Out::PushWs(frame.clone()))
         } else {
-            conn.push(&frame)
+            conn.push(frame)
         };
         match delivery {
             Delivery::Queued => queued += 1,

@@ -221,9 +221,30 @@ pub struct Config {
     #[arg(long, env = "HATO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// This node's name in webhooks (Sora's node_name). Default: the host name.
+    /// This node's name in webhooks, listings and the cluster (Sora's
+    /// node_name). Default: the host name. Every node of a cluster needs
+    /// its own.
     #[arg(long, env = "HATO_NODE_NAME")]
     pub node_name: Option<String>,
+
+    /// Join a cluster of hato nodes through this NATS server
+    /// (`nats://host:4222`; several, comma-separated). Pushes, disconnects,
+    /// notify counts and listings then cover every node. Off by default:
+    /// hato runs alone, without any NATS code on its push path.
+    #[arg(long, env = "HATO_CLUSTER_NATS_URL")]
+    pub cluster_nats_url: Option<String>,
+
+    /// A node not heard from for this long (ms) is taken for dead: its
+    /// connections leave every count and listing. Heartbeats go out at a
+    /// third of it.
+    #[arg(long, env = "HATO_CLUSTER_NODE_TIMEOUT_MS", default_value_t = 3_000)]
+    pub cluster_node_timeout_ms: u64,
+
+    /// How long a listing waits for the other nodes' answers (ms); a node
+    /// that has not answered by then is named in the log and in the
+    /// answer's `x-hato-partial` header.
+    #[arg(long, env = "HATO_CLUSTER_REQUEST_TIMEOUT_MS", default_value_t = 1_000)]
+    pub cluster_request_timeout_ms: u64,
 
     /// Time from WebSocket open to `connect`, in ms.
     #[arg(long, env = "HATO_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]

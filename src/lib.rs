@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod config_file;
 pub mod idempotency;
@@ -54,6 +55,8 @@ pub struct Shared {
     pub admission: Arc<limits::Admission>,
     /// Set once, on shutdown; every session watches it.
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// The other nodes, with --cluster-nats-url.
+    pub cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// A running server. Dropping it stops accepting (existing sessions end
@@ -118,7 +121,21 @@ impl Server {
                 ))
             }
         };
+        let cluster = match &config.cluster_nats_url {
+            Some(urls) => Some(
+                cluster::Cluster::connect(
+                    urls,
+                    config.node_name(),
+                    std::time::Duration::from_millis(config.cluster_node_timeout_ms.max(300)),
+                    std::time::Duration::from_millis(config.cluster_request_timeout_ms.max(1)),
+                )
+                .await
+                .map_err(std::io::Error::other)?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
+            cluster,
             idempotency: idempotency::Store::new(
                 std::time::Duration::from_secs(config.idempotency_window),
                 config.idempotency_max_keys,
@@ -135,6 +152,9 @@ impl Server {
             sessions: Default::default(),
             shutdown: tokio::sync::watch::Sender::new(false),
         });
+        if let Some(cluster) = &shared.cluster {
+            cluster.start(Arc::downgrade(&shared));
+        }
         let (signaling_addr, api_addr) = (signaling.local_addr()?, api.local_addr()?);
         let mut tasks = vec![
             tokio::spawn(session::serve(signaling, shared.clone())),
@@ -204,6 +224,9 @@ impl Server {
             && tokio::time::Instant::now() < until
         {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.goodbye().await;
         }
         for t in &self.tasks {
             t.abort();

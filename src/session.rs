@@ -402,6 +402,12 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<Stream>, ticket: Ticke
     } else {
         Vec::new()
     };
+    // In a cluster, this node hears the channel's pushes from the other
+    // nodes before the peer can join it.
+    let channel_guard = match &shared.cluster {
+        Some(cluster) => Some(cluster.enter(&connect.channel_id).await),
+        None => None,
+    };
     let (peer, offer_sdp, events) = match shared.engine.offer(&labels).await {
         Ok(p) => p,
         Err(e) => {
@@ -497,6 +503,7 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<Stream>, ticket: Ticke
         event_metadata: granted.event_metadata,
         joined: None,
         offer_at: std::time::Instant::now(),
+        _channel_guard: channel_guard,
     };
     // Every line of the session carries who it is (in JSON logs, as the
     // `span` object).
@@ -539,6 +546,8 @@ struct Session {
     offer_at: std::time::Instant,
     /// This connection's place under the admission limits.
     ticket: Ticket,
+    /// Its channel's cluster subscription, held for the session.
+    _channel_guard: Option<crate::cluster::ChannelGuard>,
 }
 
 /// A session that unwinds (a panic) or is dropped before `finish` still
@@ -721,32 +730,43 @@ impl Session {
             self.mailbox.clone(),
         ));
         self.ticket.handshake_done();
-        let (others, counts) = self.shared.table.insert(conn.clone());
+        let joined = self.shared.table.insert(conn.clone());
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.joined(&conn);
+        }
+        let (others, counts) = (joined.others, joined.counts);
         self.joined = Some((conn.created_time.clone(), std::time::Instant::now()));
         self.conn = Some(conn);
-        // The joiner's own connection.created lists everyone present with
-        // their metadata: bounded, so that joining a big channel cannot
-        // build a message of N × --notify-metadata-limit.
+        // The joiner's own connection.created lists everyone present (on
+        // every node) with their metadata: bounded, so that joining a big
+        // channel cannot build a message of N × --notify-metadata-limit.
         let mut budget = PRESENT_METADATA_BUDGET;
         let mut without_metadata = 0;
-        let present: Vec<Value> = others
-            .iter()
-            .map(|o| {
-                let mut v = json!({"client_id": &*o.client_id, "connection_id": &*o.connection_id});
-                let mut with_metadata = true;
-                if let Some(m) = &o.notify_metadata.metadata {
-                    let len = m.to_string().len();
-                    if len <= budget {
-                        budget -= len;
-                    } else {
-                        with_metadata = false;
-                        without_metadata += 1;
-                    }
+        let mut entry = |client_id: &str, connection_id: &str, meta: &NotifyMetadata| {
+            let mut v = json!({"client_id": client_id, "connection_id": connection_id});
+            let mut with_metadata = true;
+            if let Some(m) = &meta.metadata {
+                let len = m.to_string().len();
+                if len <= budget {
+                    budget -= len;
+                } else {
+                    with_metadata = false;
+                    without_metadata += 1;
                 }
-                o.notify_metadata.write_into(&mut v, with_metadata);
-                v
-            })
+            }
+            meta.write_into(&mut v, with_metadata);
+            v
+        };
+        let mut present: Vec<Value> = others
+            .iter()
+            .map(|o| entry(&o.client_id, &o.connection_id, &o.notify_metadata))
             .collect();
+        present.extend(
+            joined
+                .remote
+                .iter()
+                .map(|m| entry(&m.client_id, &m.connection_id, &m.notify_metadata)),
+        );
         if without_metadata > 0 {
             tracing::info!(
                 connection_id = %self.connection_id,
@@ -801,6 +821,9 @@ impl Session {
     fn leave_table(&mut self) -> Option<ChannelCounts> {
         let conn = self.conn.take()?;
         let (others, counts) = self.shared.table.remove(&conn)?;
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.left(&conn);
+        }
         self.notify_others(
             "connection.destroyed",
             &others,

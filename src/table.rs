@@ -8,7 +8,7 @@
 
 use crate::outbox::{Frame, Out, Queue, Route, SharedRoute};
 use hato_datachannel::Peer;
-use hato_signaling::message::{ChannelCounts, NotifyMetadata};
+use hato_signaling::message::{ChannelCounts, NotifyConnection, NotifyMetadata};
 use hato_signaling::Role;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -190,11 +190,71 @@ pub enum Target<'a> {
     Role(Role),
 }
 
+/// A connection held by another node of the cluster, as that node
+/// announced it: what `notify`, the counts and a 413 decision need.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    pub node: String,
+    pub connection_id: Arc<str>,
+    pub client_id: Arc<str>,
+    pub bundle_id: Arc<str>,
+    pub channel_id: Arc<str>,
+    pub session_id: Arc<str>,
+    pub role: Role,
+    #[serde(flatten)]
+    pub notify_metadata: NotifyMetadata,
+    pub created_time: String,
+    /// Its pushes can only go over a DataChannel (no WebSocket fallback).
+    pub datachannel_only: bool,
+}
+
+impl Member {
+    /// How `conn` is announced to the other nodes.
+    pub fn of(node: &str, conn: &Conn) -> Member {
+        Member {
+            node: node.to_owned(),
+            connection_id: conn.connection_id.clone(),
+            client_id: conn.client_id.clone(),
+            bundle_id: conn.bundle_id.clone(),
+            channel_id: conn.channel_id.clone(),
+            session_id: conn.session_id.clone(),
+            role: conn.role,
+            notify_metadata: conn.notify_metadata.clone(),
+            created_time: conn.created_time.clone(),
+            datachannel_only: conn.message_limit.is_some() && !conn.websocket_fallback,
+        }
+    }
+
+    pub fn who(&self) -> NotifyConnection<'_> {
+        NotifyConnection {
+            role: self.role,
+            session_id: &self.session_id,
+            channel_id: &self.channel_id,
+            client_id: &self.client_id,
+            bundle_id: &self.bundle_id,
+            connection_id: &self.connection_id,
+            meta: &self.notify_metadata,
+        }
+    }
+
+    fn matches(&self, target: Target<'_>) -> bool {
+        match target {
+            Target::Channel => true,
+            Target::Client(id) => &*self.client_id == id,
+            Target::Connection(id) => &*self.connection_id == id,
+            Target::Role(role) => self.role == role,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Channel {
     by_connection: HashMap<Arc<str>, Arc<Conn>>,
     by_client: HashMap<Arc<str>, Vec<Arc<Conn>>>,
     by_role: [Vec<Arc<Conn>>; 3],
+    /// The channel's connections on other nodes (cluster mode).
+    remote: HashMap<Arc<str>, Arc<Member>>,
+    remote_roles: [usize; 3],
 }
 
 /// See [`Table::census`].
@@ -226,14 +286,29 @@ fn role_index(role: Role) -> usize {
 }
 
 impl Channel {
+    /// Head-counts over the whole cluster: this node's and the others'.
     fn counts(&self) -> ChannelCounts {
         ChannelCounts {
-            all: self.by_connection.len(),
-            sendrecv: self.by_role[0].len(),
-            sendonly: self.by_role[1].len(),
-            recvonly: self.by_role[2].len(),
+            all: self.by_connection.len() + self.remote.len(),
+            sendrecv: self.by_role[0].len() + self.remote_roles[0],
+            sendonly: self.by_role[1].len() + self.remote_roles[1],
+            recvonly: self.by_role[2].len() + self.remote_roles[2],
         }
     }
+
+    fn is_empty(&self) -> bool {
+        self.by_connection.is_empty() && self.remote.is_empty()
+    }
+}
+
+/// What [`Table::insert`] found in the channel.
+pub struct Joined {
+    /// This node's other connections in the channel.
+    pub others: Vec<Arc<Conn>>,
+    /// The channel's connections on other nodes.
+    pub remote: Vec<Arc<Member>>,
+    /// The counts, the newcomer included.
+    pub counts: ChannelCounts,
 }
 
 /// Counters an operator reads.
@@ -267,12 +342,13 @@ fn remove_from(list: &mut Vec<Arc<Conn>>, connection_id: &str) {
 }
 
 impl Table {
-    /// Adds `conn`; returns the others already in its channel and the
+    /// Adds `conn`; returns who is already in its channel and the
     /// channel's counts including it.
-    pub fn insert(&self, conn: Arc<Conn>) -> (Vec<Arc<Conn>>, ChannelCounts) {
+    pub fn insert(&self, conn: Arc<Conn>) -> Joined {
         let mut channels = self.channels.lock().unwrap();
         let ch = channels.entry(conn.channel_id.clone()).or_default();
         let others = ch.by_connection.values().cloned().collect();
+        let remote = ch.remote.values().cloned().collect();
         ch.by_connection
             .insert(conn.connection_id.clone(), conn.clone());
         ch.by_client
@@ -280,7 +356,58 @@ impl Table {
             .or_default()
             .push(conn.clone());
         ch.by_role[role_index(conn.role)].push(conn);
-        (others, ch.counts())
+        Joined {
+            others,
+            remote,
+            counts: ch.counts(),
+        }
+    }
+
+    /// Adds a connection of another node; returns this node's connections
+    /// in its channel and the counts, or `None` if it was already known.
+    pub fn insert_remote(&self, member: Arc<Member>) -> Option<(Vec<Arc<Conn>>, ChannelCounts)> {
+        let mut channels = self.channels.lock().unwrap();
+        let ch = channels.entry(member.channel_id.clone()).or_default();
+        if ch.remote.contains_key(&member.connection_id) {
+            return None;
+        }
+        ch.remote_roles[role_index(member.role)] += 1;
+        ch.remote.insert(member.connection_id.clone(), member);
+        Some((ch.by_connection.values().cloned().collect(), ch.counts()))
+    }
+
+    /// Removes a connection of another node; returns this node's
+    /// connections in its channel and the counts after.
+    pub fn remove_remote(&self, member: &Member) -> Option<(Vec<Arc<Conn>>, ChannelCounts)> {
+        let mut channels = self.channels.lock().unwrap();
+        let ch = channels.get_mut(&member.channel_id)?;
+        let gone = ch.remote.remove(&member.connection_id)?;
+        ch.remote_roles[role_index(gone.role)] -= 1;
+        let rest = (ch.by_connection.values().cloned().collect(), ch.counts());
+        if ch.is_empty() {
+            channels.remove(&member.channel_id);
+        }
+        Some(rest)
+    }
+
+    /// How many connections on other nodes `target` addresses in
+    /// `channel_id`, and whether one of them can only take pushes over a
+    /// DataChannel.
+    pub fn remote_matches(&self, channel_id: &str, target: Target<'_>) -> (usize, bool) {
+        let channels = self.channels.lock().unwrap();
+        let Some(ch) = channels.get(channel_id) else {
+            return (0, false);
+        };
+        if let Target::Connection(id) = target {
+            return ch
+                .remote
+                .get(id)
+                .map_or((0, false), |m| (1, m.datachannel_only));
+        }
+        ch.remote
+            .values()
+            .filter(|m| m.matches(target))
+            .fold((0, false), |(n, dc), m| (n + 1, dc || m.datachannel_only))
     }
 
     /// Removes `conn`, if present; returns who is left and their counts.
@@ -296,7 +423,7 @@ impl Table {
         }
         remove_from(&mut ch.by_role[role_index(conn.role)], &conn.connection_id);
         let rest = (ch.by_connection.values().cloned().collect(), ch.counts());
-        if ch.by_connection.is_empty() {
+        if ch.is_empty() {
             channels.remove(&conn.channel_id);
         }
         Some(rest)
@@ -396,9 +523,9 @@ mod tests {
         let (b, _rb) = conn("b", "ch", "shared", Role::Sendrecv);
         let (c, _rc) = conn("c", "other", "shared", Role::Recvonly);
         t.insert(a.clone());
-        let (others, counts) = t.insert(b.clone());
-        assert_eq!(ids(others), ["a"]);
-        assert_eq!(counts.all, 2);
+        let joined = t.insert(b.clone());
+        assert_eq!(ids(joined.others), ["a"]);
+        assert_eq!(joined.counts.all, 2);
         t.insert(c);
         assert_eq!(ids(t.lookup("ch", Target::Channel)), ["a", "b"]);
         assert_eq!(ids(t.lookup("ch", Target::Client("shared"))), ["a", "b"]);

@@ -3015,3 +3015,448 @@ async fn a_batch_is_validated_whole_and_delivered_in_order() {
         assert_eq!(got, want);
     }
 }
+
+// ---- Cluster (--cluster-nats-url): nodes in-process and as processes,
+// ---- one real nats-server (Debian's; tests/run installs it).
+
+/// A nats-server on a loopback port, restartable on the same port.
+struct Nats {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl Nats {
+    fn binary() -> String {
+        for dir in std::env::var("PATH")
+            .unwrap_or_default()
+            .split(':')
+            .chain(["/usr/sbin", "/usr/bin"])
+        {
+            let p = format!("{dir}/nats-server");
+            if std::path::Path::new(&p).exists() {
+                return p;
+            }
+        }
+        panic!("nats-server not found: `apt-get install nats-server` (tests/run does it)");
+    }
+
+    async fn start() -> Nats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut n = Nats { port, child: None };
+        n.restart().await;
+        n
+    }
+
+    async fn restart(&mut self) {
+        let child = std::process::Command::new(Self::binary())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let until = tokio::time::Instant::now() + T;
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(tokio::time::Instant::now() < until, "nats-server listens");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn node(nats: &Nats, name: &str) -> Server {
+    server_with(|c| {
+        c.cluster_nats_url = Some(nats.url());
+        c.node_name = Some(name.into());
+        c.cluster_node_timeout_ms = 1500;
+    })
+    .await
+}
+
+/// Waits until `s` knows `want` other nodes as alive.
+async fn knows_nodes(s: &Server, want: &[&str]) {
+    let cluster = s.shared.cluster.as_ref().unwrap();
+    let until = tokio::time::Instant::now() + T;
+    loop {
+        let mut live: Vec<String> = cluster.live_nodes().into_iter().collect();
+        live.sort();
+        if live == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "live nodes {live:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `s` counts `n` connections in `channel`, whichever node holds them.
+async fn channel_count(s: &Server, channel: &str, n: usize) {
+    let until = tokio::time::Instant::now() + T;
+    while s.table().counts(channel).all != n {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{} connections counted in {channel}, want {n}",
+            s.table().counts(channel).all
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn recipients(s: &Server, target: &str, body: Value) -> u64 {
+    let (status, head, resp) =
+        http(s, "POST", &[("x-sora-target", target)], &body.to_string()).await;
+    assert_eq!(status, 200, "{resp}");
+    let v: Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(v["data"], body["data"]);
+    head.lines()
+        .find_map(|l| l.strip_prefix("x-hato-recipients: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Every push and disconnect target accepted by node A reaches exactly
+/// its connections on nodes B and C; one API node's pushes arrive in
+/// order on every node; notify, counts and listings cover the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_of_three_nodes_serves_every_target_everywhere() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "a").await;
+    let b = node(&nats, "b").await;
+    let c = node(&nats, "c").await;
+    knows_nodes(&a, &["b", "c"]).await;
+    knows_nodes(&b, &["a", "c"]).await;
+    knows_nodes(&c, &["a", "b"]).await;
+
+    // B: a WebSocket peer (client x); C: a switched DataChannel peer
+    // (sendrecv) and a WebSocket peer (client x, sendonly).
+    let mut on_b = {
+        let mut o = opts(&b, "k", "recvonly");
+        o.client_id = Some("x".into());
+        o.extra
+            .insert("signaling_notify_metadata".into(), json!({"on": "b"}));
+        connected(&o).await
+    };
+    let mut dc_on_c = {
+        let mut o = dc_opts(&c, "k", true);
+        o.role = "sendrecv".into();
+        let mut cl = Client::connect(&o).await.unwrap();
+        assert!(switched(&mut cl).await);
+        cl
+    };
+    let mut ws_on_c = {
+        let mut o = opts(&c, "k", "sendonly");
+        o.client_id = Some("x".into());
+        connected(&o).await
+    };
+    channel_count(&a, "k", 3).await;
+
+    // PushChannel: everyone, on both nodes; A counts them as recipients.
+    let n = recipients(
+        &a,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "k", "data": {"t": "all"}}),
+    )
+    .await;
+    assert_eq!(n, 3);
+    for cl in [&mut on_b, &mut dc_on_c, &mut ws_on_c] {
+        let (m, _) = next_push(cl).await.expect("PushChannel crosses nodes");
+        assert_eq!(m["data"]["t"], "all");
+    }
+    // PushClient x: the two x's, on B and C.
+    push(
+        &a,
+        "Sora_20160711.PushClient",
+        json!({"channel_id": "k", "client_id": "x", "data": {"t": "x"}}),
+    )
+    .await;
+    for cl in [&mut on_b, &mut ws_on_c] {
+        assert_eq!(next_push(cl).await.unwrap().0["data"]["t"], "x");
+    }
+    no_push(&mut dc_on_c).await;
+    // PushConnection: the DataChannel peer on C only, over its DataChannel.
+    push(
+        &a,
+        "Sora_20160711.PushConnection",
+        json!({"channel_id": "k", "connection_id": dc_on_c.connection_id, "data": {"t": "one"}}),
+    )
+    .await;
+    let (m, via) = next_push(&mut dc_on_c).await.unwrap();
+    assert_eq!(
+        (m["data"]["t"].as_str(), via),
+        (Some("one"), Via::DataChannel)
+    );
+    // PushChannelByRole sendonly: the WebSocket peer on C only.
+    push(
+        &a,
+        "Sora_20201120.PushChannelByRole",
+        json!({"channel_id": "k", "role": "sendonly", "data": {"t": "role"}}),
+    )
+    .await;
+    assert_eq!(
+        next_push(&mut ws_on_c).await.unwrap().0["data"]["t"],
+        "role"
+    );
+    no_push(&mut on_b).await;
+    no_push(&mut dc_on_c).await;
+
+    // Order: 200 pushes accepted by A, in order on B and on C's DataChannel.
+    for i in 0..200 {
+        push(
+            &a,
+            "Sora_20160711.PushChannel",
+            json!({"channel_id": "k", "data": {"i": i}}),
+        )
+        .await;
+    }
+    for cl in [&mut on_b, &mut dc_on_c, &mut ws_on_c] {
+        for i in 0..200 {
+            let (m, _) = next_push(cl).await.expect("all 200 arrive");
+            assert_eq!(m["data"]["i"], i, "in the order A accepted them");
+        }
+    }
+
+    // notify: a peer joining on A sees the whole channel; B's peer sees it join.
+    let mut on_a = Client::connect(&opts(&a, "k", "recvonly")).await.unwrap();
+    let own = on_a
+        .wait_for(T, |e| matches!(e, ClientEvent::Notify { .. }))
+        .await
+        .unwrap();
+    let ClientEvent::Notify { message, .. } = own else {
+        unreachable!()
+    };
+    assert_eq!(message["event_type"], "connection.created");
+    assert_eq!(message["channel_connections"], 4);
+    assert_eq!(message["channel_recvonly_connections"], 2);
+    assert_eq!(message["channel_sendrecv_connections"], 1);
+    let mut present: Vec<String> = message["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["connection_id"].as_str().unwrap().to_owned())
+        .collect();
+    present.sort();
+    let mut want = vec![
+        on_b.connection_id.clone(),
+        dc_on_c.connection_id.clone(),
+        ws_on_c.connection_id.clone(),
+    ];
+    want.sort();
+    assert_eq!(present, want);
+    assert!(message["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["metadata"] == json!({"on": "b"})));
+    let seen = on_b
+        .wait_for(T, |e| matches!(e, ClientEvent::Notify { message, .. } if message["event_type"] == "connection.created" && message["connection_id"] == on_a.connection_id.as_str()))
+        .await
+        .expect("B's peer hears of A's");
+    let ClientEvent::Notify { message, .. } = seen else {
+        unreachable!()
+    };
+    assert_eq!(message["channel_connections"], 4);
+
+    // Listing on any node: the whole cluster, each with its node.
+    channel_count(&b, "k", 4).await;
+    for s in [&a, &b] {
+        let (status, head, body) = http(
+            s,
+            "POST",
+            &[("x-sora-target", "Sora_20201013.ListChannelConnections")],
+            r#"{"channel_id":"k"}"#,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(!head.contains("x-hato-partial"), "{head}");
+        let list: Vec<Value> = serde_json::from_str(&body).unwrap();
+        let mut nodes: Vec<&str> = list
+            .iter()
+            .map(|c| c["node_name"].as_str().unwrap())
+            .collect();
+        nodes.sort();
+        assert_eq!(nodes, ["a", "b", "c", "c"]);
+    }
+    let (_, all) = api(&c, "Sora_20201013.ListConnections", "").await;
+    assert_eq!(all.as_array().unwrap().len(), 4);
+
+    // Disconnects cross nodes too: A ends B's peer, then everyone on C by role.
+    let (status, _) = api(
+        &a,
+        "Sora_20151104.DisconnectConnection",
+        &json!({"channel_id": "k", "connection_id": on_b.connection_id}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    expect_ws_close(&mut on_b, 1000, "DISCONNECTED-API").await;
+    let gone = on_a
+        .wait_for(T, |e| matches!(e, ClientEvent::Notify { message, .. } if message["event_type"] == "connection.destroyed"))
+        .await
+        .expect("A's peer hears B's leave");
+    let ClientEvent::Notify { message, .. } = gone else {
+        unreachable!()
+    };
+    assert_eq!(message["connection_id"], on_b.connection_id.as_str());
+    assert_eq!(message["channel_connections"], 3);
+    let (status, _) = api(
+        &b,
+        "Sora_20201120.DisconnectChannelByRole",
+        r#"{"channel_id":"k","role":"sendonly"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    expect_ws_close(&mut ws_on_c, 1000, "DISCONNECTED-API").await;
+    table_len(&c, 1).await;
+    channel_count(&a, "k", 2).await;
+}
+
+/// A node killed without a word leaves every count within the node
+/// timeout; with NATS gone, pushes that need other nodes get 503
+/// CLUSTER-UNAVAILABLE while local peers keep their sessions; NATS back,
+/// the cluster serves again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_survives_a_killed_node_and_a_nats_restart() {
+    let mut nats = Nats::start().await;
+    let a = node(&nats, "a").await;
+    let b = node(&nats, "b").await;
+    // Node C is a process, to be killed with SIGKILL.
+    let (mut c_proc, c_signaling, _c_api, _lines) = spawn_hato(
+        "",
+        &format!(
+            "--cluster-nats-url {} --node-name c --cluster-node-timeout-ms 1500",
+            nats.url()
+        ),
+    )
+    .await;
+    knows_nodes(&a, &["b", "c"]).await;
+    let mut on_a = connected(&opts(&a, "k", "recvonly")).await;
+    let mut on_b = connected(&opts(&b, "k", "recvonly")).await;
+    let on_c = connected(&ClientOptions::new(
+        &format!("ws://{c_signaling}/signaling"),
+        "k",
+        "recvonly",
+    ))
+    .await;
+    channel_count(&a, "k", 3).await;
+
+    c_proc.start_kill().unwrap();
+    let _ = c_proc.wait().await;
+    let gone = on_a
+        .wait_for(T, |e| matches!(e, ClientEvent::Notify { message, .. } if message["event_type"] == "connection.destroyed"))
+        .await
+        .expect("the dead node's peer leaves A's channel");
+    let ClientEvent::Notify { message, .. } = gone else {
+        unreachable!()
+    };
+    assert_eq!(message["connection_id"], on_c.connection_id.as_str());
+    assert_eq!(message["channel_connections"], 2);
+    knows_nodes(&a, &["b"]).await;
+    let (status, head, body) = http(
+        &a,
+        "POST",
+        &[("x-sora-target", "Sora_20201013.ListConnections")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(!head.contains("x-hato-partial"));
+    assert_eq!(serde_json::from_str::<Vec<Value>>(&body).unwrap().len(), 2);
+
+    // NATS goes away.
+    nats.kill();
+    let until = tokio::time::Instant::now() + T;
+    let (status, head, body) = loop {
+        let r = http(
+            &a,
+            "POST",
+            &[("x-sora-target", "Sora_20160711.PushChannel")],
+            r#"{"channel_id":"k","data":{"t":"outage"}}"#,
+        )
+        .await;
+        if r.0 != 200 || tokio::time::Instant::now() > until {
+            break r;
+        }
+        // Pushes accepted before A saw the connection drop.
+        let _ = next_push(&mut on_a).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, 503, "{body}");
+    assert!(head.contains("retry-after: 1"), "{head}");
+    let err: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error_type"], "CLUSTER-UNAVAILABLE");
+    no_push(&mut on_a).await;
+    // A push to a connection of this very node needs no other node.
+    push(
+        &a,
+        "Sora_20160711.PushConnection",
+        json!({"channel_id": "k", "connection_id": on_a.connection_id, "data": {"t": "local"}}),
+    )
+    .await;
+    assert_eq!(next_push(&mut on_a).await.unwrap().0["data"]["t"], "local");
+    let (status, _) = api(&a, "Sora_20201013.ListConnections", "").await;
+    assert_eq!(status, 503);
+
+    // NATS back on the same port: the nodes reconnect, find each other
+    // again, and a push accepted by A reaches B's peer.
+    nats.restart().await;
+    knows_nodes(&a, &["b"]).await;
+    knows_nodes(&b, &["a"]).await;
+    channel_count(&a, "k", 2).await;
+    channel_count(&b, "k", 2).await;
+    let until = tokio::time::Instant::now() + T;
+    loop {
+        let (status, _) = api(
+            &a,
+            "Sora_20160711.PushChannel",
+            r#"{"channel_id":"k","data":{"t":"back"}}"#,
+        )
+        .await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "pushes are accepted again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Pushes A accepted just before it saw NATS go may come first.
+    for cl in [&mut on_a, &mut on_b] {
+        let mut got_back = false;
+        while let Some((m, _)) = next_push(cl).await {
+            if m["data"]["t"] == "back" {
+                got_back = true;
+                break;
+            }
+            assert_eq!(m["data"]["t"], "outage");
+        }
+        assert!(got_back, "the push after the outage arrives");
+    }
+    still_served(&a, &mut on_a, "k").await;
+}

@@ -13,7 +13,8 @@ pub const MAX_ID_BYTES: usize = 255;
 
 /// A connection's role. A push server treats all three alike except for
 /// `PushChannelByRole` routing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     Sendrecv,
     Sendonly,

@@ -202,10 +202,15 @@ pub struct NotifyConnection<'a> {
 /// What `notify` shows of a connection besides its ids: its
 /// `signaling_notify_metadata` (as `metadata`) and what the auth webhook
 /// said of it (`authn_metadata`, `authz_metadata`).
-#[derive(Debug, Clone, Default, PartialEq)]
+///
+/// Serialisable, for the nodes of a cluster to tell each other.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NotifyMetadata {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authn_metadata: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authz_metadata: Option<Value>,
 }
 
