@@ -278,3 +278,60 @@ test("demo page: connects as a WebRTC peer and shows a push it sends, with its t
   await page.click("#connect");
   await page.close();
 });
+
+test("cluster: the SDK connected to node B receives a push sent to node A's API", async () => {
+  const natsBin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"].find((p) => {
+    try { execFileSync("test", ["-x", p]); return true; } catch { return false; }
+  }) ?? "nats-server";
+  const natsPort = await freePort();
+  const nats = spawn(natsBin, ["-a", "127.0.0.1", "-p", String(natsPort)], { stdio: "ignore" });
+  const nodes = [];
+  try {
+    const node = async (name) => {
+      const [sig, api] = [await freePort(), await freePort()];
+      const p = spawn(hatoBin, [
+        "--signaling-addr", `127.0.0.1:${sig}`, "--api-addr", `127.0.0.1:${api}`, "--rtc-addr", "127.0.0.1:0",
+        "--cluster-nats-url", `nats://127.0.0.1:${natsPort}`, "--node-name", name,
+      ], { env: { ...process.env, HATO_LOG: "hato=debug" } });
+      p.stdout.on("data", (d) => (hatoLog += d));
+      p.stderr.on("data", (d) => (hatoLog += d));
+      nodes.push(p);
+      return { signaling: `ws://127.0.0.1:${sig}/signaling`, api: `http://127.0.0.1:${api}/` };
+    };
+    const [a, b] = [await node("node-a"), await node("node-b")];
+    const post = async (url, target, body) => {
+      const res = await fetch(url, { method: "POST", headers: { "x-sora-target": target }, body: JSON.stringify(body) });
+      return [res.status, await res.text()];
+    };
+    // Both nodes up and each in the other's view (GetStatsReport lists them).
+    for (let i = 0; ; i++) {
+      const seen = await Promise.all([a, b].map((n) => post(n.api, "Sora_20171010.GetStatsReport", {})
+        .then(([s, t]) => (s === 200 ? JSON.parse(t).cluster.other_nodes.length : 0), () => 0)));
+      if (seen.every((n) => n === 1)) break;
+      assert.ok(i < 100, "the two nodes find each other");
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const { page, id } = await connect("js-cluster", { dataChannelSignaling: true, ignoreDisconnectWebSocket: true }, null, b.signaling);
+    await page.waitForFunction(() => window.events.some((e) => e.kind === "switched"), null, { timeout: 10000 });
+    // Node A lists the peer connected to node B.
+    for (let i = 0; ; i++) {
+      const [s, t] = await post(a.api, "Sora_20201013.ListChannelConnections", { channel_id: "js-cluster" });
+      assert.equal(s, 200, t);
+      const list = JSON.parse(t);
+      if (list.length === 1) {
+        assert.deepEqual([list[0].connection_id, list[0].node_name], [id, "node-b"]);
+        break;
+      }
+      assert.ok(i < 100, "node A lists the peer on node B");
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const [status, text] = await post(a.api, "Sora_20160711.PushChannel", { channel_id: "js-cluster", data: { via: "node-a" } });
+    assert.equal(status, 200, text);
+    const [got] = await waitPush(page);
+    assert.deepEqual([got.data, got.transportType], [{ via: "node-a" }, "datachannel"]);
+    await disconnectCleanly(page);
+  } finally {
+    for (const p of nodes) p.kill("SIGINT");
+    nats.kill();
+  }
+});
