@@ -3421,6 +3421,18 @@ async fn a_cluster_survives_a_killed_node_and_a_nats_restart() {
     assert_eq!(next_push(&mut on_a).await.unwrap().0["data"]["t"], "local");
     let (status, _) = api(&a, "Sora_20201013.ListConnections", "").await;
     assert_eq!(status, 503);
+    // A new peer still connects to A, and is served by A alone.
+    let mut newcomer = connected(&opts(&a, "k2", "recvonly")).await;
+    push(
+        &a,
+        "Sora_20160711.PushConnection",
+        json!({"channel_id": "k2", "connection_id": newcomer.connection_id, "data": {"t": "new"}}),
+    )
+    .await;
+    assert_eq!(
+        next_push(&mut newcomer).await.unwrap().0["data"]["t"],
+        "new"
+    );
 
     // NATS back on the same port: the nodes reconnect, find each other
     // again, and a push accepted by A reaches B's peer.

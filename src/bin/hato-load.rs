@@ -51,7 +51,8 @@ enum Arrival {
     about = "Load a Sora-compatible push server with virtual WebRTC peers and pushes"
 )]
 struct Args {
-    /// Signaling URL of the server under test.
+    /// Signaling URL of the server under test; several, comma-separated
+    /// (the nodes of a cluster): peer i connects to URL i mod their number.
     #[arg(long, default_value = "ws://127.0.0.1:5000/signaling")]
     signaling_url: String,
     /// HTTP API URL of the server under test.
@@ -111,9 +112,10 @@ struct Args {
     /// Seconds to wait for the last deliveries after the last push.
     #[arg(long, default_value_t = 3.0)]
     drain: f64,
-    /// Process id of the server, for its RSS and CPU time (same machine only).
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// Process id of the server, for its RSS and CPU time (same machine
+    /// only); several, comma-separated (a cluster's nodes): their sums.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// Process name of the server, when the pid is not known (e.g. "hato").
     #[arg(long)]
     server_process: Option<String>,
@@ -227,10 +229,12 @@ struct Counters {
     deliveries: AtomicU64,
 }
 
-/// The server's RSS (kB) and CPU seconds.
-fn proc_stat(pid: u32) -> Option<(u64, f64)> {
-    let (rss, _, cpu) = hato::metrics::process_figures_of(&pid.to_string())?;
-    Some((rss / 1024, cpu))
+/// The server's RSS (kB) and CPU seconds; summed over a cluster's nodes.
+fn proc_stat(pids: &[u32]) -> Option<(u64, f64)> {
+    pids.iter().try_fold((0, 0.0), |(rss_sum, cpu_sum), pid| {
+        let (rss, _, cpu) = hato::metrics::process_figures_of(&pid.to_string())?;
+        Some((rss_sum + rss / 1024, cpu_sum + cpu))
+    })
 }
 
 /// The live process called `name` (zombies left by a killed server skipped).
@@ -284,8 +288,9 @@ async fn connect_peer(args: &Args, i: usize) -> Result<(Client, Duration, Durati
 /// Peer i's options: its channel, client_id and signaling mode.
 fn peer_options(args: &Args, i: usize) -> ClientOptions {
     let channel = i % args.channels;
+    let urls: Vec<&str> = args.signaling_url.split(',').map(str::trim).collect();
     let mut opts = ClientOptions::new(
-        &args.signaling_url,
+        urls[i % urls.len()],
         &args.channel.replace("{n}", &channel.to_string()),
         &args.role,
     );
@@ -510,9 +515,11 @@ fn record_phase(
     args: &Args,
     clients: Vec<(usize, Client)>,
     counters: &Arc<Counters>,
-) -> (Vec<Target>, Vec<Arc<Mutex<PeerRecord>>>) {
+) -> (Vec<Target>, Vec<Arc<Mutex<PeerRecord>>>, Leave) {
     let mut targets = Vec::new();
     let mut records = Vec::new();
+    let (leave_tx, leave_rx) = tokio::sync::watch::channel(false);
+    let mut recorders = Vec::new();
     for (i, mut client) in clients {
         let record = Arc::new(Mutex::new(PeerRecord::default()));
         targets.push(Target {
@@ -521,8 +528,22 @@ fn record_phase(
         });
         records.push(record.clone());
         let counters = counters.clone();
-        tokio::spawn(async move {
-            while let Some(ev) = client.events.recv().await {
+        let mut leave = leave_rx.clone();
+        let on_dc = args.data_channel_signaling;
+        recorders.push(tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    ev = client.events.recv() => Some(ev),
+                    r = leave.wait_for(|l| *l) => {
+                        drop(r);
+                        None
+                    }
+                };
+                let Some(ev) = ev else {
+                    say_goodbye(&mut client, on_dc).await;
+                    break;
+                };
+                let Some(ev) = ev else { break };
                 if let ClientEvent::Push { text, via, at_us } = ev {
                     let Ok(SeqPush {
                         data: Seq { seq, ts },
@@ -538,9 +559,52 @@ fn record_phase(
                 }
             }
             drop(client);
-        });
+        }));
     }
-    (targets, records)
+    let leave = Leave {
+        tx: leave_tx,
+        recorders,
+    };
+    (targets, records, leave)
+}
+
+/// Ends every peer of a run with `disconnect`, as an SDK's `disconnect()`
+/// does, so that the server under test is empty for the next run (peers
+/// that just vanished would stay in its table until ICE consent fails).
+struct Leave {
+    tx: tokio::sync::watch::Sender<bool>,
+    recorders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Leave {
+    async fn now(self) {
+        self.tx.send_replace(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            for r in self.recorders {
+                let _ = r.await;
+            }
+        })
+        .await;
+    }
+}
+
+/// `disconnect` on `signaling` (or the WebSocket), then a bounded wait
+/// for the server to close its side.
+async fn say_goodbye(c: &mut Client, on_dc: bool) {
+    let bye = r#"{"type":"disconnect","reason":"NO-ERROR"}"#;
+    if on_dc {
+        c.send_dc("signaling", bye, true);
+    } else {
+        c.send_ws(bye);
+    }
+    let _ = c
+        .wait_for(Duration::from_secs(2), |e| {
+            matches!(
+                e,
+                ClientEvent::WebSocketClosed { .. } | ClientEvent::ServerClose { .. }
+            )
+        })
+        .await;
 }
 
 /// What the pusher did.
@@ -737,7 +801,7 @@ fn report(
     o: &Observed,
     pushed: &Pushed,
     connect_secs: f64,
-    server_pid: Option<u32>,
+    server_pid: Option<Vec<u32>>,
     s: ServerSamples,
 ) -> i32 {
     let mut expected = 0u64;
@@ -782,8 +846,8 @@ fn report(
         "pushes": {"accepted": pushed.accepted.len(), "failed": pushed.failed, "seconds": pushed.seconds, "per_second": ok / pushed.seconds},
         "deliveries": {"expected": expected, "received": o.received, "lost": lost, "duplicated": o.duplicated, "out_of_order": o.out_of_order,
                        "websocket": o.by_ws, "datachannel": o.by_dc, "per_second": o.received as f64 / pushed.seconds},
-        "server": server_pid.map(|pid| json!({
-            "pid": pid,
+        "server": server_pid.map(|pids| json!({
+            "pid": if pids.len() == 1 { json!(pids[0]) } else { json!(pids) },
             "rss_kb_before": s.before.map(|b| b.0),
             "rss_kb_connected": s.connected.map(|b| b.0),
             "rss_kb_per_peer": per_peer(s.before, s.connected),
@@ -847,7 +911,7 @@ fn check(args: &Args) -> Result<(), &'static str> {
     if args.churn.is_some_and(|c| c == 0 || c > 100) {
         return Err("--churn must be 1..=100 cycles");
     }
-    if args.churn.is_some() && args.server_pid.is_none() && args.server_process.is_none() {
+    if args.churn.is_some() && args.server_pid.is_empty() && args.server_process.is_none() {
         return Err(
             "--churn reports the server's RSS and fds: give --server-pid or --server-process",
         );
@@ -856,7 +920,7 @@ fn check(args: &Args) -> Result<(), &'static str> {
         return Err("--processes must be 1..=64");
     }
     if !(args.allow_remote
-        || is_loopback_url(&args.signaling_url) && is_loopback_url(&args.api_url))
+        || args.signaling_url.split(',').all(is_loopback_url) && is_loopback_url(&args.api_url))
     {
         return Err("targets must be loopback; pass --allow-remote for a host you run");
     }
@@ -871,7 +935,7 @@ async fn worker(args: Args, index: usize) -> i32 {
     let counters = Arc::new(Counters::default());
     let indices = (0..args.peers).filter(|i| i % k == index).collect();
     let (clients, connected) = connect_phase(&args, indices, &counters, false).await;
-    let (targets, records) = record_phase(&args, clients, &counters);
+    let (targets, records, leave) = record_phase(&args, clients, &counters);
     println!(
         "READY {}",
         serde_json::to_string(&targets).expect("serialises")
@@ -884,6 +948,7 @@ async fn worker(args: Args, index: usize) -> i32 {
     )
     .await;
     let observed = observe(connected, &args, &targets, &records);
+    leave.now().await;
     println!(
         "OBSERVED {}",
         serde_json::to_string(&observed).expect("serialises")
@@ -898,7 +963,7 @@ async fn parent(args: Args, tty: bool) -> i32 {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let server_pid = server_pid(&args);
     let mut samples = ServerSamples {
-        before: server_pid.and_then(proc_stat),
+        before: server_pid.as_deref().and_then(proc_stat),
         ..Default::default()
     };
     let exe = std::env::current_exe().expect("own path");
@@ -935,13 +1000,13 @@ async fn parent(args: Args, tty: bool) -> i32 {
             args.processes
         );
     }
-    samples.connected = server_pid.and_then(proc_stat);
+    samples.connected = server_pid.as_deref().and_then(proc_stat);
     tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
-    samples.pushing = server_pid.and_then(proc_stat);
+    samples.pushing = server_pid.as_deref().and_then(proc_stat);
     let counters = Arc::new(Counters::default());
     let pushed = push_phase(&args, Arc::new(targets), &counters).await;
     tokio::time::sleep(Duration::from_secs_f64(args.drain)).await;
-    samples.after = server_pid.and_then(proc_stat);
+    samples.after = server_pid.as_deref().and_then(proc_stat);
     let mut merged = Observed::default();
     for (mut child, mut stdin, mut lines) in workers {
         let _ = stdin.write_all(b"report\n").await;
@@ -962,7 +1027,7 @@ async fn parent(args: Args, tty: bool) -> i32 {
 async fn single(args: Args, tty: bool) -> i32 {
     let server_pid = server_pid(&args);
     let mut samples = ServerSamples {
-        before: server_pid.and_then(proc_stat),
+        before: server_pid.as_deref().and_then(proc_stat),
         ..Default::default()
     };
     let counters = Arc::new(Counters::default());
@@ -970,12 +1035,12 @@ async fn single(args: Args, tty: bool) -> i32 {
     let (clients, connected) =
         connect_phase(&args, (0..args.peers).collect(), &counters, tty).await;
     let connect_secs = t0.elapsed().as_secs_f64();
-    samples.connected = server_pid.and_then(proc_stat);
-    let (targets, records) = record_phase(&args, clients, &counters);
+    samples.connected = server_pid.as_deref().and_then(proc_stat);
+    let (targets, records, leave) = record_phase(&args, clients, &counters);
     // Every connect sent connection.created to the channel: let that
     // storm pass before measuring pushes.
     tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
-    samples.pushing = server_pid.and_then(proc_stat);
+    samples.pushing = server_pid.as_deref().and_then(proc_stat);
     let live = tty.then(|| progress(counters.clone(), records.clone()));
     let targets = Arc::new(targets);
     let pushed = push_phase(&args, targets.clone(), &counters).await;
@@ -984,8 +1049,9 @@ async fn single(args: Args, tty: bool) -> i32 {
         p.abort();
         eprintln!();
     }
-    samples.after = server_pid.and_then(proc_stat);
+    samples.after = server_pid.as_deref().and_then(proc_stat);
     let observed = observe(connected, &args, &targets, &records);
+    leave.now().await;
     report(&args, &observed, &pushed, connect_secs, server_pid, samples)
 }
 
@@ -1088,9 +1154,14 @@ struct CycleReport {
 }
 
 /// The server under test: --server-pid, or the process --server-process names.
-fn server_pid(args: &Args) -> Option<u32> {
-    args.server_pid
-        .or_else(|| args.server_process.as_deref().and_then(find_pid))
+fn server_pid(args: &Args) -> Option<Vec<u32>> {
+    if !args.server_pid.is_empty() {
+        return Some(args.server_pid.clone());
+    }
+    args.server_process
+        .as_deref()
+        .and_then(find_pid)
+        .map(|p| vec![p])
 }
 
 fn threads(pid: u32) -> usize {
@@ -1129,7 +1200,7 @@ async fn server_stats(api_url: &str) -> Value {
 /// server holds after each.
 async fn churn(args: Args, tty: bool) -> i32 {
     let cycles = args.churn.unwrap_or(1);
-    let Some(pid) = server_pid(&args) else {
+    let Some(pid) = server_pid(&args).map(|p| p[0]) else {
         eprintln!("hato-load: server process not found");
         return 2;
     };
