@@ -464,6 +464,11 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+        self.stop();
+    }
+
+    /// Stops the publisher, the presence and the responders.
+    pub fn stop(&self) {
         for t in self.tasks.lock().unwrap().drain(..) {
             t.abort();
         }

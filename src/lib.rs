@@ -239,5 +239,10 @@ impl Drop for Server {
         for t in &self.tasks {
             t.abort();
         }
+        // The cluster's tasks hold the NATS client: without them the
+        // others stop hearing this node and drop it.
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.stop();
+        }
     }
 }

@@ -60,6 +60,11 @@ pub struct Outcome {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterEvent {
+    pub event: String,
+}
+
 /// Every metric hato exports.
 pub struct Metrics {
     registry: Registry,
@@ -77,6 +82,9 @@ pub struct Metrics {
     outbox_bytes: Gauge,
     auth_webhook: Family<Outcome, Counter>,
     event_webhook: Family<Outcome, Counter>,
+    cluster_events: Family<ClusterEvent, Counter>,
+    cluster_nodes: Gauge,
+    cluster_nats_connected: Gauge,
     resident_memory: Gauge,
     open_fds: Gauge,
     cpu_seconds: Counter<f64, AtomicU64>,
@@ -105,6 +113,9 @@ impl Default for Metrics {
             outbox_bytes: Gauge::default(),
             auth_webhook: Family::default(),
             event_webhook: Family::default(),
+            cluster_events: Family::default(),
+            cluster_nodes: Gauge::default(),
+            cluster_nats_connected: Gauge::default(),
             resident_memory: Gauge::default(),
             open_fds: Gauge::default(),
             cpu_seconds: Counter::default(),
@@ -184,6 +195,21 @@ impl Default for Metrics {
             "hato_event_webhook_events",
             "Event webhook events, by outcome",
             m.event_webhook.clone(),
+        );
+        r.register(
+            "hato_cluster_events",
+            "Cluster (--cluster-nats-url): messages published to and received from NATS, publish failures, calls answered 503 CLUSTER-UNAVAILABLE, snapshots asked for, nodes lost",
+            m.cluster_events.clone(),
+        );
+        r.register(
+            "hato_cluster_nodes",
+            "Other nodes of the cluster heard from within the node timeout",
+            m.cluster_nodes.clone(),
+        );
+        r.register(
+            "hato_cluster_nats_connected",
+            "1 while this node is connected to NATS (cluster mode)",
+            m.cluster_nats_connected.clone(),
         );
         r.register_with_unit(
             "process_resident_memory",
@@ -287,6 +313,26 @@ impl Metrics {
                     v,
                 );
             }
+        }
+        if let Some(c) = &shared.cluster {
+            let s = &c.stats;
+            for (event, v) in [
+                ("published", n(&s.published)),
+                ("received", n(&s.received)),
+                ("publish_failure", n(&s.publish_failures)),
+                ("unavailable", n(&s.unavailable)),
+                ("resync", n(&s.resyncs)),
+                ("node_lost", n(&s.nodes_lost)),
+            ] {
+                set(
+                    &self.cluster_events.get_or_create(&ClusterEvent {
+                        event: event.into(),
+                    }),
+                    v,
+                );
+            }
+            self.cluster_nodes.set(c.live_nodes().len() as i64);
+            self.cluster_nats_connected.set(i64::from(c.available()));
         }
         if let Some((rss, fds, cpu)) = process_figures() {
             self.resident_memory.set(rss as i64);

@@ -2532,30 +2532,8 @@ async fn json_logs_parse_line_by_line() {
 async fn metrics_parse_and_move() {
     let s = server_with(|c| c.metrics_addr = Some("127.0.0.1:0".parse().unwrap())).await;
     let addr = s.metrics_addr.unwrap().to_string();
-    let scrape = || {
-        let addr = addr.clone();
-        async move {
-            let (status, text) = get(&addr, "/metrics").await;
-            assert_eq!(status, 200, "{text}");
-            let lines = text.lines().map(|l| Ok(l.to_owned()));
-            prometheus_parse::Scrape::parse(lines).expect("Prometheus text format")
-        }
-    };
-    let value = |scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]| -> f64 {
-        scrape
-            .samples
-            .iter()
-            .filter(|smp| {
-                smp.metric == name && labels.iter().all(|(k, v)| smp.labels.get(k) == Some(*v))
-            })
-            .map(|smp| match smp.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                _ => 0.0,
-            })
-            .sum()
-    };
+    let scrape = || scrape_metrics(&addr);
+    let value = metric;
     let before = scrape().await;
     assert_eq!(value(&before, "hato_connects_total", &[]), 0.0);
     assert!(value(&before, "process_resident_memory_bytes", &[]) > 0.0);
@@ -3092,6 +3070,7 @@ async fn node(nats: &Nats, name: &str) -> Server {
         c.cluster_nats_url = Some(nats.url());
         c.node_name = Some(name.into());
         c.cluster_node_timeout_ms = 1500;
+        c.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
     })
     .await
 }
@@ -3334,6 +3313,39 @@ async fn a_cluster_of_three_nodes_serves_every_target_everywhere() {
     expect_ws_close(&mut ws_on_c, 1000, "DISCONNECTED-API").await;
     table_len(&c, 1).await;
     channel_count(&a, "k", 2).await;
+
+    // A batch accepted by A: in order on B's new peer, one message per channel.
+    let mut batch_peer = connected(&opts(&b, "batch", "recvonly")).await;
+    channel_count(&a, "batch", 1).await;
+    let items: Vec<Value> = (0..5)
+        .map(|i| json!({"target": "Sora_20160711.PushChannel", "channel_id": "batch", "data": {"b": i}}))
+        .collect();
+    let (status, body) = api(
+        &a,
+        "Hato_20261201.PushBatch",
+        &json!({"pushes": items}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for i in 0..5 {
+        assert_eq!(next_push(&mut batch_peer).await.unwrap().0["data"]["b"], i);
+    }
+
+    // What the nodes counted, as Prometheus reads it.
+    let ma = scrape_metrics(&a.metrics_addr.unwrap().to_string()).await;
+    let mb = scrape_metrics(&b.metrics_addr.unwrap().to_string()).await;
+    assert_eq!(metric(&ma, "hato_cluster_nodes", &[]), 2.0);
+    assert_eq!(metric(&ma, "hato_cluster_nats_connected", &[]), 1.0);
+    assert!(metric(&ma, "hato_cluster_events_total", &[("event", "published")]) >= 200.0);
+    assert!(metric(&mb, "hato_cluster_events_total", &[("event", "received")]) >= 200.0);
+    assert_eq!(
+        metric(
+            &ma,
+            "hato_cluster_events_total",
+            &[("event", "unavailable")]
+        ),
+        0.0
+    );
 }
 
 /// A node killed without a word leaves every count within the node
@@ -3471,4 +3483,29 @@ async fn a_cluster_survives_a_killed_node_and_a_nats_restart() {
         assert!(got_back, "the push after the outage arrives");
     }
     still_served(&a, &mut on_a, "k").await;
+}
+
+/// GETs `/metrics` and parses it as Prometheus would.
+async fn scrape_metrics(addr: &str) -> prometheus_parse::Scrape {
+    let (status, text) = get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines).expect("Prometheus text format")
+}
+
+/// The sum of the samples of `name` whose labels include `labels`.
+fn metric(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|smp| {
+            smp.metric == name && labels.iter().all(|(k, v)| smp.labels.get(k) == Some(*v))
+        })
+        .map(|smp| match smp.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
 }
