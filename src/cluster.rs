@@ -24,7 +24,6 @@
 //! `CLUSTER-UNAVAILABLE` and is delivered nowhere; the client reconnects by
 //! itself.
 
-use crate::outbox::{Frame, Out};
 use crate::table::{Conn, Member};
 use crate::Shared;
 use async_nats::connection::State;
@@ -938,19 +937,15 @@ fn member_left(shared: &Shared, member: &Member) {
 }
 
 fn notify(locals: &[Arc<Conn>], event_type: &str, member: &Member, counts: message::ChannelCounts) {
-    if locals.is_empty() {
-        return;
-    }
-    let frame = Arc::new(Frame::new(message::notify_connection(
-        event_type,
-        &member.who(),
-        counts,
-        &hato_signaling::time::now_rfc3339(),
-        None,
-    )));
-    for c in locals {
-        c.deliver(Out::Notify(frame.clone()));
-    }
+    crate::table::notify_all(locals, || {
+        message::notify_connection(
+            event_type,
+            &member.who(),
+            counts,
+            &hato_signaling::time::now_rfc3339(),
+            None,
+        )
+    });
 }
 
 #[cfg(test)]

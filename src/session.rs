@@ -801,19 +801,9 @@ impl Session {
         counts: ChannelCounts,
         now: &str,
     ) {
-        if others.is_empty() {
-            return;
-        }
-        let frame = Arc::new(Frame::new(message::notify_connection(
-            event_type,
-            &self.who(),
-            counts,
-            now,
-            None,
-        )));
-        for other in others {
-            other.deliver(Out::Notify(frame.clone()));
-        }
+        crate::table::notify_all(others, || {
+            message::notify_connection(event_type, &self.who(), counts, now, None)
+        });
     }
 
     /// Leaves the table (once) and tells the channel: `connection.destroyed`.

@@ -181,6 +181,18 @@ impl Conn {
     }
 }
 
+/// Sends one `notify` to each of `conns`; the message is built only when
+/// someone is there to receive it.
+pub fn notify_all(conns: &[Arc<Conn>], message: impl FnOnce() -> String) {
+    if conns.is_empty() {
+        return;
+    }
+    let frame = Arc::new(Frame::new(message()));
+    for c in conns {
+        c.deliver(Out::Notify(frame.clone()));
+    }
+}
+
 /// Which connections an API call addresses.
 #[derive(Debug, Clone, Copy)]
 pub enum Target<'a> {

@@ -540,7 +540,7 @@ fn record_phase(
                     }
                 };
                 let Some(ev) = ev else {
-                    say_goodbye(&mut client, on_dc).await;
+                    say_goodbye(&mut client, on_dc, Duration::from_secs(2)).await;
                     break;
                 };
                 let Some(ev) = ev else { break };
@@ -588,9 +588,9 @@ impl Leave {
     }
 }
 
-/// `disconnect` on `signaling` (or the WebSocket), then a bounded wait
-/// for the server to close its side.
-async fn say_goodbye(c: &mut Client, on_dc: bool) {
+/// `disconnect` on `signaling` (or the WebSocket), then a wait (at most
+/// `wait`) for the server to close its side.
+async fn say_goodbye(c: &mut Client, on_dc: bool, wait: Duration) {
     let bye = r#"{"type":"disconnect","reason":"NO-ERROR"}"#;
     if on_dc {
         c.send_dc("signaling", bye, true);
@@ -598,10 +598,12 @@ async fn say_goodbye(c: &mut Client, on_dc: bool) {
         c.send_ws(bye);
     }
     let _ = c
-        .wait_for(Duration::from_secs(2), |e| {
+        .wait_for(wait, |e| {
             matches!(
                 e,
-                ClientEvent::WebSocketClosed { .. } | ClientEvent::ServerClose { .. }
+                ClientEvent::WebSocketClosed { .. }
+                    | ClientEvent::ServerClose { .. }
+                    | ClientEvent::PeerFailed(_)
             )
         })
         .await;
@@ -1116,23 +1118,7 @@ async fn churn_peer(args: &Args, i: usize) -> Result<(), String> {
     let (mut c, _, _) = connect_with(args, opts).await?;
     match ending {
         Ending::Disconnect => {
-            let bye = r#"{"type":"disconnect","reason":"NO-ERROR"}"#;
-            if args.data_channel_signaling {
-                c.send_dc("signaling", bye, true);
-            } else {
-                c.send_ws(bye);
-            }
-            // Until the server has closed its side (bounded).
-            let _ = c
-                .wait_for(Duration::from_secs(5), |e| {
-                    matches!(
-                        e,
-                        ClientEvent::WebSocketClosed { .. }
-                            | ClientEvent::ServerClose { .. }
-                            | ClientEvent::PeerFailed(_)
-                    )
-                })
-                .await;
+            say_goodbye(&mut c, args.data_channel_signaling, Duration::from_secs(5)).await
         }
         Ending::WhileConnected => c.vanish(),
         _ => drop(c),
