@@ -3331,6 +3331,52 @@ async fn a_cluster_of_three_nodes_serves_every_target_everywhere() {
         assert_eq!(next_push(&mut batch_peer).await.unwrap().0["data"]["b"], i);
     }
 
+    // Garbage on every hato subject, from a stranger on the same NATS:
+    // dropped, and the cluster serves on.
+    let stranger = async_nats::connect(nats.url()).await.unwrap();
+    let garbage: [&[u8]; 7] = [
+        b"",
+        b"not json",
+        br#"{"t":"join","node":"z","epoch":1,"seq":1}"#,
+        br#"{"t":"leave","node":"b","epoch":0,"seq":99,"channel_id":"k","connection_id":"x"}"#,
+        br#"{"channel_id":"batch","items":[{"op":"push","scope":"role","key":"nobody","data":{}}]}"#,
+        br#"{"channel_id":"batch","items":[{"op":"explode","scope":"channel"}]}"#,
+        br#"{"node":"q","epoch":1,"seq":1,"part":5,"parts":1,"items":[]}"#,
+    ];
+    let batch_subject = format!(
+        "hato.ch.{}",
+        "batch"
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    for subject in [
+        "hato.presence",
+        "hato.list",
+        &batch_subject,
+        "hato.snapshot.61",
+    ] {
+        for g in garbage {
+            stranger
+                .publish(subject.to_owned(), g.to_vec().into())
+                .await
+                .unwrap();
+        }
+    }
+    stranger.flush().await.unwrap();
+    no_push(&mut batch_peer).await;
+    push(
+        &a,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "batch", "data": {"after": "garbage"}}),
+    )
+    .await;
+    assert_eq!(
+        next_push(&mut batch_peer).await.unwrap().0["data"]["after"],
+        "garbage"
+    );
+    knows_nodes(&a, &["b", "c"]).await;
+
     // What the nodes counted, as Prometheus reads it.
     let ma = scrape_metrics(&a.metrics_addr.unwrap().to_string()).await;
     let mb = scrape_metrics(&b.metrics_addr.unwrap().to_string()).await;
