@@ -3018,17 +3018,43 @@ impl Nats {
         panic!("nats-server not found: `apt-get install nats-server` (tests/run does it)");
     }
 
+    /// Started on a port nats-server picks itself (`-p -1`, read back from
+    /// its ports file): two tests picking "a free port" at once could pick
+    /// the same one and share a server.
     async fn start() -> Nats {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut n = Nats { port, child: None };
-        n.restart().await;
+        let dir = std::env::temp_dir().join(format!("hato-nats-{}", hato_signaling::id::new_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new(Self::binary())
+            .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let until = tokio::time::Instant::now() + T;
+        let port = loop {
+            let ports = std::fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .find_map(|e| std::fs::read_to_string(e.path()).ok())
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .and_then(|v| v["nats"][0].as_str().map(str::to_owned));
+            if let Some(url) = ports {
+                break url.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+            }
+            assert!(tokio::time::Instant::now() < until, "nats-server writes its ports file");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        let n = Nats {
+            port,
+            child: Some(child),
+        };
+        n.wait_listening().await;
         n
     }
 
+    /// Starts it again on the same port.
     async fn restart(&mut self) {
         let child = std::process::Command::new(Self::binary())
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
@@ -3037,11 +3063,12 @@ impl Nats {
             .spawn()
             .expect("nats-server starts");
         self.child = Some(child);
+        self.wait_listening().await;
+    }
+
+    async fn wait_listening(&self) {
         let until = tokio::time::Instant::now() + T;
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
             assert!(tokio::time::Instant::now() < until, "nats-server listens");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -3422,6 +3449,16 @@ async fn a_cluster_survives_a_killed_node_and_a_nats_restart() {
     ))
     .await;
     channel_count(&a, "k", 3).await;
+
+    // A node that stops answering (frozen) but is not yet taken for dead:
+    // the listing waits --cluster-request-timeout-ms, then answers without
+    // it and names it.
+    let c_pid = c_proc.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &c_pid]).status().unwrap().success());
+    let (status, head, body) = http(&a, "POST", &[("x-sora-target", "Sora_20201013.ListChannelConnections")], r#"{"channel_id":"k"}"#).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(head.contains("x-hato-partial: c\r\n"), "{head}{body}");
+    assert_eq!(serde_json::from_str::<Vec<Value>>(&body).unwrap().len(), 2);
 
     c_proc.start_kill().unwrap();
     let _ = c_proc.wait().await;

@@ -306,9 +306,9 @@ test("cluster: the SDK connected to node B receives a push sent to node A's API"
     // Both nodes up and each in the other's view (GetStatsReport lists them).
     for (let i = 0; ; i++) {
       const seen = await Promise.all([a, b].map((n) => post(n.api, "Sora_20171010.GetStatsReport", {})
-        .then(([s, t]) => (s === 200 ? JSON.parse(t).cluster.other_nodes.length : 0), () => 0)));
-      if (seen.every((n) => n === 1)) break;
-      assert.ok(i < 100, "the two nodes find each other");
+        .then(([s, t]) => (s === 200 ? JSON.parse(t).cluster : `status ${s}`), (e) => String(e))));
+      if (seen.every((c) => c?.other_nodes?.length === 1)) break;
+      assert.ok(i < 200, `the two nodes find each other: ${JSON.stringify(seen)}`);
       await new Promise((r) => setTimeout(r, 100));
     }
     const { page, id } = await connect("js-cluster", { dataChannelSignaling: true, ignoreDisconnectWebSocket: true }, null, b.signaling);
