@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { spawn, execFileSync, execSync } from "node:child_process";
 import { createServer } from "node:http";
 import https from "node:https";
-import { readFileSync, writeFileSync, mkdtempSync } from "node:fs";
+import { readFileSync, writeFileSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
 import os from "node:os";
 import net from "node:net";
 import { fileURLToPath } from "node:url";
@@ -283,21 +283,37 @@ test("cluster: the SDK connected to node B receives a push sent to node A's API"
   const natsBin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"].find((p) => {
     try { execFileSync("test", ["-x", p]); return true; } catch { return false; }
   }) ?? "nats-server";
-  const natsPort = await freePort();
-  const nats = spawn(natsBin, ["-a", "127.0.0.1", "-p", String(natsPort)], { stdio: "ignore" });
+  // nats-server and the nodes pick their own ports (and say which): ports
+  // picked here as "free" could be picked twice before anyone binds them.
+  const natsDir = mkdtempSync(path.join(os.tmpdir(), "hato-nats-"));
+  const nats = spawn(natsBin, ["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir", natsDir], { stdio: "ignore" });
+  let natsUrl;
+  for (let i = 0; !natsUrl; i++) {
+    const file = readdirSync(natsDir)[0];
+    try {
+      if (file) natsUrl = JSON.parse(readFileSync(path.join(natsDir, file), "utf8")).nats?.[0];
+    } catch { /* still being written */ }
+    assert.ok(i < 100, "nats-server writes its ports file");
+    if (!natsUrl) await new Promise((r) => setTimeout(r, 100));
+  }
   const nodes = [];
   try {
-    const node = async (name) => {
-      const [sig, api] = [await freePort(), await freePort()];
+    const node = (name) => new Promise((resolve, reject) => {
       const p = spawn(hatoBin, [
-        "--signaling-addr", `127.0.0.1:${sig}`, "--api-addr", `127.0.0.1:${api}`, "--rtc-addr", "127.0.0.1:0",
-        "--cluster-nats-url", `nats://127.0.0.1:${natsPort}`, "--node-name", name,
-      ], { env: { ...process.env, HATO_LOG: "hato=debug" } });
-      p.stdout.on("data", (d) => (hatoLog += d));
-      p.stderr.on("data", (d) => (hatoLog += d));
+        "--signaling-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--rtc-addr", "127.0.0.1:0",
+        "--cluster-nats-url", natsUrl, "--node-name", name,
+      ], { env: { ...process.env, HATO_LOG: "hato=debug", NO_COLOR: "1" } });
       nodes.push(p);
-      return { signaling: `ws://127.0.0.1:${sig}/signaling`, api: `http://127.0.0.1:${api}/` };
-    };
+      let out = "";
+      p.stderr.on("data", (d) => (hatoLog += d));
+      p.stdout.on("data", (d) => {
+        hatoLog += d;
+        out += d;
+        const m = out.match(/hato is serving signaling=(\S+) api=(\S+)/);
+        if (m) resolve({ signaling: m[1], api: m[2] });
+      });
+      p.on("exit", (code) => reject(new Error(`node ${name} exited (${code}) before serving`)));
+    });
     const [a, b] = [await node("node-a"), await node("node-b")];
     const post = async (url, target, body) => {
       const res = await fetch(url, { method: "POST", headers: { "x-sora-target": target }, body: JSON.stringify(body) });
@@ -333,5 +349,6 @@ test("cluster: the SDK connected to node B receives a push sent to node A's API"
   } finally {
     for (const p of nodes) p.kill("SIGINT");
     nats.kill();
+    rmSync(natsDir, { recursive: true, force: true });
   }
 });
