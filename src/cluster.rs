@@ -43,6 +43,8 @@ const PRESENCE: &str = "hato.presence";
 pub const LIST: &str = "hato.list";
 /// Messages waiting for the NATS client, in order; beyond, pushes get 503.
 const QUEUE: usize = 65_536;
+/// Events of one node kept while its snapshot is awaited, at most.
+const MAX_BUFFERED: usize = 100_000;
 /// The most one reply message carries (NATS refuses over 1 MiB by default).
 const CHUNK_BYTES: usize = 512 * 1024;
 
@@ -384,11 +386,14 @@ impl Cluster {
             sub.refs += 1;
             sub.ready.clone()
         };
-        let _ = tokio::time::timeout(self.request_timeout, ready.wait_for(|r| *r)).await;
-        ChannelGuard {
+        // The guard exists before the wait, so that a session dropped
+        // while waiting still gives its hold back.
+        let guard = ChannelGuard {
             cluster: self.clone(),
             channel_id,
-        }
+        };
+        let _ = tokio::time::timeout(self.request_timeout, ready.wait_for(|r| *r)).await;
+        guard
     }
 
     /// Tells the others `conn` joined (after it entered the table).
@@ -676,7 +681,7 @@ async fn presence(cluster: Arc<Cluster>) {
     let mut views: HashMap<String, View> = HashMap::new();
     let mut tick = tokio::time::interval(cluster.node_timeout / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut name_clash = Instant::now() - Duration::from_secs(60);
+    let mut name_clash: Option<Instant> = None;
     loop {
         tokio::select! {
             msg = sub.next() => {
@@ -687,8 +692,10 @@ async fn presence(cluster: Arc<Cluster>) {
                 };
                 let (node, epoch) = event.sender();
                 if node == &*cluster.node {
-                    if epoch != cluster.epoch && name_clash.elapsed() > Duration::from_secs(10) {
-                        name_clash = Instant::now();
+                    if epoch != cluster.epoch
+                        && name_clash.is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+                    {
+                        name_clash = Some(Instant::now());
                         tracing::error!(node, "cluster: another node uses this node's name; give each node its own --node-name");
                     }
                     continue;
@@ -756,6 +763,11 @@ fn on_presence(
     match &mut view.syncing {
         Some(buffer) => {
             if !matches!(event, Presence::Heartbeat { .. }) {
+                if buffer.len() >= MAX_BUFFERED {
+                    // The snapshot will be older than what was dropped
+                    // here, and the next gap asks for another.
+                    buffer.clear();
+                }
                 buffer.push(event);
             }
             if !view.fetching {

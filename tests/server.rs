@@ -3042,7 +3042,10 @@ impl Nats {
             if let Some(url) = ports {
                 break url.rsplit(':').next().unwrap().parse::<u16>().unwrap();
             }
-            assert!(tokio::time::Instant::now() < until, "nats-server writes its ports file");
+            assert!(
+                tokio::time::Instant::now() < until,
+                "nats-server writes its ports file"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let _ = std::fs::remove_dir_all(&dir);
@@ -3068,7 +3071,10 @@ impl Nats {
 
     async fn wait_listening(&self) {
         let until = tokio::time::Instant::now() + T;
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
             assert!(tokio::time::Instant::now() < until, "nats-server listens");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -3454,8 +3460,18 @@ async fn a_cluster_survives_a_killed_node_and_a_nats_restart() {
     // the listing waits --cluster-request-timeout-ms, then answers without
     // it and names it.
     let c_pid = c_proc.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill").args(["-STOP", &c_pid]).status().unwrap().success());
-    let (status, head, body) = http(&a, "POST", &[("x-sora-target", "Sora_20201013.ListChannelConnections")], r#"{"channel_id":"k"}"#).await;
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &c_pid])
+        .status()
+        .unwrap()
+        .success());
+    let (status, head, body) = http(
+        &a,
+        "POST",
+        &[("x-sora-target", "Sora_20201013.ListChannelConnections")],
+        r#"{"channel_id":"k"}"#,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert!(head.contains("x-hato-partial: c\r\n"), "{head}{body}");
     assert_eq!(serde_json::from_str::<Vec<Value>>(&body).unwrap().len(), 2);
