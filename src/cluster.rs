@@ -263,7 +263,17 @@ impl Cluster {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let name = node.clone();
-        let client = async_nats::ConnectOptions::new()
+        // async-nats parses credentials in a URL but does not send them:
+        // take them from the first URL that has some.
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(addr) = addrs.iter().find(|a| a.username().is_some()) {
+            let user = addr.username().unwrap_or_default().to_owned();
+            options = match addr.password() {
+                Some(pass) => options.user_and_password(user, pass.to_owned()),
+                None => options.token(user),
+            };
+        }
+        let client = options
             .name(format!("hato {node}"))
             .no_echo()
             .retry_on_initial_connect()

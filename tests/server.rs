@@ -3022,11 +3022,16 @@ impl Nats {
     /// its ports file): two tests picking "a free port" at once could pick
     /// the same one and share a server.
     async fn start() -> Nats {
+        Self::start_with(&[]).await
+    }
+
+    async fn start_with(extra: &[&str]) -> Nats {
         let dir = std::env::temp_dir().join(format!("hato-nats-{}", hato_signaling::id::new_id()));
         std::fs::create_dir_all(&dir).unwrap();
         let child = std::process::Command::new(Self::binary())
             .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
             .arg(&dir)
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -3425,6 +3430,39 @@ async fn a_cluster_of_three_nodes_serves_every_target_everywhere() {
         ),
         0.0
     );
+}
+
+/// Credentials in --cluster-nats-url are sent (async-nats parses them
+/// but leaves them out of its CONNECT): right ones join, wrong ones are
+/// refused by NATS, and that node's pushes get 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_the_nats_url_are_used() {
+    let nats = Nats::start_with(&["--user", "hato", "--pass", "s3cret"]).await;
+    let with = |creds: &'static str, name: &'static str| {
+        let url = nats.url().replace("nats://", &format!("nats://{creds}@"));
+        server_with(move |c| {
+            c.cluster_nats_url = Some(url);
+            c.node_name = Some(name.into());
+            c.cluster_node_timeout_ms = 1500;
+        })
+    };
+    let a = with("hato:s3cret", "a").await;
+    let b = with("hato:s3cret", "b").await;
+    let intruder = with("hato:wrong", "x").await;
+    knows_nodes(&a, &["b"]).await;
+    knows_nodes(&b, &["a"]).await;
+    let (status, err) = api(
+        &intruder,
+        "Sora_20160711.PushChannel",
+        r#"{"channel_id":"k","data":{}}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, err["error_type"].as_str()),
+        (503, Some("CLUSTER-UNAVAILABLE"))
+    );
+    let (_, report) = api(&intruder, "Sora_20171010.GetStatsReport", "").await;
+    assert_eq!(report["cluster"]["nats"], "disconnected");
 }
 
 /// A node killed without a word leaves every count within the node
