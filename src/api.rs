@@ -505,7 +505,9 @@ async fn list(
         }
         if !missing.is_empty() {
             tracing::warn!(nodes = ?missing, "listing: no answer from these nodes in time; the answer is partial");
-            partial = Some(missing.join(","));
+            // Names percent-encoded where a header could not carry them.
+            let names: Vec<String> = missing.iter().map(|n| header_safe(n)).collect();
+            partial = Some(names.join(","));
         }
     }
     let mut resp = json_response(StatusCode::OK, Value::Array(list).to_string());
@@ -513,6 +515,20 @@ async fn list(
         resp.headers_mut().insert("x-hato-partial", v);
     }
     Ok(resp)
+}
+
+/// `name` with every byte outside visible ASCII, and `,` and `%`,
+/// percent-encoded.
+fn header_safe(name: &str) -> String {
+    use std::fmt::Write;
+    name.bytes().fold(String::new(), |mut out, b| {
+        if (0x21..=0x7e).contains(&b) && b != b',' && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+        out
+    })
 }
 
 /// This node's connections (in one channel, or all) as listed.

@@ -3478,12 +3478,12 @@ async fn a_cluster_survives_a_killed_node_and_a_nats_restart() {
     let (mut c_proc, c_signaling, _c_api, _lines) = spawn_hato(
         "",
         &format!(
-            "--cluster-nats-url {} --node-name c --cluster-node-timeout-ms 1500",
+            "--cluster-nats-url {} --node-name c,ノード --cluster-node-timeout-ms 1500",
             nats.url()
         ),
     )
     .await;
-    knows_nodes(&a, &["b", "c"]).await;
+    knows_nodes(&a, &["b", "c,ノード"]).await;
     let mut on_a = connected(&opts(&a, "k", "recvonly")).await;
     let mut on_b = connected(&opts(&b, "k", "recvonly")).await;
     let on_c = connected(&ClientOptions::new(
@@ -3511,7 +3511,10 @@ async fn a_cluster_survives_a_killed_node_and_a_nats_restart() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    assert!(head.contains("x-hato-partial: c\r\n"), "{head}{body}");
+    assert!(
+        head.contains("x-hato-partial: c%2c%e3%83%8e%e3%83%bc%e3%83%89\r\n"),
+        "{head}{body}"
+    );
     assert_eq!(serde_json::from_str::<Vec<Value>>(&body).unwrap().len(), 2);
 
     c_proc.start_kill().unwrap();
