@@ -3104,11 +3104,16 @@ impl Drop for Nats {
 }
 
 async fn node(nats: &Nats, name: &str) -> Server {
+    node_with(nats, name, |_| {}).await
+}
+
+async fn node_with(nats: &Nats, name: &str, f: impl FnOnce(&mut Config)) -> Server {
     server_with(|c| {
         c.cluster_nats_url = Some(nats.url());
         c.node_name = Some(name.into());
         c.cluster_node_timeout_ms = 1500;
         c.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+        f(c);
     })
     .await
 }
@@ -3164,7 +3169,8 @@ async fn recipients(s: &Server, target: &str, body: Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_of_three_nodes_serves_every_target_everywhere() {
     let nats = Nats::start().await;
-    let a = node(&nats, "a").await;
+    let (hook_url, hook_seen) = auth_webhook().await;
+    let a = node_with(&nats, "a", |c| c.event_webhook_url = Some(hook_url)).await;
     let b = node(&nats, "b").await;
     let c = node(&nats, "c").await;
     knows_nodes(&a, &["b", "c"]).await;
@@ -3299,6 +3305,26 @@ async fn a_cluster_of_three_nodes_serves_every_target_everywhere() {
         unreachable!()
     };
     assert_eq!(message["channel_connections"], 4);
+    // A's event webhook counts the whole channel too.
+    let until = tokio::time::Instant::now() + T;
+    let created = loop {
+        let found = hook_seen.lock().unwrap().iter().find_map(|t| {
+            let e: Value = serde_json::from_str(t).ok()?;
+            (e["type"] == "connection.created" && e["connection_id"] == on_a.connection_id.as_str())
+                .then_some(e)
+        });
+        if let Some(e) = found {
+            break e;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "A's connection.created webhook"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(created["node_name"], "a");
+    assert_eq!(created["data"]["channel_connections"], 4);
+    assert_eq!(created["data"]["channel_recvonly_connections"], 2);
 
     // Listing on any node: the whole cluster, each with its node.
     channel_count(&b, "k", 4).await;
