@@ -821,9 +821,7 @@ fn cluster_item<'a>(op: &'a str, call: &'a api::Call<'_>) -> crate::cluster::Ite
         op,
         scope,
         key,
-        data: call
-            .data
-            .map(|d| serde_json::from_str(d).expect("data was validated as JSON")),
+        data: call.data,
     }
 }
 
@@ -896,7 +894,7 @@ fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, 
             n
         }
     };
-    let data_json = call.data.expect("a push call has data");
+    let data_json = call.data.expect("a push call has data").get();
     // The body stays exactly Sora's; how many connections the push was
     // queued to (0: nobody matched) goes in a header of hato's own.
     let mut resp = json_response(
@@ -910,7 +908,7 @@ fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, 
 
 fn push_frame(call: &api::Call<'_>) -> Arc<Frame> {
     Arc::new(Frame::new(message::push_json(
-        call.data.expect("a push call has data"),
+        call.data.expect("a push call has data").get(),
     )))
 }
 

@@ -118,8 +118,8 @@ pub enum Key {
 pub struct Call<'a> {
     pub channel_id: String,
     pub key: Key,
-    /// For a push: the text of `data`, a JSON object, as sent.
-    pub data: Option<&'a str>,
+    /// For a push: `data`, a JSON object, as sent (its text, unparsed).
+    pub data: Option<&'a RawValue>,
     /// For a disconnect: the answer, the keys that named the connections
     /// as sent (`{"channel_id":…,"client_id":…}`).
     pub echo: String,
@@ -191,7 +191,7 @@ fn parse_scoped<'a>(
     match operation {
         Operation::Push(_) => {
             call.data = Some(match map.get("data") {
-                Some(data) if is_object(data) => data.get(),
+                Some(data) if is_object(data) => *data,
                 Some(_) => return Err(bad("INVALID-DATA", "data must be a JSON object")),
                 None => return Err(bad("MISSING-KEY", "data is missing")),
             })
@@ -292,7 +292,7 @@ mod tests {
         let body = br#"{"channel_id":"c","data":{"z":1, "n":12345678901234567890123,"x":1e400}}"#;
         let call = parse(Operation::Push(Scope::Channel), body).unwrap();
         assert_eq!(
-            call.data,
+            call.data.map(RawValue::get),
             Some(r#"{"z":1, "n":12345678901234567890123,"x":1e400}"#)
         );
     }
@@ -347,7 +347,7 @@ mod tests {
             {"target":"Sora_20160711.PushConnection","channel_id":"c","connection_id":"x","data":{"n":2}}]}"#;
         let items = parse_batch(ok).unwrap();
         assert_eq!(items.len(), 2);
-        assert_eq!(items[1].call.data, Some(r#"{"n":2}"#));
+        assert_eq!(items[1].call.data.map(RawValue::get), Some(r#"{"n":2}"#));
         let bad_item =
             br#"{"pushes":[{"target":"Sora_20160711.PushChannel","channel_id":"c","data":{}},
             {"target":"Sora_20160711.PushChannel","channel_id":"c"}]}"#;
