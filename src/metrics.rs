@@ -236,6 +236,17 @@ fn set(counter: &Counter, value: u64) {
     counter.inner().store(value, Ordering::Relaxed);
 }
 
+/// Sets the counter of `family` labelled `label(name)` to each value.
+fn set_each<L: Clone + std::hash::Hash + Eq>(
+    family: &Family<L, Counter>,
+    label: impl Fn(String) -> L,
+    values: &[(&str, u64)],
+) {
+    for &(name, v) in values {
+        set(&family.get_or_create(&label(name.into())), v);
+    }
+}
+
 impl Metrics {
     /// Copies what is counted elsewhere, then encodes everything.
     pub fn render(&self, shared: &Shared) -> String {
@@ -244,31 +255,25 @@ impl Metrics {
         let e = shared.engine.stats();
         let dc = n(&t.deliveries_datachannel);
         let ws = n(&t.deliveries).saturating_sub(dc);
-        for (transport, v) in [("websocket", ws), ("datachannel", dc)] {
-            set(
-                &self.deliveries.get_or_create(&Transport {
-                    transport: transport.into(),
-                }),
-                v,
-            );
-        }
-        for (reason, v) in [
-            ("outbox_overflow", n(&t.overflows)),
-            ("undeliverable", n(&t.undeliverable)),
-            ("channel_failure", n(&t.channel_failures)),
-            ("refused_connection", n(&shared.admission.refused)),
-            ("refused_channel", n(&e.refused_channels)),
-            ("failed_send", n(&e.failed_sends)),
-            ("datagram_unknown", n(&e.dropped_unknown)),
-            ("datagram_integrity", n(&e.dropped_integrity)),
-        ] {
-            set(
-                &self.drops.get_or_create(&Reason {
-                    reason: reason.into(),
-                }),
-                v,
-            );
-        }
+        set_each(
+            &self.deliveries,
+            |transport| Transport { transport },
+            &[("websocket", ws), ("datachannel", dc)],
+        );
+        set_each(
+            &self.drops,
+            |reason| Reason { reason },
+            &[
+                ("outbox_overflow", n(&t.overflows)),
+                ("undeliverable", n(&t.undeliverable)),
+                ("channel_failure", n(&t.channel_failures)),
+                ("refused_connection", n(&shared.admission.refused)),
+                ("refused_channel", n(&e.refused_channels)),
+                ("failed_send", n(&e.failed_sends)),
+                ("datagram_unknown", n(&e.dropped_unknown)),
+                ("datagram_integrity", n(&e.dropped_integrity)),
+            ],
+        );
         let census = shared.table.census();
         for (role, counts) in ROLES.iter().zip(census.by_role_and_transport) {
             for (transport, count) in TRANSPORTS.iter().zip(counts) {
@@ -285,52 +290,43 @@ impl Metrics {
             .set(shared.admission.connections() as i64);
         if let Some(h) = &shared.auth_webhook {
             let c = &h.counters;
-            for (outcome, v) in [
-                ("allowed", n(&c.allowed)),
-                ("denied", n(&c.denied)),
-                ("failed", n(&c.failures)),
-            ] {
-                set(
-                    &self.auth_webhook.get_or_create(&Outcome {
-                        outcome: outcome.into(),
-                    }),
-                    v,
-                );
-            }
+            set_each(
+                &self.auth_webhook,
+                |outcome| Outcome { outcome },
+                &[
+                    ("allowed", n(&c.allowed)),
+                    ("denied", n(&c.denied)),
+                    ("failed", n(&c.failures)),
+                ],
+            );
         }
         if let Some(h) = &shared.event_webhook {
             let c = &h.counters;
-            for (outcome, v) in [
-                ("sent", n(&c.sent)),
-                ("failed_call", n(&c.failed_calls)),
-                ("given_up", n(&c.given_up)),
-                ("dropped", n(&c.dropped)),
-            ] {
-                set(
-                    &self.event_webhook.get_or_create(&Outcome {
-                        outcome: outcome.into(),
-                    }),
-                    v,
-                );
-            }
+            set_each(
+                &self.event_webhook,
+                |outcome| Outcome { outcome },
+                &[
+                    ("sent", n(&c.sent)),
+                    ("failed_call", n(&c.failed_calls)),
+                    ("given_up", n(&c.given_up)),
+                    ("dropped", n(&c.dropped)),
+                ],
+            );
         }
         if let Some(c) = &shared.cluster {
             let s = &c.stats;
-            for (event, v) in [
-                ("published", n(&s.published)),
-                ("received", n(&s.received)),
-                ("publish_failure", n(&s.publish_failures)),
-                ("unavailable", n(&s.unavailable)),
-                ("resync", n(&s.resyncs)),
-                ("node_lost", n(&s.nodes_lost)),
-            ] {
-                set(
-                    &self.cluster_events.get_or_create(&ClusterEvent {
-                        event: event.into(),
-                    }),
-                    v,
-                );
-            }
+            set_each(
+                &self.cluster_events,
+                |event| ClusterEvent { event },
+                &[
+                    ("published", n(&s.published)),
+                    ("received", n(&s.received)),
+                    ("publish_failure", n(&s.publish_failures)),
+                    ("unavailable", n(&s.unavailable)),
+                    ("resync", n(&s.resyncs)),
+                    ("node_lost", n(&s.nodes_lost)),
+                ],
+            );
             self.cluster_nodes.set(c.live_nodes().len() as i64);
             self.cluster_nats_connected.set(i64::from(c.available()));
         }
