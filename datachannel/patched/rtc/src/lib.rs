@@ -713,6 +713,7 @@ pub use {
     srtp, stun, turn,
 };
 
+mod hato_fast_hash;
 pub mod data_channel;
 pub mod media_stream;
 pub mod peer_connection;

@@ -225,14 +225,16 @@ impl<'a>
                 self.emit_data_channel_opened(now, transport, channel_id)?;
             }
 
-            // Get label/protocol before taking mutable borrow for the loop
-            let (label, protocol) = {
+            // hato patch: make sure the channel's stats exist once, instead of
+            // cloning its label and protocol for every message read.
+            if !self.stats.data_channels.contains_key(&channel_id) {
                 let dc = self
                     .data_channels
                     .get(&channel_id)
                     .ok_or(Error::ErrDataChannelNotExisted)?;
-                (dc.label.clone(), dc.protocol.clone())
-            };
+                self.stats
+                    .get_or_create_data_channel(channel_id, &dc.label, &dc.protocol);
+            }
 
             // Only deliver application messages once the channel is Open. Messages that
             // arrive while it is still Connecting stay buffered in the underlying
@@ -257,9 +259,9 @@ impl<'a>
                     debug!("recv application message {:?}", msg.transport.peer_addr);
 
                     // Track received message stats
-                    self.stats
-                        .get_or_create_data_channel(channel_id, &label, &protocol)
-                        .on_message_received(payload_len);
+                    if let Some(dc_stats) = self.stats.data_channels.get_mut(&channel_id) {
+                        dc_stats.on_message_received(payload_len);
+                    }
 
                     // https://datatracker.ietf.org/doc/html/rfc8831#section-6.6
                     // When receiving an SCTP user message with one of these [Empty]
@@ -330,13 +332,16 @@ impl<'a>
                 let data_len = data.len();
                 let channel_id = message.data_channel_id;
 
-                // Get label/protocol before taking mutable borrow
-                let dc_internal = self
-                    .data_channels
-                    .get(&channel_id)
-                    .ok_or(Error::ErrDataChannelNotExisted)?;
-                let label = dc_internal.label.clone();
-                let protocol = dc_internal.protocol.clone();
+                // hato patch: make sure the channel's stats exist once, instead
+                // of cloning its label and protocol for every message sent.
+                if !self.stats.data_channels.contains_key(&channel_id) {
+                    let dc = self
+                        .data_channels
+                        .get(&channel_id)
+                        .ok_or(Error::ErrDataChannelNotExisted)?;
+                    self.stats
+                        .get_or_create_data_channel(channel_id, &dc.label, &dc.protocol);
+                }
 
                 let data_channel = self
                     .data_channels
@@ -353,9 +358,9 @@ impl<'a>
                 data_channel.handle_write(data_channel_message)?;
 
                 // Track sent message stats
-                self.stats
-                    .get_or_create_data_channel(channel_id, &label, &protocol)
-                    .on_message_sent(data_len);
+                if let Some(dc_stats) = self.stats.data_channels.get_mut(&channel_id) {
+                    dc_stats.on_message_sent(data_len);
+                }
 
                 while let Some(data_channel_message) = data_channel.poll_write() {
                     debug!("send data channel message from handle_write");

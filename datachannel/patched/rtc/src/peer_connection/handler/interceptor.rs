@@ -31,6 +31,11 @@ use std::time::Instant;
 #[derive(Default)]
 pub(crate) struct InterceptorHandlerContext {
     is_dtls_handshake_complete: bool,
+    /// hato patch: whether an RTP or RTCP packet has ever entered the chain.
+    /// A connection with no transceivers that never carried one (a
+    /// DataChannel-only peer) has nothing in its chain: the polls below skip
+    /// it instead of walking it on every pass of the pipeline.
+    chain_used: bool,
 
     pub(crate) read_outs: VecDeque<TaggedRTCMessageInternal>,
     pub(crate) write_outs: VecDeque<TaggedRTCMessageInternal>,
@@ -47,6 +52,12 @@ pub(crate) struct InterceptorHandler<'a> {
 }
 
 impl<'a> InterceptorHandler<'a> {
+    /// hato patch: see `InterceptorHandlerContext::chain_used`.
+    fn chain_active(&self) -> bool {
+        self.ctx.is_dtls_handshake_complete
+            && (self.ctx.chain_used || !self.rtp_transceivers.is_empty())
+    }
+
     pub(crate) fn new(
         ctx: &'a mut InterceptorHandlerContext,
         rtp_transceivers: &'a mut Vec<RTCRtpTransceiverInternal>,
@@ -758,6 +769,7 @@ impl<'a>
                     .on_fec_packet_received_if_fec(ssrc, payload_bytes);
             }
 
+            self.ctx.chain_used = true;
             self.interceptor.handle_read(TaggedPacket {
                 now: msg.now,
                 transport: msg.transport,
@@ -771,7 +783,7 @@ impl<'a>
     }
 
     fn poll_read(&mut self) -> Option<Self::Rout> {
-        if self.ctx.is_dtls_handshake_complete {
+        if self.chain_active() {
             while let Some(packet) = self.interceptor.poll_read() {
                 // Attributes are how information crosses interceptors, and this is where the ones
                 // that mean something beyond the chain are recorded. The estimate reaches the
@@ -815,6 +827,7 @@ impl<'a>
         if self.ctx.is_dtls_handshake_complete
             && let RTCMessageInternal::Rtp(RTPMessage::Packet(packet)) = msg.message
         {
+            self.ctx.chain_used = true;
             self.interceptor.handle_write(TaggedPacket {
                 now: msg.now,
                 transport: msg.transport,
@@ -828,7 +841,7 @@ impl<'a>
     }
 
     fn poll_write(&mut self) -> Option<Self::Wout> {
-        if self.ctx.is_dtls_handshake_complete {
+        if self.chain_active() {
             while let Some(packet) = self.interceptor.poll_write() {
                 // Process outgoing packets for stats
                 match &packet.message.packet {
@@ -881,7 +894,7 @@ impl<'a>
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<()> {
-        if self.ctx.is_dtls_handshake_complete {
+        if self.chain_active() {
             self.interceptor.handle_timeout(now)
         } else {
             Ok(())
@@ -889,7 +902,7 @@ impl<'a>
     }
 
     fn poll_timeout(&mut self) -> Option<Instant> {
-        if self.ctx.is_dtls_handshake_complete {
+        if self.chain_active() {
             self.interceptor.poll_timeout()
         } else {
             None
@@ -981,6 +994,7 @@ mod boundary_tests {
     fn connected() -> InterceptorHandlerContext {
         InterceptorHandlerContext {
             is_dtls_handshake_complete: true,
+            chain_used: true,
             ..Default::default()
         }
     }
@@ -1276,6 +1290,7 @@ mod stream_binding_tests {
             // Media is bypassed entirely until the handshake finishes, so without this the handler
             // would forward every packet untouched and each test would pass vacuously.
             is_dtls_handshake_complete: true,
+            chain_used: true,
             ..Default::default()
         };
         let mut handler = InterceptorHandler::new(
@@ -1496,6 +1511,7 @@ mod stream_binding_tests {
         let mut stats = RTCStatsAccumulator::new();
         let mut ctx = InterceptorHandlerContext {
             is_dtls_handshake_complete: true,
+            chain_used: true,
             ..Default::default()
         };
 

@@ -411,7 +411,14 @@ impl sansio::Protocol<TaggedBytesMut, TaggedRTCMessage, TaggedRTCEvent> for RTCP
     }
 
     fn poll_read(&mut self) -> Option<Self::Rout> {
-        self.pump_reads(None);
+        // hato patch: serve what is queued before sweeping the pipeline again
+        // (as `poll_event` does); a sweep only adds behind it, and every
+        // sweep is a pass over all eight handlers.
+        if self.pipeline_context.data_read_outs.is_empty()
+            && self.pipeline_context.media_read_outs.is_empty()
+        {
+            self.pump_reads(None);
+        }
 
         if let (Some(data), Some(media)) = (
             self.pipeline_context.data_read_outs.front(),
@@ -457,7 +464,10 @@ impl sansio::Protocol<TaggedBytesMut, TaggedRTCMessage, TaggedRTCEvent> for RTCP
     }
 
     fn poll_write(&mut self) -> Option<Self::Wout> {
-        self.flush_writes();
+        // hato patch: serve what is queued before sweeping again, as above.
+        if self.pipeline_context.write_outs.is_empty() {
+            self.flush_writes();
+        }
         self.pipeline_context.write_outs.pop_front()
     }
 

@@ -15,7 +15,9 @@ use sctp::{
 use shared::error::{Error, Result};
 use shared::marshal::Unmarshal;
 use shared::{TransportContext, TransportMessage};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
+#[cfg(test)]
+use std::collections::HashMap;
 use std::time::Instant;
 
 pub(crate) struct SctpHandlerContext {
@@ -59,7 +61,7 @@ pub(crate) struct SctpHandlerContext {
     /// Keyed by association because the 5-tuple is a property of the association, not of the
     /// stream. An association with no entry has never received a datagram, so it cannot have
     /// parked data either.
-    association_transport: HashMap<AssociationHandle, TransportContext>,
+    association_transport: crate::hato_fast_hash::FastMap<AssociationHandle, TransportContext>,
 
     /// The newest instant a caller has supplied, seeded at construction.
     ///
@@ -82,7 +84,7 @@ impl SctpHandlerContext {
             flush_dirty: false,
             abort_requested: false,
             pending_readable: HashSet::new(),
-            association_transport: HashMap::new(),
+            association_transport: Default::default(),
             now,
         }
     }
@@ -355,8 +357,9 @@ impl<'a>
                 &mut self.ctx.sctp_transport.sctp_associations,
             );
 
-            let mut sctp_events: HashMap<AssociationHandle, VecDeque<AssociationEvent>> =
-                HashMap::new();
+            // hato patch: a datagram yields at most one association event; it
+            // was a HashMap of queues, allocated and hashed for every datagram.
+            let mut sctp_event: Option<(AssociationHandle, AssociationEvent)> = None;
             if let Some((ch, event)) = sctp_endpoint.handle(
                 msg.now,
                 msg.transport.peer_addr,
@@ -371,7 +374,7 @@ impl<'a>
                         sctp_associations.insert(ch, conn);
                     }
                     DatagramEvent::AssociationEvent(event) => {
-                        sctp_events.entry(ch).or_default().push_back(event);
+                        sctp_event = Some((ch, event));
                     }
                     _ => {}
                 }
@@ -382,16 +385,14 @@ impl<'a>
                 let mut endpoint_events: Vec<(AssociationHandle, EndpointEvent)> = vec![];
 
                 for (ch, conn) in sctp_associations.iter_mut() {
-                    for (event_ch, conn_events) in sctp_events.iter_mut() {
-                        if ch == event_ch {
-                            for event in conn_events.drain(..) {
-                                debug!(
-                                    "association_handle {} handle_event for Datagram from {}",
-                                    ch.0, msg.transport.peer_addr
-                                );
-                                conn.handle_event(event);
-                            }
-                        }
+                    if sctp_event.as_ref().is_some_and(|(event_ch, _)| event_ch == ch)
+                        && let Some((_, event)) = sctp_event.take()
+                    {
+                        debug!(
+                            "association_handle {} handle_event for Datagram from {}",
+                            ch.0, msg.transport.peer_addr
+                        );
+                        conn.handle_event(event);
                     }
 
                     while let Some(event) = conn.poll() {

@@ -6,7 +6,6 @@ use crate::peer_connection::transport::sctp::state::RTCSctpTransportState;
 use sctp::{Association, AssociationHandle};
 use shared::error::Result;
 use shared::{TransportContext, TransportProtocol};
-use std::collections::HashMap;
 
 pub(crate) mod capabilities;
 pub(crate) mod state;
@@ -28,7 +27,7 @@ pub(crate) struct SctpTransport {
 
     pub(crate) sctp_endpoint: Option<::sctp::Endpoint>,
     pub(crate) sctp_transport_config: Option<::sctp::TransportConfig>,
-    pub(crate) sctp_associations: HashMap<AssociationHandle, Association>,
+    pub(crate) sctp_associations: crate::hato_fast_hash::FastMap<AssociationHandle, Association>,
 
     // SCTPTransportState doesn't have an enum to distinguish between New/Connecting
     // so we need a dedicated field
@@ -85,7 +84,7 @@ impl SctpTransport {
             dtls_transport_id,
             sctp_endpoint: None,
             sctp_transport_config: None,
-            sctp_associations: HashMap::new(),
+            sctp_associations: Default::default(),
 
             is_started: false,
             max_message_size,
