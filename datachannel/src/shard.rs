@@ -879,12 +879,21 @@ impl Shard {
             return;
         };
         p.dirty = false;
+        let mut first = true;
         loop {
             let mut progressed = false;
             while let Some(ev) = p.pc.poll_event() {
                 progressed = true;
                 on_event(p, ev, &stats);
             }
+            // After a pass that ended with every write taken, only an event
+            // raised while writing can have left work: without one, the
+            // sweeps for reads and writes would find nothing (each is a pass
+            // over every handler of the core).
+            if !first && !progressed {
+                break;
+            }
+            first = false;
             while let Some(m) = p.pc.poll_read() {
                 progressed = true;
                 if let RTCMessage::DataChannelMessage(cid, msg) = m.message {
