@@ -33,7 +33,7 @@ use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -53,6 +53,15 @@ const EARLY_LIMIT: usize = 64;
 
 /// How often shard 0 of a server engine returns free memory to the kernel.
 const TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// Peers created within one [`TRIM_EVERY`] that make it a connect storm,
+/// after which memory is handed back every [`TRIM_EVERY`] for
+/// [`TRIM_AFTER_STORM`].
+const STORM: u64 = 64;
+
+/// How long after a connect storm the periodic return of memory goes on:
+/// its notifies drain from the SCTP queues within seconds.
+const TRIM_AFTER_STORM: Duration = Duration::from_secs(20);
 
 /// Peers removed between two returns of free memory to the kernel.
 const TRIM_AFTER: usize = 256;
@@ -169,6 +178,8 @@ impl Handle {
 #[derive(Clone)]
 pub struct Common {
     stats: Arc<Stats>,
+    /// Peers created by every shard so far (shard 0 decides when to trim).
+    created: Arc<AtomicU64>,
     /// One DTLS certificate for every peer: generating one per peer costs
     /// CPU at every connect, and nothing is gained by it.
     certificate: RTCCertificate,
@@ -205,6 +216,7 @@ impl Common {
         };
         Ok(Common {
             stats,
+            created: Arc::new(AtomicU64::new(0)),
             certificate,
             crypto,
             advertise,
@@ -277,6 +289,8 @@ pub fn spawn(
                     out: Vec::new(),
                     removed_since_trim: 0,
                     next_trim: Instant::now() + TRIM_EVERY,
+                    created_at_trim: 0,
+                    last_storm: None,
                 }
                 .run(rx)
                 .await;
@@ -397,6 +411,10 @@ struct Shard {
     out: Vec<(SocketAddr, BytesMut)>,
     removed_since_trim: usize,
     next_trim: Instant,
+    /// `Common::created` at the last periodic trim.
+    created_at_trim: u64,
+    /// The last periodic trim that found a connect storm behind it.
+    last_storm: Option<Instant>,
 }
 
 impl Shard {
@@ -425,12 +443,21 @@ impl Shard {
                 () = sleep => {}
             }
             let now = Instant::now();
-            // Shard 0 hands freed memory back now and then: a connect
-            // storm's notifies sit in SCTP queues by the hundred thousand
+            // Shard 0 hands freed memory back now and then after a connect
+            // storm: its notifies sit in SCTP queues by the hundred thousand
             // for a few seconds, and glibc would otherwise keep that peak.
+            // Not otherwise: with a large heap a trim holds the allocator
+            // for up to ~25 ms, a stall every thread of the process feels.
             if self.k == 0 && self.socket.is_some() && now >= self.next_trim {
                 self.next_trim = now + TRIM_EVERY;
-                give_back_memory();
+                let created = self.common.created.load(Ordering::Relaxed);
+                if created - self.created_at_trim >= STORM {
+                    self.last_storm = Some(now);
+                }
+                self.created_at_trim = created;
+                if self.last_storm.is_some_and(|t| now - t <= TRIM_AFTER_STORM) {
+                    give_back_memory();
+                }
             }
             for c in commands.drain(..) {
                 self.on_command(c, now);
@@ -696,6 +723,7 @@ impl Shard {
             },
         );
         self.common.stats.live_peers.fetch_add(1, Ordering::Relaxed);
+        self.common.created.fetch_add(1, Ordering::Relaxed);
         self.mark(id);
         Ok((id, sdp))
     }
