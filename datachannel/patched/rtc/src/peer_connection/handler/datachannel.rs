@@ -85,6 +85,21 @@ impl<'a> DataChannelHandler<'a> {
         }
     }
 
+    /// hato patch: creates the channel's stats entry if it has none, so that
+    /// the per-message paths find it by id instead of cloning the channel's
+    /// label and protocol for every message read or sent.
+    fn ensure_data_channel_stats(&mut self, channel_id: RTCDataChannelId) -> Result<()> {
+        if !self.stats.data_channels.contains_key(&channel_id) {
+            let dc = self
+                .data_channels
+                .get(&channel_id)
+                .ok_or(Error::ErrDataChannelNotExisted)?;
+            self.stats
+                .get_or_create_data_channel(channel_id, &dc.label, &dc.protocol);
+        }
+        Ok(())
+    }
+
     pub(crate) fn name(&self) -> &'static str {
         "DataChannelHandler"
     }
@@ -225,16 +240,7 @@ impl<'a>
                 self.emit_data_channel_opened(now, transport, channel_id)?;
             }
 
-            // hato patch: make sure the channel's stats exist once, instead of
-            // cloning its label and protocol for every message read.
-            if !self.stats.data_channels.contains_key(&channel_id) {
-                let dc = self
-                    .data_channels
-                    .get(&channel_id)
-                    .ok_or(Error::ErrDataChannelNotExisted)?;
-                self.stats
-                    .get_or_create_data_channel(channel_id, &dc.label, &dc.protocol);
-            }
+            self.ensure_data_channel_stats(channel_id)?;
 
             // Only deliver application messages once the channel is Open. Messages that
             // arrive while it is still Connecting stay buffered in the underlying
@@ -332,16 +338,7 @@ impl<'a>
                 let data_len = data.len();
                 let channel_id = message.data_channel_id;
 
-                // hato patch: make sure the channel's stats exist once, instead
-                // of cloning its label and protocol for every message sent.
-                if !self.stats.data_channels.contains_key(&channel_id) {
-                    let dc = self
-                        .data_channels
-                        .get(&channel_id)
-                        .ok_or(Error::ErrDataChannelNotExisted)?;
-                    self.stats
-                        .get_or_create_data_channel(channel_id, &dc.label, &dc.protocol);
-                }
+                self.ensure_data_channel_stats(channel_id)?;
 
                 let data_channel = self
                     .data_channels
