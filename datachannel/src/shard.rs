@@ -11,7 +11,7 @@
 //! peers leave together at the end of the turn.
 
 use crate::demux::{Demux, Route};
-use crate::udp::{Datagram, SharedSocket};
+use crate::udp::{Datagram, PeerSockets, SharedSocket};
 use crate::{EngineConfig, Error, PeerEvent, Sockets, Stats};
 use bytes::{Bytes, BytesMut};
 use rand::distributions::Alphanumeric;
@@ -50,6 +50,9 @@ const EVENT_RESERVE: usize = 16;
 /// Datagrams held for a peer that is not ready for them yet (an ICE check or
 /// a DTLS ClientHello that overtook the answer on the signaling path).
 const EARLY_LIMIT: usize = 64;
+
+/// Datagrams read from one peer's own socket per turn (a client shard).
+const OWN_READS: usize = 16;
 
 /// How often shard 0 of a server engine returns free memory to the kernel.
 const TRIM_EVERY: Duration = Duration::from_secs(10);
@@ -155,11 +158,6 @@ pub enum Command {
         id: PeerId,
         label: Arc<str>,
     },
-    /// A datagram that a per-peer socket received.
-    Inbound {
-        id: PeerId,
-        datagram: Datagram,
-    },
 }
 
 /// The sending half of a shard's command queue.
@@ -257,7 +255,6 @@ pub fn spawn(
     };
     let (commands, rx) = mpsc::unbounded_channel();
     let bind_ip = config.bind.ip();
-    let self_tx = commands.downgrade();
     std::thread::Builder::new()
         .name(format!("hato-rtc-{k}"))
         .spawn(move || {
@@ -274,13 +271,24 @@ pub fn spawn(
                     }
                 };
                 let port = addr.map_or(0, |a| a.port());
+                let peer_sockets = if socket.is_some() {
+                    None
+                } else {
+                    match PeerSockets::new() {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            tracing::error!(error = %e, "shard {k}: no epoll set for peer sockets");
+                            return;
+                        }
+                    }
+                };
                 Shard {
                     k,
                     common,
                     socket,
                     port,
                     bind_ip,
-                    self_tx,
+                    peer_sockets,
                     peers: HashMap::new(),
                     demux: Demux::default(),
                     next_id: 1,
@@ -348,8 +356,8 @@ struct PeerSlot {
     offerer: bool,
     /// Datagrams that arrived before the answer was applied.
     early: Option<Vec<Datagram>>,
-    /// The socket of a per-peer engine, and the task reading it.
-    own_socket: Option<(Arc<tokio::net::UdpSocket>, tokio::task::JoinHandle<()>)>,
+    /// The socket of a per-peer engine (in the shard's [`PeerSockets`]).
+    own_socket: Option<std::net::UdpSocket>,
     local_addr: SocketAddr,
     deadline: Option<Instant>,
     dirty: bool,
@@ -401,9 +409,12 @@ struct Shard {
     socket: Option<SharedSocket>,
     port: u16,
     bind_ip: IpAddr,
-    /// For per-peer socket tasks to hand datagrams back.
-    self_tx: mpsc::WeakUnboundedSender<Command>,
-    peers: HashMap<PeerId, PeerSlot>,
+    /// A client shard's per-peer sockets.
+    peer_sockets: Option<PeerSockets>,
+    /// Boxed: a slot holds a whole PeerConnection (~9 KB), and a table
+    /// of slots inline keeps up to twice its peers' worth of them empty
+    /// (its buckets double at 7/8 full): ~9 KB per peer at 500 a shard.
+    peers: HashMap<PeerId, Box<PeerSlot>>,
     demux: Demux,
     next_id: PeerId,
     dirty: Vec<PeerId>,
@@ -421,6 +432,9 @@ impl Shard {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         let mut commands = Vec::with_capacity(256);
         let mut datagrams = Vec::with_capacity(64);
+        let mut ready = Vec::with_capacity(64);
+        let mut own_reads = Vec::with_capacity(64);
+        let mut buf = vec![0u8; 2048];
         loop {
             let next_timer = self.timers.peek().map(|Reverse((t, _))| *t);
             let sleep = async {
@@ -440,23 +454,36 @@ impl Shard {
                         tracing::warn!(error = %e, "shard {}: UDP socket failed", self.k);
                     }
                 }
+                r = async { self.peer_sockets.as_ref().unwrap().ready(&mut ready).await }, if self.peer_sockets.is_some() => {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "shard {}: peer sockets failed", self.k);
+                    }
+                }
                 () = sleep => {}
             }
             let now = Instant::now();
-            // Shard 0 hands freed memory back now and then after a connect
-            // storm: its notifies sit in SCTP queues by the hundred thousand
-            // for a few seconds, and glibc would otherwise keep that peak.
-            // Not otherwise: with a large heap a trim holds the allocator
-            // for up to ~25 ms, a stall every thread of the process feels.
-            if self.k == 0 && self.socket.is_some() && now >= self.next_trim {
+            if now >= self.next_trim {
                 self.next_trim = now + TRIM_EVERY;
-                let created = self.common.created.load(Ordering::Relaxed);
-                if created - self.created_at_trim >= STORM {
-                    self.last_storm = Some(now);
+                // The core's queues keep the capacity of their largest
+                // burst (a connect storm's notifies): give back the empty.
+                for p in self.peers.values_mut() {
+                    p.pc.shrink_idle_queues();
                 }
-                self.created_at_trim = created;
-                if self.last_storm.is_some_and(|t| now - t <= TRIM_AFTER_STORM) {
-                    give_back_memory();
+                // Shard 0 hands freed memory back now and then after a
+                // connect storm: its notifies sit in SCTP queues by the
+                // hundred thousand for a few seconds, and glibc would
+                // otherwise keep that peak. Not otherwise: with a large heap
+                // a trim holds the allocator for up to ~25 ms, a stall every
+                // thread of the process feels.
+                if self.k == 0 && self.socket.is_some() {
+                    let created = self.common.created.load(Ordering::Relaxed);
+                    if created - self.created_at_trim >= STORM {
+                        self.last_storm = Some(now);
+                    }
+                    self.created_at_trim = created;
+                    if self.last_storm.is_some_and(|t| now - t <= TRIM_AFTER_STORM) {
+                        give_back_memory();
+                    }
                 }
             }
             for c in commands.drain(..) {
@@ -477,6 +504,13 @@ impl Shard {
             }
             for d in datagrams.drain(..) {
                 self.on_datagram(d, now);
+            }
+            // A client shard: what its peers' own sockets hold.
+            for id in ready.drain(..) {
+                self.read_own_socket(id, &mut buf, &mut own_reads);
+            }
+            for (id, d) in own_reads.drain(..) {
+                self.deliver(id, d, now);
             }
             self.on_timers(now);
             self.drive_dirty(now);
@@ -577,7 +611,6 @@ impl Shard {
                     self.drive(id, now);
                 }
             }
-            Command::Inbound { id, datagram } => self.deliver(id, datagram, now),
         }
     }
 
@@ -598,9 +631,8 @@ impl Shard {
             None => {
                 let s = std::net::UdpSocket::bind(SocketAddr::new(self.bind_ip, 0))
                     .and_then(|s| s.set_nonblocking(true).map(|()| s))
-                    .and_then(tokio::net::UdpSocket::from_std)
                     .map_err(|e| Error(format!("cannot bind a UDP socket: {e}")))?;
-                Some(Arc::new(s))
+                Some(s)
             }
         };
         let port = match &own_socket {
@@ -695,14 +727,14 @@ impl Shard {
         let id = self.next_id;
         self.next_id += 1;
         let local_addr = SocketAddr::new(self.common.advertise[0], port);
-        let own_socket = own_socket.map(|s| {
-            let task = tokio::spawn(read_own_socket(s.clone(), id, self.self_tx.clone()));
-            (s, task)
-        });
+        if let (Some(s), Some(set)) = (&own_socket, &self.peer_sockets) {
+            set.add(s, id)
+                .map_err(|e| Error(format!("cannot watch a UDP socket: {e}")))?;
+        }
         self.demux.add_peer(id, ufrag.clone(), pwd);
         self.peers.insert(
             id,
-            PeerSlot {
+            Box::new(PeerSlot {
                 pc,
                 ufrag,
                 events,
@@ -720,7 +752,7 @@ impl Shard {
                 closing: None,
                 stalled: false,
                 send_failed: false,
-            },
+            }),
         );
         self.common.stats.live_peers.fetch_add(1, Ordering::Relaxed);
         self.common.created.fetch_add(1, Ordering::Relaxed);
@@ -783,16 +815,16 @@ impl Shard {
             let _ = p.pc.close();
             take_writes(&mut p, &mut self.out, &self.common.stats, |_| {});
         }
-        if let Some((_, task)) = p.own_socket.take() {
-            task.abort();
+        if let (Some(s), Some(set)) = (p.own_socket.take(), &self.peer_sockets) {
+            set.remove(&s);
         }
         self.demux.remove_peer(id, &p.ufrag);
         self.common.stats.live_peers.fetch_sub(1, Ordering::Relaxed);
         drop(p);
         self.removed_since_trim += 1;
         if self.peers.is_empty() {
-            // The maps keep the capacity of their busiest moment (a slot
-            // holds a whole PeerConnection, ~9 KB): give it back.
+            // The maps keep the capacity of their busiest moment: give it
+            // back.
             self.peers = HashMap::new();
             self.timers = BinaryHeap::new();
             self.demux = Demux::default();
@@ -818,6 +850,31 @@ impl Shard {
                     &self.common.stats.dropped_unknown
                 };
                 c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Up to [`OWN_READS`] datagrams from peer `id`'s own socket.
+    fn read_own_socket(&self, id: PeerId, buf: &mut [u8], out: &mut Vec<(PeerId, Datagram)>) {
+        let Some(s) = self.peers.get(&id).and_then(|p| p.own_socket.as_ref()) else {
+            return;
+        };
+        for _ in 0..OWN_READS {
+            match s.recv_from(buf) {
+                Ok((n, from)) => out.push((
+                    id,
+                    Datagram {
+                        from,
+                        to_ip: None,
+                        data: BytesMut::from(&buf[..n]),
+                    },
+                )),
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        tracing::debug!(peer = id, error = %e, "recv on a peer socket");
+                    }
+                    return;
+                }
             }
         }
     }
@@ -1023,8 +1080,8 @@ fn take_writes(
         any = true;
         let to = w.transport.peer_addr;
         match &p.own_socket {
-            Some((s, _)) => {
-                if s.try_send_to(&w.message, to).is_err() {
+            Some(s) => {
+                if s.send_to(&w.message, to).is_err() {
                     stats.dropped_outbound.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -1135,28 +1192,5 @@ fn on_event(p: &mut PeerSlot, ev: RTCPeerConnectionEvent, stats: &Stats) {
             _ => {}
         },
         _ => {}
-    }
-}
-
-/// Reads a per-peer socket and hands each datagram to the shard.
-async fn read_own_socket(
-    socket: Arc<tokio::net::UdpSocket>,
-    id: PeerId,
-    shard: mpsc::WeakUnboundedSender<Command>,
-) {
-    let mut buf = vec![0u8; 2048];
-    loop {
-        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
-            return;
-        };
-        let Some(tx) = shard.upgrade() else { return };
-        let datagram = Datagram {
-            from,
-            to_ip: None,
-            data: BytesMut::from(&buf[..n]),
-        };
-        if tx.send(Command::Inbound { id, datagram }).is_err() {
-            return;
-        }
     }
 }

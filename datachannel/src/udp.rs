@@ -189,3 +189,91 @@ pub fn interface_addrs(v6: bool) -> Vec<IpAddr> {
     }
     found
 }
+
+/// The sockets of a client shard's peers, one each (as a browser has), read
+/// by the shard itself: every socket sits in one epoll set of the shard's,
+/// whose own descriptor the shard's runtime watches. A datagram costs one
+/// `recvfrom` — no task per socket, no wake, no hand-over.
+pub struct PeerSockets {
+    epoll: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+/// Ready sockets taken per `epoll_wait`.
+const READY_BATCH: usize = 256;
+
+impl PeerSockets {
+    pub fn new() -> io::Result<PeerSockets> {
+        // SAFETY: plain system call; the descriptor is owned from here on.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: the OwnedFd is moved in and stays open, the same
+        // descriptor, for as long as the AsyncFd owns it.
+        let epoll =
+            unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, Interest::READABLE) }
+                .map_err(io::Error::from)?;
+        Ok(PeerSockets { epoll })
+    }
+
+    /// Watches `socket` (level-triggered) for peer `id`.
+    pub fn add(&self, socket: &std::net::UdpSocket, id: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, socket, id)
+    }
+
+    /// Stops watching `socket` (before it is closed).
+    pub fn remove(&self, socket: &std::net::UdpSocket) {
+        let _ = self.ctl(libc::EPOLL_CTL_DEL, socket, 0);
+    }
+
+    fn ctl(&self, op: libc::c_int, socket: &std::net::UdpSocket, id: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: id,
+        };
+        // SAFETY: both descriptors are open; `ev` lives across the call.
+        let r = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, socket.as_raw_fd(), &mut ev) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Waits until some sockets hold datagrams and appends their peers to
+    /// `out`. A socket stays listed (level-triggered) until read empty.
+    pub async fn ready(&self, out: &mut Vec<u64>) -> io::Result<()> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; READY_BATCH];
+        loop {
+            let mut guard = self.epoll.readable().await?;
+            let polled = guard.try_io(|epoll| {
+                // SAFETY: `events` has room for READY_BATCH entries.
+                let n = unsafe {
+                    libc::epoll_wait(
+                        epoll.as_raw_fd(),
+                        events.as_mut_ptr(),
+                        READY_BATCH as libc::c_int,
+                        0,
+                    )
+                };
+                match n {
+                    n if n < 0 => Err(io::Error::last_os_error()),
+                    // None left: the runtime waits for the set's next edge.
+                    0 => Err(io::ErrorKind::WouldBlock.into()),
+                    n => Ok(n as usize),
+                }
+            });
+            match polled {
+                Ok(Ok(n)) => {
+                    out.extend(events[..n].iter().map(|e| e.u64));
+                    return Ok(());
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+    }
+}

@@ -174,6 +174,45 @@ impl RTCPeerConnection {
         )
     }
 
+    /// hato patch: gives back the memory of the pipeline's empty queues.
+    ///
+    /// Each of the handlers' queues keeps the capacity of the largest burst
+    /// it ever carried (a queue of 224-byte messages never shrinks): after a
+    /// connect storm, when hundreds of notifies went out at once, ~50 KB per
+    /// connection of empty queues; and every queue that carried one message
+    /// keeps four slots. A server with thousands of mostly idle connections
+    /// calls this now and then; a queue that is needed again regrows.
+    #[doc(hidden)]
+    pub fn shrink_idle_queues(&mut self) {
+        fn idle<T>(q: &mut VecDeque<T>) {
+            if q.is_empty() && q.capacity() > 0 {
+                *q = VecDeque::new();
+            }
+        }
+        macro_rules! contexts {
+            ($($c:ident),*) => {$(
+                idle(&mut self.pipeline_context.$c.read_outs);
+                idle(&mut self.pipeline_context.$c.write_outs);
+                idle(&mut self.pipeline_context.$c.event_outs);
+            )*};
+        }
+        contexts!(
+            demuxer_handler_context,
+            ice_handler_context,
+            dtls_handler_context,
+            sctp_handler_context,
+            datachannel_handler_context,
+            srtp_handler_context,
+            interceptor_handler_context,
+            endpoint_handler_context
+        );
+        let c = &mut self.pipeline_context;
+        idle(&mut c.media_read_outs);
+        idle(&mut c.data_read_outs);
+        idle(&mut c.write_outs);
+        idle(&mut c.event_outs);
+    }
+
     /// Next media (RTP/RTCP) message for the application, if any.
     ///
     /// Never affected by data-channel back-pressure. Media arrives over SRTP and is subject to
