@@ -227,7 +227,8 @@ struct Counters {
     deliveries: AtomicU64,
 }
 
-/// The server's RSS (kB) and CPU seconds; summed over a cluster's nodes.
+/// RSS (kB) and CPU seconds of processes, summed (a cluster's nodes, or
+/// hato-load's own workers).
 fn proc_stat(pids: &[u32]) -> Option<(u64, f64)> {
     pids.iter().try_fold((0, 0.0), |(rss_sum, cpu_sum), pid| {
         let (rss, _, cpu) = hato::metrics::process_figures_of(&pid.to_string())?;
@@ -784,13 +785,16 @@ fn observe(
     o
 }
 
-/// The server's RSS and CPU at the moments the report compares.
+/// The server's RSS and CPU at the moments the report compares, and the
+/// CPU of hato-load's own processes while pushing.
 #[derive(Default, Clone, Copy)]
 struct ServerSamples {
     before: Option<(u64, f64)>,
     connected: Option<(u64, f64)>,
     pushing: Option<(u64, f64)>,
     after: Option<(u64, f64)>,
+    client_pushing: Option<(u64, f64)>,
+    client_after: Option<(u64, f64)>,
 }
 
 /// Step 5: the summary, the one-line verdict and the exit status.
@@ -866,10 +870,18 @@ fn report(
             "rss_kb_per_peer": per_peer(s.before, s.connected),
             "rss_kb_settled": s.pushing.map(|p| p.0),
             "rss_kb_per_peer_settled": per_peer(s.before, s.pushing),
+            "rss_kb_after_pushing": s.after.map(|p| p.0),
+            "rss_kb_per_peer_after_pushing": per_peer(s.before, s.after),
             "cpu_seconds": delta(s.before, s.after),
             "cpu_seconds_pushing": delta(s.pushing, s.after),
             "cpu_us_per_delivery": delta(s.pushing, s.after).filter(|_| o.received > 0).map(|c| c * 1e6 / o.received as f64),
         })),
+        // hato-load itself (every process of --processes): on a machine it
+        // shares with the server, what it costs is CPU the server lacked.
+        "client": {
+            "cpu_seconds_pushing": delta(s.client_pushing, s.client_after),
+            "cpu_us_per_delivery": delta(s.client_pushing, s.client_after).filter(|_| o.received > 0).map(|c| c * 1e6 / o.received as f64),
+        },
     });
     let text = serde_json::to_string_pretty(&summary).expect("serialises");
     match args.json.as_deref() {
@@ -1014,12 +1026,16 @@ async fn parent(args: Args, tty: bool) -> i32 {
         );
     }
     samples.connected = server_pid.as_deref().and_then(proc_stat);
+    let mut own_pids = vec![std::process::id()];
+    own_pids.extend(workers.iter().filter_map(|(c, _, _)| c.id()));
     tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
     samples.pushing = server_pid.as_deref().and_then(proc_stat);
+    samples.client_pushing = proc_stat(&own_pids);
     let counters = Arc::new(Counters::default());
     let pushed = push_phase(&args, Arc::new(targets), &counters).await;
     tokio::time::sleep(Duration::from_secs_f64(args.drain)).await;
     samples.after = server_pid.as_deref().and_then(proc_stat);
+    samples.client_after = proc_stat(&own_pids);
     let mut merged = Observed::default();
     for (mut child, mut stdin, mut lines) in workers {
         let _ = stdin.write_all(b"report\n").await;
@@ -1054,6 +1070,7 @@ async fn single(args: Args, tty: bool) -> i32 {
     // storm pass before measuring pushes.
     tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
     samples.pushing = server_pid.as_deref().and_then(proc_stat);
+    samples.client_pushing = proc_stat(&[std::process::id()]);
     let live = tty.then(|| progress(counters.clone(), records.clone()));
     let targets = Arc::new(targets);
     let pushed = push_phase(&args, targets.clone(), &counters).await;
@@ -1063,6 +1080,7 @@ async fn single(args: Args, tty: bool) -> i32 {
         eprintln!();
     }
     samples.after = server_pid.as_deref().and_then(proc_stat);
+    samples.client_after = proc_stat(&[std::process::id()]);
     let observed = observe(connected, &args, &targets, &records);
     leave.now().await;
     report(&args, &observed, &pushed, connect_secs, server_pid, samples)
