@@ -64,6 +64,7 @@ async fn main() {
         dropped_unknown = n(&e.dropped_unknown),
         dropped_integrity = n(&e.dropped_integrity),
         held_early = n(&e.held_early),
+        held_before_ice = n(&e.held_before_ice),
         dropped_early = n(&e.dropped_early),
         refused_channels = n(&e.refused_channels),
         dropped_messages = n(&e.dropped_messages),

@@ -77,6 +77,7 @@ pub struct Metrics {
     pub auth_webhook_seconds: Histogram,
     deliveries: Family<Transport, Counter>,
     drops: Family<Reason, Counter>,
+    held: Family<Reason, Counter>,
     connections: Family<RoleTransport, Gauge>,
     signaling_connections: Gauge,
     outbox_bytes: Gauge,
@@ -108,6 +109,7 @@ impl Default for Metrics {
             auth_webhook_seconds: Histogram::new(seconds_buckets()),
             deliveries: Family::default(),
             drops: Family::default(),
+            held: Family::default(),
             connections: Family::default(),
             signaling_connections: Gauge::default(),
             outbox_bytes: Gauge::default(),
@@ -169,6 +171,11 @@ impl Default for Metrics {
             "hato_drops",
             "Things dropped or refused, by reason",
             m.drops.clone(),
+        );
+        r.register(
+            "hato_datagrams_held",
+            "Datagrams the WebRTC engine held until their peer was ready, by what it waited for",
+            m.held.clone(),
         );
         r.register(
             "hato_connections",
@@ -272,7 +279,13 @@ impl Metrics {
                 ("failed_send", n(&e.failed_sends)),
                 ("datagram_unknown", n(&e.dropped_unknown)),
                 ("datagram_integrity", n(&e.dropped_integrity)),
+                ("datagram_early", n(&e.dropped_early)),
             ],
+        );
+        set_each(
+            &self.held,
+            |reason| Reason { reason },
+            &[("answer", n(&e.held_early)), ("ice", n(&e.held_before_ice))],
         );
         let census = shared.table.census();
         for (role, counts) in ROLES.iter().zip(census.by_role_and_transport) {

@@ -2598,6 +2598,15 @@ async fn metrics_parse_and_move() {
         value(&after, "hato_connections", &[("transport", "websocket")]),
         0.0
     );
+    // The DataChannel peer's first DTLS flight reached hato before hato's
+    // ICE agent had heard its nomination succeed (hato's client, like a
+    // browser, starts DTLS as soon as it is nominated): held, not dropped,
+    // and none lost for want of room.
+    assert!(value(&after, "hato_datagrams_held_total", &[("reason", "ice")]) >= 1.0);
+    assert_eq!(
+        value(&after, "hato_drops_total", &[("reason", "datagram_early")]),
+        0.0
+    );
     assert!(after
         .samples
         .iter()

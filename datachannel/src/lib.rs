@@ -137,8 +137,13 @@ pub struct Stats {
     pub dropped_unknown: AtomicU64,
     /// STUN from a new address whose MESSAGE-INTEGRITY did not check out.
     pub dropped_integrity: AtomicU64,
-    /// Datagrams held for a peer that was not ready for them yet.
+    /// Datagrams held for a peer that was not ready for them yet: any
+    /// datagram before the offerer has the answer.
     pub held_early: AtomicU64,
+    /// DTLS records held because they came before this side's ICE agent
+    /// had selected a pair (the core drops those; the other side would
+    /// resend only after a second).
+    pub held_before_ice: AtomicU64,
     /// Early datagrams dropped because the hold queue was full.
     pub dropped_early: AtomicU64,
     /// DataChannels the remote side opened, closed at once.

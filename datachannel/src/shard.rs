@@ -25,7 +25,7 @@ use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent};
 use rtc::peer_connection::message::RTCMessage;
 use rtc::peer_connection::sdp::RTCSessionDescription;
-use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::state::{RTCIceConnectionState, RTCPeerConnectionState};
 use rtc::peer_connection::transport::{RTCIceCandidateInit, RTCSctpTransportState};
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::sansio::Protocol;
@@ -356,6 +356,11 @@ struct PeerSlot {
     offerer: bool,
     /// Datagrams that arrived before the answer was applied.
     early: Option<Vec<Datagram>>,
+    /// DTLS datagrams that arrived before this side's ICE agent selected a
+    /// pair, which the core would drop: fed once it has (see `feed`).
+    before_ice: Vec<Datagram>,
+    /// This side's ICE agent has selected a pair.
+    ice_up: bool,
     /// The socket of a per-peer engine (in the shard's [`PeerSockets`]).
     own_socket: Option<std::net::UdpSocket>,
     local_addr: SocketAddr,
@@ -741,6 +746,8 @@ impl Shard {
                 channels,
                 offerer,
                 early: offerer.then(Vec::new),
+                before_ice: Vec::new(),
+                ice_up: false,
                 own_socket,
                 local_addr,
                 deadline: None,
@@ -906,26 +913,33 @@ impl Shard {
         self.feed(id, d, now);
     }
 
+    /// Hands a datagram to the peer's core. A DTLS record that comes before
+    /// this side's ICE agent has selected a pair is held instead: the core
+    /// would drop it, and the other side would resend it only after a
+    /// second. That order is common — the controlled side (a browser, or
+    /// hato's client) may start DTLS on a pair the controlling side (hato,
+    /// the offerer) has not yet heard succeed, and rtc's ICE stage even
+    /// writes the first DTLS flight before its own binding response.
     fn feed(&mut self, id: PeerId, d: Datagram, now: Instant) {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        let local_addr = match d.to_ip {
-            Some(ip) if self.common.advertise.contains(&ip) => {
-                SocketAddr::new(ip, p.local_addr.port())
+        if !p.ice_up && is_dtls(&d.data) {
+            if p.before_ice.len() < EARLY_LIMIT {
+                p.before_ice.push(d);
+                self.common
+                    .stats
+                    .held_before_ice
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.common
+                    .stats
+                    .dropped_early
+                    .fetch_add(1, Ordering::Relaxed);
             }
-            _ => p.local_addr,
-        };
-        let _ = p.pc.handle_read(TaggedBytesMut {
-            now,
-            transport: TransportContext {
-                local_addr,
-                peer_addr: d.from,
-                ecn: None,
-                transport_protocol: TransportProtocol::UDP,
-            },
-            message: d.data,
-        });
+            return;
+        }
+        read_into(p, d, &self.common.advertise, now);
         self.mark(id);
     }
 
@@ -970,6 +984,12 @@ impl Shard {
             while let Some(ev) = p.pc.poll_event() {
                 progressed = true;
                 on_event(p, ev, &stats);
+            }
+            if p.ice_up && !p.before_ice.is_empty() {
+                progressed = true;
+                for d in std::mem::take(&mut p.before_ice) {
+                    read_into(p, d, &self.common.advertise, now);
+                }
             }
             // After a pass that ended with every write taken, only an event
             // raised while writing can have left work: without one, the
@@ -1066,6 +1086,29 @@ impl Shard {
     }
 }
 
+/// Whether a datagram is a DTLS record (RFC 7983: first byte 20..=63).
+fn is_dtls(data: &[u8]) -> bool {
+    matches!(data.first(), Some(20..=63))
+}
+
+/// Hands one datagram to the peer's core, with the local address it came to.
+fn read_into(p: &mut PeerSlot, d: Datagram, advertise: &[IpAddr], now: Instant) {
+    let local_addr = match d.to_ip {
+        Some(ip) if advertise.contains(&ip) => SocketAddr::new(ip, p.local_addr.port()),
+        _ => p.local_addr,
+    };
+    let _ = p.pc.handle_read(TaggedBytesMut {
+        now,
+        transport: TransportContext {
+            local_addr,
+            peer_addr: d.from,
+            ecn: None,
+            transport_protocol: TransportProtocol::UDP,
+        },
+        message: d.data,
+    });
+}
+
 /// Takes every datagram the peer has to send: through its own socket at
 /// once, or into `out` (the shard's socket, at the end of the turn), telling
 /// `sent` each destination. Returns whether there were any.
@@ -1137,6 +1180,9 @@ fn feed_sctp(p: &mut PeerSlot, ci: usize, now: Instant, stats: &Stats, id: PeerI
 
 fn on_event(p: &mut PeerSlot, ev: RTCPeerConnectionEvent, stats: &Stats) {
     match ev {
+        RTCPeerConnectionEvent::OnIceConnectionStateChangeEvent(
+            RTCIceConnectionState::Connected | RTCIceConnectionState::Completed,
+        ) => p.ice_up = true,
         RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => match state {
             RTCPeerConnectionState::Connected if !p.connected => {
                 p.connected = true;

@@ -396,6 +396,19 @@ impl<'a>
                         dtls_handshake_config,
                         None,
                     )?;
+                    // hato patch: send the ClientHello now. `connect` only
+                    // queues it inside the endpoint, and nothing else drains
+                    // that queue until the handler's next `handle_timeout`
+                    // or DTLS datagram: when no other timer of the
+                    // connection was due, the first flight left at the
+                    // handshake's 1 s retransmit timer.
+                    while let Some(transmit) = dtls_endpoint.poll_transmit() {
+                        self.ctx.write_outs.push_back(TaggedRTCMessageInternal {
+                            now: transmit.now,
+                            transport: transmit.transport,
+                            message: RTCMessageInternal::Dtls(DTLSMessage::Raw(transmit.message)),
+                        });
+                    }
                 };
             }
         } else {
