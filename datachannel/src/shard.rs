@@ -899,15 +899,8 @@ impl Shard {
             return;
         }
         if let Some(early) = &mut p.early {
-            if early.len() < EARLY_LIMIT {
-                early.push(d);
-                self.common.stats.held_early.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.common
-                    .stats
-                    .dropped_early
-                    .fetch_add(1, Ordering::Relaxed);
-            }
+            let stats = &self.common.stats;
+            hold(early, d, &stats.held_early, &stats.dropped_early);
             return;
         }
         self.feed(id, d, now);
@@ -925,18 +918,13 @@ impl Shard {
             return;
         };
         if !p.ice_up && is_dtls(&d.data) {
-            if p.before_ice.len() < EARLY_LIMIT {
-                p.before_ice.push(d);
-                self.common
-                    .stats
-                    .held_before_ice
-                    .fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.common
-                    .stats
-                    .dropped_early
-                    .fetch_add(1, Ordering::Relaxed);
-            }
+            let stats = &self.common.stats;
+            hold(
+                &mut p.before_ice,
+                d,
+                &stats.held_before_ice,
+                &stats.dropped_early,
+            );
             return;
         }
         read_into(p, d, &self.common.advertise, now);
@@ -1083,6 +1071,16 @@ impl Shard {
             }
         }
         self.out.clear();
+    }
+}
+
+/// Keeps `d` for later in `queue`, at most [`EARLY_LIMIT`] of them.
+fn hold(queue: &mut Vec<Datagram>, d: Datagram, held: &AtomicU64, dropped: &AtomicU64) {
+    if queue.len() < EARLY_LIMIT {
+        queue.push(d);
+        held.fetch_add(1, Ordering::Relaxed);
+    } else {
+        dropped.fetch_add(1, Ordering::Relaxed);
     }
 }
 
