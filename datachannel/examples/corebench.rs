@@ -248,7 +248,9 @@ fn main() {
 }
 
 // The three steps of a round, kept out of line so that an instruction
-// count (`valgrind --tool=callgrind --toggle-collect=*server_*`) can take
+// count (`valgrind --tool=callgrind --toggle-collect='*server_sends*'
+// --toggle-collect='*server_takes_answers*'`; a bare `*server_*` also
+// matches the DTLS handshake's functions in the set-up) can take
 // the server's side alone: timings on a shared machine vary by tens of
 // percent from one minute to the next, instruction counts do not.
 
