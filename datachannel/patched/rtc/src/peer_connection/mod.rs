@@ -2471,6 +2471,8 @@ impl RTCPeerConnection {
         self.update_ice_agent_stats(now);
         // Update codec stats from transceivers before taking snapshot
         self.update_codec_stats();
+        // hato patch: the selected pair's packets counted on the side.
+        self.pipeline_context.stats.fold_selected_pair_traffic();
         self.pipeline_context
             .stats
             .snapshot_with_selector(now, selector)

@@ -19,12 +19,8 @@ pub(crate) struct IceHandlerContext {
     pub(crate) write_outs: VecDeque<TaggedRTCMessageInternal>,
     pub(crate) event_outs: VecDeque<TaggedRTCEventInternal>,
 
-    /// Cached stats key of the currently selected ICE candidate pair
-    /// (`RTCIceCandidatePair_<local>_<remote>`), refreshed only when the selected
-    /// pair changes. The per-packet read/write path looks the pair's stats
-    /// accumulator up with this key instead of re-`format!`ing it on every packet
-    /// — that formatting was a heap allocation on the hot path in both directions.
-    pub(crate) selected_pair_key: Option<String>,
+    // hato patch: the selected pair's stats key lives in the statistics
+    // accumulator (`selected_pair`), beside its uncounted packets.
 }
 
 impl IceHandlerContext {
@@ -35,8 +31,6 @@ impl IceHandlerContext {
             read_outs: VecDeque::new(),
             write_outs: VecDeque::new(),
             event_outs: VecDeque::new(),
-
-            selected_pair_key: None,
         }
     }
 }
@@ -84,14 +78,13 @@ impl<'a>
             // only ICE connection is ready and bypass it
             debug!("bypass ice read {:?}", msg.transport.peer_addr);
 
-            // Track packets/bytes received on the selected candidate pair. Look
-            // the accumulator up via the cached key (set on the last
-            // SelectedCandidatePairChange) to avoid allocating the key per packet.
+            // Track packets/bytes received on the selected candidate pair
+            // (hato patch: counted on the side, no map lookup per packet).
             let bytes = msg.message.len();
-            if let Some(key) = &self.ctx.selected_pair_key
-                && let Some(pair) = self.stats.ice_candidate_pairs.get_mut(key)
-            {
-                pair.on_packet_received(bytes, msg.now);
+            if self.stats.selected_pair.is_some() {
+                self.stats
+                    .selected_pair_traffic
+                    .on_packet_received(bytes, msg.now);
             }
 
             // When ICE restarts and the selected candidate pair changes,
@@ -129,13 +122,11 @@ impl<'a>
             msg.transport.transport_protocol = local.network_type().to_protocol();
             debug!("Bypass ice write {:?}", msg.transport.peer_addr);
 
-            // Track packets/bytes sent on the selected candidate pair. Look the
-            // accumulator up via the cached key to avoid allocating it per packet.
+            // Track packets/bytes sent on the selected candidate pair
+            // (hato patch: counted on the side, no map lookup per packet).
             let bytes = msg.message.len();
-            if let Some(key) = &self.ctx.selected_pair_key
-                && let Some(pair) = self.stats.ice_candidate_pairs.get_mut(key)
-            {
-                pair.on_packet_sent(bytes, msg.now);
+            if self.stats.selected_pair.is_some() {
+                self.stats.selected_pair_traffic.on_packet_sent(bytes, msg.now);
             }
 
             self.ctx.write_outs.push_back(msg);
@@ -208,7 +199,9 @@ impl<'a>
                     // the accumulator up by borrow instead of re-formatting (and
                     // allocating) the key on every read/write.
                     let key = format!("RTCIceCandidatePair_{}_{}", local.id(), remote.id());
-                    self.ctx.selected_pair_key = Some(key.clone());
+                    // hato patch: the old pair's packets go to the old pair.
+                    self.stats.fold_selected_pair_traffic();
+                    self.stats.selected_pair = Some(key.clone());
                     // Update transport stats for selected candidate pair change
                     self.stats.transport.on_selected_candidate_pair_changed(key);
 

@@ -19,7 +19,7 @@ pub(crate) use certificate::CertificateStatsAccumulator;
 pub(crate) use codec::{CodecDirection, CodecStatsAccumulator};
 pub(crate) use data_channel::DataChannelStatsAccumulator;
 pub(crate) use ice_candidate::IceCandidateAccumulator;
-pub(crate) use ice_candidate_pair::IceCandidatePairAccumulator;
+pub(crate) use ice_candidate_pair::{IceCandidatePairAccumulator, PairTraffic};
 pub(crate) use media::app_provided::*;
 pub(crate) use media::audio_playout::AudioPlayoutStatsAccumulator;
 pub(crate) use media::media_source::MediaSourceStatsAccumulator;
@@ -65,6 +65,11 @@ pub(crate) struct RTCStatsAccumulator {
     /// ICE candidate pairs keyed by pair ID.
     pub(crate) ice_candidate_pairs:
         crate::hato_fast_hash::FastMap<String, IceCandidatePairAccumulator>,
+
+    /// hato patch: the selected pair's key, and its packets not yet added
+    /// to its entry above (see [`PairTraffic`]).
+    pub(crate) selected_pair: Option<String>,
+    pub(crate) selected_pair_traffic: PairTraffic,
 
     /// Local ICE candidates keyed by candidate ID.
     pub(crate) local_candidates: HashMap<String, IceCandidateAccumulator>,
@@ -532,6 +537,18 @@ impl RTCStatsAccumulator {
     pub(crate) fn set_data_channel_stream_id(&mut self, id: RTCDataChannelId, stream_id: StreamId) {
         if let Some(dc) = self.data_channels.get_mut(&id) {
             dc.data_channel_identifier = stream_id;
+        }
+    }
+
+    /// hato patch: adds the selected pair's uncounted packets to its entry.
+    pub(crate) fn fold_selected_pair_traffic(&mut self) {
+        match self
+            .selected_pair
+            .as_ref()
+            .and_then(|key| self.ice_candidate_pairs.get_mut(key))
+        {
+            Some(pair) => self.selected_pair_traffic.fold_into(pair),
+            None => self.selected_pair_traffic = PairTraffic::default(),
         }
     }
 
