@@ -843,6 +843,12 @@ fn report(
         (Some(a), Some(b)) => Some(b.1 - a.1),
         _ => None,
     };
+    // CPU seconds between two samples, per delivery received, in µs.
+    let per_delivery = |a: Option<(u64, f64)>, b: Option<(u64, f64)>| {
+        delta(a, b)
+            .filter(|_| o.received > 0)
+            .map(|c| c * 1e6 / o.received as f64)
+    };
     let per_peer = |b: Option<(u64, f64)>, c: Option<(u64, f64)>| match (b, c) {
         (Some(b), Some(c)) if connected > 0 => Some((c.0 as f64 - b.0 as f64) / connected as f64),
         _ => None,
@@ -874,13 +880,13 @@ fn report(
             "rss_kb_per_peer_after_pushing": per_peer(s.before, s.after),
             "cpu_seconds": delta(s.before, s.after),
             "cpu_seconds_pushing": delta(s.pushing, s.after),
-            "cpu_us_per_delivery": delta(s.pushing, s.after).filter(|_| o.received > 0).map(|c| c * 1e6 / o.received as f64),
+            "cpu_us_per_delivery": per_delivery(s.pushing, s.after),
         })),
         // hato-load itself (every process of --processes): on a machine it
         // shares with the server, what it costs is CPU the server lacked.
         "client": {
             "cpu_seconds_pushing": delta(s.client_pushing, s.client_after),
-            "cpu_us_per_delivery": delta(s.client_pushing, s.client_after).filter(|_| o.received > 0).map(|c| c * 1e6 / o.received as f64),
+            "cpu_us_per_delivery": per_delivery(s.client_pushing, s.client_after),
         },
     });
     let text = serde_json::to_string_pretty(&summary).expect("serialises");
