@@ -1253,6 +1253,36 @@ async fn a_datachannel_peer_that_stops_acknowledging_is_disconnected() {
     drop(frozen);
 }
 
+/// A peer that sends no ICE checks of its own (keep-alive off) is kept by
+/// the server's checks: its session outlives the 12 s after which ICE gives
+/// up on a silent pair. (The server checks only peers that do not check it
+/// themselves, as browsers do; see docs/configuration.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_checks_is_kept_alive_by_the_servers_checks() {
+    let s = server().await;
+    let mut o = dc_opts(&s, "silent", true);
+    o.engine = hato_datachannel::Engine::start(hato_datachannel::EngineConfig {
+        keepalive: Duration::ZERO,
+        ..hato_datachannel::EngineConfig::client()
+    })
+    .unwrap();
+    let mut c = Client::connect(&o).await.unwrap();
+    assert!(switched(&mut c).await);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(s.table().len(), 1, "the silent peer's session ended");
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "silent", "data": {"n": 1}}),
+    )
+    .await;
+    let (msg, via) = next_push(&mut c).await.expect("the push arrives");
+    assert_eq!(
+        (msg["data"]["n"].as_u64(), via),
+        (Some(1), Via::DataChannel)
+    );
+}
+
 /// Connects by hand with DataChannel signaling and answers with
 /// `a=max-message-size:size`; returns the WebSocket and the peer's events.
 /// A DataChannel-signaling peer answering by hand: `size` replaces its

@@ -64,11 +64,23 @@ impl Demux {
         data: &[u8],
         crypto: &dyn rtc::crypto::RTCCrypto,
     ) -> Route {
-        if let Some(id) = self.by_addr.get(&from) {
+        if let Some(&id) = self.by_addr.get(&from) {
             // A bound address may still prove itself for another peer (the
-            // port was reused by a new client): check STUN requests anew.
-            if !is_stun_message(data) {
-                return Route::Peer(*id);
+            // port was reused by a new client): a Binding request naming
+            // another peer is checked anew below. Anything else — and a
+            // request naming this address's own peer, whose ICE agent
+            // checks its MESSAGE-INTEGRITY itself — goes to that peer
+            // without being parsed twice.
+            if !is_stun_message(data) || !is_binding_request(data) {
+                return Route::Peer(id);
+            }
+            let own = stun_username(data)
+                .and_then(|u| u.split(|b| *b == b':').next())
+                .and_then(|u| std::str::from_utf8(u).ok())
+                .and_then(|u| self.by_ufrag.get(u))
+                .is_some_and(|(peer, _)| *peer == id);
+            if own {
+                return Route::Peer(id);
             }
         }
         if !is_stun_message(data) {
@@ -107,6 +119,29 @@ impl Demux {
         }
         Route::Peer(id)
     }
+}
+
+/// A STUN Binding request (class request, method Binding): type 0x0001.
+fn is_binding_request(data: &[u8]) -> bool {
+    data.len() >= 2 && data[0] == 0 && data[1] == 1
+}
+
+/// The value of a STUN message's `USERNAME`, found by walking its
+/// attributes without decoding them.
+fn stun_username(data: &[u8]) -> Option<&[u8]> {
+    let len = u16::from_be_bytes([*data.get(2)?, *data.get(3)?]) as usize;
+    let body = data.get(20..20 + len)?;
+    let mut i = 0;
+    while let Some(h) = body.get(i..i + 4) {
+        let typ = u16::from_be_bytes([h[0], h[1]]);
+        let n = u16::from_be_bytes([h[2], h[3]]) as usize;
+        let value = body.get(i + 4..i + 4 + n)?;
+        if typ == ATTR_USERNAME.value() {
+            return Some(value);
+        }
+        i += 4 + n.div_ceil(4) * 4;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -156,10 +191,32 @@ mod tests {
         );
         assert_eq!(d.route(a, &request("ours:x", "secret"), c), Route::Peer(7));
         assert_eq!(d.route(a, b"\x17\xfe\xfd data", c), Route::Peer(7));
+        // Bound: a request naming its own peer goes there unchecked (the
+        // peer's agent checks it); one naming another peer must prove
+        // itself before the address moves.
+        d.add_peer(8, "theirs".into(), "other".into());
+        assert_eq!(d.route(a, &request("ours:x", "wrong"), c), Route::Peer(7));
+        assert_eq!(
+            d.route(a, &request("theirs:x", "wrong"), c),
+            Route::Drop { integrity: true }
+        );
+        assert_eq!(d.route(a, b"\x17\xfe\xfd data", c), Route::Peer(7));
+        assert_eq!(d.route(a, &request("theirs:x", "other"), c), Route::Peer(8));
+        assert_eq!(d.route(a, b"\x17\xfe\xfd data", c), Route::Peer(8));
+        assert_eq!(d.route(a, &request("ours:x", "secret"), c), Route::Peer(7));
         d.remove_peer(7, "ours");
         assert_eq!(
             d.route(a, b"\x17\xfe\xfd data", c),
             Route::Drop { integrity: false }
         );
+    }
+
+    #[test]
+    fn the_username_is_found_among_other_attributes() {
+        let raw = request("ours:theirs", "secret");
+        assert_eq!(stun_username(&raw), Some(&b"ours:theirs"[..]));
+        assert!(is_binding_request(&raw));
+        assert_eq!(stun_username(&raw[..raw.len() - 30]), None);
+        assert_eq!(stun_username(b"\x00\x01"), None);
     }
 }

@@ -24,6 +24,7 @@ use bytes::Bytes;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 pub use shard::{fix_mmap_threshold, give_back_memory, EVENT_BUFFER};
@@ -56,6 +57,10 @@ pub struct EngineConfig {
     pub max_message_size: u32,
     /// Bytes a channel may hold unacknowledged before [`PeerEvent::Backlog`].
     pub backlog_limit: usize,
+    /// How often the ICE agent checks a connected pair (zero: never). An
+    /// offering peer skips its check while the other side checks on its
+    /// own (browsers and libwebrtc do, every ~2.5 s): see docs.
+    pub keepalive: Duration,
 }
 
 impl EngineConfig {
@@ -68,6 +73,7 @@ impl EngineConfig {
             sockets: Sockets::Shared,
             max_message_size: 262_144,
             backlog_limit: 8 << 20,
+            keepalive: Duration::from_secs(2),
         }
     }
 

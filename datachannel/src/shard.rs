@@ -185,6 +185,7 @@ pub struct Common {
     advertise: Vec<IpAddr>,
     max_message_size: u32,
     backlog_limit: usize,
+    keepalive: Duration,
 }
 
 impl Common {
@@ -219,6 +220,7 @@ impl Common {
             crypto,
             advertise,
             max_message_size: config.max_message_size,
+            keepalive: config.keepalive,
             backlog_limit: config.backlog_limit,
         })
     }
@@ -653,7 +655,7 @@ impl Shard {
             .with_ice_timeouts(
                 Some(Duration::from_secs(4)),
                 Some(Duration::from_secs(8)),
-                Some(Duration::from_secs(2)),
+                Some(self.common.keepalive),
             )
             // Browsers hide host addresses behind mDNS names, so their pair
             // is peer-reflexive, which the agent otherwise accepts only

@@ -173,6 +173,9 @@ pub struct Agent {
     pub(crate) keepalive_interval: Duration,
     // When the last STUN consent ping was sent.
     pub(crate) last_consent_sent: Instant,
+    // hato patch: when the remote side last sent an authenticated binding
+    // request on the selected pair (see `check_keepalive`).
+    pub(crate) last_remote_check: Option<Instant>,
     // How often should we run our internal taskLoop to check for state changes when connecting
     pub(crate) check_interval: Duration,
     pub(crate) checking_duration: Instant,
@@ -342,6 +345,7 @@ impl Agent {
                 config.check_interval
             },
             last_consent_sent: now,
+            last_remote_check: None,
             checking_duration: now,
             last_checking_time: now,
             force_candidate_contact: false,
@@ -989,9 +993,23 @@ impl Agent {
                 })
         };
 
+        // hato patch: a peer that checks the selected pair itself (browsers
+        // and libwebrtc every ~2.5 s) proves with every authenticated
+        // request that it is there and still wants the traffic, and its
+        // checks keep NAT bindings open; an ICE-lite server relies on
+        // nothing else. Ping only a peer that has sent no check for two
+        // keep-alive intervals: a third of the datagrams of an idle
+        // connection, on both sides, and the work of each. Only the
+        // controlling side (hato offers) does so, so two patched agents
+        // never both wait for the other.
+        let peer_checks = self.is_controlling
+            && self.last_remote_check.is_some_and(|t| {
+            now.saturating_duration_since(t) < self.keepalive_interval.saturating_mul(2)
+        });
         if let (Some(local_index), Some(remote_index), Some(pair_index)) =
             (local_index, remote_index, pair_index)
             && self.keepalive_interval != Duration::from_secs(0)
+            && !peer_checks
             && now.saturating_duration_since(self.last_consent_sent) >= self.keepalive_interval
         {
             self.last_consent_sent = now;
@@ -1488,6 +1506,13 @@ impl Agent {
             );
 
             if let Some(remote_index) = &remote_candidate_index {
+                // hato patch: remember the peer's own checks on the selected pair.
+                if self.selected_pair.is_some_and(|p| {
+                    let p = &self.candidate_pairs[p];
+                    p.local_index == local_index && p.remote_index == *remote_index
+                }) {
+                    self.last_remote_check = Some(now);
+                }
                 self.handle_binding_request(now, m, local_index, *remote_index);
             }
         }
