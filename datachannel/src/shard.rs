@@ -257,33 +257,35 @@ pub fn spawn(
     };
     let (commands, rx) = mpsc::unbounded_channel();
     let bind_ip = config.bind.ip();
+    // Everything that can fail (descriptors for the runtime, the socket's
+    // registration, the epoll set) is set up here, so that a shard that
+    // cannot run is an error of `Engine::start` — not a thread that dies
+    // after it returned and leaves its peers waiting forever (seen when
+    // the process was out of file descriptors at startup).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error(format!("shard {k}: no runtime: {e}")))?;
+    let (socket, peer_sockets) = {
+        let _runtime = rt.enter();
+        let socket = socket
+            .map(SharedSocket::new)
+            .transpose()
+            .map_err(|e| Error(format!("shard {k}: UDP socket unusable: {e}")))?;
+        let peer_sockets = match socket {
+            Some(_) => None,
+            None => Some(
+                PeerSockets::new()
+                    .map_err(|e| Error(format!("shard {k}: no epoll set for peer sockets: {e}")))?,
+            ),
+        };
+        (socket, peer_sockets)
+    };
+    let port = addr.map_or(0, |a| a.port());
     std::thread::Builder::new()
         .name(format!("hato-rtc-{k}"))
         .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a shard runtime");
             rt.block_on(async move {
-                let socket = match socket.map(SharedSocket::new).transpose() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(error = %e, "shard {k}: UDP socket unusable");
-                        return;
-                    }
-                };
-                let port = addr.map_or(0, |a| a.port());
-                let peer_sockets = if socket.is_some() {
-                    None
-                } else {
-                    match PeerSockets::new() {
-                        Ok(p) => Some(p),
-                        Err(e) => {
-                            tracing::error!(error = %e, "shard {k}: no epoll set for peer sockets");
-                            return;
-                        }
-                    }
-                };
                 Shard {
                     k,
                     common,
