@@ -59,7 +59,7 @@ pub struct EngineConfig {
     pub backlog_limit: usize,
     /// How often the ICE agent checks a connected pair (zero: never). An
     /// offering peer skips its check while the other side checks on its
-    /// own (browsers and libwebrtc do, every ~2.5 s): see docs.
+    /// own (Chromium and libwebrtc do, every 2.5 s): see docs.
     pub keepalive: Duration,
 }
 

@@ -993,8 +993,8 @@ impl Agent {
                 })
         };
 
-        // hato patch: a peer that checks the selected pair itself (browsers
-        // and libwebrtc every ~2.5 s) proves with every authenticated
+        // hato patch: a peer that checks the selected pair itself (Chromium
+        // and libwebrtc every 2.5 s) proves with every authenticated
         // request that it is there and still wants the traffic, and its
         // checks keep NAT bindings open; an ICE-lite server relies on
         // nothing else. Ping only a peer that has sent no check for two
