@@ -1256,7 +1256,7 @@ async fn a_datachannel_peer_that_stops_acknowledging_is_disconnected() {
 /// A peer that sends no ICE checks of its own (keep-alive off) is kept by
 /// the server's checks: its session outlives the 12 s after which ICE gives
 /// up on a silent pair. (The server checks only peers that do not check it
-/// themselves, as browsers do; see docs/configuration.md.)
+/// themselves, as Chromium does; see docs/configuration.md.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_never_checks_is_kept_alive_by_the_servers_checks() {
     let s = server().await;
