@@ -616,6 +616,10 @@ impl Agent {
                 // While connecting, check candidates more frequently
                 update_interval(check_interval);
             }
+            // hato patch: while the peer checks us itself (see
+            // `check_keepalive`) there is no keep-alive to send, and the
+            // disconnected timeout below is the next thing to watch.
+            ConnectionState::Connected if self.peer_checks(self.last_checking_time) => {}
             ConnectionState::Connected | ConnectionState::Disconnected => {
                 update_interval(keepalive_interval);
             }
@@ -981,6 +985,17 @@ impl Agent {
         valid
     }
 
+    /// hato patch: whether the other side, as of `now`, has sent an
+    /// authenticated check on the selected pair within two keep-alive
+    /// intervals — asked of the controlling side only (see
+    /// `check_keepalive`).
+    fn peer_checks(&self, now: Instant) -> bool {
+        self.is_controlling
+            && self.last_remote_check.is_some_and(|t| {
+                now.saturating_duration_since(t) < self.keepalive_interval.saturating_mul(2)
+            })
+    }
+
     /// Sends STUN Binding Requests to the selected pair at `keepalive_interval` to
     /// maintain consent freshness (RFC 7675).
     pub(crate) fn check_keepalive(&mut self, now: Instant) {
@@ -1002,10 +1017,7 @@ impl Agent {
         // connection, on both sides, and the work of each. Only the
         // controlling side (hato offers) does so, so two patched agents
         // never both wait for the other.
-        let peer_checks = self.is_controlling
-            && self.last_remote_check.is_some_and(|t| {
-            now.saturating_duration_since(t) < self.keepalive_interval.saturating_mul(2)
-        });
+        let peer_checks = self.peer_checks(now);
         if let (Some(local_index), Some(remote_index), Some(pair_index)) =
             (local_index, remote_index, pair_index)
             && self.keepalive_interval != Duration::from_secs(0)
