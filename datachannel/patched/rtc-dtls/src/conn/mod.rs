@@ -251,15 +251,7 @@ impl DTLSConn {
     /// once, so records were never compacted across writes).
     fn write_application_data(&mut self, p: &[u8]) -> Result<()> {
         let epoch = self.get_local_epoch();
-        let e = epoch as usize;
-        while self.state.local_sequence_number.len() <= e {
-            self.state.local_sequence_number.push(0);
-        }
-        let seq = self.state.local_sequence_number[e];
-        self.state.local_sequence_number[e] += 1;
-        if seq > MAX_SEQUENCE_NUMBER {
-            return Err(Error::ErrSequenceNumberOverflow);
-        }
+        let seq = self.next_sequence_number(epoch)?;
         let header = RecordLayerHeader {
             content_type: ContentType::ApplicationData,
             protocol_version: PROTOCOL_VERSION1_2,
@@ -382,8 +374,10 @@ impl DTLSConn {
         Ok(())
     }
 
-    fn process_packet(&mut self, mut p: Packet) -> Result<Vec<u8>> {
-        let epoch = p.record.record_layer_header.epoch as usize;
+    /// hato patch: the next record sequence number of `epoch` (taken
+    /// out of `process_packet`, which `write_application_data` shares).
+    fn next_sequence_number(&mut self, epoch: u16) -> Result<u64> {
+        let epoch = epoch as usize;
         let seq = {
             while self.state.local_sequence_number.len() <= epoch {
                 self.state.local_sequence_number.push(0);
@@ -400,6 +394,11 @@ impl DTLSConn {
             // prior to allowing the sequence number to wrap.
             return Err(Error::ErrSequenceNumberOverflow);
         }
+        Ok(seq)
+    }
+
+    fn process_packet(&mut self, mut p: Packet) -> Result<Vec<u8>> {
+        let seq = self.next_sequence_number(p.record.record_layer_header.epoch)?;
         p.record.record_layer_header.sequence_number = seq;
 
         // Marshal straight into the Vec: `BufWriter` would heap-allocate an
