@@ -58,6 +58,13 @@ impl Demux {
         }
     }
 
+    /// The peer (and its password) whose ufrag starts a STUN `USERNAME`
+    /// (`<our ufrag>:<their ufrag>`).
+    fn named(&self, username: &[u8]) -> Option<&(PeerId, String)> {
+        let ufrag = username.split(|b| *b == b':').next()?;
+        self.by_ufrag.get(std::str::from_utf8(ufrag).ok()?)
+    }
+
     pub fn route(
         &mut self,
         from: SocketAddr,
@@ -75,9 +82,7 @@ impl Demux {
                 return Route::Peer(id);
             }
             let own = stun_username(data)
-                .and_then(|u| u.split(|b| *b == b':').next())
-                .and_then(|u| std::str::from_utf8(u).ok())
-                .and_then(|u| self.by_ufrag.get(u))
+                .and_then(|u| self.named(u))
                 .is_some_and(|(peer, _)| *peer == id);
             if own {
                 return Route::Peer(id);
@@ -100,11 +105,7 @@ impl Demux {
         let Ok(username) = m.get(ATTR_USERNAME) else {
             return Route::Drop { integrity: false };
         };
-        let ufrag = username.split(|b| *b == b':').next().unwrap_or_default();
-        let Some((id, pwd)) = std::str::from_utf8(ufrag)
-            .ok()
-            .and_then(|u| self.by_ufrag.get(u))
-        else {
+        let Some((id, pwd)) = self.named(&username) else {
             return Route::Drop { integrity: false };
         };
         let id = *id;
