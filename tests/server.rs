@@ -861,6 +861,15 @@ async fn server_ends_a_datachannel_only_session_with_a_close_message() {
         .await
         .is_some());
     table_len(&s, 0).await;
+    // And the PeerConnection's end reaches the peer (SCTP ABORT, DTLS
+    // close_notify), here from a shard left with no peer at all: within
+    // T, where a lost goodbye would leave it to ICE (~12 s).
+    assert!(
+        c.wait_for(T, |e| matches!(e, ClientEvent::PeerFailed(_)))
+            .await
+            .is_some(),
+        "the peer never heard that the server closed its PeerConnection"
+    );
 
     // With the WebSocket up, the reason rides on its Close frame.
     let mut c = connected(&opts(&s, "api", "recvonly")).await;

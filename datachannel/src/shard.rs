@@ -840,7 +840,9 @@ impl Shard {
             self.timers = BinaryHeap::new();
             self.demux = Demux::default();
             self.dirty = Vec::new();
-            self.out = Vec::new();
+            // Not emptied: it may hold this peer's goodbye, sent at the
+            // end of the turn.
+            self.out.shrink_to_fit();
         }
         if self.peers.is_empty() || self.removed_since_trim >= TRIM_AFTER {
             self.removed_since_trim = 0;
