@@ -94,8 +94,8 @@ impl ClientOptions {
     }
 }
 
-/// The process's client engine, started on first use: a socket per peer on
-/// loopback, one shard per core, shared by every client of the process.
+/// The process's client engine, started on first use: a loopback address
+/// per peer, one shard per core, shared by every client of the process.
 pub fn default_engine() -> Engine {
     static ENGINE: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
     ENGINE

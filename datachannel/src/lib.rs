@@ -12,9 +12,10 @@
 //! [`Engine::offer`] is the server side (one `m=application` section, the
 //! shard's advertised address inside the SDP, DataChannels created in-band
 //! before the offer). [`Engine::answer`] is the client side, for tests and
-//! the load harness; a client engine gives each peer a socket of its own
-//! ([`Sockets::PerPeer`]), as a browser does, so that many of them can talk
-//! to one server socket. Nothing here knows about channels, roles or pushes.
+//! the load harness; a client engine gives each peer an address of its own
+//! ([`Sockets::LoopbackAliases`]), as a browser has, so that many of them
+//! can talk to one server socket. Nothing here knows about channels, roles
+//! or pushes.
 
 mod demux;
 mod shard;
@@ -34,17 +35,19 @@ pub use shard::{fix_mmap_threshold, give_back_memory, EVENT_BUFFER};
 pub enum Sockets {
     /// One UDP socket per shard, shared by its peers (a server).
     Shared,
-    /// One ephemeral UDP socket per peer (a client that talks to a server
-    /// which demultiplexes by source address).
-    PerPeer,
+    /// One UDP socket per shard on an ephemeral port of the unspecified
+    /// address, and a loopback address (127.x.y.z) per peer on it: a client
+    /// of a server on this host, which tells peers apart by their address.
+    LoopbackAliases,
 }
 
 /// How an engine binds and what it advertises.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Where the shards bind. With [`Sockets::Shared`], shard `k` binds
-    /// port `bind.port() + k` (port 0: an ephemeral port each). A
-    /// concrete address binds that interface; `0.0.0.0` binds every one.
+    /// Where the shards bind: shard `k` binds port `bind.port() + k`
+    /// (port 0: an ephemeral port each). A concrete address binds that
+    /// interface; `0.0.0.0` binds every one. [`Sockets::LoopbackAliases`]
+    /// binds `0.0.0.0` on ephemeral ports whatever this says.
     pub bind: SocketAddr,
     /// Addresses written into candidates instead of the bound one (Sora's
     /// public IP setting, for NAT 1:1 or containers). Empty: the bound
@@ -77,11 +80,12 @@ impl EngineConfig {
         }
     }
 
-    /// A client engine on loopback: a socket per peer.
+    /// A client engine for a server on this host: a loopback address per
+    /// peer.
     pub fn client() -> EngineConfig {
         EngineConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-            sockets: Sockets::PerPeer,
+            sockets: Sockets::LoopbackAliases,
             ..EngineConfig::server(SocketAddr::from(([127, 0, 0, 1], 0)))
         }
     }
@@ -185,9 +189,7 @@ impl Engine {
         let mut local_addrs = Vec::new();
         for k in 0..config.shards.max(1) {
             let (handle, addr) = shard::spawn(k, &config, shared.clone())?;
-            if let Some(a) = addr {
-                local_addrs.push(a);
-            }
+            local_addrs.push(addr);
             shards.push(Arc::new(handle));
         }
         Ok(Engine {
@@ -200,7 +202,7 @@ impl Engine {
         })
     }
 
-    /// The shards' bound UDP addresses (empty for [`Sockets::PerPeer`]).
+    /// The shards' bound UDP addresses.
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.inner.local_addrs
     }

@@ -1,6 +1,7 @@
 //! One shard: a thread with a current-thread runtime that owns a UDP
-//! socket (or, for a client engine, a socket per peer), its peers'
-//! `RTCPeerConnection`s and one timer.
+//! socket, its peers' `RTCPeerConnection`s and one timer. A client
+//! shard's peers each send and receive as an address of their own on that
+//! socket (see [`Aliases`]).
 //!
 //! Each turn of the loop takes what is ready — commands, a batch of
 //! datagrams, due timers — feeds it to the peers concerned, then drives
@@ -11,7 +12,7 @@
 //! peers leave together at the end of the turn.
 
 use crate::demux::{Demux, Route};
-use crate::udp::{Datagram, PeerSockets, SharedSocket};
+use crate::udp::{Datagram, SharedSocket, Transmit};
 use crate::{EngineConfig, Error, PeerEvent, Sockets, Stats};
 use bytes::{Bytes, BytesMut};
 use rand::distributions::Alphanumeric;
@@ -32,7 +33,7 @@ use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,9 +51,6 @@ const EVENT_RESERVE: usize = 16;
 /// Datagrams held for a peer that is not ready for them yet (an ICE check or
 /// a DTLS ClientHello that overtook the answer on the signaling path).
 const EARLY_LIMIT: usize = 64;
-
-/// Datagrams read from one peer's own socket per turn (a client shard).
-const OWN_READS: usize = 16;
 
 /// How often shard 0 of a server engine returns free memory to the kernel.
 const TRIM_EVERY: Duration = Duration::from_secs(10);
@@ -226,37 +224,35 @@ impl Common {
     }
 }
 
-/// Binds shard `k`'s socket (shared mode) and starts its thread.
+/// Binds shard `k`'s socket and starts its thread.
 pub fn spawn(
     k: usize,
     config: &EngineConfig,
     common: Common,
-) -> Result<(Handle, Option<SocketAddr>), Error> {
-    let (socket, addr) = match config.sockets {
-        Sockets::Shared => {
-            let mut bind = config.bind;
-            if bind.port() != 0 {
-                let port = bind.port() as usize + k;
-                let port = u16::try_from(port)
-                    .map_err(|_| Error(format!("shard {k}: port {port} is out of range")))?;
-                bind.set_port(port);
-            }
-            let s = std::net::UdpSocket::bind(bind)
-                .map_err(|e| Error(format!("cannot bind UDP {bind}: {e}")))?;
-            // Every peer of the shard shares these buffers: a connect storm
-            // (DTLS flights of hundreds of peers at once) overflows the
-            // default ~200 KiB and costs each lost flight a 1 s retransmit.
-            // The kernel caps the size at net.core.rmem_max / wmem_max.
-            let sock = socket2::SockRef::from(&s);
-            let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
-            let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
-            let addr = s.local_addr().map_err(|e| Error(e.to_string()))?;
-            (Some(s), Some(addr))
-        }
-        Sockets::PerPeer => (None, None),
+) -> Result<(Handle, SocketAddr), Error> {
+    let mut bind = match config.sockets {
+        Sockets::Shared => config.bind,
+        // Every 127.x.y.z and an ephemeral port: each peer's address.
+        Sockets::LoopbackAliases => SocketAddr::from(([0, 0, 0, 0], 0)),
     };
+    if bind.port() != 0 {
+        let port = bind.port() as usize + k;
+        let port = u16::try_from(port)
+            .map_err(|_| Error(format!("shard {k}: port {port} is out of range")))?;
+        bind.set_port(port);
+    }
+    let socket = std::net::UdpSocket::bind(bind)
+        .map_err(|e| Error(format!("cannot bind UDP {bind}: {e}")))?;
+    // Every peer of the shard shares these buffers: a connect storm
+    // (DTLS flights of hundreds of peers at once) overflows the
+    // default ~200 KiB and costs each lost flight a 1 s retransmit.
+    // The kernel caps the size at net.core.rmem_max / wmem_max.
+    let sock = socket2::SockRef::from(&socket);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    let addr = socket.local_addr().map_err(|e| Error(e.to_string()))?;
+    let aliases = (config.sockets == Sockets::LoopbackAliases).then(|| Aliases::new(k));
     let (commands, rx) = mpsc::unbounded_channel();
-    let bind_ip = config.bind.ip();
     // Everything that can fail (descriptors for the runtime, the socket's
     // registration, the epoll set) is set up here, so that a shard that
     // cannot run is an error of `Engine::start` — not a thread that dies
@@ -266,22 +262,12 @@ pub fn spawn(
         .enable_all()
         .build()
         .map_err(|e| Error(format!("shard {k}: no runtime: {e}")))?;
-    let (socket, peer_sockets) = {
+    let socket = {
         let _runtime = rt.enter();
-        let socket = socket
-            .map(SharedSocket::new)
-            .transpose()
-            .map_err(|e| Error(format!("shard {k}: UDP socket unusable: {e}")))?;
-        let peer_sockets = match socket {
-            Some(_) => None,
-            None => Some(
-                PeerSockets::new()
-                    .map_err(|e| Error(format!("shard {k}: no epoll set for peer sockets: {e}")))?,
-            ),
-        };
-        (socket, peer_sockets)
+        SharedSocket::new(socket)
+            .map_err(|e| Error(format!("shard {k}: UDP socket unusable: {e}")))?
     };
-    let port = addr.map_or(0, |a| a.port());
+    let port = addr.port();
     std::thread::Builder::new()
         .name(format!("hato-rtc-{k}"))
         .spawn(move || {
@@ -291,8 +277,7 @@ pub fn spawn(
                     common,
                     socket,
                     port,
-                    bind_ip,
-                    peer_sockets,
+                    aliases,
                     peers: HashMap::new(),
                     demux: Demux::default(),
                     next_id: 1,
@@ -365,8 +350,7 @@ struct PeerSlot {
     before_ice: Vec<Datagram>,
     /// This side's ICE agent has selected a pair.
     ice_up: bool,
-    /// The socket of a per-peer engine (in the shard's [`PeerSockets`]).
-    own_socket: Option<std::net::UdpSocket>,
+    /// The address the peer's datagrams come to and leave from.
     local_addr: SocketAddr,
     deadline: Option<Instant>,
     dirty: bool,
@@ -412,14 +396,61 @@ impl PeerSlot {
     }
 }
 
+/// A client shard's peers' addresses. A server tells peers apart by their
+/// address, as a browser's is its own; a client shard gives each of its
+/// peers one of loopback's 127.0.0.0/8 on the shard's one socket (bound to
+/// the unspecified address), and tells them apart by the address each
+/// datagram came to (`IP_PKTINFO`). One socket then carries every peer's
+/// datagrams in batches, where a socket per peer cost a system call per
+/// datagram each way and an epoll set to find them.
+struct Aliases {
+    by_ip: HashMap<Ipv4Addr, PeerId>,
+    /// Shard `k` hands out 127.(k + 1).x.y.
+    k: u8,
+    next: u32,
+}
+
+impl Aliases {
+    /// Addresses per shard: 127.n.x.y with y in 1..=254.
+    const SPACE: u32 = 256 * 254;
+
+    fn new(k: usize) -> Aliases {
+        Aliases {
+            by_ip: HashMap::new(),
+            k: (k % 254) as u8,
+            next: 0,
+        }
+    }
+
+    /// An address no live peer of this shard holds, the least recently
+    /// handed out first (a late datagram for a gone peer finds nobody).
+    fn free(&mut self) -> Option<Ipv4Addr> {
+        for _ in 0..Self::SPACE {
+            let n = self.next;
+            self.next = (self.next + 1) % Self::SPACE;
+            let ip = Ipv4Addr::new(127, self.k + 1, (n / 254) as u8, (n % 254 + 1) as u8);
+            if !self.by_ip.contains_key(&ip) {
+                return Some(ip);
+            }
+        }
+        None
+    }
+
+    fn peer(&self, ip: IpAddr) -> Option<PeerId> {
+        match ip {
+            IpAddr::V4(ip) => self.by_ip.get(&ip).copied(),
+            IpAddr::V6(_) => None,
+        }
+    }
+}
+
 struct Shard {
     k: usize,
     common: Common,
-    socket: Option<SharedSocket>,
+    socket: SharedSocket,
     port: u16,
-    bind_ip: IpAddr,
-    /// A client shard's per-peer sockets.
-    peer_sockets: Option<PeerSockets>,
+    /// A client shard's peers' addresses (`None`: a server shard).
+    aliases: Option<Aliases>,
     /// Boxed: a slot holds a whole PeerConnection (~9 KB), and a table
     /// of slots inline keeps up to twice its peers' worth of them empty
     /// (its buckets double at 7/8 full): ~9 KB per peer at 500 a shard.
@@ -428,7 +459,7 @@ struct Shard {
     next_id: PeerId,
     dirty: Vec<PeerId>,
     timers: BinaryHeap<Reverse<(Instant, PeerId)>>,
-    out: Vec<(SocketAddr, BytesMut)>,
+    out: Vec<Transmit>,
     removed_since_trim: usize,
     next_trim: Instant,
     /// `Common::created` at the last periodic trim.
@@ -441,9 +472,6 @@ impl Shard {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         let mut commands = Vec::with_capacity(256);
         let mut datagrams = Vec::with_capacity(64);
-        let mut ready = Vec::with_capacity(64);
-        let mut own_reads = Vec::with_capacity(64);
-        let mut buf = vec![0u8; 2048];
         loop {
             let next_timer = self.timers.peek().map(|Reverse((t, _))| *t);
             let sleep = async {
@@ -458,14 +486,9 @@ impl Shard {
                         break;
                     }
                 }
-                r = async { self.socket.as_ref().unwrap().readable().await }, if self.socket.is_some() => {
+                r = self.socket.readable() => {
                     if let Err(e) = r {
                         tracing::warn!(error = %e, "shard {}: UDP socket failed", self.k);
-                    }
-                }
-                r = async { self.peer_sockets.as_ref().unwrap().ready(&mut ready).await }, if self.peer_sockets.is_some() => {
-                    if let Err(e) = r {
-                        tracing::warn!(error = %e, "shard {}: peer sockets failed", self.k);
                     }
                 }
                 () = sleep => {}
@@ -484,7 +507,7 @@ impl Shard {
                 // otherwise keep that peak. Not otherwise: with a large heap
                 // a trim holds the allocator for up to ~25 ms, a stall every
                 // thread of the process feels.
-                if self.k == 0 && self.socket.is_some() {
+                if self.k == 0 && self.aliases.is_none() {
                     let created = self.common.created.load(Ordering::Relaxed);
                     if created - self.created_at_trim >= STORM {
                         self.last_storm = Some(now);
@@ -499,27 +522,18 @@ impl Shard {
                 self.on_command(c, now);
             }
             // Every ready datagram, a batch at a time (bounded per turn).
-            if let Some(socket) = self.socket.as_mut() {
-                for _ in 0..8 {
-                    let before = datagrams.len();
-                    if let Err(e) = socket.recv_batch(&mut datagrams) {
-                        tracing::debug!(error = %e, "shard {}: recv", self.k);
-                        break;
-                    }
-                    if datagrams.len() == before {
-                        break;
-                    }
+            for _ in 0..8 {
+                let before = datagrams.len();
+                if let Err(e) = self.socket.recv_batch(&mut datagrams) {
+                    tracing::debug!(error = %e, "shard {}: recv", self.k);
+                    break;
+                }
+                if datagrams.len() == before {
+                    break;
                 }
             }
             for d in datagrams.drain(..) {
                 self.on_datagram(d, now);
-            }
-            // A client shard: what its peers' own sockets hold.
-            for id in ready.drain(..) {
-                self.read_own_socket(id, &mut buf, &mut own_reads);
-            }
-            for (id, d) in own_reads.drain(..) {
-                self.deliver(id, d, now);
             }
             self.on_timers(now);
             self.drive_dirty(now);
@@ -635,19 +649,15 @@ impl Shard {
             ufrag = random_string(16);
         }
         let pwd = random_string(32);
-        let own_socket = match self.socket {
-            Some(_) => None,
-            None => {
-                let s = std::net::UdpSocket::bind(SocketAddr::new(self.bind_ip, 0))
-                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
-                    .map_err(|e| Error(format!("cannot bind a UDP socket: {e}")))?;
-                Some(s)
-            }
+        let port = self.port;
+        let alias = match &mut self.aliases {
+            Some(a) => Some(
+                a.free()
+                    .ok_or_else(|| Error("no loopback address left".into()))?,
+            ),
+            None => None,
         };
-        let port = match &own_socket {
-            Some(s) => s.local_addr().map_err(|e| Error(e.to_string()))?.port(),
-            None => self.port,
-        };
+        let own_ip = alias.map(IpAddr::V4);
         let se = SettingEngineBuilder::new()
             .with_crypto_provider(self.common.crypto.clone())
             .with_ice_credentials(ufrag.clone(), pwd.clone())
@@ -676,10 +686,14 @@ impl Shard {
             .with_setting_engine(se)
             .build(now)
             .map_err(e)?;
-        let candidates: Vec<String> = self
-            .common
-            .advertise
+        let candidates: Vec<String> = own_ip
+            .as_slice()
             .iter()
+            .chain(if own_ip.is_some() {
+                &[][..]
+            } else {
+                &self.common.advertise[..]
+            })
             .enumerate()
             .map(|(i, ip)| {
                 // Host priority (RFC 8445 §5.1.2.1), one foundation per address.
@@ -735,10 +749,9 @@ impl Shard {
             .ok_or_else(|| Error("no local description".into()))?;
         let id = self.next_id;
         self.next_id += 1;
-        let local_addr = SocketAddr::new(self.common.advertise[0], port);
-        if let (Some(s), Some(set)) = (&own_socket, &self.peer_sockets) {
-            set.add(s, id)
-                .map_err(|e| Error(format!("cannot watch a UDP socket: {e}")))?;
+        let local_addr = SocketAddr::new(own_ip.unwrap_or(self.common.advertise[0]), port);
+        if let (Some(a), Some(ip)) = (&mut self.aliases, alias) {
+            a.by_ip.insert(ip, id);
         }
         self.demux.add_peer(id, ufrag.clone(), pwd);
         self.peers.insert(
@@ -752,7 +765,6 @@ impl Shard {
                 early: offerer.then(Vec::new),
                 before_ice: Vec::new(),
                 ice_up: false,
-                own_socket,
                 local_addr,
                 deadline: None,
                 dirty: false,
@@ -824,10 +836,10 @@ impl Shard {
         // an error for every such write).
         if tell && (p.connected || p.association_up) {
             let _ = p.pc.close();
-            take_writes(&mut p, &mut self.out, &self.common.stats, |_| {});
+            take_writes(&mut p, &mut self.out, self.aliases.is_some(), |_| {});
         }
-        if let (Some(s), Some(set)) = (p.own_socket.take(), &self.peer_sockets) {
-            set.remove(&s);
+        if let (Some(a), IpAddr::V4(ip)) = (&mut self.aliases, p.local_addr.ip()) {
+            a.by_ip.remove(&ip);
         }
         self.demux.remove_peer(id, &p.ufrag);
         self.common.stats.live_peers.fetch_sub(1, Ordering::Relaxed);
@@ -839,6 +851,9 @@ impl Shard {
             self.peers = HashMap::new();
             self.timers = BinaryHeap::new();
             self.demux = Demux::default();
+            if let Some(a) = &mut self.aliases {
+                a.by_ip = HashMap::new();
+            }
             self.dirty = Vec::new();
             // Not emptied: it may hold this peer's goodbye, sent at the
             // end of the turn.
@@ -851,6 +866,17 @@ impl Shard {
     }
 
     fn on_datagram(&mut self, d: Datagram, now: Instant) {
+        if let Some(a) = &self.aliases {
+            // A client shard: the peer is the address it came to.
+            match d.to_ip.and_then(|ip| a.peer(ip)) {
+                Some(id) => self.deliver(id, d, now),
+                None => {
+                    let c = &self.common.stats.dropped_unknown;
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return;
+        }
         match self
             .demux
             .route(d.from, &d.data, self.common.crypto.crypto())
@@ -863,31 +889,6 @@ impl Shard {
                     &self.common.stats.dropped_unknown
                 };
                 c.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Up to [`OWN_READS`] datagrams from peer `id`'s own socket.
-    fn read_own_socket(&self, id: PeerId, buf: &mut [u8], out: &mut Vec<(PeerId, Datagram)>) {
-        let Some(s) = self.peers.get(&id).and_then(|p| p.own_socket.as_ref()) else {
-            return;
-        };
-        for _ in 0..OWN_READS {
-            match s.recv_from(buf) {
-                Ok((n, from)) => out.push((
-                    id,
-                    Datagram {
-                        from,
-                        to_ip: None,
-                        data: BytesMut::from(&buf[..n]),
-                    },
-                )),
-                Err(e) => {
-                    if e.kind() != std::io::ErrorKind::WouldBlock {
-                        tracing::debug!(peer = id, error = %e, "recv on a peer socket");
-                    }
-                    return;
-                }
             }
         }
     }
@@ -1035,7 +1036,8 @@ impl Shard {
                 }
             }
             let demux = &mut self.demux;
-            if take_writes(p, &mut self.out, &stats, |to| demux.sent(id, to)) {
+            let from_alias = self.aliases.is_some();
+            if take_writes(p, &mut self.out, from_alias, |to| demux.sent(id, to)) {
                 progressed = true;
             }
             if !progressed {
@@ -1067,14 +1069,12 @@ impl Shard {
         if self.out.is_empty() {
             return;
         }
-        if let Some(socket) = &self.socket {
-            let dropped = socket.send_all(&self.out).await;
-            if dropped > 0 {
-                self.common
-                    .stats
-                    .dropped_outbound
-                    .fetch_add(dropped as u64, Ordering::Relaxed);
-            }
+        let dropped = self.socket.send_all(&self.out).await;
+        if dropped > 0 {
+            self.common
+                .stats
+                .dropped_outbound
+                .fetch_add(dropped as u64, Ordering::Relaxed);
         }
         self.out.clear();
     }
@@ -1113,30 +1113,32 @@ fn read_into(p: &mut PeerSlot, d: Datagram, advertise: &[IpAddr], now: Instant) 
     });
 }
 
-/// Takes every datagram the peer has to send: through its own socket at
-/// once, or into `out` (the shard's socket, at the end of the turn), telling
-/// `sent` each destination. Returns whether there were any.
+/// Takes every datagram the peer has to send into `out` (the shard's
+/// socket, at the end of the turn): from the peer's own address when
+/// `from_alias` (a client shard), else telling `sent` each destination.
+/// Returns whether there were any.
 fn take_writes(
     p: &mut PeerSlot,
-    out: &mut Vec<(SocketAddr, BytesMut)>,
-    stats: &Stats,
+    out: &mut Vec<Transmit>,
+    from_alias: bool,
     mut sent: impl FnMut(SocketAddr),
 ) -> bool {
     let mut any = false;
     while let Some(w) = p.pc.poll_write() {
         any = true;
         let to = w.transport.peer_addr;
-        match &p.own_socket {
-            Some(s) => {
-                if s.send_to(&w.message, to).is_err() {
-                    stats.dropped_outbound.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            None => {
+        let from = match p.local_addr.ip() {
+            IpAddr::V4(ip) if from_alias => Some(ip),
+            _ => {
                 sent(to);
-                out.push((to, w.message));
+                None
             }
-        }
+        };
+        out.push(Transmit {
+            to,
+            from,
+            data: w.message,
+        });
     }
     any
 }
@@ -1242,5 +1244,36 @@ fn on_event(p: &mut PeerSlot, ev: RTCPeerConnectionEvent, stats: &Stats) {
             _ => {}
         },
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aliases_are_unique_per_shard_and_skip_the_live_ones() {
+        let mut a = Aliases::new(1);
+        let first = a.free().unwrap();
+        assert_eq!(first, Ipv4Addr::new(127, 2, 0, 1));
+        a.by_ip.insert(first, 7);
+        assert_eq!(a.peer(IpAddr::V4(first)), Some(7));
+        assert_eq!(a.peer(IpAddr::V4(Ipv4Addr::new(127, 2, 0, 2))), None);
+        // Never .0 or .255 in the last byte; wraps around the whole space
+        // and skips the address still held.
+        let mut seen = std::collections::HashSet::new();
+        for _ in 1..Aliases::SPACE {
+            let ip = a.free().unwrap();
+            assert!(!matches!(ip.octets()[3], 0 | 255), "{ip}");
+            assert_eq!(ip.octets()[..2], [127, 2]);
+            assert!(seen.insert(ip), "{ip} twice");
+        }
+        assert!(!seen.contains(&first));
+        assert_ne!(a.free(), Some(first));
+        // Full: none left.
+        for ip in seen {
+            a.by_ip.insert(ip, 1);
+        }
+        assert_eq!(a.free(), None);
     }
 }

@@ -5,7 +5,7 @@
 
 use bytes::BytesMut;
 use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -24,6 +24,15 @@ pub struct Datagram {
     pub from: SocketAddr,
     /// The local address it was sent to, when the kernel says (IP_PKTINFO).
     pub to_ip: Option<IpAddr>,
+    pub data: BytesMut,
+}
+
+/// One datagram to send.
+pub struct Transmit {
+    pub to: SocketAddr,
+    /// The local address to send it from (`IP_PKTINFO`), for a socket bound
+    /// to the unspecified address; `None`: the kernel's choice.
+    pub from: Option<Ipv4Addr>,
     pub data: BytesMut,
 }
 
@@ -86,7 +95,7 @@ impl SharedSocket {
     /// Sends every datagram, batched; waits while the socket buffer is full.
     /// A datagram the kernel refuses (unreachable, too large) is dropped, as
     /// UDP would: the protocols above retransmit.
-    pub async fn send_all(&self, out: &[(SocketAddr, BytesMut)]) -> usize {
+    pub async fn send_all(&self, out: &[Transmit]) -> usize {
         let mut sent = 0;
         let mut dropped = 0;
         while sent < out.len() {
@@ -102,7 +111,7 @@ impl SharedSocket {
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, to = %chunk[0].0, "UDP send failed; datagram dropped");
+                    tracing::debug!(error = %e, to = %chunk[0].to, "UDP send failed; datagram dropped");
                     sent += 1;
                     dropped += 1;
                 }
@@ -112,20 +121,46 @@ impl SharedSocket {
     }
 }
 
+/// An `IP_PKTINFO` control message: its header, then the data at
+/// `CMSG_DATA` (the header's size, already aligned on Linux).
+#[repr(C)]
+struct PktInfo {
+    hdr: libc::cmsghdr,
+    info: libc::in_pktinfo,
+}
+
+impl PktInfo {
+    fn from(ip: Ipv4Addr) -> PktInfo {
+        // SAFETY: all-zero is a valid cmsghdr and in_pktinfo.
+        let mut c: PktInfo = unsafe { std::mem::zeroed() };
+        c.hdr.cmsg_level = libc::IPPROTO_IP;
+        c.hdr.cmsg_type = libc::IP_PKTINFO;
+        // SAFETY: arithmetic only.
+        c.hdr.cmsg_len =
+            unsafe { libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) } as _;
+        c.info.ipi_spec_dst = libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        };
+        c
+    }
+}
+
 /// One `sendmmsg` over `out`; returns how many datagrams the kernel took.
-fn sendmmsg(socket: &UdpSocket, out: &[(SocketAddr, BytesMut)]) -> io::Result<usize> {
-    let addrs: Vec<socket2::SockAddr> = out.iter().map(|(a, _)| (*a).into()).collect();
+fn sendmmsg(socket: &UdpSocket, out: &[Transmit]) -> io::Result<usize> {
+    let addrs: Vec<socket2::SockAddr> = out.iter().map(|t| t.to.into()).collect();
     let mut iovs: Vec<libc::iovec> = out
         .iter()
-        .map(|(_, d)| libc::iovec {
-            iov_base: d.as_ptr() as *mut libc::c_void,
-            iov_len: d.len(),
+        .map(|t| libc::iovec {
+            iov_base: t.data.as_ptr() as *mut libc::c_void,
+            iov_len: t.data.len(),
         })
         .collect();
+    let mut control: Vec<Option<PktInfo>> = out.iter().map(|t| t.from.map(PktInfo::from)).collect();
     let mut hdrs: Vec<libc::mmsghdr> = addrs
         .iter()
         .zip(iovs.iter_mut())
-        .map(|(a, iov)| {
+        .zip(control.iter_mut())
+        .map(|((a, iov), c)| {
             // SAFETY: an all-zero msghdr is a valid empty header; every
             // pointer set below outlives the call.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
@@ -133,10 +168,18 @@ fn sendmmsg(socket: &UdpSocket, out: &[(SocketAddr, BytesMut)]) -> io::Result<us
             h.msg_hdr.msg_namelen = a.len();
             h.msg_hdr.msg_iov = iov as *mut libc::iovec;
             h.msg_hdr.msg_iovlen = 1;
+            if let Some(c) = c {
+                h.msg_hdr.msg_control = c as *mut PktInfo as *mut libc::c_void;
+                // SAFETY: arithmetic only.
+                h.msg_hdr.msg_controllen =
+                    unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) }
+                        as _;
+            }
             h
         })
         .collect();
-    // SAFETY: `hdrs` points at `addrs` and `iovs`, which live until return.
+    // SAFETY: `hdrs` points at `addrs`, `iovs` and `control`, which live
+    // until return.
     let n = unsafe {
         libc::sendmmsg(
             socket.as_raw_fd(),
@@ -188,92 +231,4 @@ pub fn interface_addrs(v6: bool) -> Vec<IpAddr> {
         libc::freeifaddrs(list);
     }
     found
-}
-
-/// The sockets of a client shard's peers, one each (as a browser has), read
-/// by the shard itself: every socket sits in one epoll set of the shard's,
-/// whose own descriptor the shard's runtime watches. A datagram costs one
-/// `recvfrom` — no task per socket, no wake, no hand-over.
-pub struct PeerSockets {
-    epoll: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
-}
-
-/// Ready sockets taken per `epoll_wait`.
-const READY_BATCH: usize = 256;
-
-impl PeerSockets {
-    pub fn new() -> io::Result<PeerSockets> {
-        // SAFETY: plain system call; the descriptor is owned from here on.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nobody else owns.
-        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        // SAFETY: the OwnedFd is moved in and stays open, the same
-        // descriptor, for as long as the AsyncFd owns it.
-        let epoll =
-            unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, Interest::READABLE) }
-                .map_err(io::Error::from)?;
-        Ok(PeerSockets { epoll })
-    }
-
-    /// Watches `socket` (level-triggered) for peer `id`.
-    pub fn add(&self, socket: &std::net::UdpSocket, id: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_ADD, socket, id)
-    }
-
-    /// Stops watching `socket` (before it is closed).
-    pub fn remove(&self, socket: &std::net::UdpSocket) {
-        let _ = self.ctl(libc::EPOLL_CTL_DEL, socket, 0);
-    }
-
-    fn ctl(&self, op: libc::c_int, socket: &std::net::UdpSocket, id: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: id,
-        };
-        // SAFETY: both descriptors are open; `ev` lives across the call.
-        let r = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, socket.as_raw_fd(), &mut ev) };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Waits until some sockets hold datagrams and appends their peers to
-    /// `out`. A socket stays listed (level-triggered) until read empty.
-    pub async fn ready(&self, out: &mut Vec<u64>) -> io::Result<()> {
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; READY_BATCH];
-        loop {
-            let mut guard = self.epoll.readable().await?;
-            let polled = guard.try_io(|epoll| {
-                // SAFETY: `events` has room for READY_BATCH entries.
-                let n = unsafe {
-                    libc::epoll_wait(
-                        epoll.as_raw_fd(),
-                        events.as_mut_ptr(),
-                        READY_BATCH as libc::c_int,
-                        0,
-                    )
-                };
-                match n {
-                    n if n < 0 => Err(io::Error::last_os_error()),
-                    // None left: the runtime waits for the set's next edge.
-                    0 => Err(io::ErrorKind::WouldBlock.into()),
-                    n => Ok(n as usize),
-                }
-            });
-            match polled {
-                Ok(Ok(n)) => {
-                    out.extend(events[..n].iter().map(|e| e.u64));
-                    return Ok(());
-                }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => {}
-            }
-        }
-    }
 }
