@@ -131,7 +131,9 @@ struct Args {
     /// Fail when fewer than this fraction of peers connect (0..1).
     #[arg(long)]
     min_connect_success: Option<f64>,
-    /// Allow non-loopback targets (only towards hosts you run).
+    /// Allow non-loopback targets (only towards hosts you run). The WebRTC
+    /// peers answer from loopback addresses: the server's ICE candidates
+    /// must still be reachable on loopback.
     #[arg(long)]
     allow_remote: bool,
     /// Client processes holding the peers (peer i goes to process i mod K);
