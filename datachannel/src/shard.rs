@@ -716,14 +716,14 @@ impl Shard {
             .with_setting_engine(se)
             .build(now)
             .map_err(e)?;
-        let candidates: Vec<String> = own_ip
-            .as_slice()
+        // A client peer's one address, or what the server advertises.
+        let own = own_ip.map(|ip| [ip]);
+        let ips: &[IpAddr] = match &own {
+            Some(ip) => ip,
+            None => &self.common.advertise,
+        };
+        let candidates: Vec<String> = ips
             .iter()
-            .chain(if own_ip.is_some() {
-                &[][..]
-            } else {
-                &self.common.advertise[..]
-            })
             .enumerate()
             .map(|(i, ip)| {
                 // Host priority (RFC 8445 §5.1.2.1), one foundation per address.

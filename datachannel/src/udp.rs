@@ -170,10 +170,7 @@ fn sendmmsg(socket: &UdpSocket, out: &[Transmit]) -> io::Result<usize> {
             h.msg_hdr.msg_iovlen = 1;
             if let Some(c) = c {
                 h.msg_hdr.msg_control = c as *mut PktInfo as *mut libc::c_void;
-                // SAFETY: arithmetic only.
-                h.msg_hdr.msg_controllen =
-                    unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) }
-                        as _;
+                h.msg_hdr.msg_controllen = std::mem::size_of::<PktInfo>() as _;
             }
             h
         })
@@ -231,4 +228,26 @@ pub fn interface_addrs(v6: bool) -> Vec<IpAddr> {
         libc::freeifaddrs(list);
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `PktInfo` is laid out as the kernel reads a control message: the
+    /// data at `CMSG_DATA`, the whole `CMSG_SPACE` long.
+    #[test]
+    fn pktinfo_has_the_layout_of_a_control_message() {
+        let data = std::mem::size_of::<libc::in_pktinfo>() as u32;
+        // SAFETY: arithmetic only.
+        let (space, header) = unsafe { (libc::CMSG_SPACE(data), libc::CMSG_LEN(0)) };
+        assert_eq!(std::mem::size_of::<PktInfo>(), space as usize);
+        assert_eq!(std::mem::offset_of!(PktInfo, info), header as usize);
+        let c = PktInfo::from(Ipv4Addr::new(127, 3, 1, 2));
+        assert_eq!(c.hdr.cmsg_len as u32, header + data);
+        assert_eq!(
+            c.info.ipi_spec_dst.s_addr,
+            u32::from_be_bytes([127, 3, 1, 2]).to_be()
+        );
+    }
 }
