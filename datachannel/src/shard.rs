@@ -239,10 +239,12 @@ pub fn spawn(
     config: &EngineConfig,
     common: Common,
 ) -> Result<(Handle, SocketAddr), Error> {
-    let mut bind = match config.sockets {
-        Sockets::Shared => config.bind,
-        // Every 127.x.y.z and an ephemeral port: each peer's address.
-        Sockets::LoopbackAliases => SocketAddr::from(([0, 0, 0, 0], 0)),
+    let client = config.sockets == Sockets::LoopbackAliases;
+    // A client: every 127.x.y.z and an ephemeral port, each peer's address.
+    let mut bind = if client {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        config.bind
     };
     if bind.port() != 0 {
         let port = bind.port() as usize + k;
@@ -257,17 +259,19 @@ pub fn spawn(
     // default ~200 KiB and costs each lost flight a 1 s retransmit.
     // The kernel caps the size at net.core.rmem_max / wmem_max.
     let sock = socket2::SockRef::from(&socket);
-    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
-    if config.sockets == Sockets::LoopbackAliases && !force_recv_buffer(&socket, CLIENT_RECV_BUFFER)
-    {
-        let _ = sock.set_recv_buffer_size(CLIENT_RECV_BUFFER);
+    if !(client && force_recv_buffer(&socket, CLIENT_RECV_BUFFER)) {
+        let _ = sock.set_recv_buffer_size(if client {
+            CLIENT_RECV_BUFFER
+        } else {
+            SOCKET_BUFFER
+        });
     }
     let addr = socket.local_addr().map_err(|e| Error(e.to_string()))?;
-    let aliases = (config.sockets == Sockets::LoopbackAliases).then(|| Aliases::new(k));
+    let aliases = client.then(|| Aliases::new(k));
     let (commands, rx) = mpsc::unbounded_channel();
     // Everything that can fail (descriptors for the runtime, the socket's
-    // registration, the epoll set) is set up here, so that a shard that
+    // registration) is set up here, so that a shard that
     // cannot run is an error of `Engine::start` — not a thread that dies
     // after it returned and leaves its peers waiting forever (seen when
     // the process was out of file descriptors at startup).
