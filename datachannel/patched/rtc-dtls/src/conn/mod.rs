@@ -39,6 +39,10 @@ use std::io::BufWriter;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Records of a coming epoch held until its keys exist, at most.
+pub(crate) const MAX_QUEUED_FUTURE_RECORDS: usize = 32;
+/// And their bytes, at most.
+pub(crate) const MAX_QUEUED_FUTURE_BYTES: usize = 16 * 1024;
 pub(crate) const INITIAL_TICKER_INTERVAL: Duration = Duration::from_secs(1);
 pub(crate) const COOKIE_LENGTH: usize = 20;
 pub(crate) const DEFAULT_NAMED_CURVE: NamedCurve = NamedCurve::X25519;
@@ -70,6 +74,8 @@ pub struct DTLSConn {
     replay_detector: Vec<Box<dyn ReplayDetector>>,
     incoming_decrypted_packets: VecDeque<BytesMut>, // Decrypted Application Data or error, pull by calling `Read`
     incoming_encrypted_packets: VecDeque<Vec<u8>>,
+    /// The bytes of `incoming_encrypted_packets`.
+    incoming_encrypted_bytes: usize,
     fragment_buffer: FragmentBuffer,
     pub(crate) cache: HandshakeCache, // caching of handshake messages for verifyData generation
     pub(crate) outgoing_packets: VecDeque<Packet>,
@@ -153,6 +159,7 @@ impl DTLSConn {
             replay_detector: vec![],
             incoming_decrypted_packets: VecDeque::new(),
             incoming_encrypted_packets: VecDeque::new(),
+            incoming_encrypted_bytes: 0,
             fragment_buffer: FragmentBuffer::new(),
             outgoing_packets: VecDeque::new(),
             outgoing_queued_packets: VecDeque::new(),
@@ -574,6 +581,25 @@ impl DTLSConn {
         Ok(())
     }
 
+    /// Keeps a record that came before its keys, within
+    /// [`MAX_QUEUED_FUTURE_RECORDS`] and [`MAX_QUEUED_FUTURE_BYTES`]: anyone
+    /// who can send to the peer's address can send such records, and a
+    /// genuine peer sends a flight or two of them (dropped ones are
+    /// retransmitted with its flight).
+    fn queue_future_record(&mut self, pkt: Vec<u8>) {
+        if self.incoming_encrypted_packets.len() >= MAX_QUEUED_FUTURE_RECORDS
+            || self.incoming_encrypted_bytes + pkt.len() > MAX_QUEUED_FUTURE_BYTES
+        {
+            debug!(
+                "{}: future-epoch queue full, record dropped",
+                srv_cli_str(self.is_client)
+            );
+            return;
+        }
+        self.incoming_encrypted_bytes += pkt.len();
+        self.incoming_encrypted_packets.push_back(pkt);
+    }
+
     pub(crate) fn handle_incoming_queued_packets(&mut self) -> Result<bool> {
         // Drain queued future-epoch packets once the cipher suite is initialized,
         // which may happen before handshake_completed (e.g. Finished arrived before
@@ -586,6 +612,7 @@ impl DTLSConn {
         let mut is_handshake = false;
         if cipher_ready {
             while let Some(p) = self.incoming_encrypted_packets.pop_front() {
+                self.incoming_encrypted_bytes = self.incoming_encrypted_bytes.saturating_sub(p.len());
                 let (hs, alert, err) = self.handle_incoming_packet(p, false); // don't re-enqueue
                 if hs {
                     is_handshake = true;
@@ -664,7 +691,7 @@ impl DTLSConn {
                     "{}: received packet of next epoch, queuing packet",
                     srv_cli_str(self.is_client)
                 );
-                self.incoming_encrypted_packets.push_back(pkt);
+                self.queue_future_record(pkt);
             }
             return (false, None, None);
         }
@@ -726,7 +753,7 @@ impl DTLSConn {
                         "{}: handshake not finished, queuing packet",
                         srv_cli_str(self.is_client)
                     );
-                    self.incoming_encrypted_packets.push_back(pkt);
+                    self.queue_future_record(pkt);
                 }
                 return (false, None, None);
             }
@@ -867,7 +894,7 @@ impl DTLSConn {
                             "{}: CipherSuite not initialized, queuing packet",
                             srv_cli_str(self.is_client)
                         );
-                        self.incoming_encrypted_packets.push_back(pkt);
+                        self.queue_future_record(pkt);
                     }
                     return (false, None, None);
                 }
