@@ -41,6 +41,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }));
     loop {
         let (tcp, addr) = limits::accept(&listener, "API", &ACCEPT_ERRORS).await;
+        let accepted = Instant::now();
         let _ = tcp.set_nodelay(true);
         let Ok(place) = places.clone().try_acquire_owned() else {
             if let Some(folded) = REFUSALS.hit() {
@@ -67,7 +68,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     }
                     Err(_) => return,
                 };
-            let clock = Arc::new(Clock::new());
+            // The header clock runs from accept: a connection that sends
+            // nothing holds its place for the header timeout, not the idle
+            // one.
+            let clock = Arc::new(Clock::new(Phase::Head(accepted)));
             let service = {
                 let clock = clock.clone();
                 service_fn(move |req| {
@@ -157,9 +161,9 @@ struct Clock {
 }
 
 impl Clock {
-    fn new() -> Clock {
+    fn new(phase: Phase) -> Clock {
         Clock {
-            phase: std::sync::Mutex::new(Phase::Idle(Instant::now())),
+            phase: std::sync::Mutex::new(phase),
             changed: tokio::sync::Notify::new(),
         }
     }

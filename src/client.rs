@@ -38,6 +38,9 @@ pub struct ClientOptions {
     /// Walk away mid-handshake without a word (churn tests):
     /// [`Client::connect`] then returns [`ClientError::Abandoned`].
     pub abandon: Option<Abandon>,
+    /// SDP lines added to the end of the answer (tests of what hato does
+    /// with an answer's candidates).
+    pub extra_answer_lines: String,
 }
 
 /// Where a client vanishes during the handshake.
@@ -64,6 +67,7 @@ impl ClientOptions {
             timeout: Duration::from_secs(10),
             close_websocket_after_switch: false,
             abandon: None,
+            extra_answer_lines: String::new(),
         }
     }
 
@@ -196,6 +200,8 @@ enum Command {
 pub struct Client {
     pub connection_id: String,
     pub offer: Value,
+    /// The answer SDP it sent (its candidate: the address it sends from).
+    pub answer: String,
     /// When the offer arrived.
     pub offer_at: std::time::Instant,
     pub events: mpsc::UnboundedReceiver<ClientEvent>,
@@ -259,9 +265,10 @@ impl Client {
         let sdp = offer["sdp"]
             .as_str()
             .ok_or_else(|| fail("offer without sdp"))?;
-        let (peer, answer, peer_events) = opts.engine.answer(sdp).await.map_err(fail)?;
+        let (peer, mut answer, peer_events) = opts.engine.answer(sdp).await.map_err(fail)?;
+        answer.push_str(&opts.extra_answer_lines);
         ws.send(Message::text(
-            json!({"type": "answer", "sdp": answer}).to_string(),
+            json!({"type": "answer", "sdp": &answer}).to_string(),
         ))
         .await
         .map_err(fail)?;
@@ -289,6 +296,7 @@ impl Client {
                 .unwrap_or_default()
                 .to_owned(),
             offer,
+            answer,
             offer_at,
             events,
             peer,

@@ -257,9 +257,10 @@ impl Cluster {
         let addrs = urls
             .split(',')
             .map(|u| {
-                u.trim()
-                    .parse::<async_nats::ServerAddr>()
-                    .map_err(|e| format!("--cluster-nats-url {u:?}: {e}"))
+                u.trim().parse::<async_nats::ServerAddr>().map_err(|e| {
+                    let u = crate::config_file::redact_urls(u.trim());
+                    format!("--cluster-nats-url {u:?}: {e}")
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let name = node.clone();

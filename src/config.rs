@@ -103,6 +103,18 @@ pub struct Config {
     #[arg(long, env = "HATO_MAX_HANDSHAKES", default_value_t = 1_000)]
     pub max_handshakes: usize,
 
+    /// Handshakes one IP address (an IPv6 /64) may have in flight; one
+    /// more gets 503 TOO-MANY-HANDSHAKES. One address can so never hold
+    /// more than this share of --max-handshakes. 0: no limit.
+    #[arg(long, env = "HATO_MAX_HANDSHAKES_PER_IP", default_value_t = 16)]
+    pub max_handshakes_per_ip: usize,
+
+    /// Time a new signaling or API connection has to send its first byte,
+    /// in ms; then it is closed. An idle socket holds its place only this
+    /// long.
+    #[arg(long, env = "HATO_FIRST_BYTE_TIMEOUT_MS", default_value_t = 2_000)]
+    pub first_byte_timeout_ms: u64,
+
     /// Concurrent HTTP API connections; one more is answered 503 and
     /// closed. 0: no limit.
     #[arg(long, env = "HATO_API_MAX_CONNECTIONS", default_value_t = 1_024)]
@@ -170,6 +182,28 @@ pub struct Config {
     /// peer of the channel receives it in notify.
     #[arg(long, env = "HATO_NOTIFY_METADATA_LIMIT", default_value_t = 8 * 1024)]
     pub notify_metadata_limit: usize,
+
+    /// Largest `metadata` a peer may send in `connect` (its JSON text, in
+    /// bytes); larger is refused with Close 4490. It is kept as sent, for
+    /// the auth webhook, and dropped once the offer is out. Before its
+    /// `connect` is taken a connection may send this plus
+    /// --notify-metadata-limit plus 16 KiB (the upgrade request and the
+    /// rest of `connect`), and is closed beyond.
+    #[arg(long, env = "HATO_CONNECT_METADATA_LIMIT", default_value_t = 64 * 1024)]
+    pub connect_metadata_limit: usize,
+
+    /// Remote ICE candidates a peer may give (trickled, and in its
+    /// answer); one more ends the session (Close 4490
+    /// TOO-MANY-CANDIDATES).
+    #[arg(long, env = "HATO_MAX_REMOTE_CANDIDATES", default_value_t = 64)]
+    pub max_remote_candidates: usize,
+
+    /// Never check candidates in private ranges (10/8, 172.16/12,
+    /// 192.168/16, 100.64/10, fc00::/7): for deployments whose peers all
+    /// come over the internet. Off by default: peers on the same LAN need
+    /// them.
+    #[arg(long, env = "HATO_REFUSE_PRIVATE_CANDIDATES", default_value_t = false)]
+    pub refuse_private_candidates: bool,
 
     /// How long an Idempotency-Key is remembered, in seconds: a repeat of
     /// the same call within it gets the first answer and delivers nothing.
@@ -308,6 +342,14 @@ impl Config {
     pub fn establish_timeout(&self) -> Duration {
         Duration::from_millis(self.establish_timeout_ms)
     }
+    pub fn first_byte_timeout(&self) -> Duration {
+        Duration::from_millis(self.first_byte_timeout_ms)
+    }
+    /// Bytes a signaling connection may send before its `connect` is
+    /// taken: the upgrade request and the whole `connect`.
+    pub fn before_connect_limit(&self) -> usize {
+        self.connect_metadata_limit + self.notify_metadata_limit + 16 * 1024
+    }
     pub fn api_header_timeout(&self) -> Duration {
         Duration::from_millis(self.api_header_timeout_ms)
     }
@@ -328,6 +370,7 @@ impl Config {
             advertise: self.public_ips.clone(),
             shards: self.rtc_shards.max(1),
             max_message_size: DATA_CHANNEL_RECEIVE_LIMIT.min(self.client_message_limit) as u32,
+            refuse_private_candidates: self.refuse_private_candidates,
             ..hato_datachannel::EngineConfig::server(self.rtc_addr)
         }
     }

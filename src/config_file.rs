@@ -92,7 +92,7 @@ pub fn load(args: Vec<OsString>) -> Result<(Config, ArgMatches), clap::Error> {
 }
 
 /// The effective configuration as TOML: every key, whatever set it (the
-/// API token masked).
+/// API token, and credentials and query strings in URLs, masked).
 pub fn to_toml(matches: &ArgMatches) -> String {
     let mut out = String::from("# hato's effective configuration (hato --print-config)\n");
     for arg in Config::command().get_arguments() {
@@ -107,6 +107,9 @@ pub fn to_toml(matches: &ArgMatches) -> String {
         let value = match (id, &values[..]) {
             (_, []) => continue,
             ("api_token", _) => toml::Value::String("<set>".into()),
+            ("cluster_nats_url" | "auth_webhook_url" | "event_webhook_url", [one]) => {
+                toml::Value::String(redact_urls(one))
+            }
             ("public_ips", many) => toml::Value::Array(many.iter().map(|v| typed(v)).collect()),
             (_, [one]) => typed(one),
             (_, many) => toml::Value::Array(many.iter().map(|v| typed(v)).collect()),
@@ -114,6 +117,30 @@ pub fn to_toml(matches: &ArgMatches) -> String {
         out.push_str(&format!("{id} = {value}\n"));
     }
     out
+}
+
+/// URLs (comma-separated) with their user information and query string
+/// masked: `nats://user:pass@host` → `nats://<set>@host`, so that a
+/// printed configuration or an error message never shows a secret.
+pub fn redact_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(|u| {
+            let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
+            let (rest, query) = match rest.split_once('?') {
+                Some((r, _)) => (r, "?<set>"),
+                None => (rest, ""),
+            };
+            let end = rest.find('/').unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(end);
+            let authority = match authority.rsplit_once('@') {
+                Some((_, host)) => format!("<set>@{host}"),
+                None => authority.to_owned(),
+            };
+            let sep = if scheme.is_empty() { "" } else { "://" };
+            format!("{scheme}{sep}{authority}{path}{query}")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A number or boolean as such, anything else as a string.

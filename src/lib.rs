@@ -81,6 +81,7 @@ impl Server {
             config.max_connections,
             config.max_connections_per_ip,
             config.max_handshakes,
+            config.max_handshakes_per_ip,
         );
         let auth_webhook = match &config.auth_webhook_url {
             Some(url) => Some(

@@ -17,6 +17,7 @@ pub enum Refusal {
     Full,
     PerAddress,
     Handshakes,
+    HandshakesPerAddress,
 }
 
 impl Refusal {
@@ -35,6 +36,10 @@ impl Refusal {
                 "TOO-MANY-HANDSHAKES: {} in flight (--max-handshakes)",
                 admission.max_handshakes
             ),
+            Refusal::HandshakesPerAddress => format!(
+                "TOO-MANY-HANDSHAKES: {} in flight from this address (--max-handshakes-per-ip)",
+                admission.max_handshakes_per_ip
+            ),
         }
     }
 }
@@ -46,19 +51,28 @@ pub struct Admission {
     max_total: usize,
     max_per_ip: usize,
     max_handshakes: usize,
+    max_handshakes_per_ip: usize,
     total: AtomicUsize,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Per address (an IPv6 /64 as one): connections, and handshakes
+    /// among them.
+    per_ip: Mutex<HashMap<IpAddr, (usize, usize)>>,
     handshakes: Arc<Semaphore>,
     /// Connections refused, by any limit.
     pub refused: AtomicU64,
 }
 
 impl Admission {
-    pub fn new(max_total: usize, max_per_ip: usize, max_handshakes: usize) -> Arc<Admission> {
+    pub fn new(
+        max_total: usize,
+        max_per_ip: usize,
+        max_handshakes: usize,
+        max_handshakes_per_ip: usize,
+    ) -> Arc<Admission> {
         Arc::new(Admission {
             max_total,
             max_per_ip,
             max_handshakes,
+            max_handshakes_per_ip,
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             handshakes: Arc::new(Semaphore::new(if max_handshakes == 0 {
@@ -78,6 +92,7 @@ impl Admission {
     /// Takes a place for a connection from `ip`, or says which limit is
     /// reached. The place is given back when the [`Ticket`] drops.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refusal> {
+        let ip = address_key(ip);
         let refuse = |why| {
             self.refused.fetch_add(1, Ordering::Relaxed);
             Err(why)
@@ -89,19 +104,31 @@ impl Admission {
         }
         {
             let mut per_ip = self.per_ip.lock().unwrap();
-            let n = per_ip.entry(ip).or_insert(0);
-            if self.max_per_ip > 0 && *n >= self.max_per_ip {
+            let (n, handshakes) = per_ip.entry(ip).or_insert((0, 0));
+            let over = if self.max_per_ip > 0 && *n >= self.max_per_ip {
+                Some(Refusal::PerAddress)
+            } else if self.max_handshakes_per_ip > 0 && *handshakes >= self.max_handshakes_per_ip {
+                Some(Refusal::HandshakesPerAddress)
+            } else {
+                None
+            };
+            if let Some(why) = over {
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
                 drop(per_ip);
                 self.total.fetch_sub(1, Ordering::AcqRel);
-                return refuse(Refusal::PerAddress);
+                return refuse(why);
             }
             *n += 1;
+            *handshakes += 1;
         }
         // From here on, dropping the ticket gives the place back.
         let mut ticket = Ticket {
             admission: self.clone(),
             ip,
             handshake: None,
+            handshaking: true,
         };
         match self.handshakes.clone().try_acquire_owned() {
             Ok(permit) => ticket.handshake = Some(permit),
@@ -116,6 +143,8 @@ pub struct Ticket {
     admission: Arc<Admission>,
     ip: IpAddr,
     handshake: Option<OwnedSemaphorePermit>,
+    /// Counted among its address's handshakes.
+    handshaking: bool,
 }
 
 impl Ticket {
@@ -123,6 +152,12 @@ impl Ticket {
     /// handshakes in flight goes to the next one.
     pub fn handshake_done(&mut self) {
         self.handshake = None;
+        if std::mem::take(&mut self.handshaking) {
+            let mut per_ip = self.admission.per_ip.lock().unwrap();
+            if let Some((_, handshakes)) = per_ip.get_mut(&self.ip) {
+                *handshakes -= 1;
+            }
+        }
     }
 }
 
@@ -130,12 +165,31 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         self.admission.total.fetch_sub(1, Ordering::AcqRel);
         let mut per_ip = self.admission.per_ip.lock().unwrap();
-        if let Some(n) = per_ip.get_mut(&self.ip) {
+        if let Some((n, handshakes)) = per_ip.get_mut(&self.ip) {
             *n -= 1;
+            if self.handshaking {
+                *handshakes -= 1;
+            }
             if *n == 0 {
                 per_ip.remove(&self.ip);
             }
         }
+    }
+}
+
+/// The address a client is counted under: an IPv4 address (also when
+/// written as IPv4-mapped IPv6), or the /64 of an IPv6 one — a single
+/// host is routinely given a whole /64.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(bits.into())
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -240,7 +294,7 @@ mod tests {
 
     #[test]
     fn admission_counts_and_gives_back() {
-        let a = Admission::new(3, 2, 0);
+        let a = Admission::new(3, 2, 0, 0);
         let ip1: IpAddr = "10.0.0.1".parse().unwrap();
         let ip2: IpAddr = "10.0.0.2".parse().unwrap();
         let t1 = a.admit(ip1).unwrap();
@@ -258,12 +312,35 @@ mod tests {
 
     #[test]
     fn handshakes_are_capped_until_done() {
-        let a = Admission::new(0, 0, 1);
+        let a = Admission::new(0, 0, 1, 0);
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let mut t = a.admit(ip).unwrap();
         assert_eq!(a.admit(ip).unwrap_err(), Refusal::Handshakes);
         t.handshake_done();
         let _u = a.admit(ip).unwrap();
+    }
+
+    #[test]
+    fn one_address_holds_a_bounded_share_of_the_handshakes() {
+        let a = Admission::new(0, 0, 10, 2);
+        let one: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let mut t1 = a.admit(one).unwrap();
+        let _t2 = a.admit(same_64).unwrap();
+        assert_eq!(a.admit(one).unwrap_err(), Refusal::HandshakesPerAddress);
+        let _t3 = a.admit(other).unwrap();
+        // Connected, it no longer counts as a handshake.
+        t1.handshake_done();
+        t1.handshake_done();
+        let _t4 = a.admit(one).unwrap();
+        assert_eq!(a.admit(one).unwrap_err(), Refusal::HandshakesPerAddress);
+        drop(t1);
+        assert_eq!(a.admit(one).unwrap_err(), Refusal::HandshakesPerAddress);
+        assert_eq!(
+            address_key("::ffff:10.0.0.1".parse().unwrap()),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! warnings inside the WebRTC core — so the log pipeline itself caps each
 //! line (its target and source line) at [`PER_SECOND`] a second and
 //! folds the rest into one summary line a site every [`SUMMARY_EVERY`].
+//! A line is also cut at [`MAX_LINE`] bytes, whatever a peer put in its
+//! fields.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -16,6 +18,51 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 /// Lines one site may write in a second.
 pub const PER_SECOND: u32 = 20;
+
+/// The longest line written; a longer one is cut (text), or replaced by a
+/// line that says so with its first KiB (JSON, which must stay valid).
+pub const MAX_LINE: usize = 8 * 1024;
+
+/// Writes each formatted line (the fmt layer hands one per `write`) to
+/// `W`, cut at [`MAX_LINE`].
+struct MaxLine<W> {
+    inner: W,
+    json: bool,
+}
+
+impl<W: std::io::Write> std::io::Write for MaxLine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() <= MAX_LINE {
+            return self.inner.write(buf);
+        }
+        // The first `n` bytes, without a character cut in two.
+        let head = |n: usize| {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            text.trim_end_matches('\u{fffd}').to_owned()
+        };
+        let line = if self.json {
+            let v = serde_json::json!({
+                "level": "WARN",
+                "target": "hato::logging",
+                "fields": {"message": "log line cut", "bytes": buf.len(), "head": head(1024)},
+            });
+            format!("{v}\n")
+        } else {
+            // Room for the note, so that the line stays within MAX_LINE.
+            format!(
+                "{} … [log line cut: {} bytes]\n",
+                head(MAX_LINE - 64),
+                buf.len()
+            )
+        };
+        self.inner.write_all(line.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
 
 /// How often the lines held back are summed up in the log.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
@@ -129,9 +176,17 @@ pub fn init(format: crate::config::LogFormat) -> FloodGuard {
     let env =
         EnvFilter::try_from_env("HATO_LOG").unwrap_or_else(|_| EnvFilter::new("hato=info,warn"));
     let filter = tracing_subscriber::filter::FilterExt::and(env, guard.clone());
+    let json = format == crate::config::LogFormat::Json;
+    let writer = move || MaxLine {
+        inner: std::io::stdout(),
+        json,
+    };
     let layer = match format {
-        crate::config::LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+        crate::config::LogFormat::Text => {
+            tracing_subscriber::fmt::layer().with_writer(writer).boxed()
+        }
         crate::config::LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
             .json()
             .with_current_span(true)
             .with_span_list(false)
@@ -176,5 +231,38 @@ mod tests {
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].2, 1000 - u64::from(PER_SECOND));
         assert!(guard.take_held_back().is_empty());
+    }
+
+    #[test]
+    fn long_lines_are_cut_and_json_stays_json() {
+        use std::io::Write;
+        let long = format!("{}\n", "é".repeat(MAX_LINE));
+        let mut out = Vec::new();
+        MaxLine {
+            inner: &mut out,
+            json: false,
+        }
+        .write_all(long.as_bytes())
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.len() <= MAX_LINE, "{}", text.len());
+        assert!(text.ends_with(&format!("[log line cut: {} bytes]\n", long.len())));
+        let mut out = Vec::new();
+        MaxLine {
+            inner: &mut out,
+            json: true,
+        }
+        .write_all(long.as_bytes())
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["fields"]["bytes"], long.len());
+        let mut out = Vec::new();
+        MaxLine {
+            inner: &mut out,
+            json: true,
+        }
+        .write_all(b"short\n")
+        .unwrap();
+        assert_eq!(out, b"short\n");
     }
 }

@@ -8,6 +8,7 @@
 //! only exists here (connects, disconnects by reason, latencies) is
 //! recorded as it happens.
 
+use crate::limits::Throttle;
 use crate::table::{ROLES, TRANSPORTS};
 use crate::Shared;
 use bytes::Bytes;
@@ -280,6 +281,9 @@ impl Metrics {
                 ("datagram_unknown", n(&e.dropped_unknown)),
                 ("datagram_integrity", n(&e.dropped_integrity)),
                 ("datagram_early", n(&e.dropped_early)),
+                ("datagram_spoofed", n(&e.refused_moves)),
+                ("candidate_refused", n(&e.refused_candidates)),
+                ("check_paced", n(&e.paced_checks)),
             ],
         );
         set_each(
@@ -385,9 +389,13 @@ pub fn process_figures_of(pid: &str) -> Option<(u64, usize, f64)> {
 
 /// Serves `GET /metrics` and `GET /.ok` until the task is aborted.
 pub async fn serve(listener: TcpListener, shared: Weak<Shared>) {
+    static ACCEPT_ERRORS: Throttle = Throttle::new(std::time::Duration::from_secs(1));
+    let places = Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS));
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let (tcp, _) = crate::limits::accept(&listener, "metrics", &ACCEPT_ERRORS).await;
+        // Over the cap: closed at once (a scraper retries at its next
+        // interval).
+        let Ok(place) = places.clone().try_acquire_owned() else {
             continue;
         };
         let shared = shared.clone();
@@ -396,12 +404,22 @@ pub async fn serve(listener: TcpListener, shared: Weak<Shared>) {
                 let shared = shared.upgrade();
                 async move { Ok::<_, Infallible>(answer(shared.as_deref(), &req)) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+            // One request per connection, and the whole of it within the
+            // limit: a socket that sends nothing, or reads slowly, holds
+            // its place no longer.
+            let conn = http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(tcp), service);
+            let _ = tokio::time::timeout(METRICS_CONNECTION_TIME, conn).await;
+            drop(place);
         });
     }
 }
+
+/// Connections the metrics listener serves at once; more are closed.
+pub const METRICS_MAX_CONNECTIONS: usize = 64;
+/// The time one metrics connection (one request) may take, start to end.
+pub const METRICS_CONNECTION_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn answer(shared: Option<&Shared>, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     let Some(shared) = shared else {

@@ -10,7 +10,7 @@
 use crate::limits::{self, Throttle, Ticket};
 use crate::outbox::{truncate_reason, Frame, Out, Outbox, SharedRoute};
 use crate::table::{Conn, Kill, Mailbox};
-use crate::tls::Stream;
+use crate::tls::{ReadLimit, Stream};
 use crate::webhook::{Failure, Verdict};
 use crate::Shared;
 use futures_util::stream::SplitStream;
@@ -73,18 +73,34 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let refusal = admitted.as_ref().err().map(|r| r.reason(&shared.admission));
             #[allow(clippy::result_large_err)] // the error type is tungstenite's
             let callback = |req: &Request, resp: Response| upgrade(req, resp, refusal.as_deref());
+            // What the connection may send until its `connect` is taken:
+            // the upgrade request and the `connect` itself.
+            let before_connect = ReadLimit::new(
+                shared.config.before_connect_limit(),
+                "more bytes before connect than --connect-metadata-limit allows",
+            );
             // The TLS handshake (with --tls-cert) and the upgrade share the
-            // connect timeout.
+            // connect timeout; the first byte must come sooner.
             let handshake = async {
-                let stream = Stream::accept(shared.tls.as_deref(), tcp)
+                let first_byte = shared.config.first_byte_timeout();
+                if tokio::time::timeout(first_byte, tcp.readable())
+                    .await
+                    .is_err()
+                {
+                    return Err(tokio_tungstenite::tungstenite::Error::Io(
+                        std::io::ErrorKind::TimedOut.into(),
+                    ));
+                }
+                let mut stream = Stream::accept(shared.tls.as_deref(), tcp)
                     .await
                     .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
+                stream.limit_reads(before_connect.clone());
                 tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config))
                     .await
             };
             let result = tokio::time::timeout(shared.config.connect_timeout(), handshake).await;
             match (result, admitted) {
-                (Ok(Ok(ws)), Ok(ticket)) => run(shared, ws, ticket).await,
+                (Ok(Ok(ws)), Ok(ticket)) => run(shared, ws, ticket, before_connect).await,
                 (Ok(Ok(_)), Err(_)) => unreachable!("a refused upgrade never completes"),
                 (Ok(Err(e)), _) => match refusal {
                     Some(reason) => {
@@ -176,6 +192,17 @@ async fn first_text(ws: &mut WebSocketStream<Stream>) -> Result<String, Option<S
     }
 }
 
+/// The text of `connect`'s `metadata`, as the client sent it.
+fn raw_metadata(text: &str) -> Option<&str> {
+    #[derive(serde::Deserialize)]
+    struct Raw<'a> {
+        #[serde(borrow)]
+        metadata: Option<&'a serde_json::value::RawValue>,
+    }
+    let raw: Raw<'_> = serde_json::from_str(text).ok()?;
+    raw.metadata.map(|m| m.get())
+}
+
 /// What the auth webhook granted beyond `connect`'s own fields.
 #[derive(Debug, Default)]
 struct Granted {
@@ -197,16 +224,11 @@ fn auth_request(
     connection_id: &str,
 ) -> String {
     #[derive(serde::Deserialize)]
-    struct Raw<'a> {
-        #[serde(borrow)]
-        metadata: Option<&'a serde_json::value::RawValue>,
+    struct Raw {
         environment: Option<Value>,
     }
-    let raw: Option<Raw<'_>> = serde_json::from_str(text).ok();
-    let metadata = raw
-        .as_ref()
-        .and_then(|r| r.metadata)
-        .map_or("null", |m| m.get());
+    let raw: Option<Raw> = serde_json::from_str(text).ok();
+    let metadata = raw_metadata(text).unwrap_or("null");
     let counts = shared.table.counts(&connect.channel_id);
     let cfg = &shared.config;
     let dc = connect
@@ -317,7 +339,12 @@ impl Drop for Live {
     }
 }
 
-async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<Stream>, ticket: Ticket) {
+async fn run(
+    shared: Arc<Shared>,
+    mut ws: WebSocketStream<Stream>,
+    ticket: Ticket,
+    before_connect: Arc<ReadLimit>,
+) {
     shared
         .sessions
         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -344,6 +371,16 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<Stream>, ticket: Ticke
         Ok(_) => return refuse(ws, "the first message must be connect").await,
         Err(e) => return refuse(ws, &e.0).await,
     };
+    // Only the auth webhook reads `metadata`, from `text`, as sent.
+    connect.metadata = Value::Null;
+    let metadata_len = raw_metadata(&text).map_or(0, str::len);
+    if metadata_len > cfg.connect_metadata_limit {
+        let reason = format!(
+            "metadata is {metadata_len} bytes; at most {} (--connect-metadata-limit)",
+            cfg.connect_metadata_limit
+        );
+        return refuse(ws, &reason).await;
+    }
 
     if let Some(m) = &connect.signaling_notify_metadata {
         let len = serde_json::to_string(m).map_or(usize::MAX, |t| t.len());
@@ -404,6 +441,12 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<Stream>, ticket: Ticke
     };
     // In a cluster, this node hears the channel's pushes from the other
     // nodes before the peer can join it.
+    // Nothing of `connect` beyond its fields is needed after this: the
+    // text (up to --connect-metadata-limit of metadata) goes now, not
+    // when the session ends; from here on the peer may send whole
+    // messages.
+    drop(text);
+    before_connect.lift();
     let channel_guard = match &shared.cluster {
         Some(cluster) => Some(cluster.enter(&connect.channel_id).await),
         None => None,
@@ -475,6 +518,7 @@ async fn run(shared: Arc<Shared>, mut ws: WebSocketStream<Stream>, ticket: Ticke
         pong_timeout: cfg.pong_timeout(),
         client_message_limit: cfg.client_message_limit,
         data_channel_message_limit: cfg.data_channel_message_limit,
+        max_candidates: cfg.max_remote_candidates,
     };
     let mode = Mode {
         data_channel_signaling: dc_signaling,

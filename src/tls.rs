@@ -9,6 +9,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -16,10 +17,48 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-/// A listener's byte stream: plain TCP, or TLS over it.
-pub enum Stream {
+/// A listener's byte stream: plain TCP, or TLS over it, optionally with
+/// a cap on the bytes it may still read ([`Stream::limit_reads`]).
+pub struct Stream {
+    io: Io,
+    read_limit: Option<Arc<ReadLimit>>,
+}
+
+enum Io {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// Bytes a stream may still read, shared with whoever lifts the cap.
+#[derive(Debug)]
+pub struct ReadLimit {
+    left: AtomicUsize,
+    /// What the error says when the cap is passed.
+    why: &'static str,
+}
+
+impl ReadLimit {
+    pub fn new(bytes: usize, why: &'static str) -> Arc<ReadLimit> {
+        Arc::new(ReadLimit {
+            left: AtomicUsize::new(bytes),
+            why,
+        })
+    }
+
+    /// No cap from now on.
+    pub fn lift(&self) {
+        self.left.store(usize::MAX, Ordering::Relaxed);
+    }
+
+    /// Counts `n` bytes read; `false` once more were read than allowed.
+    fn take(&self, n: usize) -> bool {
+        let left = self.left.load(Ordering::Relaxed);
+        if left == usize::MAX {
+            return true;
+        }
+        self.left.store(left.saturating_sub(n), Ordering::Relaxed);
+        n <= left
+    }
 }
 
 pub struct Tls {
@@ -53,7 +92,7 @@ impl Tls {
         TlsAcceptor::from(config)
             .accept(tcp)
             .await
-            .map(|s| Stream::Tls(Box::new(s)))
+            .map(|s| Stream::new(Io::Tls(Box::new(s))))
     }
 }
 
@@ -82,12 +121,25 @@ fn build(cert: &PathBuf, key: &PathBuf) -> Result<ServerConfig, String> {
 }
 
 impl Stream {
+    fn new(io: Io) -> Stream {
+        Stream {
+            io,
+            read_limit: None,
+        }
+    }
+
     /// Accepts `tcp` as plain, or with `tls`'s handshake.
     pub async fn accept(tls: Option<&Tls>, tcp: TcpStream) -> std::io::Result<Stream> {
         match tls {
             Some(tls) => tls.accept(tcp).await,
-            None => Ok(Stream::Plain(tcp)),
+            None => Ok(Stream::new(Io::Plain(tcp))),
         }
+    }
+
+    /// Reads beyond `limit` fail (`InvalidData`, saying its `why`) until
+    /// it is lifted: what a peer may send before it is trusted with more.
+    pub fn limit_reads(&mut self, limit: Arc<ReadLimit>) {
+        self.read_limit = Some(limit);
     }
 }
 
@@ -97,10 +149,21 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = match &mut this.io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        };
+        if let (Poll::Ready(Ok(())), Some(limit)) = (&r, &this.read_limit) {
+            if !limit.take(buf.filled().len() - before) {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    limit.why,
+                )));
+            }
         }
+        r
     }
 }
 
@@ -110,23 +173,23 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

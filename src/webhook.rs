@@ -59,10 +59,11 @@ impl Webhook {
         timeout: Duration,
         max_in_flight: usize,
     ) -> Result<Webhook, String> {
-        let url: Uri = url.parse().map_err(|e| format!("{flag} {url:?}: {e}"))?;
+        let shown = crate::config_file::redact_urls(url);
+        let url: Uri = url.parse().map_err(|e| format!("{flag} {shown:?}: {e}"))?;
         if url.scheme_str() != Some("http") || url.host().is_none() {
             return Err(format!(
-                "{flag} {url}: only http://host[:port]/path is supported"
+                "{flag} {shown}: only http://host[:port]/path is supported"
             ));
         }
         let mut connector = HttpConnector::new();

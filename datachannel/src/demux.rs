@@ -24,6 +24,9 @@ pub enum Route {
     Drop {
         integrity: bool,
     },
+    /// A Binding request from an address bound to a live peer, naming
+    /// another peer: dropped (see [`Demux::route`]).
+    Spoofed,
 }
 
 #[derive(Default)]
@@ -31,8 +34,9 @@ pub struct Demux {
     by_ufrag: HashMap<String, (PeerId, String)>,
     by_addr: HashMap<SocketAddr, PeerId>,
     /// Addresses a peer sent to that are not bound yet: STUN from them
-    /// (responses to its checks) goes to that peer.
-    probes: HashMap<SocketAddr, PeerId>,
+    /// (responses to its checks) goes to that peer, and marks the address
+    /// as one that answered (`true`).
+    probes: HashMap<SocketAddr, (PeerId, bool)>,
 }
 
 impl Demux {
@@ -48,14 +52,20 @@ impl Demux {
     pub fn remove_peer(&mut self, id: PeerId, ufrag: &str) {
         self.by_ufrag.remove(ufrag);
         self.by_addr.retain(|_, p| *p != id);
-        self.probes.retain(|_, p| *p != id);
+        self.probes.retain(|_, p| p.0 != id);
     }
 
-    /// A peer sent to `to`: its STUN answers may come back from there.
-    pub fn sent(&mut self, id: PeerId, to: SocketAddr) {
-        if !self.by_addr.contains_key(&to) {
-            self.probes.insert(to, id);
+    /// Peer `id` sends to `to`: its STUN answers may come back from there.
+    /// Returns whether `to` has ever answered (bound to a peer, or sent a
+    /// STUN response or indication back): checks to an address that has
+    /// not are paced by the caller.
+    pub fn sent(&mut self, id: PeerId, to: SocketAddr) -> bool {
+        if self.by_addr.contains_key(&to) {
+            return true;
         }
+        let probe = self.probes.entry(to).or_insert((id, false));
+        probe.0 = id;
+        probe.1
     }
 
     /// The peer (and its password) whose ufrag starts a STUN `USERNAME`
@@ -72,23 +82,30 @@ impl Demux {
         crypto: &dyn rtc::crypto::RTCCrypto,
     ) -> Route {
         if let Some(&id) = self.by_addr.get(&from) {
-            // A bound address may still prove itself for another peer (the
-            // port was reused by a new client): a Binding request naming
-            // another peer is checked anew below. Anything else — and a
-            // request naming this address's own peer, whose ICE agent
-            // checks its MESSAGE-INTEGRITY itself — goes to that peer
-            // without being parsed twice.
-            if !is_stun_message(data) || !is_binding_request(data) {
-                return Route::Peer(id);
+            // A bound address stays its peer's for as long as that peer
+            // lives: a Binding request naming another peer is dropped, even
+            // with that peer's password — a peer that forges its source
+            // address would otherwise take a live peer's address and cut it
+            // off. (A new client on a reused port is bound once the old
+            // peer's session ends, within its ICE consent timeout.) The
+            // request naming this address's own peer goes there without a
+            // second parse: its ICE agent checks MESSAGE-INTEGRITY itself.
+            if is_stun_message(data) && is_binding_request(data) {
+                let own = stun_username(data)
+                    .and_then(|u| self.named(u))
+                    .is_none_or(|(peer, _)| *peer == id);
+                if !own {
+                    return Route::Spoofed;
+                }
             }
-            let own = stun_username(data)
-                .and_then(|u| self.named(u))
-                .is_some_and(|(peer, _)| *peer == id);
-            if own {
-                return Route::Peer(id);
-            }
+            return Route::Peer(id);
         }
         if !is_stun_message(data) {
+            return Route::Drop { integrity: false };
+        }
+        // Junk from anywhere is mostly requests naming nobody: found out
+        // by walking the attributes, before any decoding or allocation.
+        if is_binding_request(data) && stun_username(data).and_then(|u| self.named(u)).is_none() {
             return Route::Drop { integrity: false };
         }
         let mut m = Message::new();
@@ -97,8 +114,11 @@ impl Demux {
         }
         if m.typ.class != CLASS_REQUEST || m.typ.method != METHOD_BINDING {
             // A response or an indication: its own peer's agent checks it.
-            return match self.by_addr.get(&from).or_else(|| self.probes.get(&from)) {
-                Some(id) => Route::Peer(*id),
+            return match self.probes.get_mut(&from) {
+                Some(probe) => {
+                    probe.1 = true;
+                    Route::Peer(probe.0)
+                }
                 None => Route::Drop { integrity: false },
             };
         }
@@ -193,23 +213,47 @@ mod tests {
         assert_eq!(d.route(a, &request("ours:x", "secret"), c), Route::Peer(7));
         assert_eq!(d.route(a, b"\x17\xfe\xfd data", c), Route::Peer(7));
         // Bound: a request naming its own peer goes there unchecked (the
-        // peer's agent checks it); one naming another peer must prove
-        // itself before the address moves.
+        // peer's agent checks it); one naming another live peer never
+        // moves the address, even with that peer's password.
         d.add_peer(8, "theirs".into(), "other".into());
         assert_eq!(d.route(a, &request("ours:x", "wrong"), c), Route::Peer(7));
-        assert_eq!(
-            d.route(a, &request("theirs:x", "wrong"), c),
-            Route::Drop { integrity: true }
-        );
+        assert_eq!(d.route(a, &request("theirs:x", "other"), c), Route::Spoofed);
         assert_eq!(d.route(a, b"\x17\xfe\xfd data", c), Route::Peer(7));
-        assert_eq!(d.route(a, &request("theirs:x", "other"), c), Route::Peer(8));
-        assert_eq!(d.route(a, b"\x17\xfe\xfd data", c), Route::Peer(8));
-        assert_eq!(d.route(a, &request("ours:x", "secret"), c), Route::Peer(7));
+        // Once its peer is gone, the address is free for another.
         d.remove_peer(7, "ours");
         assert_eq!(
             d.route(a, b"\x17\xfe\xfd data", c),
             Route::Drop { integrity: false }
         );
+        assert_eq!(d.route(a, &request("theirs:x", "other"), c), Route::Peer(8));
+        assert_eq!(d.route(a, b"\x17\xfe\xfd data", c), Route::Peer(8));
+    }
+
+    #[test]
+    fn an_address_answers_by_binding_or_by_responding() {
+        let crypto = rtc::crypto::default_provider().unwrap();
+        let c = crypto.crypto();
+        let mut d = Demux::default();
+        d.add_peer(7, "ours".into(), "secret".into());
+        let third: SocketAddr = "198.51.100.9:9".parse().unwrap();
+        let peer: SocketAddr = "198.51.100.10:9".parse().unwrap();
+        assert!(!d.sent(7, third));
+        assert!(!d.sent(7, third));
+        // A Binding success response from there.
+        let mut m = Message::new();
+        m.build(&[
+            Box::new(rtc::stun::message::BINDING_SUCCESS),
+            Box::new(TransactionId::new()),
+        ])
+        .unwrap();
+        assert_eq!(d.route(third, &m.raw, c), Route::Peer(7));
+        assert!(d.sent(7, third));
+        assert!(!d.sent(7, peer));
+        assert_eq!(
+            d.route(peer, &request("ours:x", "secret"), c),
+            Route::Peer(7)
+        );
+        assert!(d.sent(7, peer));
     }
 
     #[test]

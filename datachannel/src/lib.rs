@@ -17,6 +17,7 @@
 //! can talk to one server socket. Nothing here knows about channels, roles
 //! or pushes.
 
+pub mod candidate;
 mod demux;
 mod shard;
 mod udp;
@@ -28,7 +29,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-pub use shard::{fix_mmap_threshold, give_back_memory, EVENT_BUFFER};
+pub use shard::{
+    fix_mmap_threshold, give_back_memory, EARLY_BYTES, EVENT_BUFFER, PEER_CHECKS, SHARD_CHECKS,
+    SHARD_HELD_BYTES,
+};
 
 /// How peers reach the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +68,9 @@ pub struct EngineConfig {
     /// offering peer skips its check while the other side checks on its
     /// own (Chromium and libwebrtc do, every 2.5 s): see docs.
     pub keepalive: Duration,
+    /// Refuse remote candidates in private ranges (an internet-facing
+    /// deployment's peers never need them checked).
+    pub refuse_private_candidates: bool,
 }
 
 impl EngineConfig {
@@ -77,6 +84,7 @@ impl EngineConfig {
             max_message_size: 262_144,
             backlog_limit: 8 << 20,
             keepalive: Duration::from_secs(2),
+            refuse_private_candidates: false,
         }
     }
 
@@ -154,8 +162,19 @@ pub struct Stats {
     /// had selected a pair (the core drops those; the other side would
     /// resend only after a second).
     pub held_before_ice: AtomicU64,
-    /// Early datagrams dropped because the hold queue was full.
+    /// Early datagrams dropped because a hold was full (count or bytes).
     pub dropped_early: AtomicU64,
+    /// Bytes held now, early and before ICE, over every shard (a gauge).
+    pub held_bytes: AtomicU64,
+    /// Remote candidates not used: an address hato never checks
+    /// ([`candidate::Policy`]).
+    pub refused_candidates: AtomicU64,
+    /// Datagrams not sent to an address that never answered, over the
+    /// peer's or the shard's pace ([`shard::PEER_CHECKS`]).
+    pub paced_checks: AtomicU64,
+    /// Binding requests from an address bound to a live peer that named
+    /// another peer (a forged source address), dropped.
+    pub refused_moves: AtomicU64,
     /// DataChannels the remote side opened, closed at once.
     pub refused_channels: AtomicU64,
     /// Incoming DataChannel messages dropped because the owner was not reading.

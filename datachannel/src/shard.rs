@@ -11,6 +11,7 @@
 //! cause of the 200 ms stalls of the async wrapper). The datagrams of all
 //! peers leave together at the end of the turn.
 
+use crate::candidate::{Pace, Policy};
 use crate::demux::{Demux, Route};
 use crate::udp::{Datagram, SharedSocket, Transmit};
 use crate::{EngineConfig, Error, PeerEvent, Sockets, Stats};
@@ -49,8 +50,22 @@ pub const EVENT_BUFFER: usize = 256;
 const EVENT_RESERVE: usize = 16;
 
 /// Datagrams held for a peer that is not ready for them yet (an ICE check or
-/// a DTLS ClientHello that overtook the answer on the signaling path).
+/// a DTLS ClientHello that overtook the answer on the signaling path)...
 const EARLY_LIMIT: usize = 64;
+/// ...and their bytes: a handshake's early datagrams are a few STUN
+/// checks (~100 bytes) and a DTLS ClientHello (~200), while a datagram may
+/// be 64 KiB.
+pub const EARLY_BYTES: usize = 16 * 1024;
+/// The bytes every peer of a shard may hold together (1 000 handshakes in
+/// flight would hold ~0.5 MiB if honest).
+pub const SHARD_HELD_BYTES: usize = 4 << 20;
+
+/// ICE checks one peer may make hato send to addresses that never
+/// answered: a burst, then a rate. An honest browser needs none of them
+/// (its own check reaches hato first and proves its address).
+pub const PEER_CHECKS: (u32, u32) = (10, 5);
+/// The same, for all the peers of a shard together.
+pub const SHARD_CHECKS: (u32, u32) = (200, 100);
 
 /// How often shard 0 of a server engine returns free memory to the kernel.
 const TRIM_EVERY: Duration = Duration::from_secs(10);
@@ -190,6 +205,8 @@ pub struct Common {
     certificate: RTCCertificate,
     crypto: Arc<dyn rtc::crypto::RTCCryptoProvider>,
     advertise: Vec<IpAddr>,
+    /// Which remote candidates are used.
+    policy: Policy,
     max_message_size: u32,
     backlog_limit: usize,
     keepalive: Duration,
@@ -225,6 +242,14 @@ impl Common {
             created: Arc::new(AtomicU64::new(0)),
             certificate,
             crypto,
+            // Where hato listens: what it advertises, and the address it is
+            // bound to when that is one address (0.0.0.0 listens on
+            // loopback too, but a deployment bound there does not serve
+            // peers on it).
+            policy: Policy::new(
+                &[&advertise[..], &[config.bind.ip()]].concat(),
+                config.refuse_private_candidates,
+            ),
             advertise,
             max_message_size: config.max_message_size,
             keepalive: config.keepalive,
@@ -302,6 +327,8 @@ pub fn spawn(
                     timers: BinaryHeap::new(),
                     out: Vec::new(),
                     removed_since_trim: 0,
+                    held_bytes: 0,
+                    pace: Pace::new(SHARD_CHECKS.0, SHARD_CHECKS.1, Instant::now()),
                     next_trim: Instant::now() + TRIM_EVERY,
                     created_at_trim: 0,
                     last_storm: None,
@@ -379,6 +406,10 @@ struct PeerSlot {
     offerer: bool,
     /// Datagrams that arrived before the answer was applied.
     early: Option<Vec<Datagram>>,
+    /// The bytes of `early` and `before_ice`.
+    held_bytes: usize,
+    /// Checks to addresses that never answered.
+    pace: Pace,
     /// DTLS datagrams that arrived before this side's ICE agent selected a
     /// pair, which the core would drop: fed once it has (see `feed`).
     before_ice: Vec<Datagram>,
@@ -495,6 +526,10 @@ struct Shard {
     timers: BinaryHeap<Reverse<(Instant, PeerId)>>,
     out: Vec<Transmit>,
     removed_since_trim: usize,
+    /// Bytes held by every peer's `early` and `before_ice`.
+    held_bytes: usize,
+    /// Checks to addresses that never answered, all peers together.
+    pace: Pace,
     next_trim: Instant,
     /// `Common::created` at the last periodic trim.
     created_at_trim: u64,
@@ -604,6 +639,12 @@ impl Shard {
             }
             Command::Candidate { id, candidate } => {
                 if let Some(p) = self.peers.get_mut(&id) {
+                    if let Err(why) = self.common.policy.judge(&candidate) {
+                        let stats = &self.common.stats;
+                        stats.refused_candidates.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(peer = id, why, "candidate refused");
+                        return;
+                    }
                     let init = RTCIceCandidateInit {
                         candidate,
                         ..Default::default()
@@ -797,6 +838,8 @@ impl Shard {
                 channels,
                 offerer,
                 early: offerer.then(Vec::new),
+                held_bytes: 0,
+                pace: Pace::new(PEER_CHECKS.0, PEER_CHECKS.1, now),
                 before_ice: Vec::new(),
                 ice_up: false,
                 local_addr,
@@ -822,10 +865,20 @@ impl Shard {
             .peers
             .get_mut(&id)
             .ok_or_else(|| Error("no such peer".into()))?;
+        let mut refused = 0;
+        let sdp = self.common.policy.filter_sdp(&sdp, &mut refused);
+        if refused > 0 {
+            let stats = &self.common.stats;
+            stats
+                .refused_candidates
+                .fetch_add(refused as u64, Ordering::Relaxed);
+            tracing::debug!(peer = id, refused, "answer candidates refused");
+        }
         let answer = RTCSessionDescription::answer(sdp).map_err(|e| Error(e.to_string()))?;
         p.pc.set_remote_description(now, answer)
             .map_err(|e| Error(e.to_string()))?;
         let early = p.early.take().unwrap_or_default();
+        release(p, &mut self.held_bytes, &self.common.stats);
         for d in early {
             self.feed(id, d, now);
         }
@@ -870,12 +923,13 @@ impl Shard {
         // an error for every such write).
         if tell && (p.connected || p.association_up) {
             let _ = p.pc.close();
-            take_writes(&mut p, &mut self.out, self.aliases.is_some(), |_| {});
+            take_writes(&mut p, &mut self.out, self.aliases.is_some(), |_, _| true);
         }
         if let (Some(a), IpAddr::V4(ip)) = (&mut self.aliases, p.local_addr.ip()) {
             a.by_ip.remove(&ip);
         }
         self.demux.remove_peer(id, &p.ufrag);
+        release(&mut p, &mut self.held_bytes, &self.common.stats);
         self.common.stats.live_peers.fetch_sub(1, Ordering::Relaxed);
         drop(p);
         self.removed_since_trim += 1;
@@ -916,6 +970,10 @@ impl Shard {
             .route(d.from, &d.data, self.common.crypto.crypto())
         {
             Route::Peer(id) => self.deliver(id, d, now),
+            Route::Spoofed => {
+                let c = &self.common.stats.refused_moves;
+                c.fetch_add(1, Ordering::Relaxed);
+            }
             Route::Drop { integrity } => {
                 let c = if integrity {
                     &self.common.stats.dropped_integrity
@@ -939,9 +997,8 @@ impl Shard {
         if p.stalled {
             return;
         }
-        if let Some(early) = &mut p.early {
-            let stats = &self.common.stats;
-            hold(early, d, &stats.held_early, &stats.dropped_early);
+        if p.early.is_some() {
+            hold(p, &mut self.held_bytes, d, false, &self.common.stats);
             return;
         }
         self.feed(id, d, now);
@@ -959,13 +1016,7 @@ impl Shard {
             return;
         };
         if !p.ice_up && is_dtls(&d.data) {
-            let stats = &self.common.stats;
-            hold(
-                &mut p.before_ice,
-                d,
-                &stats.held_before_ice,
-                &stats.dropped_early,
-            );
+            hold(p, &mut self.held_bytes, d, true, &self.common.stats);
             return;
         }
         read_into(p, d, &self.common.advertise, now);
@@ -1016,6 +1067,7 @@ impl Shard {
             }
             if p.ice_up && !p.before_ice.is_empty() {
                 progressed = true;
+                release(p, &mut self.held_bytes, &self.common.stats);
                 for d in std::mem::take(&mut p.before_ice) {
                     read_into(p, d, &self.common.advertise, now);
                 }
@@ -1071,7 +1123,23 @@ impl Shard {
             }
             let demux = &mut self.demux;
             let from_alias = self.aliases.is_some();
-            if take_writes(p, &mut self.out, from_alias, |to| demux.sent(id, to)) {
+            let shard_pace = &mut self.pace;
+            let paced = &stats.paced_checks;
+            // To an address that never answered (a candidate's, so far only
+            // the peer's word), at the peers' and the shard's pace.
+            let keep = |to, pace: &mut Pace| {
+                if demux.sent(id, to) {
+                    return true;
+                }
+                if pace.ready(now) && shard_pace.ready(now) {
+                    pace.take(now);
+                    shard_pace.take(now);
+                    return true;
+                }
+                paced.fetch_add(1, Ordering::Relaxed);
+                false
+            };
+            if take_writes(p, &mut self.out, from_alias, keep) {
                 progressed = true;
             }
             if !progressed {
@@ -1114,14 +1182,42 @@ impl Shard {
     }
 }
 
-/// Keeps `d` for later in `queue`, at most [`EARLY_LIMIT`] of them.
-fn hold(queue: &mut Vec<Datagram>, d: Datagram, held: &AtomicU64, dropped: &AtomicU64) {
-    if queue.len() < EARLY_LIMIT {
-        queue.push(d);
-        held.fetch_add(1, Ordering::Relaxed);
+/// Keeps `d` for later in the peer's `early` queue (or `before_ice`), up
+/// to [`EARLY_LIMIT`] datagrams and [`EARLY_BYTES`] per peer and
+/// [`SHARD_HELD_BYTES`] for the shard (`shard_held`). A datagram over a
+/// bound is dropped and counted (its sender retransmits).
+fn hold(p: &mut PeerSlot, shard_held: &mut usize, d: Datagram, before_ice: bool, stats: &Stats) {
+    let n = d.data.len();
+    let queue = if before_ice {
+        &mut p.before_ice
     } else {
-        dropped.fetch_add(1, Ordering::Relaxed);
+        p.early.get_or_insert_with(Vec::new)
+    };
+    if queue.len() >= EARLY_LIMIT
+        || p.held_bytes + n > EARLY_BYTES
+        || *shard_held + n > SHARD_HELD_BYTES
+    {
+        stats.dropped_early.fetch_add(1, Ordering::Relaxed);
+        return;
     }
+    queue.push(d);
+    p.held_bytes += n;
+    *shard_held += n;
+    let held = if before_ice {
+        &stats.held_before_ice
+    } else {
+        &stats.held_early
+    };
+    held.fetch_add(1, Ordering::Relaxed);
+    stats.held_bytes.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// The peer's held datagrams are gone (fed, or the peer removed): their
+/// bytes no longer count.
+fn release(p: &mut PeerSlot, shard_held: &mut usize, stats: &Stats) {
+    *shard_held -= p.held_bytes;
+    let n = std::mem::take(&mut p.held_bytes) as u64;
+    stats.held_bytes.fetch_sub(n, Ordering::Relaxed);
 }
 
 /// Whether a datagram is a DTLS record (RFC 7983: first byte 20..=63).
@@ -1155,7 +1251,7 @@ fn take_writes(
     p: &mut PeerSlot,
     out: &mut Vec<Transmit>,
     from_alias: bool,
-    mut sent: impl FnMut(SocketAddr),
+    mut keep: impl FnMut(SocketAddr, &mut Pace) -> bool,
 ) -> bool {
     let mut any = false;
     while let Some(w) = p.pc.poll_write() {
@@ -1164,7 +1260,9 @@ fn take_writes(
         let from = match p.local_addr.ip() {
             IpAddr::V4(ip) if from_alias => Some(ip),
             _ => {
-                sent(to);
+                if !keep(to, &mut p.pace) {
+                    continue;
+                }
                 None
             }
         };

@@ -128,8 +128,11 @@ impl ConnectRequest {
             serde_json::from_value(value).map_err(|e| ConnectError(format!("bad connect: {e}")))?;
         let role = match raw.role {
             Some(Value::String(s)) => Role::parse(&s).ok_or_else(|| {
+                // Not echoed whole: the reason goes into a log line.
+                let shown: String = s.chars().take(16).collect();
                 ConnectError(format!(
-                    "role must be sendrecv, sendonly or recvonly, not {s:?}"
+                    "role must be sendrecv, sendonly or recvonly, not {shown:?}{}",
+                    if shown.len() < s.len() { "…" } else { "" }
                 ))
             })?,
             Some(_) => return Err(ConnectError("role must be a string".into())),

@@ -12,6 +12,13 @@ pub const MIN_MAX_MESSAGE_SIZE: usize = 1024;
 /// native SDKs built on it answer with no `a=max-message-size` at all.
 pub const LIBWEBRTC_MAX_MESSAGE_SIZE: usize = 262_144;
 
+/// The `a=candidate` lines of an SDP.
+pub fn candidate_count(sdp: &str) -> usize {
+    sdp.lines()
+        .filter(|l| l.trim_start().starts_with("a=candidate:"))
+        .count()
+}
+
 /// Whether the SDP says `a=max-message-size` at all.
 pub fn declares_max_message_size(sdp: &str) -> bool {
     sdp.lines()

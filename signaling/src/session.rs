@@ -34,7 +34,13 @@ pub struct Rules {
     /// Largest push sent over a DataChannel (also capped by the answer's
     /// `a=max-message-size`).
     pub data_channel_message_limit: usize,
+    /// Remote candidates a peer may give, trickled and in its answer.
+    pub max_candidates: usize,
 }
+
+/// The reason's first word when a peer gives more than
+/// [`Rules::max_candidates`].
+pub const TOO_MANY_CANDIDATES: &str = "TOO-MANY-CANDIDATES";
 
 /// The connection's mode, from `connect` and the server defaults.
 #[derive(Debug, Clone, Copy)]
@@ -136,6 +142,8 @@ pub struct Machine {
     /// When the current phase (answer, then establishment) times out.
     deadline: Instant,
     next_ping: Option<Instant>,
+    /// Remote candidates given so far.
+    candidates: usize,
     /// One of hato's channels closed while the association stayed: the
     /// session ends with DATA-CHANNEL-CLOSED at this time, unless the
     /// whole PeerConnection closes first (a peer leaving closes every
@@ -167,6 +175,7 @@ impl Machine {
             last_pong: now,
             next_ping: None,
             channel_lost: None,
+            candidates: 0,
             actions: VecDeque::new(),
             ended: false,
         }
@@ -323,6 +332,9 @@ impl Machine {
                         sdp::MIN_MAX_MESSAGE_SIZE
                     )));
                 }
+                if self.count_candidates(sdp::candidate_count(&sdp)) {
+                    return;
+                }
                 self.applying = true;
                 let limit = self.rules.data_channel_message_limit;
                 self.message_limit = self
@@ -331,13 +343,34 @@ impl Machine {
                     .then(|| theirs.map_or(limit, |n| n.min(limit)));
                 self.actions.push_back(Action::ApplyAnswer(sdp));
             }
-            ClientMessage::Candidate(c) => {
-                self.actions.push_back(Action::AddCandidate(c.candidate))
-            }
+            ClientMessage::Candidate(c) => self.on_candidate(c.candidate),
             ClientMessage::Pong | ClientMessage::Stats => self.last_pong = now,
             ClientMessage::Disconnect { .. } => self.end(End::ClientDisconnect),
             _ => {}
         }
+    }
+
+    /// A trickled candidate; an empty one says "no more": not an address.
+    fn on_candidate(&mut self, candidate: String) {
+        if !candidate.trim().is_empty() && !self.count_candidates(1) {
+            self.actions.push_back(Action::AddCandidate(candidate))
+        }
+    }
+
+    /// Counts `n` more remote candidates; over [`Rules::max_candidates`]
+    /// the session ends (returns `true`): every candidate is an address
+    /// hato would check, and their pairs cost CPU with the square of
+    /// their number.
+    fn count_candidates(&mut self, n: usize) -> bool {
+        self.candidates += n;
+        if self.candidates <= self.rules.max_candidates {
+            return false;
+        }
+        self.end(End::Refused(format!(
+            "{TOO_MANY_CANDIDATES}: more than {} remote candidates",
+            self.rules.max_candidates
+        )));
+        true
     }
 
     /// The shell applied the answer (or could not).
@@ -461,6 +494,7 @@ mod tests {
             pong_timeout: Duration::from_secs(15),
             client_message_limit: 1 << 20,
             data_channel_message_limit: 262_144,
+            max_candidates: 4,
         }
     }
 
@@ -788,12 +822,45 @@ mod tests {
             true,
         )
         .unwrap();
+        // The empty one (end of candidates) names no address.
         assert_eq!(
             actions(&mut m),
-            [
-                Action::AddCandidate("candidate:1 1 udp 1 127.0.0.1 9 typ host".into()),
-                Action::AddCandidate(String::new())
-            ]
+            [Action::AddCandidate(
+                "candidate:1 1 udp 1 127.0.0.1 9 typ host".into()
+            )]
+        );
+    }
+
+    #[test]
+    fn more_candidates_than_the_rules_allow_end_the_session_4490() {
+        let t = Instant::now();
+        let mut m = Machine::new(t, rules(), mode(false, false));
+        let sdp = "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=candidate:1 1 udp 1 198.51.100.1 9 typ host\r\na=candidate:2 1 udp 1 198.51.100.2 9 typ host\r\n";
+        m.on_ws_text(
+            t,
+            serde_json::json!({"type": "answer", "sdp": sdp})
+                .to_string()
+                .as_bytes(),
+        );
+        assert!(matches!(&actions(&mut m)[..], [Action::ApplyAnswer(_)]));
+        let c = |n: u8| {
+            format!(
+                r#"{{"type":"candidate","candidate":"candidate:{n} 1 udp 1 198.51.100.{n} 9 typ host"}}"#
+            )
+        };
+        m.on_ws_text(t, c(3).as_bytes());
+        m.on_ws_text(t, br#"{"type":"candidate","candidate":""}"#);
+        m.on_ws_text(t, c(4).as_bytes());
+        assert_eq!(actions(&mut m).len(), 2);
+        m.on_ws_text(t, c(5).as_bytes());
+        let end = End::Refused("TOO-MANY-CANDIDATES: more than 4 remote candidates".into());
+        assert_eq!(actions(&mut m), [Action::End(end.clone())]);
+        assert_eq!(
+            m.closing(&end).websocket,
+            Some((
+                4490,
+                "TOO-MANY-CANDIDATES: more than 4 remote candidates".into()
+            ))
         );
     }
 

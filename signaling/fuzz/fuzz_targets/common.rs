@@ -18,6 +18,7 @@ pub fn machine(flags: u8) -> (Machine, Instant) {
         pong_timeout: Duration::from_secs(15),
         client_message_limit: 64 * 1024,
         data_channel_message_limit: 262_144,
+        max_candidates: 8,
     };
     let mode = Mode {
         data_channel_signaling: flags & 4 != 0,

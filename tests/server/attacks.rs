@@ -1,0 +1,661 @@
+//! What an anonymous peer can make hato do, tried over real sockets: each
+//! test is one attack, with the bound that holds it (docs/security.md).
+//! Part of the `server` test binary (one binary: the WebRTC stack is
+//! heavy to link).
+
+use super::*;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Connects by hand, answers with the client engine's answer stripped of
+/// its candidates, and forgets the client peer: hato has an answer, and
+/// nothing on the other side ever answers its checks — the shape of a
+/// peer that aims hato's checks at someone else.
+async fn silent_answerer(
+    s: &Server,
+    channel: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
+        .await
+        .unwrap();
+    ws.send(text(
+        json!({"type": "connect", "role": "recvonly", "channel_id": channel}),
+    ))
+    .await
+    .unwrap();
+    let offer: Value = match ws.next().await {
+        Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
+        o => panic!("{o:?}"),
+    };
+    let (peer, answer, _events) = hato::client::default_engine()
+        .answer(offer["sdp"].as_str().unwrap())
+        .await
+        .unwrap();
+    peer.vanish();
+    let answer: String = answer
+        .lines()
+        .filter(|l| !l.starts_with("a=candidate"))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    ws.send(text(json!({"type": "answer", "sdp": answer})))
+        .await
+        .unwrap();
+    ws
+}
+
+/// The close frame a raw WebSocket receives next (skipping other frames).
+async fn close_of<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> (u16, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::time::timeout(T, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return (u16::from(f.code), f.reason.to_string())
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed in time")
+}
+
+/// A peer that names a third party's address in its candidates makes
+/// hato check it at most at the per-peer pace, never names a refused
+/// address successfully, and is ended once over the candidate cap; a
+/// bystander in the channel keeps getting pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidates_are_filtered_paced_and_capped() {
+    let s = server().await;
+    let stats = s.shared.engine.stats();
+    let mut bystander = connected(&opts(&s, "cand", "recvonly")).await;
+    // The "third party": every 127.0.x.y on one port, counting.
+    let third = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+    let port = third.local_addr().unwrap().port();
+    let counted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = {
+        let counted = counted.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while third.recv_from(&mut buf).await.is_ok() {
+                counted.fetch_add(1, Relaxed);
+            }
+        })
+    };
+    let mut ws = silent_answerer(&s, "cand").await;
+    let cand = |transport: &str, ip: &str| {
+        text(json!({"type": "candidate", "candidate":
+            format!("candidate:7 1 {transport} 2122260223 {ip} {port} typ host")}))
+    };
+    let refused_before = stats.refused_candidates.load(Relaxed);
+    for (transport, ip) in [
+        ("udp", "0.0.0.0"),
+        ("udp", "224.0.0.1"),
+        ("udp", "255.255.255.255"),
+        ("udp", "169.254.1.1"),
+        ("tcp", "127.0.0.9"),
+        ("udp", "a1b2c3.local"),
+    ] {
+        ws.send(cand(transport, ip)).await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    for i in 0..50u32 {
+        let ip = format!("127.0.{}.{}", 1 + i / 200, 2 + i % 200);
+        ws.send(cand("udp", &ip)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let n = counted.load(Relaxed);
+    let seconds = started.elapsed().as_secs() as usize + 1;
+    let (burst, per_second) = hato_datachannel::PEER_CHECKS;
+    let most = burst as usize + per_second as usize * seconds;
+    assert!(
+        (1..=most).contains(&n),
+        "{n} datagrams to the third party in {seconds} s (pace: at most {most})"
+    );
+    assert!(stats.paced_checks.load(Relaxed) > 0);
+    assert_eq!(stats.refused_candidates.load(Relaxed) - refused_before, 6);
+    // 56 so far; the 65th ends the session.
+    for i in 0..9u32 {
+        ws.send(cand("udp", &format!("127.0.9.{}", 1 + i)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        close_of(&mut ws).await,
+        (
+            4490,
+            "TOO-MANY-CANDIDATES: more than 64 remote candidates".into()
+        )
+    );
+    assert_eq!(
+        still_served(&s, &mut bystander, "cand").await,
+        Via::WebSocket
+    );
+    counter.abort();
+}
+
+/// Candidates in an answer SDP count, and a refused one is taken out of
+/// it; a peer whose answer carries more than the cap is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidates_in_the_answer_are_filtered_and_counted() {
+    // The client engine's answer carries two candidates (components 1, 2).
+    let s = server_with(|c| c.max_remote_candidates = 4).await;
+    let stats = s.shared.engine.stats();
+    let before = stats.refused_candidates.load(Relaxed);
+    let extra = |n: usize| -> String {
+        (0..n)
+            .map(|i| format!("a=candidate:{i} 1 udp 1 0.0.0.0 {} typ host\r\n", 9 + i))
+            .collect()
+    };
+    // Two refused candidates beside the client's own two: connects.
+    let o = with_answer_lines(&s, "ans", &extra(2));
+    let mut c = connected(&o).await;
+    assert_eq!(stats.refused_candidates.load(Relaxed) - before, 2);
+    assert_eq!(still_served(&s, &mut c, "ans").await, Via::WebSocket);
+    // Three: over the cap.
+    let o = with_answer_lines(&s, "ans", &extra(3));
+    let mut c = Client::connect(&o).await.unwrap();
+    expect_ws_close(
+        &mut c,
+        4490,
+        "TOO-MANY-CANDIDATES: more than 4 remote candidates",
+    )
+    .await;
+}
+
+/// Options whose answer carries `lines` after its own candidate.
+fn with_answer_lines(s: &Server, channel: &str, lines: &str) -> ClientOptions {
+    let mut o = opts(s, channel, "recvonly");
+    o.engine = hato_datachannel::Engine::start(hato_datachannel::EngineConfig::client()).unwrap();
+    o.extra_answer_lines = lines.to_owned();
+    o
+}
+
+/// One IPv4/UDP datagram from `src` (any address: a forged source) to
+/// `dst`, through a raw socket (needs CAP_NET_RAW, which the test command
+/// has: it runs as root for its network namespaces).
+fn forge_udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) {
+    let len = 20 + 8 + payload.len();
+    let mut p = Vec::with_capacity(len);
+    p.extend_from_slice(&[
+        0x45,
+        0,
+        (len >> 8) as u8,
+        len as u8,
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        17,
+        0,
+        0,
+    ]);
+    p.extend_from_slice(&src.ip().octets());
+    p.extend_from_slice(&dst.ip().octets());
+    p.extend_from_slice(&src.port().to_be_bytes());
+    p.extend_from_slice(&dst.port().to_be_bytes());
+    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]); // no UDP checksum (IPv4 allows it)
+    p.extend_from_slice(payload);
+    // SAFETY: a raw socket, one sendto of an owned buffer, closed after.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        assert!(
+            fd >= 0,
+            "a raw socket needs CAP_NET_RAW (run the tests as root, as tests/run does): {}",
+            std::io::Error::last_os_error()
+        );
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*dst.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let sent = libc::sendto(
+            fd,
+            p.as_ptr().cast(),
+            p.len(),
+            0,
+            (&to as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(sent, p.len() as isize, "forged datagram not sent: {err}");
+    }
+}
+
+/// A STUN Binding request naming `ufrag` (hato's, from an offer) and
+/// signed with `pwd`: valid for that peer, whoever sends it.
+fn binding_request(ufrag: &str, pwd: &str, padding: usize) -> Vec<u8> {
+    use rtc::stun::attributes::{AttrType, ATTR_USERNAME};
+    use rtc::stun::integrity::MessageIntegrity;
+    use rtc::stun::message::{Message as Stun, Setter, TransactionId, BINDING_REQUEST};
+    use rtc::stun::textattrs::TextAttribute;
+    struct Pad(usize);
+    impl Setter for Pad {
+        fn add_to(&self, m: &mut Stun) -> Result<(), rtc::shared::error::Error> {
+            if self.0 > 0 {
+                m.add(AttrType(0x8050), &vec![0u8; self.0]);
+            }
+            Ok(())
+        }
+    }
+    let crypto = rtc::crypto::default_provider().unwrap();
+    let mut m = Stun::new();
+    m.build(&[
+        Box::new(BINDING_REQUEST),
+        Box::new(TransactionId::new()),
+        Box::new(TextAttribute::new(ATTR_USERNAME, format!("{ufrag}:x"))),
+        Box::new(Pad(padding)),
+        Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
+            pwd.into(),
+            crypto.crypto(),
+        )),
+    ])
+    .unwrap();
+    m.raw.clone()
+}
+
+fn sdp_attr<'a>(sdp: &'a str, name: &str) -> &'a str {
+    sdp.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap_or_else(|| panic!("no {name} in {sdp}"))
+        .trim()
+}
+
+/// Peer A forges a Binding request, valid for A, from the address of
+/// connected peer V. The address stays V's: V's next message (a
+/// `disconnect` on its DataChannel) still reaches V's session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_source_cannot_take_a_live_peers_address() {
+    let s = server_with(|c| c.rtc_shards = 1).await;
+    let mut v = switched_client(&s, "victim", true).await;
+    let a = connected(&opts(&s, "attacker", "recvonly")).await;
+    let a_sdp = a.offer["sdp"].as_str().unwrap();
+    let request = binding_request(
+        sdp_attr(a_sdp, "a=ice-ufrag:"),
+        sdp_attr(a_sdp, "a=ice-pwd:"),
+        0,
+    );
+    // V's address: the one candidate of its answer.
+    let line = v
+        .answer
+        .lines()
+        .find(|l| l.starts_with("a=candidate"))
+        .unwrap()
+        .to_owned();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let v_addr = SocketAddrV4::new(fields[4].parse().unwrap(), fields[5].parse().unwrap());
+    let SocketAddr::V4(hato) = s.rtc_addrs()[0] else {
+        panic!()
+    };
+    for _ in 0..3 {
+        forge_udp(v_addr, hato, &request);
+    }
+    let stats = s.shared.engine.stats();
+    let until = tokio::time::Instant::now() + T;
+    while stats.refused_moves.load(Relaxed) < 3 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "forged requests not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(still_served(&s, &mut v, "victim").await, Via::DataChannel);
+    v.send_dc(
+        "signaling",
+        r#"{"type":"disconnect","reason":"NO-ERROR"}"#,
+        true,
+    );
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while s.table().len() != 1 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "V's disconnect went elsewhere: its address was taken"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Datagrams that come before the answer are held up to a byte bound:
+/// 40 datagrams of 30 000 bytes from an address that proved itself hold
+/// nothing, and small ones stop at 16 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_datagrams_are_held_within_a_byte_bound() {
+    let s = server().await;
+    let stats = s.shared.engine.stats();
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
+        .await
+        .unwrap();
+    ws.send(text(
+        json!({"type": "connect", "role": "recvonly", "channel_id": "early"}),
+    ))
+    .await
+    .unwrap();
+    let offer: Value = match ws.next().await {
+        Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
+        o => panic!("{o:?}"),
+    };
+    let sdp = offer["sdp"].as_str().unwrap();
+    let port = sdp_attr(sdp, "a=candidate:")
+        .split_whitespace()
+        .nth(5)
+        .unwrap()
+        .parse::<u16>()
+        .unwrap();
+    let hato = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let held = || stats.held_early.load(Relaxed);
+    let dropped = || stats.dropped_early.load(Relaxed);
+    let (held0, dropped0) = (held(), dropped());
+    // Proves the address (and is itself held: no answer yet).
+    let request = binding_request(
+        sdp_attr(sdp, "a=ice-ufrag:"),
+        sdp_attr(sdp, "a=ice-pwd:"),
+        0,
+    );
+    udp.send_to(&request, hato).await.unwrap();
+    let mut big = vec![0u8; 30_000];
+    big[..3].copy_from_slice(&[23, 254, 253]);
+    for _ in 0..40 {
+        udp.send_to(&big, hato).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let small = &big[..1000];
+    for _ in 0..40 {
+        udp.send_to(small, hato).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let until = tokio::time::Instant::now() + T;
+    while held() + dropped() - held0 - dropped0 < 81 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "held {} dropped {}",
+            held() - held0,
+            dropped() - dropped0
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let max_small = hato_datachannel::EARLY_BYTES / 1000;
+    assert!(
+        held() - held0 <= 1 + max_small as u64,
+        "held {} datagrams",
+        held() - held0
+    );
+    assert!(stats.held_bytes.load(Relaxed) <= hato_datachannel::EARLY_BYTES as u64);
+    drop(ws);
+    let until = tokio::time::Instant::now() + T;
+    while stats.held_bytes.load(Relaxed) != 0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "held bytes not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// 1 000 TCP connections from one address that send nothing take that
+/// address's share of the handshake places and no more: another address
+/// connects at once, the same one gets a clear 503, and the idle sockets
+/// are closed after the first-byte timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_one_address_lock_out_no_one() {
+    let s = server().await;
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        idle.push(sock.connect(s.signaling_addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _, ws) = upgrade_from(&s, "127.0.0.2").await;
+    assert_eq!(status, 101);
+    let mut ws = ws.unwrap();
+    ws.send(text(
+        json!({"type": "connect", "role": "recvonly", "channel_id": "idle"}),
+    ))
+    .await
+    .unwrap();
+    assert!(next_ws_text(&mut ws, "\"offer\"").await.is_some());
+    let (status, body, _) = upgrade_from(&s, "127.0.0.1").await;
+    assert_eq!(status, 503);
+    assert!(
+        body.contains("TOO-MANY-HANDSHAKES") && body.contains("--max-handshakes-per-ip"),
+        "{body}"
+    );
+    // Closed after the first-byte timeout (2 s), so the address is served
+    // again.
+    let (closed, _) = closed_within(&mut idle[999], T).await;
+    assert!(closed);
+    let (closed, _) = closed_within(&mut idle[0], T).await;
+    assert!(closed);
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _, _) = upgrade_from(&s, "127.0.0.1").await;
+    assert_eq!(status, 101);
+}
+
+/// `metadata` over --connect-metadata-limit is refused with 4490 and a
+/// reason; a connect too large for what may come before it is cut off
+/// while it is still arriving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_metadata_is_capped() {
+    let s = server().await;
+    let connect = |metadata: Value| {
+        text(
+            json!({"type": "connect", "role": "recvonly", "channel_id": "meta", "metadata": metadata}),
+        )
+    };
+    let (code, reason) = refused(&s, vec![connect(json!("x".repeat(70_000)))]).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (
+            4490,
+            "metadata is 70002 bytes; at most 65536 (--connect-metadata-limit)"
+        )
+    );
+    // Within the limit: connects.
+    let mut o = opts(&s, "meta", "recvonly");
+    o.extra
+        .insert("metadata".into(), json!({"token": "t".repeat(60_000)}));
+    connected(&o).await;
+    // 300 KB: the connection is closed before the frame is whole.
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
+        .await
+        .unwrap();
+    let _ = ws.send(connect(json!("y".repeat(300_000)))).await;
+    let got = tokio::time::timeout(T, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(f))) => return Some(f),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    if let Some(Some(f)) = got {
+        assert_eq!(u16::from(f.code), 4490);
+        assert!(f.reason.contains("before connect"), "{}", f.reason);
+    }
+}
+
+/// VmHWM (peak resident) and VmRSS of a process, in bytes.
+fn memory_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+            * 1024
+    };
+    (kb("VmHWM:"), kb("VmRSS:"))
+}
+
+/// 1 000 anonymous WebSockets from 1 000 addresses, each sending a
+/// `connect` of 1 MiB (metadata `[0,0,0,…]`), raise the hato process's
+/// peak RSS by at most 150 MB; hato still serves a peer afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_megabyte_connects_cost_bounded_memory() {
+    use tokio::io::AsyncWriteExt;
+    let (child, signaling, _api, _lines) = spawn_hato("", "").await;
+    let pid = child.id().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, base) = memory_of(pid);
+    let mut payload =
+        String::from(r#"{"type":"connect","role":"recvonly","channel_id":"m","metadata":[0"#);
+    while payload.len() < 1_000_060 {
+        payload.push_str(",0");
+    }
+    payload.push_str("]}");
+    // A masked text frame with the zero mask: the payload as is.
+    let mut frame = vec![0x81, 0xff];
+    frame.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend_from_slice(payload.as_bytes());
+    let frame = std::sync::Arc::new(frame);
+    let target: SocketAddr = signaling.parse().unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..1000u32 {
+        let frame = frame.clone();
+        tasks.push(tokio::spawn(async move {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            let src = Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8);
+            sock.bind(SocketAddr::from((src, 0))).unwrap();
+            let Ok(mut tcp) = sock.connect(target).await else {
+                return;
+            };
+            let upgrade = format!(
+                "GET /signaling HTTP/1.1\r\nhost: {target}\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+            );
+            let _ = tcp.write_all(upgrade.as_bytes()).await;
+            let _ = tokio::time::timeout(T, tcp.write_all(&frame)).await;
+            let _ = closed_within(&mut tcp, T).await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (peak, _) = memory_of(pid);
+    let grew = peak.saturating_sub(base);
+    eprintln!(
+        "1000 x 1 MiB connects: RSS {} MB before, peak {} MB (+{} MB)",
+        base >> 20,
+        peak >> 20,
+        grew >> 20
+    );
+    assert!(grew <= 150 << 20, "peak RSS grew {} MB", grew >> 20);
+    let o = ClientOptions::new(&format!("ws://{signaling}/signaling"), "m", "recvonly");
+    connected(&o).await;
+    drop(child);
+}
+
+/// An API connection that sends nothing is closed at the header timeout
+/// (the clock runs from accept), not after the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_api_connection_is_closed_at_the_header_timeout() {
+    let s = server_with(|c| {
+        c.api_header_timeout_ms = 300;
+        c.api_idle_timeout_ms = 60_000;
+    })
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(s.api_addr).await.unwrap();
+    let (closed, got) = closed_within(&mut silent, T).await;
+    assert!(closed && got.is_empty(), "{got:?}");
+}
+
+/// The metrics listener serves a bounded number of connections, each for
+/// a bounded time: the one over the cap is closed at once, and the idle
+/// ones are closed in time for a scrape to get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_is_capped_and_timed() {
+    let s = server_with(|c| c.metrics_addr = Some("127.0.0.1:0".parse().unwrap())).await;
+    let addr = s.metrics_addr.unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..hato::metrics::METRICS_MAX_CONNECTIONS {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut over = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (closed, _) = closed_within(&mut over, Duration::from_secs(2)).await;
+    assert!(closed, "the connection over the cap was kept");
+    let limit = hato::metrics::METRICS_CONNECTION_TIME + Duration::from_secs(3);
+    let (closed, _) = closed_within(&mut idle[0], limit).await;
+    assert!(closed, "an idle metrics connection was kept");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body) = get(&addr.to_string(), "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("hato_"));
+}
+
+/// A 50 KB `role` is not echoed into the log whole: every line the
+/// process writes stays under the line limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_field_does_not_make_a_huge_log_line() {
+    let (child, signaling, _api, mut lines) = spawn_hato("", "").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{signaling}/signaling"))
+        .await
+        .unwrap();
+    ws.send(text(
+        json!({"type": "connect", "role": "r".repeat(50_000), "channel_id": "log"}),
+    ))
+    .await
+    .unwrap();
+    let (code, reason) = close_of(&mut ws).await;
+    assert_eq!(code, 4490);
+    assert!(reason.starts_with("role must be"), "{reason}");
+    let mut refused_line = false;
+    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(1), lines.recv()).await {
+        assert!(
+            line.len() <= hato::logging::MAX_LINE,
+            "a {} byte log line",
+            line.len()
+        );
+        refused_line |= line.contains("connect refused");
+    }
+    assert!(refused_line);
+    drop(child);
+}
+
+/// --print-config shows no secret of a URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn print_config_masks_the_secrets_in_urls() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hato"))
+        .args([
+            "--print-config",
+            "--cluster-nats-url",
+            "nats://alice:s3cret@127.0.0.1:4222,nats://tok3n@127.0.0.2:4222",
+            "--auth-webhook-url",
+            "http://bob:pa55@127.0.0.1:9/auth?key=k3y",
+            "--api-token",
+            "t0ken",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(
+            r#"cluster_nats_url = "nats://<set>@127.0.0.1:4222,nats://<set>@127.0.0.2:4222""#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"auth_webhook_url = "http://<set>@127.0.0.1:9/auth?<set>""#),
+        "{text}"
+    );
+    for secret in ["s3cret", "tok3n", "pa55", "k3y", "t0ken"] {
+        assert!(!text.contains(secret), "{secret} printed:\n{text}");
+    }
+}
