@@ -109,7 +109,14 @@ pub struct Config {
     #[arg(long, env = "HATO_MAX_HANDSHAKES_PER_IP", default_value_t = 16)]
     pub max_handshakes_per_ip: usize,
 
-    /// Time a new signaling or API connection has to send its first byte,
+    /// Reverse proxies (comma-separated addresses) whose
+    /// `X-Forwarded-For` names the client of a signaling connection: the
+    /// per-address limits then count that client, not the proxy. From
+    /// anyone else the header is ignored.
+    #[arg(long, env = "HATO_TRUSTED_PROXY", value_delimiter = ',')]
+    pub trusted_proxy: Vec<IpAddr>,
+
+    /// Time a new signaling connection has to send its first byte,
     /// in ms; then it is closed. An idle socket holds its place only this
     /// long.
     #[arg(long, env = "HATO_FIRST_BYTE_TIMEOUT_MS", default_value_t = 2_000)]

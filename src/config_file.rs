@@ -110,7 +110,9 @@ pub fn to_toml(matches: &ArgMatches) -> String {
             ("cluster_nats_url" | "auth_webhook_url" | "event_webhook_url", [one]) => {
                 toml::Value::String(redact_urls(one))
             }
-            ("public_ips", many) => toml::Value::Array(many.iter().map(|v| typed(v)).collect()),
+            ("public_ips" | "trusted_proxy", many) => {
+                toml::Value::Array(many.iter().map(|v| typed(v)).collect())
+            }
             (_, [one]) => typed(one),
             (_, many) => toml::Value::Array(many.iter().map(|v| typed(v)).collect()),
         };

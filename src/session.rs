@@ -58,7 +58,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
-            let admitted = shared.admission.admit(addr.ip());
+            // Through a trusted proxy, the client's address is in the
+            // request's X-Forwarded-For: admission waits for it. Anyone
+            // else is admitted (or refused) at accept.
+            let proxied = shared.config.trusted_proxy.contains(&addr.ip());
+            let at_accept = (!proxied).then(|| shared.admission.admit(addr.ip()));
+            let decided: std::sync::Mutex<Option<Admitted>> = Default::default();
             let mut config = WebSocketConfig::default();
             config.max_message_size = Some(shared.config.client_message_limit);
             config.max_frame_size = Some(shared.config.client_message_limit);
@@ -70,9 +75,25 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             // buffer never shrinks, so tungstenite's 128 KiB default let
             // a connect storm's notifies leave ~100 KB in every peer.
             config.write_buffer_size = 16 * 1024;
-            let refusal = admitted.as_ref().err().map(|r| r.reason(&shared.admission));
             #[allow(clippy::result_large_err)] // the error type is tungstenite's
-            let callback = |req: &Request, resp: Response| upgrade(req, resp, refusal.as_deref());
+            let callback = |req: &Request, resp: Response| {
+                let (ip, admitted) = match at_accept {
+                    Some(admitted) => (addr.ip(), admitted),
+                    None => {
+                        let ip =
+                            forwarded_for(req, &shared.config.trusted_proxy).unwrap_or(addr.ip());
+                        (ip, shared.admission.admit(ip))
+                    }
+                };
+                let refusal = admitted.as_ref().err().map(|r| r.reason(&shared.admission));
+                let answer = upgrade(req, resp, refusal.as_deref());
+                *decided.lock().unwrap() = Some(Admitted {
+                    ip,
+                    ticket: admitted.ok(),
+                    refusal,
+                });
+                answer
+            };
             // What the connection may send until its `connect` is taken:
             // the upgrade request and the `connect` itself.
             let before_connect = ReadLimit::new(
@@ -99,17 +120,29 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     .await
             };
             let result = tokio::time::timeout(shared.config.connect_timeout(), handshake).await;
-            match (result, admitted) {
-                (Ok(Ok(ws)), Ok(ticket)) => run(shared, ws, ticket, before_connect).await,
-                (Ok(Ok(_)), Err(_)) => unreachable!("a refused upgrade never completes"),
-                (Ok(Err(e)), _) => match refusal {
-                    Some(reason) => {
-                        if let Some(folded) = REFUSALS.hit() {
-                            tracing::warn!(%addr, reason, refused_since_last_line = folded, "signaling connection refused (503)");
-                        }
+            let decided = decided.into_inner().unwrap();
+            let client = decided.as_ref().map_or(addr.ip(), |d| d.ip);
+            match (result, decided) {
+                (
+                    Ok(Ok(ws)),
+                    Some(Admitted {
+                        ticket: Some(ticket),
+                        ..
+                    }),
+                ) => run(shared, ws, ticket, before_connect).await,
+                (Ok(Ok(_)), _) => unreachable!("a refused upgrade never completes"),
+                (
+                    Ok(Err(_)),
+                    Some(Admitted {
+                        refusal: Some(reason),
+                        ..
+                    }),
+                ) => {
+                    if let Some(folded) = REFUSALS.hit() {
+                        tracing::warn!(%addr, %client, reason, refused_since_last_line = folded, "signaling connection refused (503)");
                     }
-                    None => tracing::debug!(%addr, error = %e, "WebSocket handshake failed"),
-                },
+                }
+                (Ok(Err(e)), _) => tracing::debug!(%addr, error = %e, "WebSocket handshake failed"),
                 (Err(_), _) => tracing::debug!(%addr, "WebSocket handshake timed out"),
             }
         });
@@ -117,6 +150,36 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 static REFUSALS: Throttle = Throttle::new(Duration::from_secs(1));
+
+/// Where admission put a connection, decided when its upgrade request
+/// came in.
+struct Admitted {
+    /// The client's address: the peer's, or through a trusted proxy the
+    /// one it forwarded.
+    ip: std::net::IpAddr,
+    ticket: Option<Ticket>,
+    refusal: Option<String>,
+}
+
+/// The client's address a trusted proxy forwarded: the rightmost address
+/// of `X-Forwarded-For` (every such header, in order) that is not itself
+/// a trusted proxy. Addresses left of it are the client's own word.
+fn forwarded_for(req: &Request, trusted: &[std::net::IpAddr]) -> Option<std::net::IpAddr> {
+    let hops: Vec<std::net::IpAddr> = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|hop| {
+            let hop = hop.trim();
+            hop.parse()
+                .or_else(|_| hop.parse::<std::net::SocketAddr>().map(|a| a.ip()))
+                .ok()
+        })
+        .collect();
+    hops.into_iter().rev().find(|ip| !trusted.contains(ip))
+}
 
 /// The upgrade callback: only `/signaling` is served (anything else is
 /// 404), and a connection over a limit gets 503 with a JSON reason.

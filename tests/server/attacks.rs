@@ -659,3 +659,65 @@ async fn print_config_masks_the_secrets_in_urls() {
         assert!(!text.contains(secret), "{secret} printed:\n{text}");
     }
 }
+
+/// The upgrade's status when `source` (a loopback address) sends
+/// `X-Forwarded-For: forwarded`; the WebSocket, held open, when 101.
+async fn upgrade_forwarded(
+    s: &Server,
+    source: &str,
+    forwarded: &str,
+) -> (
+    u16,
+    Option<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>>,
+) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let tcp = sock.connect(s.signaling_addr).await.unwrap();
+    let mut req = s.signaling_url().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("x-forwarded-for", forwarded.parse().unwrap());
+    match tokio_tungstenite::client_async(req, tcp).await {
+        Ok((ws, resp)) => (resp.status().as_u16(), Some(ws)),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => (resp.status().as_u16(), None),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Behind a trusted proxy, the per-address handshake limit counts the
+/// client X-Forwarded-For names (its rightmost untrusted hop), so that
+/// one busy proxy is not one address; from anyone else the header counts
+/// for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_proxy_forwards_the_address_that_is_counted() {
+    let s = server_with(|c| {
+        c.trusted_proxy = vec!["127.0.0.1".parse().unwrap()];
+        c.max_handshakes_per_ip = 2;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (status, ws) = upgrade_forwarded(&s, "127.0.0.1", "198.51.100.1").await;
+        assert_eq!(status, 101);
+        held.push(ws);
+    }
+    // The same client again, also when it claims an address of its own
+    // to the left.
+    for forwarded in ["198.51.100.1", "203.0.113.9, 198.51.100.1, 127.0.0.1"] {
+        let (status, _) = upgrade_forwarded(&s, "127.0.0.1", forwarded).await;
+        assert_eq!(status, 503, "{forwarded}");
+    }
+    // Other clients through the same proxy.
+    for forwarded in ["198.51.100.2", "2001:db8::1"] {
+        let (status, ws) = upgrade_forwarded(&s, "127.0.0.1", forwarded).await;
+        assert_eq!(status, 101, "{forwarded}");
+        held.push(ws);
+    }
+    // Not a trusted proxy: its own address counts, whatever it forwards.
+    for (i, want) in [101, 101, 503].into_iter().enumerate() {
+        let (status, ws) =
+            upgrade_forwarded(&s, "127.0.0.2", &format!("198.51.100.{}", 10 + i)).await;
+        assert_eq!(status, want, "untrusted #{i}");
+        held.push(ws);
+    }
+}
