@@ -47,6 +47,65 @@ const QUEUE: usize = 65_536;
 const MAX_BUFFERED: usize = 100_000;
 /// The most one reply message carries (NATS refuses over 1 MiB by default).
 const CHUNK_BYTES: usize = 512 * 1024;
+/// Other nodes followed at most; a presence message from one more is
+/// ignored.
+const MAX_NODES: usize = 1024;
+/// The bytes of one node's answer to a snapshot or listing request, at
+/// most: 50 000 members (the default --max-connections) of ~10 KB each.
+const MAX_ANSWER_BYTES: usize = 512 << 20;
+/// A member's `created_time` (RFC 3339), at most.
+const MAX_TIME_BYTES: usize = 64;
+
+/// Whether another node's member fits the limits this node holds its own
+/// connections to: ids and the node name of at most 255 bytes, notify
+/// metadata within --notify-metadata-limit, the auth webhook's metadata
+/// within --connect-metadata-limit each.
+fn member_fits(m: &Member, cfg: &crate::Config) -> Result<(), &'static str> {
+    let id = hato_signaling::connect::MAX_ID_BYTES;
+    if [
+        &m.connection_id,
+        &m.client_id,
+        &m.bundle_id,
+        &m.channel_id,
+        &m.session_id,
+    ]
+    .iter()
+    .any(|s| s.len() > id)
+        || m.node.len() > id
+        || m.created_time.len() > MAX_TIME_BYTES
+    {
+        return Err("an id longer than 255 bytes");
+    }
+    let len = |v: &Option<serde_json::Value>| {
+        v.as_ref().map_or(0, |v| {
+            serde_json::to_string(v).map_or(usize::MAX, |t| t.len())
+        })
+    };
+    let meta = &m.notify_metadata;
+    if len(&meta.metadata) > cfg.notify_metadata_limit
+        || len(&meta.authn_metadata) > cfg.connect_metadata_limit
+        || len(&meta.authz_metadata) > cfg.connect_metadata_limit
+    {
+        return Err("metadata over this node's limits");
+    }
+    Ok(())
+}
+
+/// Counts and logs (at most once a second) what another node announced
+/// beyond this node's limits.
+fn refuse(cluster: &Cluster, node: &str, why: &'static str) {
+    static REFUSED: crate::limits::Throttle = crate::limits::Throttle::new(Duration::from_secs(1));
+    cluster.stats.refused.fetch_add(1, Ordering::Relaxed);
+    if let Some(folded) = REFUSED.hit() {
+        let node: String = node.chars().take(64).collect();
+        tracing::warn!(
+            node,
+            why,
+            refused_since_last_line = folded,
+            "cluster: announcement ignored"
+        );
+    }
+}
 
 /// Hex of the bytes: any channel id or node name is a valid subject token.
 fn token(s: &str) -> String {
@@ -160,6 +219,9 @@ pub struct ClusterStats {
     pub nodes_lost: AtomicU64,
     /// Messages that could not be queued or published.
     pub publish_failures: AtomicU64,
+    /// What another node announced beyond this node's own limits (a
+    /// member, a node name, a view or an answer too large): ignored.
+    pub refused: AtomicU64,
 }
 
 /// This node's own connections as the others know them.
@@ -513,6 +575,8 @@ impl Cluster {
             .await
             .map_err(|_| self.unavailable())?;
         let mut parts: HashMap<String, (usize, Answer)> = HashMap::new();
+        let mut bytes: HashMap<String, usize> = HashMap::new();
+        let mut over: HashSet<String> = HashSet::new();
         let complete = |parts: &HashMap<String, (usize, Answer)>, node: &str| {
             parts.get(node).is_some_and(|(left, _)| *left == 0)
         };
@@ -524,6 +588,19 @@ impl Cluster {
             let Ok(chunk) = serde_json::from_slice::<Chunk>(&msg.payload) else {
                 continue;
             };
+            // Only nodes asked for, and each within a byte bound: a
+            // node's answer beyond it is dropped whole.
+            if !expect.contains(&chunk.node) || over.contains(&chunk.node) {
+                continue;
+            }
+            let got = bytes.entry(chunk.node.clone()).or_insert(0);
+            *got += msg.payload.len();
+            if *got > MAX_ANSWER_BYTES {
+                refuse(self, &chunk.node, "an answer over 512 MiB");
+                parts.remove(&chunk.node);
+                over.insert(chunk.node);
+                continue;
+            }
             let entry = parts.entry(chunk.node).or_insert_with(|| {
                 (
                     chunk.parts,
@@ -702,6 +779,12 @@ async fn presence(cluster: Arc<Cluster>) {
                     continue;
                 };
                 let (node, epoch) = event.sender();
+                if node.len() > hato_signaling::connect::MAX_ID_BYTES
+                    || (views.len() >= MAX_NODES && !views.contains_key(node))
+                {
+                    refuse(&cluster, node, "a node name over 255 bytes, or one node too many");
+                    continue;
+                }
                 if node == &*cluster.node {
                     if epoch != cluster.epoch
                         && name_clash.is_none_or(|t| t.elapsed() > Duration::from_secs(10))
@@ -830,13 +913,27 @@ fn on_snapshot(
         fetch_snapshot(cluster, node.to_owned(), epoch, snap_tx.clone());
         return;
     };
+    let shared = cluster.shared.get().and_then(Weak::upgrade);
+    let Some(cfg) = shared.as_ref().map(|s| &s.config) else {
+        return;
+    };
     let members: HashMap<Arc<str>, Arc<Member>> = answer
         .items
         .iter()
         .filter_map(|raw| serde_json::from_str::<Member>(raw.get()).ok())
+        .filter(|m| match member_fits(m, cfg) {
+            Ok(()) => m.node == node,
+            Err(why) => {
+                refuse(cluster, node, why);
+                false
+            }
+        })
         .map(|m| (m.connection_id.clone(), Arc::new(m)))
         .collect();
-    let shared = cluster.shared.get().and_then(Weak::upgrade);
+    if cfg.max_connections > 0 && members.len() > cfg.max_connections {
+        refuse(cluster, node, "a snapshot over --max-connections members");
+        return;
+    }
     // What changed while this node was not listening.
     let gone: Vec<Arc<Member>> = view
         .members
@@ -883,8 +980,27 @@ fn on_snapshot(
 fn apply(cluster: &Cluster, view: &mut View, event: Presence) {
     let shared = cluster.shared.get().and_then(Weak::upgrade);
     match event {
-        Presence::Join { seq, member, .. } if seq == view.seq + 1 => {
+        Presence::Join {
+            seq, member, node, ..
+        } if seq == view.seq + 1 => {
             view.seq = seq;
+            let Some(shared) = &shared else { return };
+            let cfg = &shared.config;
+            let fits = member_fits(&member, cfg).and_then(|()| {
+                let full = cfg.max_connections > 0 && view.members.len() >= cfg.max_connections;
+                match (member.node == node, full) {
+                    (false, _) => Err("a member of another node"),
+                    (_, true) => Err("more members than --max-connections"),
+                    _ => Ok(()),
+                }
+            });
+            if let Err(why) = fits {
+                // Its place in the sequence is taken all the same: the
+                // next event follows on.
+                refuse(cluster, &node, why);
+                return;
+            }
+            let shared = Some(shared);
             let member = Arc::new(member);
             view.members
                 .insert(member.connection_id.clone(), member.clone());

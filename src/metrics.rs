@@ -342,6 +342,7 @@ impl Metrics {
                     ("unavailable", n(&s.unavailable)),
                     ("resync", n(&s.resyncs)),
                     ("node_lost", n(&s.nodes_lost)),
+                    ("refused", n(&s.refused)),
                 ],
             );
             self.cluster_nodes.set(c.live_nodes().len() as i64);

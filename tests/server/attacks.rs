@@ -721,3 +721,87 @@ async fn a_trusted_proxy_forwards_the_address_that_is_counted() {
         held.push(ws);
     }
 }
+
+/// A member as node `node` would announce it.
+fn member(node: &str, connection_id: &str, metadata: Value) -> Value {
+    json!({"node": node, "connection_id": connection_id, "client_id": connection_id,
+           "bundle_id": connection_id, "channel_id": "k", "session_id": "s",
+           "role": "recvonly", "metadata": metadata,
+           "created_time": "2026-12-05T00:00:00Z", "datachannel_only": false})
+}
+
+/// A stranger on the cluster's NATS posing as node "z" is held to this
+/// node's own limits: in its snapshot and in its announcements, a member
+/// with an over-long id, metadata over --notify-metadata-limit or another
+/// node's name is ignored (the sequence goes on), and so is a node name
+/// over 255 bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_holds_other_nodes_to_the_local_limits() {
+    let nats = Nats::start().await;
+    let a = node(&nats, "a").await;
+    let stranger = async_nats::connect(nats.url()).await.unwrap();
+    let mut requests = stranger
+        .subscribe("hato.snapshot.7a".to_owned())
+        .await
+        .unwrap();
+    let answering = {
+        let stranger = stranger.clone();
+        let items = vec![
+            member("z", "m1", Value::Null),
+            member("z", &"x".repeat(300), Value::Null),
+            member("z", "big", json!("y".repeat(10_000))),
+            member("q", "other", Value::Null),
+        ];
+        tokio::spawn(async move {
+            while let Some(req) = requests.next().await {
+                let chunk = json!({"node": "z", "epoch": 1, "seq": 0, "part": 0,
+                                   "parts": 1, "items": items});
+                if let Some(reply) = req.reply {
+                    let _ = stranger.publish(reply, chunk.to_string().into()).await;
+                }
+            }
+        })
+    };
+    let heartbeats = {
+        let stranger = stranger.clone();
+        tokio::spawn(async move {
+            loop {
+                for node in ["z".to_owned(), "n".repeat(300)] {
+                    let hb = json!({"t": "heartbeat", "node": node, "epoch": 1, "seq": 0});
+                    let _ = stranger
+                        .publish("hato.presence", hb.to_string().into())
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    knows_nodes(&a, &["z"]).await;
+    channel_count(&a, "k", 1).await;
+    for (seq, m) in [
+        (1, member("z", "big2", json!("y".repeat(10_000)))),
+        (2, member("z", "m2", Value::Null)),
+    ] {
+        let join = json!({"t": "join", "node": "z", "epoch": 1, "seq": seq, "member": m});
+        stranger
+            .publish("hato.presence", join.to_string().into())
+            .await
+            .unwrap();
+    }
+    stranger.flush().await.unwrap();
+    channel_count(&a, "k", 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.table().counts("k").all, 2);
+    let refused = a
+        .shared
+        .cluster
+        .as_ref()
+        .unwrap()
+        .stats
+        .refused
+        .load(Relaxed);
+    assert!(refused >= 5, "{refused} refused");
+    knows_nodes(&a, &["z"]).await;
+    heartbeats.abort();
+    answering.abort();
+}
