@@ -236,33 +236,22 @@ mod tests {
     #[test]
     fn long_lines_are_cut_and_json_stays_json() {
         use std::io::Write;
+        let written = |line: &[u8], json: bool| {
+            let mut out = Vec::new();
+            MaxLine {
+                inner: &mut out,
+                json,
+            }
+            .write_all(line)
+            .unwrap();
+            out
+        };
         let long = format!("{}\n", "é".repeat(MAX_LINE));
-        let mut out = Vec::new();
-        MaxLine {
-            inner: &mut out,
-            json: false,
-        }
-        .write_all(long.as_bytes())
-        .unwrap();
-        let text = String::from_utf8(out).unwrap();
+        let text = String::from_utf8(written(long.as_bytes(), false)).unwrap();
         assert!(text.len() <= MAX_LINE, "{}", text.len());
         assert!(text.ends_with(&format!("[log line cut: {} bytes]\n", long.len())));
-        let mut out = Vec::new();
-        MaxLine {
-            inner: &mut out,
-            json: true,
-        }
-        .write_all(long.as_bytes())
-        .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&written(long.as_bytes(), true)).unwrap();
         assert_eq!(v["fields"]["bytes"], long.len());
-        let mut out = Vec::new();
-        MaxLine {
-            inner: &mut out,
-            json: true,
-        }
-        .write_all(b"short\n")
-        .unwrap();
-        assert_eq!(out, b"short\n");
+        assert_eq!(written(b"short\n", true), b"short\n");
     }
 }

@@ -7,6 +7,15 @@ use super::*;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::Ordering::Relaxed;
 
+/// Waits up to `limit` until `done` holds; fails naming `what`.
+async fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let until = tokio::time::Instant::now() + limit;
+    while !done() {
+        assert!(tokio::time::Instant::now() < until, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Connects by hand, answers with the client engine's answer stripped of
 /// its candidates, and forgets the client peer: hato has an answer, and
 /// nothing on the other side ever answers its checks — the shape of a
@@ -300,28 +309,22 @@ async fn a_forged_source_cannot_take_a_live_peers_address() {
         forge_udp(v_addr, hato, &request);
     }
     let stats = s.shared.engine.stats();
-    let until = tokio::time::Instant::now() + T;
-    while stats.refused_moves.load(Relaxed) < 3 {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "forged requests not seen"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(T, "forged requests not seen", || {
+        stats.refused_moves.load(Relaxed) >= 3
+    })
+    .await;
     assert_eq!(still_served(&s, &mut v, "victim").await, Via::DataChannel);
     v.send_dc(
         "signaling",
         r#"{"type":"disconnect","reason":"NO-ERROR"}"#,
         true,
     );
-    let until = tokio::time::Instant::now() + Duration::from_secs(3);
-    while s.table().len() != 1 {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "V's disconnect went elsewhere: its address was taken"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(3),
+        "V's disconnect went elsewhere: its address was taken",
+        || s.table().len() == 1,
+    )
+    .await;
 }
 
 /// Datagrams that come before the answer are held up to a byte bound:
@@ -373,16 +376,10 @@ async fn early_datagrams_are_held_within_a_byte_bound() {
         udp.send_to(small, hato).await.unwrap();
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let until = tokio::time::Instant::now() + T;
-    while held() + dropped() - held0 - dropped0 < 81 {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "held {} dropped {}",
-            held() - held0,
-            dropped() - dropped0
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(T, "not all 81 datagrams held or dropped", || {
+        held() + dropped() - held0 - dropped0 >= 81
+    })
+    .await;
     let max_small = hato_datachannel::EARLY_BYTES / 1000;
     assert!(
         held() - held0 <= 1 + max_small as u64,
@@ -391,14 +388,10 @@ async fn early_datagrams_are_held_within_a_byte_bound() {
     );
     assert!(stats.held_bytes.load(Relaxed) <= hato_datachannel::EARLY_BYTES as u64);
     drop(ws);
-    let until = tokio::time::Instant::now() + T;
-    while stats.held_bytes.load(Relaxed) != 0 {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "held bytes not given back"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(T, "held bytes not given back", || {
+        stats.held_bytes.load(Relaxed) == 0
+    })
+    .await;
 }
 
 /// 1 000 TCP connections from one address that send nothing take that
