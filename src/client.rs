@@ -41,6 +41,10 @@ pub struct ClientOptions {
     /// SDP lines added to the end of the answer (tests of what hato does
     /// with an answer's candidates).
     pub extra_answer_lines: String,
+    /// The address the signaling TCP connection is made from (a loopback
+    /// alias, so that many virtual peers are many clients to the
+    /// server's per-address limits). None: the system's choice.
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 /// Where a client vanishes during the handshake.
@@ -68,6 +72,7 @@ impl ClientOptions {
             close_websocket_after_switch: false,
             abandon: None,
             extra_answer_lines: String::new(),
+            source_ip: None,
         }
     }
 
@@ -222,15 +227,59 @@ fn fail(e: impl std::fmt::Display) -> ClientError {
     ClientError::Failed(e.to_string())
 }
 
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the signaling WebSocket, from `opts.source_ip` when set.
+async fn open(
+    opts: &ClientOptions,
+) -> Result<
+    (
+        Ws,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    ClientError,
+> {
+    let Some(ip) = opts.source_ip else {
+        return tokio_tungstenite::connect_async(&opts.url)
+            .await
+            .map_err(fail);
+    };
+    let authority = opts
+        .url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .ok_or_else(|| fail("a signaling URL without a host"))?;
+    let server = tokio::net::lookup_host(authority)
+        .await
+        .map_err(fail)?
+        .next()
+        .ok_or_else(|| fail("the signaling host has no address"))?;
+    let sock = if ip.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(fail)?;
+    sock.bind(std::net::SocketAddr::new(ip, 0)).map_err(fail)?;
+    let tcp = sock.connect(server).await.map_err(fail)?;
+    let _ = tcp.set_nodelay(true);
+    tokio_tungstenite::client_async(
+        opts.url.as_str(),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .map_err(fail)
+}
+
 impl Client {
     /// Connects, sends `connect`, answers the offer. Returns once the answer
     /// is sent; watch [`Client::events`] for the rest.
     pub async fn connect(opts: &ClientOptions) -> Result<Client, ClientError> {
-        let (mut ws, _) =
-            tokio::time::timeout(opts.timeout, tokio_tungstenite::connect_async(&opts.url))
-                .await
-                .map_err(|_| fail("WebSocket connect timed out"))?
-                .map_err(fail)?;
+        let (mut ws, _) = tokio::time::timeout(opts.timeout, open(opts))
+            .await
+            .map_err(|_| fail("WebSocket connect timed out"))??;
         ws.send(Message::text(opts.connect_message().to_string()))
             .await
             .map_err(fail)?;

@@ -304,6 +304,19 @@ fn peer_options(args: &Args, i: usize) -> ClientOptions {
     opts.extra.insert("sora_client".into(), json!("hato-load"));
     // As sora-js-sdk does: the WebSocket goes once it is not needed.
     opts.close_websocket_after_switch = true;
+    // Many peers are many clients: to a server on loopback, each connects
+    // from an address of its own (127.64.0.1, 127.64.0.2, …), so that the
+    // server's per-address limits (--max-handshakes-per-ip) see what they
+    // would see from real clients.
+    if opts.url.starts_with("ws://127.") {
+        let n = i as u32;
+        opts.source_ip = Some(std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+            127,
+            64 + (n / (254 * 256)) as u8,
+            ((n / 254) % 256) as u8,
+            (n % 254 + 1) as u8,
+        )));
+    }
     opts
 }
 
