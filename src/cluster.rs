@@ -91,6 +91,16 @@ fn member_fits(m: &Member, cfg: &crate::Config) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Whether `m`, announced by `node`, may join this node's view of it: one
+/// of that node's own connections, within this node's limits
+/// ([`member_fits`]).
+fn member_of(node: &str, m: &Member, cfg: &crate::Config) -> Result<(), &'static str> {
+    if m.node != node {
+        return Err("a member of another node");
+    }
+    member_fits(m, cfg)
+}
+
 /// Counts and logs (at most once a second) what another node announced
 /// beyond this node's limits.
 fn refuse(cluster: &Cluster, node: &str, why: &'static str) {
@@ -921,8 +931,8 @@ fn on_snapshot(
         .items
         .iter()
         .filter_map(|raw| serde_json::from_str::<Member>(raw.get()).ok())
-        .filter(|m| match member_fits(m, cfg) {
-            Ok(()) => m.node == node,
+        .filter(|m| match member_of(node, m, cfg) {
+            Ok(()) => true,
             Err(why) => {
                 refuse(cluster, node, why);
                 false
@@ -986,14 +996,11 @@ fn apply(cluster: &Cluster, view: &mut View, event: Presence) {
             view.seq = seq;
             let Some(shared) = &shared else { return };
             let cfg = &shared.config;
-            let fits = member_fits(&member, cfg).and_then(|()| {
-                let full = cfg.max_connections > 0 && view.members.len() >= cfg.max_connections;
-                match (member.node == node, full) {
-                    (false, _) => Err("a member of another node"),
-                    (_, true) => Err("more members than --max-connections"),
-                    _ => Ok(()),
-                }
-            });
+            let full = cfg.max_connections > 0 && view.members.len() >= cfg.max_connections;
+            let fits = match member_of(&node, &member, cfg) {
+                Ok(()) if full => Err("more members than --max-connections"),
+                fits => fits,
+            };
             if let Err(why) = fits {
                 // Its place in the sequence is taken all the same: the
                 // next event follows on.

@@ -278,12 +278,13 @@ struct Granted {
 }
 
 /// The auth webhook's request (protocol.md §7.1): what hato knows of the
-/// peer, `metadata` exactly as the client sent it (its text is spliced in,
-/// never parsed and printed again).
+/// peer, `metadata` exactly as the client sent it (the text of `connect`'s
+/// `metadata`, spliced in, never parsed and printed again).
 fn auth_request(
     shared: &Shared,
     connect: &ConnectRequest,
     text: &str,
+    metadata: Option<&str>,
     connection_id: &str,
 ) -> String {
     #[derive(serde::Deserialize)]
@@ -291,7 +292,7 @@ fn auth_request(
         environment: Option<Value>,
     }
     let raw: Option<Raw> = serde_json::from_str(text).ok();
-    let metadata = raw_metadata(text).unwrap_or("null");
+    let metadata = metadata.unwrap_or("null");
     let counts = shared.table.counts(&connect.channel_id);
     let cfg = &shared.config;
     let dc = connect
@@ -436,7 +437,8 @@ async fn run(
     };
     // Only the auth webhook reads `metadata`, from `text`, as sent.
     connect.metadata = Value::Null;
-    let metadata_len = raw_metadata(&text).map_or(0, str::len);
+    let metadata = raw_metadata(&text);
+    let metadata_len = metadata.map_or(0, str::len);
     if metadata_len > cfg.connect_metadata_limit {
         let reason = format!(
             "metadata is {metadata_len} bytes; at most {} (--connect-metadata-limit)",
@@ -459,7 +461,7 @@ async fn run(
     let connection_id: Arc<str> = id::new_id().into();
     let mut granted = Granted::default();
     if let Some(hook) = &shared.auth_webhook {
-        let body = auth_request(&shared, &connect, &text, &connection_id);
+        let body = auth_request(&shared, &connect, &text, metadata, &connection_id);
         let asked = std::time::Instant::now();
         let verdict = tokio::select! {
             v = hook.ask(&body, &connection_id) => {
