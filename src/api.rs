@@ -2,7 +2,7 @@
 //! object in, a JSON object out (protocol.md §6). Every error becomes a
 //! response in one place, [`ApiError::into_response`].
 
-use crate::limits::{self, Throttle};
+use crate::limits::{self, Admission, Refusal, Throttle};
 use crate::outbox::{Frame, Out};
 use crate::table::{Conn, Delivery, Target, ROLES, TRANSPORTS};
 use crate::tls::Stream;
@@ -24,7 +24,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
 /// Serves the API until the task is aborted. Each connection has a place
 /// under `--api-max-connections` and a [`Clock`] that closes it when a
@@ -33,22 +32,34 @@ use tokio::sync::Semaphore;
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     static ACCEPT_ERRORS: Throttle = Throttle::new(Duration::from_secs(1));
     static REFUSALS: Throttle = Throttle::new(Duration::from_secs(1));
-    let cap = shared.config.api_max_connections;
-    let places = Arc::new(Semaphore::new(if cap == 0 {
-        Semaphore::MAX_PERMITS
-    } else {
-        cap
-    }));
+    let (cap, per_ip) = (
+        shared.config.api_max_connections,
+        shared.config.api_max_connections_per_ip,
+    );
+    // The signaling listener's admission, with no handshake caps: a total
+    // and a per-address count of connections.
+    let places = Admission::new(cap, per_ip, 0, 0);
     loop {
         let (tcp, addr) = limits::accept(&listener, "API", &ACCEPT_ERRORS).await;
         let accepted = Instant::now();
         let _ = tcp.set_nodelay(true);
-        let Ok(place) = places.clone().try_acquire_owned() else {
-            if let Some(folded) = REFUSALS.hit() {
-                tracing::warn!(%addr, refused_since_last_line = folded, "API connection refused: --api-max-connections {cap} reached");
+        let place = match places.admit(addr.ip()) {
+            Ok(place) => place,
+            Err(why) => {
+                let message = match why {
+                    Refusal::PerAddress => format!(
+                        "the API serves at most {per_ip} connections from one address (--api-max-connections-per-ip)"
+                    ),
+                    _ => format!(
+                        "the API serves at most {cap} connections (--api-max-connections)"
+                    ),
+                };
+                if let Some(folded) = REFUSALS.hit() {
+                    tracing::warn!(%addr, refused_since_last_line = folded, "API connection refused: {message}");
+                }
+                tokio::spawn(refuse_connection(shared.clone(), tcp, message));
+                continue;
             }
-            tokio::spawn(refuse_connection(shared.clone(), tcp, cap));
-            continue;
         };
         let shared = shared.clone();
         let timeouts = (
@@ -119,11 +130,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 
 /// Answers a connection over `--api-max-connections` with 503 and closes
 /// it, reading what the client sent so that the close is not a reset.
-async fn refuse_connection(shared: Arc<Shared>, tcp: TcpStream, cap: usize) {
+async fn refuse_connection(shared: Arc<Shared>, tcp: TcpStream, message: String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = json!({
         "error_type": "TOO-MANY-CONNECTIONS",
-        "message": format!("the API serves at most {cap} connections (--api-max-connections)"),
+        "message": message,
     })
     .to_string();
     let head = format!(

@@ -127,6 +127,12 @@ pub struct Config {
     #[arg(long, env = "HATO_API_MAX_CONNECTIONS", default_value_t = 1_024)]
     pub api_max_connections: usize,
 
+    /// API connections one IP address (an IPv6 /64) may hold; one more is
+    /// answered 503 and closed. One client can so never hold every place
+    /// of --api-max-connections. 0: no limit.
+    #[arg(long, env = "HATO_API_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    pub api_max_connections_per_ip: usize,
+
     /// Time an API client has to send a request's headers once it has
     /// started one, in ms; the connection is then closed.
     #[arg(long, env = "HATO_API_HEADER_TIMEOUT_MS", default_value_t = 10_000)]

@@ -568,6 +568,39 @@ async fn a_silent_api_connection_is_closed_at_the_header_timeout() {
     assert!(closed && got.is_empty(), "{got:?}");
 }
 
+/// One address holds at most --api-max-connections-per-ip of the API's
+/// places: 2 000 silent sockets from it leave the API to everyone else,
+/// and the same address gets a clear 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_api_place() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = server().await;
+    let api = s.api_addr;
+    let from = |source: &'static str| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        sock.connect(api).await.unwrap()
+    };
+    let mut silent = Vec::new();
+    for _ in 0..2000 {
+        silent.push(from("127.0.0.3").await);
+    }
+    let push = b"POST / HTTP/1.1\r\nhost: hato\r\nx-sora-target: Sora_20160711.PushChannel\r\ncontent-length: 30\r\nconnection: close\r\n\r\n{\"channel_id\":\"api\",\"data\":{}}";
+    let answer = |mut tcp: tokio::net::TcpStream| async move {
+        tcp.write_all(push).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(T, tcp.read_to_end(&mut got)).await;
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    let other = answer(from("127.0.0.4").await).await;
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    let same = answer(from("127.0.0.3").await).await;
+    assert!(
+        same.starts_with("HTTP/1.1 503") && same.contains("--api-max-connections-per-ip"),
+        "{same}"
+    );
+}
+
 /// The metrics listener serves a bounded number of connections, each for
 /// a bounded time: the one over the cap is closed at once, and the idle
 /// ones are closed in time for a scrape to get through.
