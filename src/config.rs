@@ -116,6 +116,14 @@ pub struct Config {
     #[arg(long, env = "HATO_TRUSTED_PROXY", value_delimiter = ',')]
     pub trusted_proxy: Vec<IpAddr>,
 
+    /// Signaling connections from a --trusted-proxy begin with a PROXY
+    /// protocol header (v1 or v2, as HAProxy or nginx's `proxy_protocol`
+    /// send it): the client it names is counted, X-Forwarded-For is not
+    /// read. A connection from such a proxy without a valid header is
+    /// closed; from anyone else a header is not read.
+    #[arg(long, env = "HATO_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
+
     /// Time a new signaling connection has to send its first byte,
     /// in ms; then it is closed. An idle socket holds its place only this
     /// long.

@@ -18,6 +18,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod outbox;
+pub mod proxy_protocol;
 pub mod session;
 pub mod table;
 pub mod tls;

@@ -9,6 +9,7 @@
 
 use crate::limits::{self, Throttle, Ticket};
 use crate::outbox::{truncate_reason, Frame, Out, Outbox, SharedRoute};
+use crate::proxy_protocol;
 use crate::table::{Conn, Kill, Mailbox};
 use crate::tls::{ReadLimit, Stream};
 use crate::webhook::{Failure, Verdict};
@@ -58,11 +59,27 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
-            // Through a trusted proxy, the client's address is in the
-            // request's X-Forwarded-For: admission waits for it. Anyone
-            // else is admitted (or refused) at accept.
+            let mut tcp = tcp;
+            // Through a trusted proxy, the client's address is in its
+            // PROXY header (--proxy-protocol) or else in the request's
+            // X-Forwarded-For, for which admission waits. Anyone else is
+            // admitted (or refused) at accept.
             let proxied = shared.config.trusted_proxy.contains(&addr.ip());
-            let at_accept = (!proxied).then(|| shared.admission.admit(addr.ip()));
+            let client = if proxied && shared.config.proxy_protocol {
+                match proxy_protocol::read(&mut tcp, shared.config.first_byte_timeout()).await {
+                    Ok(proxy_protocol::Header::Client(ip)) => Some(ip),
+                    Ok(proxy_protocol::Header::Local) => Some(addr.ip()),
+                    Err(why) => {
+                        if let Some(folded) = PROXY_ERRORS.hit() {
+                            tracing::warn!(%addr, why, closed_since_last_line = folded, "connection from a trusted proxy closed: bad PROXY header");
+                        }
+                        return;
+                    }
+                }
+            } else {
+                (!proxied).then_some(addr.ip())
+            };
+            let at_accept = client.map(|ip| (ip, shared.admission.admit(ip)));
             let decided: std::sync::Mutex<Option<Admitted>> = Default::default();
             let mut config = WebSocketConfig::default();
             config.max_message_size = Some(shared.config.client_message_limit);
@@ -78,7 +95,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             #[allow(clippy::result_large_err)] // the error type is tungstenite's
             let callback = |req: &Request, resp: Response| {
                 let (ip, admitted) = match at_accept {
-                    Some(admitted) => (addr.ip(), admitted),
+                    Some(admitted) => admitted,
                     None => {
                         let ip =
                             forwarded_for(req, &shared.config.trusted_proxy).unwrap_or(addr.ip());
@@ -150,6 +167,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 static REFUSALS: Throttle = Throttle::new(Duration::from_secs(1));
+static PROXY_ERRORS: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// Where admission put a connection, decided when its upgrade request
 /// came in.

@@ -748,6 +748,71 @@ async fn a_trusted_proxy_forwards_the_address_that_is_counted() {
     }
 }
 
+/// A WebSocket upgrade over a TCP connection from `source` that first
+/// writes `prefix` (a PROXY header): the upgrade's status, or 0 when the
+/// connection closed without an answer.
+async fn upgrade_after(
+    s: &Server,
+    source: &str,
+    prefix: &[u8],
+) -> (
+    u16,
+    Option<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut tcp = sock.connect(s.signaling_addr).await.unwrap();
+    tcp.write_all(prefix).await.unwrap();
+    match tokio_tungstenite::client_async(s.signaling_url(), tcp).await {
+        Ok((ws, resp)) => (resp.status().as_u16(), Some(ws)),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => (resp.status().as_u16(), None),
+        Err(_) => (0, None),
+    }
+}
+
+/// With --proxy-protocol, a trusted proxy's PROXY header (v1 or v2)
+/// names the client the per-address limits count; a connection from it
+/// without a valid header is closed; from anyone else a header is not
+/// read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_proxys_proxy_header_names_the_client() {
+    let s = server_with(|c| {
+        c.trusted_proxy = vec!["127.0.0.1".parse().unwrap()];
+        c.proxy_protocol = true;
+    })
+    .await;
+    let v1 = |client: &str| format!("PROXY TCP4 {client} 127.0.0.1 40000 5000\r\n").into_bytes();
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        let (status, ws) = upgrade_after(&s, "127.0.0.1", &v1("203.0.113.9")).await;
+        assert_eq!(status, 101);
+        held.push(ws);
+    }
+    let (status, _) = upgrade_after(&s, "127.0.0.1", &v1("203.0.113.9")).await;
+    assert_eq!(status, 503, "the 17th handshake of 203.0.113.9");
+    // Version 2, naming the same client: refused too; another one is in.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend_from_slice(&[203, 0, 113, 9, 127, 0, 0, 1, 0x9c, 0x40, 0x13, 0x88]);
+    let (status, _) = upgrade_after(&s, "127.0.0.1", &v2).await;
+    assert_eq!(status, 503, "v2 naming 203.0.113.9");
+    v2[19] = 10;
+    let (status, _) = upgrade_after(&s, "127.0.0.1", &v2).await;
+    assert_eq!(status, 101, "v2 naming 203.0.113.10");
+    let (status, _) = upgrade_after(&s, "127.0.0.1", &v1("203.0.113.10")).await;
+    assert_eq!(status, 101, "v1 naming 203.0.113.10");
+    // The proxy without a header: closed, no answer.
+    let (status, _) = upgrade_after(&s, "127.0.0.1", b"").await;
+    assert_eq!(status, 0);
+    let (status, _) = upgrade_after(&s, "127.0.0.1", b"PROXY TCP4 bogus\r\n").await;
+    assert_eq!(status, 0);
+    // Someone else's header is not read: it is a bad HTTP request.
+    let (status, _) = upgrade_after(&s, "127.0.0.2", &v1("203.0.113.11")).await;
+    assert_ne!(status, 101);
+    let (status, _) = upgrade_after(&s, "127.0.0.2", b"").await;
+    assert_eq!(status, 101, "no header needed from a client");
+}
+
 /// A member as node `node` would announce it.
 fn member(node: &str, connection_id: &str, metadata: Value) -> Value {
     json!({"node": node, "connection_id": connection_id, "client_id": connection_id,
