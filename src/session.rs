@@ -454,7 +454,6 @@ async fn run(
         Err(e) => return refuse(ws, &e.0).await,
     };
     // Only the auth webhook reads `metadata`, from `text`, as sent.
-    connect.metadata = Value::Null;
     let metadata = raw_metadata(&text);
     let metadata_len = metadata.map_or(0, str::len);
     if metadata_len > cfg.connect_metadata_limit {

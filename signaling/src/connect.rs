@@ -68,8 +68,8 @@ struct RawConnect {
     channel_id: Option<Value>,
     client_id: Option<Value>,
     bundle_id: Option<Value>,
-    #[serde(default)]
-    metadata: Value,
+    // `metadata` is not kept (unknown keys are skipped): the server reads
+    // it from the message text, as sent, for the auth webhook only.
     signaling_notify_metadata: Option<Value>,
     data_channel_signaling: Option<Value>,
     ignore_disconnect_websocket: Option<Value>,
@@ -86,8 +86,6 @@ pub struct ConnectRequest {
     /// `None` when absent or empty: the server then uses the connection id.
     pub client_id: Option<String>,
     pub bundle_id: Option<String>,
-    /// Any JSON, `null` included (JS sends `null` by default).
-    pub metadata: Value,
     pub signaling_notify_metadata: Option<Value>,
     /// `None` when the client left the choice to the server's default.
     pub data_channel_signaling: Option<bool>,
@@ -157,7 +155,6 @@ impl ConnectRequest {
             channel_id,
             client_id: optional_id(raw.client_id, "client_id")?,
             bundle_id: optional_id(raw.bundle_id, "bundle_id")?,
-            metadata: raw.metadata,
             signaling_notify_metadata: raw.signaling_notify_metadata.filter(|v| !v.is_null()),
             data_channel_signaling: optional_bool(
                 raw.data_channel_signaling,
@@ -201,7 +198,6 @@ mod tests {
         .unwrap();
         assert_eq!(c.role, Role::Recvonly);
         assert_eq!(c.channel_id, "sora");
-        assert_eq!(c.metadata, Value::Null);
         assert_eq!(c.client_id, None);
         assert_eq!(c.data_channel_signaling, Some(false));
         assert_eq!(
@@ -241,7 +237,6 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(c.role, Role::Sendonly);
-        assert_eq!(c.metadata, Value::Null);
         assert_eq!(c.data_channel_signaling, None);
         assert_eq!(c.signaling_notify_metadata, Some(json!({"name": "x"})));
     }
