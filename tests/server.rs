@@ -572,18 +572,11 @@ async fn a_peer_that_cannot_keep_up_is_disconnected() {
 
 async fn cannot_keep_up(s: &Server) {
     let mut healthy = connected(&opts(s, "slow", "recvonly")).await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
-        .await
-        .unwrap();
-    ws.send(text(
+    let (mut ws, offer) = offer_for(
+        s,
         json!({"type": "connect", "role": "recvonly", "channel_id": "slow"}),
-    ))
-    .await
-    .unwrap();
-    let offer: Value = match ws.next().await {
-        Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
-        o => panic!("{o:?}"),
-    };
+    )
+    .await;
     let (_peer, answer, _events) = hato::client::default_engine()
         .answer(offer["sdp"].as_str().unwrap())
         .await
@@ -1297,6 +1290,23 @@ async fn a_peer_that_never_checks_is_kept_alive_by_the_servers_checks() {
 
 /// Connects by hand with DataChannel signaling and answers with
 /// `a=max-message-size:size`; returns the WebSocket and the peer's events.
+/// A signaling WebSocket opened by hand: it sends `connect` and returns
+/// with hato's `offer`.
+async fn offer_for(s: &Server, connect: Value) -> (RawWs, Value) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
+        .await
+        .unwrap();
+    ws.send(text(connect)).await.unwrap();
+    let offer: Value = match ws.next().await {
+        Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
+        o => panic!("{o:?}"),
+    };
+    (ws, offer)
+}
+
+type RawWs =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 /// A DataChannel-signaling peer answering by hand: `size` replaces its
 /// answer's `a=max-message-size` (`None`: drops it, as libwebrtc's native
 /// SDKs do); `connect` adds `extra`.
@@ -1306,23 +1316,16 @@ async fn answer_with_max_message_size(
     size: Option<usize>,
     extra: Value,
 ) -> (
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    RawWs,
     hato_datachannel::Peer,
     tokio::sync::mpsc::Receiver<hato_datachannel::PeerEvent>,
 ) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
-        .await
-        .unwrap();
     let mut connect = json!({"type": "connect", "role": "recvonly", "channel_id": channel,
                          "data_channel_signaling": true});
     for (k, v) in extra.as_object().unwrap() {
         connect[k] = v.clone();
     }
-    ws.send(text(connect)).await.unwrap();
-    let offer: Value = match ws.next().await {
-        Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
-        o => panic!("{o:?}"),
-    };
+    let (mut ws, offer) = offer_for(s, connect).await;
     let (peer, answer, events) = hato::client::default_engine()
         .answer(offer["sdp"].as_str().unwrap())
         .await

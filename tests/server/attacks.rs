@@ -20,22 +20,12 @@ async fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool)
 /// its candidates, and forgets the client peer: hato has an answer, and
 /// nothing on the other side ever answers its checks — the shape of a
 /// peer that aims hato's checks at someone else.
-async fn silent_answerer(
-    s: &Server,
-    channel: &str,
-) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
-        .await
-        .unwrap();
-    ws.send(text(
+async fn silent_answerer(s: &Server, channel: &str) -> RawWs {
+    let (mut ws, offer) = offer_for(
+        s,
         json!({"type": "connect", "role": "recvonly", "channel_id": channel}),
-    ))
-    .await
-    .unwrap();
-    let offer: Value = match ws.next().await {
-        Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
-        o => panic!("{o:?}"),
-    };
+    )
+    .await;
     let (peer, answer, _events) = hato::client::default_engine()
         .answer(offer["sdp"].as_str().unwrap())
         .await
@@ -334,18 +324,11 @@ async fn a_forged_source_cannot_take_a_live_peers_address() {
 async fn early_datagrams_are_held_within_a_byte_bound() {
     let s = server().await;
     let stats = s.shared.engine.stats();
-    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
-        .await
-        .unwrap();
-    ws.send(text(
+    let (ws, offer) = offer_for(
+        &s,
         json!({"type": "connect", "role": "recvonly", "channel_id": "early"}),
-    ))
-    .await
-    .unwrap();
-    let offer: Value = match ws.next().await {
-        Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
-        o => panic!("{o:?}"),
-    };
+    )
+    .await;
     let sdp = offer["sdp"].as_str().unwrap();
     let port = sdp_attr(sdp, "a=candidate:")
         .split_whitespace()
