@@ -143,8 +143,17 @@ fn main() {
             rtc,
             third_party,
         } => {
+            let Some(signaling) = signaling_url
+                .strip_prefix("ws://")
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|authority| authority.parse().ok())
+            else {
+                eprintln!("hato-attack: --signaling-url must be ws://IP:PORT/…");
+                std::process::exit(2);
+            };
             let target = Target {
                 url: signaling_url,
+                signaling,
                 api: api_addr,
                 rtc,
                 third_party,
@@ -530,6 +539,8 @@ fn reap(pid: u32) -> f64 {
 #[derive(Clone)]
 struct Target {
     url: String,
+    /// The address in `url`.
+    signaling: SocketAddr,
     api: SocketAddr,
     rtc: Vec<SocketAddr>,
     third_party: Ipv4Addr,
@@ -626,16 +637,9 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 /// A signaling WebSocket from `source`.
 async fn ws_from(target: &Target, source: Ipv4Addr, tally: &Tally) -> Option<Ws> {
-    let server: SocketAddr = target
-        .url
-        .trim_start_matches("ws://")
-        .split('/')
-        .next()?
-        .parse()
-        .ok()?;
     let sock = tokio::net::TcpSocket::new_v4().ok()?;
     sock.bind(SocketAddr::new(source.into(), 0)).ok()?;
-    let tcp = sock.connect(server).await.ok()?;
+    let tcp = sock.connect(target.signaling).await.ok()?;
     tally.add("websockets", 1);
     match tokio_tungstenite::client_async(target.url.as_str(), tcp).await {
         Ok((ws, _)) => Some(ws),
@@ -788,15 +792,8 @@ async fn idle_tcp(target: &Target, tally: &Tally) -> Duration {
     let Ok(sock) = tokio::net::TcpSocket::new_v4() else {
         return Duration::from_millis(100);
     };
-    let server: SocketAddr = target
-        .url
-        .trim_start_matches("ws://")
-        .split('/')
-        .next()
-        .and_then(|a| a.parse().ok())
-        .expect("a ws:// URL");
     let _ = sock.bind(SocketAddr::new(Ipv4Addr::new(127, 202, 0, 1).into(), 0));
-    let Ok(mut tcp) = sock.connect(server).await else {
+    let Ok(mut tcp) = sock.connect(target.signaling).await else {
         return Duration::from_millis(100);
     };
     tally.add("idle_sockets", 1);
