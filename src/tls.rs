@@ -22,6 +22,9 @@ use tokio_rustls::TlsAcceptor;
 pub struct Stream {
     io: Io,
     read_limit: Option<Arc<ReadLimit>>,
+    /// While the cap holds: where the bytes read are in the upgrade
+    /// request and the WebSocket frames after it.
+    frames: Frames,
 }
 
 enum Io {
@@ -33,6 +36,10 @@ enum Io {
 #[derive(Debug)]
 pub struct ReadLimit {
     left: AtomicUsize,
+    /// The cap as set: a WebSocket frame that announces more is refused
+    /// from its header, before the WebSocket library reserves (and, on
+    /// every read, zero-fills) room for all of it.
+    total: usize,
     /// What the error says when the cap is passed.
     why: &'static str,
 }
@@ -41,8 +48,13 @@ impl ReadLimit {
     pub fn new(bytes: usize, why: &'static str) -> Arc<ReadLimit> {
         Arc::new(ReadLimit {
             left: AtomicUsize::new(bytes),
+            total: bytes,
             why,
         })
+    }
+
+    fn lifted(&self) -> bool {
+        self.left.load(Ordering::Relaxed) == usize::MAX
     }
 
     /// No cap from now on.
@@ -58,6 +70,92 @@ impl ReadLimit {
         }
         self.left.store(left.saturating_sub(n), Ordering::Relaxed);
         n <= left
+    }
+}
+
+/// Follows a client's bytes through the HTTP upgrade request and the
+/// WebSocket frames after it (RFC 6455 §5.2), to read each frame's
+/// announced payload length from its header.
+#[derive(Debug, Default)]
+struct Frames {
+    phase: Phase,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// In the upgrade request: how much of its closing CRLFCRLF was seen.
+    Request(usize),
+    /// In a frame header: its bytes so far.
+    Header([u8; 14], usize),
+    /// In a payload: bytes still to come.
+    Payload(u64),
+}
+
+impl Default for Phase {
+    fn default() -> Phase {
+        Phase::Request(0)
+    }
+}
+
+impl Frames {
+    /// Follows `bytes`; `false` as soon as a frame announces a payload
+    /// longer than `max`.
+    fn follow(&mut self, mut bytes: &[u8], max: u64) -> bool {
+        while let Some((&b, rest)) = bytes.split_first() {
+            match &mut self.phase {
+                Phase::Request(seen) => {
+                    *seen = match (b, *seen) {
+                        (b'\r', 0 | 2) => *seen + 1,
+                        (b'\n', 1 | 3) => *seen + 1,
+                        (b'\r', _) => 1,
+                        _ => 0,
+                    };
+                    if *seen == 4 {
+                        self.phase = Phase::Header([0; 14], 0);
+                    }
+                    bytes = rest;
+                }
+                Phase::Header(head, have) => {
+                    head[*have] = b;
+                    *have += 1;
+                    bytes = rest;
+                    if *have < 2 {
+                        continue;
+                    }
+                    let extended = match head[1] & 0x7f {
+                        126 => 2,
+                        127 => 8,
+                        _ => 0,
+                    };
+                    let mask = if head[1] & 0x80 != 0 { 4 } else { 0 };
+                    if *have < 2 + extended + mask {
+                        continue;
+                    }
+                    let len = match extended {
+                        2 => u64::from(u16::from_be_bytes([head[2], head[3]])),
+                        8 => u64::from_be_bytes(head[2..10].try_into().expect("8 bytes")),
+                        _ => u64::from(head[1] & 0x7f),
+                    };
+                    if len > max {
+                        return false;
+                    }
+                    self.phase = if len == 0 {
+                        Phase::Header([0; 14], 0)
+                    } else {
+                        Phase::Payload(len)
+                    };
+                }
+                Phase::Payload(left) => {
+                    let n = (*left).min(bytes.len() as u64);
+                    *left -= n;
+                    bytes = &bytes[n as usize..];
+                    if *left == 0 {
+                        self.phase = Phase::Header([0; 14], 0);
+                    }
+                }
+            }
+        }
+        true
     }
 }
 
@@ -125,6 +223,7 @@ impl Stream {
         Stream {
             io,
             read_limit: None,
+            frames: Frames::default(),
         }
     }
 
@@ -156,7 +255,10 @@ impl AsyncRead for Stream {
             Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
         };
         if let (Poll::Ready(Ok(())), Some(limit)) = (&r, &this.read_limit) {
-            if !limit.take(buf.filled().len() - before) {
+            let read = &buf.filled()[before..];
+            let within = limit.lifted()
+                || (this.frames.follow(read, limit.total as u64) && limit.take(read.len()));
+            if !within {
                 return Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     limit.why,
@@ -191,5 +293,58 @@ impl AsyncWrite for Stream {
             Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Frames;
+
+    /// A masked client frame header announcing `len` bytes.
+    fn header(len: u64) -> Vec<u8> {
+        let mut h = vec![0x81];
+        match len {
+            0..=125 => h.push(0x80 | len as u8),
+            126..=0xffff => {
+                h.push(0x80 | 126);
+                h.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                h.push(0x80 | 127);
+                h.extend_from_slice(&len.to_be_bytes());
+            }
+        }
+        h.extend_from_slice(&[1, 2, 3, 4]);
+        h
+    }
+
+    #[test]
+    fn a_frame_announcing_more_than_the_cap_is_seen_from_its_header() {
+        let request = b"GET /signaling HTTP/1.1\r\nhost: x\r\n\r\n";
+        // Frames within the cap, in pieces of every size, then one over.
+        let mut bytes = request.to_vec();
+        for len in [0u64, 5, 125, 126, 300, 70_000] {
+            bytes.extend(header(len));
+            bytes.extend(std::iter::repeat_n(b'\r', len as usize));
+        }
+        for piece in [1, 2, 3, 7, 1000, bytes.len()] {
+            let mut f = Frames::default();
+            assert!(
+                bytes.chunks(piece).all(|c| f.follow(c, 90_000)),
+                "piece {piece}"
+            );
+            let over = header(90_001);
+            assert!(
+                !over.chunks(piece).all(|c| f.follow(c, 90_000)),
+                "piece {piece}"
+            );
+        }
+        // A 64-bit length (1 MiB) right after the request.
+        let mut f = Frames::default();
+        assert!(f.follow(request, 90_000));
+        assert!(!f.follow(&header(1 << 20), 90_000));
+        // Before the request's end, nothing is a frame.
+        let mut f = Frames::default();
+        assert!(f.follow(b"GET / HTTP/1.1\r\nx: \x81\xff\xff\xff\xff", 10));
     }
 }

@@ -418,6 +418,43 @@ async fn idle_connections_from_one_address_lock_out_no_one() {
     assert_eq!(status, 101);
 }
 
+/// A frame whose header announces more than may come before `connect` is
+/// refused from its header: the connection is closed at once, not when
+/// the bytes have come (or the connect timeout has passed), and nothing
+/// is reserved for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_announcing_too_much_before_connect_is_refused_from_its_header() {
+    use tokio::io::AsyncWriteExt;
+    let s = server().await;
+    let mut tcp = tokio::net::TcpStream::connect(s.signaling_addr)
+        .await
+        .unwrap();
+    let upgrade = format!(
+        "GET /signaling HTTP/1.1\r\nhost: {}\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+        s.signaling_addr
+    );
+    tcp.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut byte)
+            .await
+            .unwrap();
+        answer.push(byte[0]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 101"));
+    // A masked text frame of 1 MiB: its header and the first few bytes.
+    let mut frame = vec![0x81, 0xff];
+    frame.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend_from_slice(br#"{"type":"connect","metadata":["#);
+    tcp.write_all(&frame).await.unwrap();
+    // Well within the 10 s connect timeout.
+    let (closed, got) = closed_within(&mut tcp, Duration::from_secs(3)).await;
+    assert!(closed, "still open 3 s after announcing 1 MiB: {got:?}");
+    assert!(got.contains("more bytes before connect"), "{got:?}");
+}
+
 /// `metadata` over --connect-metadata-limit is refused with 4490 and a
 /// reason; a connect too large for what may come before it is cut off
 /// while it is still arriving.
