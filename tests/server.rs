@@ -573,7 +573,7 @@ async fn a_peer_that_cannot_keep_up_is_disconnected() {
 async fn cannot_keep_up(s: &Server) {
     let mut healthy = connected(&opts(s, "slow", "recvonly")).await;
     let (mut ws, offer) = offer_for(
-        s,
+        &s.signaling_url(),
         json!({"type": "connect", "role": "recvonly", "channel_id": "slow"}),
     )
     .await;
@@ -1292,10 +1292,8 @@ async fn a_peer_that_never_checks_is_kept_alive_by_the_servers_checks() {
 /// `a=max-message-size:size`; returns the WebSocket and the peer's events.
 /// A signaling WebSocket opened by hand: it sends `connect` and returns
 /// with hato's `offer`.
-async fn offer_for(s: &Server, connect: Value) -> (RawWs, Value) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
-        .await
-        .unwrap();
+async fn offer_for(url: &str, connect: Value) -> (RawWs, Value) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     ws.send(text(connect)).await.unwrap();
     let offer: Value = match ws.next().await {
         Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
@@ -1325,7 +1323,7 @@ async fn answer_with_max_message_size(
     for (k, v) in extra.as_object().unwrap() {
         connect[k] = v.clone();
     }
-    let (mut ws, offer) = offer_for(s, connect).await;
+    let (mut ws, offer) = offer_for(&s.signaling_url(), connect).await;
     let (peer, answer, events) = hato::client::default_engine()
         .answer(offer["sdp"].as_str().unwrap())
         .await
