@@ -76,6 +76,9 @@ impl End {
     /// their kind.
     pub fn kind(&self) -> &'static str {
         match self {
+            // The one refusal an anonymous peer can repeat at will once it
+            // has an offer: counted apart from the rest.
+            End::Refused(r) if r.starts_with(TOO_MANY_CANDIDATES) => TOO_MANY_CANDIDATES,
             End::Refused(_) => "REFUSED",
             End::PeerFailed(_) => "PEER-FAILED",
             End::ClientDisconnect => "TYPE-DISCONNECT",
@@ -855,6 +858,7 @@ mod tests {
         m.on_ws_text(t, c(5).as_bytes());
         let end = End::Refused("TOO-MANY-CANDIDATES: more than 4 remote candidates".into());
         assert_eq!(actions(&mut m), [Action::End(end.clone())]);
+        assert_eq!(end.kind(), "TOO-MANY-CANDIDATES");
         assert_eq!(
             m.closing(&end).websocket,
             Some((

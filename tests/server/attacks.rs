@@ -129,6 +129,16 @@ async fn candidates_are_filtered_paced_and_capped() {
             "TOO-MANY-CANDIDATES: more than 64 remote candidates".into()
         )
     );
+    // Counted apart, in hato_disconnects_total{reason="TOO-MANY-CANDIDATES"}.
+    let ended = s
+        .shared
+        .metrics
+        .disconnects
+        .get_or_create(&hato::metrics::Reason {
+            reason: "TOO-MANY-CANDIDATES".into(),
+        })
+        .clone();
+    eventually(T, "the capped session not counted", || ended.get() == 1).await;
     assert_eq!(
         still_served(&s, &mut bystander, "cand").await,
         Via::WebSocket
