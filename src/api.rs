@@ -2,7 +2,7 @@
 //! object in, a JSON object out (protocol.md §6). Every error becomes a
 //! response in one place, [`ApiError::into_response`].
 
-use crate::limits::{self, Admission, Refusal, Throttle};
+use crate::limits::{self, Refusal, Throttle};
 use crate::outbox::{Frame, Out};
 use crate::table::{Conn, Delivery, Target, ROLES, TRANSPORTS};
 use crate::tls::Stream;
@@ -36,9 +36,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         shared.config.api_max_connections,
         shared.config.api_max_connections_per_ip,
     );
-    // The signaling listener's admission, with no handshake caps: a total
-    // and a per-address count of connections.
-    let places = Admission::new(cap, per_ip, 0, 0);
+    let places = shared.api_admission.clone();
     loop {
         let (tcp, addr) = limits::accept(&listener, "API", &ACCEPT_ERRORS).await;
         let accepted = Instant::now();

@@ -54,6 +54,9 @@ pub struct Shared {
     pub metrics: metrics::Metrics,
     /// Admission of signaling connections (--max-connections & co).
     pub admission: Arc<limits::Admission>,
+    /// Admission of API connections (--api-max-connections, and per
+    /// address).
+    pub api_admission: Arc<limits::Admission>,
     /// Set once, on shutdown; every session watches it.
     pub shutdown: tokio::sync::watch::Sender<bool>,
     /// The other nodes, with --cluster-nats-url.
@@ -83,6 +86,13 @@ impl Server {
             config.max_connections_per_ip,
             config.max_handshakes,
             config.max_handshakes_per_ip,
+        );
+        // No handshake caps on the API: a total and a per-address count.
+        let api_admission = limits::Admission::new(
+            config.api_max_connections,
+            config.api_max_connections_per_ip,
+            0,
+            0,
         );
         let auth_webhook = match &config.auth_webhook_url {
             Some(url) => Some(
@@ -150,6 +160,7 @@ impl Server {
             config,
             table: table::Table::default(),
             admission,
+            api_admission,
             session_id: hato_signaling::id::new_id().into(),
             sessions: Default::default(),
             shutdown: tokio::sync::watch::Sender::new(false),

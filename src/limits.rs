@@ -59,6 +59,9 @@ pub struct Admission {
     handshakes: Arc<Semaphore>,
     /// Connections refused, by any limit.
     pub refused: AtomicU64,
+    /// Connections from a trusted proxy closed for a missing or bad PROXY
+    /// header (--proxy-protocol).
+    pub bad_proxy_headers: AtomicU64,
 }
 
 impl Admission {
@@ -81,6 +84,7 @@ impl Admission {
                 max_handshakes
             })),
             refused: AtomicU64::new(0),
+            bad_proxy_headers: AtomicU64::new(0),
         })
     }
 

@@ -276,6 +276,8 @@ impl Metrics {
                 ("undeliverable", n(&t.undeliverable)),
                 ("channel_failure", n(&t.channel_failures)),
                 ("refused_connection", n(&shared.admission.refused)),
+                ("refused_api_connection", n(&shared.api_admission.refused)),
+                ("bad_proxy_header", n(&shared.admission.bad_proxy_headers)),
                 ("refused_channel", n(&e.refused_channels)),
                 ("failed_send", n(&e.failed_sends)),
                 ("datagram_unknown", n(&e.dropped_unknown)),

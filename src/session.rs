@@ -70,6 +70,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     Ok(proxy_protocol::Header::Client(ip)) => Some(ip),
                     Ok(proxy_protocol::Header::Local) => Some(addr.ip()),
                     Err(why) => {
+                        shared
+                            .admission
+                            .bad_proxy_headers
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if let Some(folded) = PROXY_ERRORS.hit() {
                             tracing::warn!(%addr, why, closed_since_last_line = folded, "connection from a trusted proxy closed: bad PROXY header");
                         }

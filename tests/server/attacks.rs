@@ -752,6 +752,8 @@ async fn one_address_cannot_take_every_api_place() {
         same.starts_with("HTTP/1.1 503") && same.contains("--api-max-connections-per-ip"),
         "{same}"
     );
+    // Counted: hato_drops_total{reason="refused_api_connection"}.
+    assert!(s.shared.api_admission.refused.load(Relaxed) >= 1);
 }
 
 /// The metrics listener serves a bounded number of connections, each for
@@ -959,6 +961,12 @@ async fn a_trusted_proxys_proxy_header_names_the_client() {
     assert_eq!(status, 0);
     let (status, _) = upgrade_after(&s, "127.0.0.1", b"PROXY TCP4 bogus\r\n").await;
     assert_eq!(status, 0);
+    // Counted: hato_drops_total{reason="bad_proxy_header"}.
+    let bad = &s.shared.admission.bad_proxy_headers;
+    eventually(T, "bad PROXY headers not counted", || {
+        bad.load(Relaxed) == 2
+    })
+    .await;
     // Someone else's header is not read: it is a bad HTTP request.
     let (status, _) = upgrade_after(&s, "127.0.0.2", &v1("203.0.113.11")).await;
     assert_ne!(status, 101);
