@@ -254,9 +254,29 @@ async fn close_before_offer(mut ws: WebSocketStream<Stream>, code: u16, reason: 
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = ws.send(Message::Close(Some(frame))).await;
-        while let Some(Ok(_)) = ws.next().await {}
+        await_client_close(&mut ws).await;
     })
     .await;
+}
+
+/// What hato reads of a client after sending its own Close, at most:
+/// what an honest client had in flight, then its Close.
+const AFTER_CLOSE_MESSAGES: usize = 16;
+
+/// After hato's Close: reads until the client's Close comes back, so
+/// that its close is clean — but at most [`AFTER_CLOSE_MESSAGES`]: a
+/// client that goes on sending instead (2 000 trickled candidates after
+/// the 65th ended its session) is dropped, not read.
+async fn await_client_close<S, E>(stream: &mut S)
+where
+    S: futures_util::Stream<Item = Result<Message, E>> + Unpin,
+{
+    for _ in 0..AFTER_CLOSE_MESSAGES {
+        match stream.next().await {
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+            Some(Ok(_)) => {}
+        }
+    }
 }
 
 /// Reads the first text frame. `Err(None)`: the socket went away quietly;
@@ -1042,10 +1062,7 @@ impl Session {
         }
         if let (true, Some(stream)) = (websocket_closed, stream.as_mut()) {
             // Let the client's Close frame come back, so its close is clean.
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                while let Some(Ok(_)) = stream.next().await {}
-            })
-            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), await_client_close(stream)).await;
         }
         drop(stream);
         if close_channels {

@@ -466,6 +466,69 @@ async fn a_frame_announcing_too_much_before_connect_is_refused_from_its_header()
     assert!(got.contains("more bytes before connect"), "{got:?}");
 }
 
+/// After hato's Close, a client that keeps sending instead of closing is
+/// read for at most 16 messages and dropped — not read until the close
+/// timeout (2 s) runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_on_after_the_close_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = server().await;
+    let mut tcp = tokio::net::TcpStream::connect(s.signaling_addr)
+        .await
+        .unwrap();
+    let upgrade = format!(
+        "GET /signaling HTTP/1.1\r\nhost: {}\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+        s.signaling_addr
+    );
+    tcp.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut got = vec![0u8; 4096];
+    let mut seen = Vec::new();
+    while !seen.ends_with(b"\r\n\r\n") {
+        let n = tcp.read(&mut got[..1]).await.unwrap();
+        assert_eq!(n, 1, "no answer to the upgrade");
+        seen.push(got[0]);
+    }
+    // Masked (with the zero mask) text frames under 126 bytes.
+    let frame = |text: &str| {
+        let mut f = vec![0x81, 0x80 | text.len() as u8, 0, 0, 0, 0];
+        f.extend_from_slice(text.as_bytes());
+        f
+    };
+    tcp.write_all(&frame(
+        r#"{"type":"connect","role":"nobody","channel_id":"c"}"#,
+    ))
+    .await
+    .unwrap();
+    // hato's Close (4490, a bad role).
+    while !String::from_utf8_lossy(&seen).contains("role must be") {
+        let n = tokio::time::timeout(T, tcp.read(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before the Close: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&got[..n]);
+    }
+    // Candidates instead of a Close.
+    let started = std::time::Instant::now();
+    let mut flood = Vec::new();
+    for i in 0..100 {
+        flood.extend(frame(&format!(
+            r#"{{"type":"candidate","candidate":"{i}"}}"#
+        )));
+    }
+    let _ = tcp.write_all(&flood).await;
+    let (closed, _) = closed_within(&mut tcp, Duration::from_millis(1500)).await;
+    assert!(
+        closed,
+        "still read {:?} after hato's Close",
+        started.elapsed()
+    );
+}
+
 /// `metadata` over --connect-metadata-limit is refused with 4490 and a
 /// reason; a connect too large for what may come before it is cut off
 /// while it is still arriving.
