@@ -146,6 +146,41 @@ async fn candidates_are_filtered_paced_and_capped() {
     counter.abort();
 }
 
+/// --refuse-private-candidates refuses candidates in private ranges;
+/// without it (the default: peers on a LAN need them) they are checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_candidates_are_refused_only_when_asked() {
+    for refuse in [false, true] {
+        let s = server_with(|c| c.refuse_private_candidates = refuse).await;
+        let stats = s.shared.engine.stats();
+        let mut ws = silent_answerer(&s, "private").await;
+        let before = stats.refused_candidates.load(Relaxed);
+        for ip in [
+            "10.1.2.3",
+            "192.168.1.1",
+            "172.16.0.9",
+            "100.64.0.1",
+            "198.51.100.7",
+        ] {
+            ws.send(text(json!({"type": "candidate", "candidate":
+                format!("candidate:7 1 udp 2122260223 {ip} 9 typ host")})))
+                .await
+                .unwrap();
+        }
+        let expected = if refuse { 4 } else { 0 };
+        eventually(T, "private candidates not refused", || {
+            stats.refused_candidates.load(Relaxed) - before >= expected
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            stats.refused_candidates.load(Relaxed) - before,
+            expected,
+            "--refuse-private-candidates {refuse}"
+        );
+    }
+}
+
 /// Candidates in an answer SDP count, and a refused one is taken out of
 /// it; a peer whose answer carries more than the cap is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
