@@ -464,14 +464,10 @@ async fn idle_connections_from_one_address_lock_out_no_one() {
     assert_eq!(status, 101);
 }
 
-/// A frame whose header announces more than may come before `connect` is
-/// refused from its header: the connection is closed at once, not when
-/// the bytes have come (or the connect timeout has passed), and nothing
-/// is reserved for them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frame_announcing_too_much_before_connect_is_refused_from_its_header() {
-    use tokio::io::AsyncWriteExt;
-    let s = server().await;
+/// A WebSocket upgraded by hand over plain TCP: the request written and
+/// hato's 101 read, nothing after it (a frame is the test's to write).
+async fn upgraded_by_hand(s: &Server) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(s.signaling_addr)
         .await
         .unwrap();
@@ -483,12 +479,22 @@ async fn a_frame_announcing_too_much_before_connect_is_refused_from_its_header()
     let mut answer = Vec::new();
     while !answer.ends_with(b"\r\n\r\n") {
         let mut byte = [0u8];
-        tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut byte)
-            .await
-            .unwrap();
+        tcp.read_exact(&mut byte).await.unwrap();
         answer.push(byte[0]);
     }
-    assert!(answer.starts_with(b"HTTP/1.1 101"));
+    assert!(answer.starts_with(b"HTTP/1.1 101"), "{answer:?}");
+    tcp
+}
+
+/// A frame whose header announces more than may come before `connect` is
+/// refused from its header: the connection is closed at once, not when
+/// the bytes have come (or the connect timeout has passed), and nothing
+/// is reserved for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_announcing_too_much_before_connect_is_refused_from_its_header() {
+    use tokio::io::AsyncWriteExt;
+    let s = server().await;
+    let mut tcp = upgraded_by_hand(&s).await;
     // A masked text frame of 1 MiB: its header and the first few bytes.
     let mut frame = vec![0x81, 0xff];
     frame.extend_from_slice(&(1u64 << 20).to_be_bytes());
@@ -508,21 +514,9 @@ async fn a_frame_announcing_too_much_before_connect_is_refused_from_its_header()
 async fn a_client_that_goes_on_after_the_close_is_dropped() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = server().await;
-    let mut tcp = tokio::net::TcpStream::connect(s.signaling_addr)
-        .await
-        .unwrap();
-    let upgrade = format!(
-        "GET /signaling HTTP/1.1\r\nhost: {}\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
-        s.signaling_addr
-    );
-    tcp.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut tcp = upgraded_by_hand(&s).await;
     let mut got = vec![0u8; 4096];
     let mut seen = Vec::new();
-    while !seen.ends_with(b"\r\n\r\n") {
-        let n = tcp.read(&mut got[..1]).await.unwrap();
-        assert_eq!(n, 1, "no answer to the upgrade");
-        seen.push(got[0]);
-    }
     // Masked (with the zero mask) text frames under 126 bytes.
     let frame = |text: &str| {
         let mut f = vec![0x81, 0x80 | text.len() as u8, 0, 0, 0, 0];
