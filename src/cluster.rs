@@ -29,7 +29,6 @@ use crate::Shared;
 use async_nats::connection::State;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use hato_signaling::message;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::{HashMap, HashSet};
@@ -1069,29 +1068,15 @@ fn drop_node(cluster: &Cluster, views: &mut HashMap<String, View>, node: &str) {
 /// A connection of another node joined: counts, and `connection.created`
 /// to this node's connections in its channel.
 fn member_joined(shared: &Shared, member: Arc<Member>) {
-    let Some((locals, counts)) = shared.table.insert_remote(member.clone()) else {
-        return;
-    };
-    notify(&locals, "connection.created", &member, counts);
+    if let Some(Some(announce)) = shared.table.insert_remote(member) {
+        announce.send();
+    }
 }
 
 fn member_left(shared: &Shared, member: &Member) {
-    let Some((locals, counts)) = shared.table.remove_remote(member) else {
-        return;
-    };
-    notify(&locals, "connection.destroyed", member, counts);
-}
-
-fn notify(locals: &[Arc<Conn>], event_type: &str, member: &Member, counts: message::ChannelCounts) {
-    crate::table::notify_all(locals, || {
-        message::notify_connection(
-            event_type,
-            &member.who(),
-            counts,
-            &hato_signaling::time::now_rfc3339(),
-            None,
-        )
-    });
+    if let Some(announce) = shared.table.remove_remote(member) {
+        announce.send();
+    }
 }
 
 #[cfg(test)]

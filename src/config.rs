@@ -109,6 +109,19 @@ pub struct Config {
     #[arg(long, env = "HATO_MAX_HANDSHAKES_PER_IP", default_value_t = 16)]
     pub max_handshakes_per_ip: usize,
 
+    /// Connects one IP address (an IPv6 /64) may start per second, with
+    /// five seconds' worth at once: beyond, a `connect` waits for its turn
+    /// (each waiting one holds a place under --max-handshakes-per-ip), and
+    /// one that would wait over 5 s gets 503 TOO-MANY-CONNECTS. 0: no
+    /// limit (behind a reverse proxy without X-Forwarded-For or PROXY,
+    /// every peer shares its address).
+    #[arg(
+        long,
+        env = "HATO_MAX_CONNECTS_PER_IP_PER_SECOND",
+        default_value_t = 20
+    )]
+    pub max_connects_per_ip_per_second: u32,
+
     /// Reverse proxies (comma-separated addresses) whose
     /// `X-Forwarded-For` names the client of a signaling connection: the
     /// per-address limits then count that client, not the proxy. From
@@ -203,6 +216,14 @@ pub struct Config {
     /// peer of the channel receives it in notify.
     #[arg(long, env = "HATO_NOTIFY_METADATA_LIMIT", default_value_t = 8 * 1024)]
     pub notify_metadata_limit: usize,
+
+    /// `notify` messages about joins and leaves one channel may carry per
+    /// second (one `connection.created` to N members is N messages; one
+    /// second's worth may go at once). Beyond, announcements wait in order
+    /// and a join whose leave comes before it is announced is announced to
+    /// no one. 0: no limit.
+    #[arg(long, env = "HATO_CHANNEL_NOTIFY_RATE", default_value_t = 5000)]
+    pub channel_notify_rate: u32,
 
     /// Largest `metadata` a peer may send in `connect` (its JSON text, in
     /// bytes); larger is refused with Close 4490. It is kept as sent, for

@@ -86,11 +86,13 @@ impl Server {
             config.max_connections_per_ip,
             config.max_handshakes,
             config.max_handshakes_per_ip,
+            config.max_connects_per_ip_per_second,
         );
         // No handshake caps on the API: a total and a per-address count.
         let api_admission = limits::Admission::new(
             config.api_max_connections,
             config.api_max_connections_per_ip,
+            0,
             0,
             0,
         );
@@ -157,8 +159,8 @@ impl Server {
             auth_webhook,
             event_webhook,
             engine,
+            table: table::Table::new(config.channel_notify_rate),
             config,
-            table: table::Table::default(),
             admission,
             api_admission,
             session_id: hato_signaling::id::new_id().into(),
@@ -172,6 +174,7 @@ impl Server {
         let mut tasks = vec![
             tokio::spawn(session::serve(signaling, shared.clone())),
             tokio::spawn(api::serve(api, shared.clone())),
+            tokio::spawn(release_paced_notify(shared.clone())),
         ];
         let metrics_addr = match metrics_listener {
             Some(l) => {
@@ -256,6 +259,27 @@ impl Drop for Server {
         // others stop hearing this node and drop it.
         if let Some(cluster) = &self.shared.cluster {
             cluster.stop();
+        }
+    }
+}
+
+/// Sends the `notify` announcements that waited for their channel's
+/// budget, as it refills (see `--channel-notify-rate`).
+async fn release_paced_notify(shared: Arc<Shared>) {
+    let table = &shared.table;
+    loop {
+        let wake = table.paced_wake.notified();
+        let (due, next) = table.release_paced(std::time::Instant::now());
+        for announce in due {
+            announce.send();
+        }
+        match next {
+            // Not more often than every 10 ms.
+            Some(t) => {
+                let soonest = std::time::Instant::now() + std::time::Duration::from_millis(10);
+                tokio::time::sleep_until(t.max(soonest).into()).await
+            }
+            None => wake.await,
         }
     }
 }

@@ -18,6 +18,9 @@ pub enum Refusal {
     PerAddress,
     Handshakes,
     HandshakesPerAddress,
+    /// Its address connected faster than --max-connects-per-ip-per-second
+    /// for longer than a connection may wait.
+    ConnectRate,
 }
 
 impl Refusal {
@@ -40,6 +43,10 @@ impl Refusal {
                 "TOO-MANY-HANDSHAKES: {} in flight from this address (--max-handshakes-per-ip)",
                 admission.max_handshakes_per_ip
             ),
+            Refusal::ConnectRate => format!(
+                "TOO-MANY-CONNECTS: more than {} a second from this address (--max-connects-per-ip-per-second)",
+                admission.connect_rate
+            ),
         }
     }
 }
@@ -57,8 +64,14 @@ pub struct Admission {
     /// among them.
     per_ip: Mutex<HashMap<IpAddr, (usize, usize)>>,
     handshakes: Arc<Semaphore>,
+    /// Connects an address may start per second, and a bucket of
+    /// `CONNECT_BURST` seconds of them per address.
+    connect_rate: f64,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
     /// Connections refused, by any limit.
     pub refused: AtomicU64,
+    /// Connects that waited for their address's turn.
+    pub paced: AtomicU64,
     /// Connections from a trusted proxy closed for a missing or bad PROXY
     /// header (--proxy-protocol).
     pub bad_proxy_headers: AtomicU64,
@@ -70,8 +83,11 @@ impl Admission {
         max_per_ip: usize,
         max_handshakes: usize,
         max_handshakes_per_ip: usize,
+        connect_rate: u32,
     ) -> Arc<Admission> {
         Arc::new(Admission {
+            connect_rate: f64::from(connect_rate),
+            buckets: Mutex::new(HashMap::new()),
             max_total,
             max_per_ip,
             max_handshakes,
@@ -84,6 +100,7 @@ impl Admission {
                 max_handshakes
             })),
             refused: AtomicU64::new(0),
+            paced: AtomicU64::new(0),
             bad_proxy_headers: AtomicU64::new(0),
         })
     }
@@ -133,14 +150,57 @@ impl Admission {
             ip,
             handshake: None,
             handshaking: true,
+            wait: Duration::ZERO,
         };
         match self.handshakes.clone().try_acquire_owned() {
             Ok(permit) => ticket.handshake = Some(permit),
             Err(_) => return refuse(Refusal::Handshakes),
         }
+        match self.pace(ip, Instant::now()) {
+            Some(wait) => {
+                ticket.wait = wait;
+                if !wait.is_zero() {
+                    self.paced.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => return refuse(Refusal::ConnectRate),
+        }
         Ok(ticket)
     }
+
+    /// Takes one of `ip`'s connects: how long it waits for its turn, or
+    /// `None` if that is longer than [`CONNECT_MAX_WAIT`].
+    fn pace(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let rate = self.connect_rate;
+        if rate == 0.0 {
+            return Some(Duration::ZERO);
+        }
+        let full = rate * CONNECT_BURST;
+        let mut buckets = self.buckets.lock().unwrap();
+        if buckets.len() >= 4096 {
+            // Only buckets still refilling matter: a full one is the same
+            // as none. What is left are the addresses of the last
+            // CONNECT_BURST seconds.
+            buckets.retain(|_, (tokens, at)| *tokens + (now - *at).as_secs_f64() * rate < full);
+        }
+        let (tokens, at) = buckets.entry(ip).or_insert((full, now));
+        let refilled = (*tokens + (now - *at).as_secs_f64() * rate).min(full) - 1.0;
+        let wait = Duration::from_secs_f64((-refilled).max(0.0) / rate);
+        if wait > CONNECT_MAX_WAIT {
+            return None;
+        }
+        (*tokens, *at) = (refilled, now);
+        Some(wait)
+    }
 }
+
+/// Seconds of --max-connects-per-ip-per-second an address may use at once.
+const CONNECT_BURST: f64 = 5.0;
+
+/// Longest a connect waits for its address's turn; beyond, it is refused.
+/// With --max-handshakes-per-ip (each waiting connect holds one) an
+/// address rarely gets near it.
+const CONNECT_MAX_WAIT: Duration = Duration::from_secs(5);
 /// One admitted connection's place; dropping it frees the place.
 #[derive(Debug)]
 pub struct Ticket {
@@ -149,6 +209,9 @@ pub struct Ticket {
     handshake: Option<OwnedSemaphorePermit>,
     /// Counted among its address's handshakes.
     handshaking: bool,
+    /// How long its `connect` waits for its address's turn
+    /// (--max-connects-per-ip-per-second).
+    pub wait: Duration,
 }
 
 impl Ticket {
@@ -296,9 +359,35 @@ pub fn raise_fd_limit() -> Option<u64> {
 mod tests {
     use super::*;
 
+    /// Clock-free: five seconds' worth at once, then one per 1/rate,
+    /// and a refusal once the wait would pass five seconds.
+    #[test]
+    fn connects_from_one_address_are_paced() {
+        let a = Admission::new(0, 0, 0, 0, 2);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(a.pace(ip, t0), Some(Duration::ZERO));
+        }
+        assert_eq!(a.pace(ip, t0), Some(Duration::from_millis(500)));
+        assert_eq!(a.pace(ip, t0), Some(Duration::from_secs(1)));
+        for _ in 0..8 {
+            assert!(a.pace(ip, t0).is_some());
+        }
+        assert_eq!(a.pace(ip, t0), None, "would wait 5.5 s");
+        assert_eq!(
+            a.pace(ip, t0 + Duration::from_secs(1)),
+            Some(Duration::from_millis(4500))
+        );
+        assert_eq!(
+            a.pace("10.0.0.2".parse().unwrap(), t0),
+            Some(Duration::ZERO)
+        );
+    }
+
     #[test]
     fn admission_counts_and_gives_back() {
-        let a = Admission::new(3, 2, 0, 0);
+        let a = Admission::new(3, 2, 0, 0, 0);
         let ip1: IpAddr = "10.0.0.1".parse().unwrap();
         let ip2: IpAddr = "10.0.0.2".parse().unwrap();
         let t1 = a.admit(ip1).unwrap();
@@ -316,7 +405,7 @@ mod tests {
 
     #[test]
     fn handshakes_are_capped_until_done() {
-        let a = Admission::new(0, 0, 1, 0);
+        let a = Admission::new(0, 0, 1, 0, 0);
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let mut t = a.admit(ip).unwrap();
         assert_eq!(a.admit(ip).unwrap_err(), Refusal::Handshakes);
@@ -326,7 +415,7 @@ mod tests {
 
     #[test]
     fn one_address_holds_a_bounded_share_of_the_handshakes() {
-        let a = Admission::new(0, 0, 10, 2);
+        let a = Admission::new(0, 0, 10, 2, 0);
         let one: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
         let same_64: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
         let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();

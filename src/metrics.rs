@@ -79,6 +79,8 @@ pub struct Metrics {
     deliveries: Family<Transport, Counter>,
     drops: Family<Reason, Counter>,
     held: Family<Reason, Counter>,
+    paced: Family<Reason, Counter>,
+    notify_waiting: Gauge,
     connections: Family<RoleTransport, Gauge>,
     signaling_connections: Gauge,
     outbox_bytes: Gauge,
@@ -111,6 +113,8 @@ impl Default for Metrics {
             deliveries: Family::default(),
             drops: Family::default(),
             held: Family::default(),
+            paced: Family::default(),
+            notify_waiting: Gauge::default(),
             connections: Family::default(),
             signaling_connections: Gauge::default(),
             outbox_bytes: Gauge::default(),
@@ -177,6 +181,16 @@ impl Default for Metrics {
             "hato_datagrams_held",
             "Datagrams the WebRTC engine held until their peer was ready, by what it waited for",
             m.held.clone(),
+        );
+        r.register(
+            "hato_paced",
+            "What waited for its turn: `connect`s for their address's (--max-connects-per-ip-per-second), `notify` announcements for their channel's budget (--channel-notify-rate)",
+            m.paced.clone(),
+        );
+        r.register(
+            "hato_notify_waiting",
+            "notify announcements waiting for their channel's budget now",
+            m.notify_waiting.clone(),
         );
         r.register(
             "hato_connections",
@@ -286,6 +300,7 @@ impl Metrics {
                 ("datagram_spoofed", n(&e.refused_moves)),
                 ("candidate_refused", n(&e.refused_candidates)),
                 ("check_paced", n(&e.paced_checks)),
+                ("notify_unannounced", n(&t.notify_unannounced)),
             ],
         );
         set_each(
@@ -293,6 +308,16 @@ impl Metrics {
             |reason| Reason { reason },
             &[("answer", n(&e.held_early)), ("ice", n(&e.held_before_ice))],
         );
+        set_each(
+            &self.paced,
+            |reason| Reason { reason },
+            &[
+                ("connect", n(&shared.admission.paced)),
+                ("notify", n(&t.notify_held)),
+            ],
+        );
+        self.notify_waiting
+            .set(shared.table.paced_len().try_into().unwrap_or(i64::MAX));
         let census = shared.table.census();
         for (role, counts) in ROLES.iter().zip(census.by_role_and_transport) {
             for (transport, count) in TRANSPORTS.iter().zip(counts) {

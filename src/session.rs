@@ -317,6 +317,8 @@ struct Granted {
     authz_metadata: Option<Value>,
     /// Sent with every event webhook of the connection.
     event_metadata: Option<Value>,
+    /// `signaling_notify: false`: told nothing of others' joins and leaves.
+    no_notify: bool,
 }
 
 /// The auth webhook's request (protocol.md §7.1): what hato knows of the
@@ -414,7 +416,13 @@ fn apply_overrides(
     if let Some(m) = overrides.remove("signaling_notify_metadata") {
         connect.signaling_notify_metadata = Some(m).filter(|m| !m.is_null());
     }
+    let no_notify = match overrides.remove("signaling_notify") {
+        None | Some(Value::Null) | Some(Value::Bool(true)) => false,
+        Some(Value::Bool(false)) => true,
+        Some(_) => return Err(wrong("signaling_notify", "a boolean")),
+    };
     Ok(Granted {
+        no_notify,
         offer_metadata: overrides.remove("metadata"),
         authn_metadata: overrides.remove("authn_metadata"),
         authz_metadata: overrides.remove("authz_metadata"),
@@ -496,6 +504,17 @@ async fn run(
                 cfg.notify_metadata_limit
             );
             return refuse(ws, &reason).await;
+        }
+    }
+
+    // Its address's turn (--max-connects-per-ip-per-second): the costly
+    // part, the auth webhook and the PeerConnection, comes after.
+    if !ticket.wait.is_zero() {
+        tokio::select! {
+            () = tokio::time::sleep(ticket.wait) => {}
+            () = shutting_down(&mut shutdown) => {
+                return close_before_offer(ws, 1000, "SHUTDOWN").await;
+            }
         }
     }
 
@@ -651,6 +670,7 @@ async fn run(
         conn: None,
         ticket,
         event_metadata: granted.event_metadata,
+        no_notify: granted.no_notify,
         joined: None,
         offer_at: std::time::Instant::now(),
         _channel_guard: channel_guard,
@@ -690,6 +710,8 @@ struct Session {
     conn: Option<Arc<Conn>>,
     /// The auth webhook's `event_metadata`, for the event webhooks.
     event_metadata: Option<Value>,
+    /// The auth webhook said `signaling_notify: false`.
+    no_notify: bool,
     /// When it joined the table.
     joined: Option<(String, std::time::Instant)>,
     /// When its offer was sent.
@@ -867,7 +889,7 @@ impl Session {
     /// ICE and DTLS are up: join the table, then `connection.created` to
     /// the new peer (with the list of those present) and to the others.
     fn register(&mut self, message_limit: Option<usize>) {
-        let conn = Arc::new(Conn::new(
+        let conn = Conn::new(
             self.connection_id.clone(),
             self.client_id.clone(),
             self.bundle_id.clone(),
@@ -878,13 +900,21 @@ impl Session {
             message_limit,
             !self.machine.mode().ignore_disconnect_websocket,
             self.mailbox.clone(),
-        ));
+        );
+        let conn = Arc::new(if self.no_notify {
+            conn.without_notify()
+        } else {
+            conn
+        });
         self.ticket.handshake_done();
         let joined = self.shared.table.insert(conn.clone());
         if let Some(cluster) = &self.shared.cluster {
             cluster.joined(&conn);
         }
         let (others, counts) = (joined.others, joined.counts);
+        if let Some(announce) = joined.announce {
+            announce.send();
+        }
         self.joined = Some((conn.created_time.clone(), std::time::Instant::now()));
         self.conn = Some(conn);
         // The joiner's own connection.created lists everyone present (on
@@ -934,7 +964,6 @@ impl Session {
             Some(present),
         );
         self.queue(Out::Notify(Arc::new(Frame::new(own))));
-        self.notify_others("connection.created", &others, counts, &now);
         let metrics = &self.shared.metrics;
         metrics.connects.inc();
         metrics
@@ -944,32 +973,17 @@ impl Session {
         tracing::info!(connection_id = %self.connection_id, channel_id = %self.channel_id, "connected");
     }
 
-    fn notify_others(
-        &self,
-        event_type: &str,
-        others: &[Arc<Conn>],
-        counts: ChannelCounts,
-        now: &str,
-    ) {
-        crate::table::notify_all(others, || {
-            message::notify_connection(event_type, &self.who(), counts, now, None)
-        });
-    }
-
     /// Leaves the table (once) and tells the channel: `connection.destroyed`.
     /// Returns the channel's counts after, when it was in the table.
     fn leave_table(&mut self) -> Option<ChannelCounts> {
         let conn = self.conn.take()?;
-        let (others, counts) = self.shared.table.remove(&conn)?;
+        let (counts, announce) = self.shared.table.remove(&conn)?;
         if let Some(cluster) = &self.shared.cluster {
             cluster.left(&conn);
         }
-        self.notify_others(
-            "connection.destroyed",
-            &others,
-            counts,
-            &time::now_rfc3339(),
-        );
+        if let Some(announce) = announce {
+            announce.send();
+        }
         Some(counts)
     }
 

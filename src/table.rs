@@ -10,9 +10,10 @@ use crate::outbox::{Frame, Out, Queue, Route, SharedRoute};
 use hato_datachannel::Peer;
 use hato_signaling::message::{ChannelCounts, NotifyConnection, NotifyMetadata};
 use hato_signaling::Role;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Why a session is being ended from outside its own task.
@@ -95,6 +96,9 @@ pub struct Conn {
     pub websocket_fallback: bool,
     /// When it joined the table (RFC 3339), for the listing targets.
     pub created_time: String,
+    /// It is told of others' joins and leaves (`signaling_notify`, true
+    /// unless the auth webhook said false).
+    pub notify: bool,
     mailbox: Arc<Mailbox>,
 }
 
@@ -139,8 +143,15 @@ impl Conn {
             message_limit,
             websocket_fallback,
             created_time: hato_signaling::time::now_rfc3339(),
+            notify: true,
             mailbox,
         }
+    }
+
+    /// The same connection, told nothing of others' joins and leaves.
+    pub fn without_notify(mut self) -> Conn {
+        self.notify = false;
+        self
     }
 
     /// Bytes waiting in its outbox now.
@@ -267,6 +278,110 @@ struct Channel {
     /// The channel's connections on other nodes (cluster mode).
     remote: HashMap<Arc<str>, Arc<Member>>,
     remote_roles: [usize; 3],
+    /// Its `notify` budget and the announcements waiting for it.
+    pace: Pace,
+}
+
+/// Whose join or leave a `notify` announces.
+#[derive(Debug, Clone)]
+pub enum Who {
+    Local(Arc<Conn>),
+    Remote(Arc<Member>),
+}
+
+impl Who {
+    fn connection_id(&self) -> &Arc<str> {
+        match self {
+            Who::Local(c) => &c.connection_id,
+            Who::Remote(m) => &m.connection_id,
+        }
+    }
+
+    pub fn who(&self) -> NotifyConnection<'_> {
+        match self {
+            Who::Local(c) => NotifyConnection {
+                role: c.role,
+                session_id: &c.session_id,
+                channel_id: &c.channel_id,
+                client_id: &c.client_id,
+                bundle_id: &c.bundle_id,
+                connection_id: &c.connection_id,
+                meta: &c.notify_metadata,
+            },
+            Who::Remote(m) => m.who(),
+        }
+    }
+}
+
+/// `connection.created` or `connection.destroyed` about one connection,
+/// ready to go to `to`.
+#[derive(Debug)]
+pub struct Announce {
+    pub event_type: &'static str,
+    pub who: Who,
+    /// When it happened (RFC 3339).
+    pub at: String,
+    /// The channel's counts when it is sent.
+    pub counts: ChannelCounts,
+    pub to: Vec<Arc<Conn>>,
+}
+
+impl Announce {
+    /// Queues it on every recipient's outbox; the message is built once.
+    pub fn send(self) {
+        notify_all(&self.to, || {
+            hato_signaling::message::notify_connection(
+                self.event_type,
+                &self.who.who(),
+                self.counts,
+                &self.at,
+                None,
+            )
+        });
+    }
+}
+
+/// What became of an announcement.
+#[derive(Debug)]
+enum Outcome {
+    /// It goes now (`None`: to no one).
+    Now(Option<Announce>),
+    /// It waits for the channel's budget.
+    Held,
+    /// A leave whose join still waited: neither is announced.
+    Unannounced,
+}
+
+pub const CREATED: &str = "connection.created";
+pub const DESTROYED: &str = "connection.destroyed";
+
+/// A channel's `notify` budget: a token bucket of messages (one
+/// announcement to N members costs N), refilled at the table's rate and
+/// holding one second of it. While the bucket is empty announcements
+/// wait in order; a connection that leaves while its `connection.created`
+/// still waits was never announced, and its leave is not either.
+#[derive(Debug, Default)]
+struct Pace {
+    tokens: f64,
+    refilled: Option<Instant>,
+    /// What waits, by connection: its generation, event and time.
+    held: HashMap<Arc<str>, (u64, &'static str, Who, String)>,
+    /// The order they came in; an entry whose generation no longer
+    /// matches `held` was cancelled.
+    order: VecDeque<(Arc<str>, u64)>,
+    generation: u64,
+}
+
+impl Pace {
+    fn refill(&mut self, rate: f64, now: Instant) {
+        let since = self.refilled.map_or(1.0, |t| (now - t).as_secs_f64());
+        self.tokens = (self.tokens + since * rate).min(rate);
+        self.refilled = Some(now);
+    }
+
+    fn is_held_created(&self, connection_id: &str) -> bool {
+        matches!(self.held.get(connection_id), Some((_, CREATED, _, _)))
+    }
 }
 
 /// See [`Table::census`].
@@ -311,16 +426,102 @@ impl Channel {
     fn is_empty(&self) -> bool {
         self.by_connection.is_empty() && self.remote.is_empty()
     }
+
+    /// Who hears of `about`'s join or leave: this node's connections that
+    /// take notify, `about` aside.
+    fn audience(&self, about: &str) -> Vec<Arc<Conn>> {
+        self.by_connection
+            .values()
+            .filter(|c| c.notify && &*c.connection_id != about)
+            .cloned()
+            .collect()
+    }
+
+    /// `event_type` about `who`, now if the budget allows and nothing
+    /// waits before it, else held (see [`Pace`]).
+    fn announce(
+        &mut self,
+        rate: f64,
+        now: Instant,
+        event_type: &'static str,
+        who: Who,
+        at: String,
+    ) -> Outcome {
+        let id = who.connection_id().clone();
+        if rate > 0.0 {
+            self.pace.refill(rate, now);
+            if event_type == DESTROYED && self.pace.is_held_created(&id) {
+                self.pace.held.remove(&id);
+                return Outcome::Unannounced;
+            }
+            if !self.pace.held.is_empty() || self.pace.tokens <= 0.0 {
+                let pace = &mut self.pace;
+                pace.generation += 1;
+                pace.held
+                    .insert(id.clone(), (pace.generation, event_type, who, at));
+                pace.order.push_back((id, pace.generation));
+                if pace.order.len() > 2 * pace.held.len() + 64 {
+                    let held = &pace.held;
+                    pace.order
+                        .retain(|(id, g)| held.get(id).is_some_and(|h| h.0 == *g));
+                }
+                return Outcome::Held;
+            }
+        }
+        let to = self.audience(&id);
+        self.pace.tokens -= to.len() as f64;
+        let counts = self.counts();
+        Outcome::Now((!to.is_empty()).then_some(Announce {
+            event_type,
+            who,
+            at,
+            counts,
+            to,
+        }))
+    }
+
+    /// Sends what the budget now allows of what waits; returns when to
+    /// look again, or `None` once nothing waits.
+    fn release(&mut self, rate: f64, now: Instant, out: &mut Vec<Announce>) -> Option<Instant> {
+        self.pace.refill(rate, now);
+        while let Some((id, generation)) = self.pace.order.front().cloned() {
+            if self.pace.held.get(&id).is_none_or(|h| h.0 != generation) {
+                self.pace.order.pop_front();
+                continue;
+            }
+            if self.pace.tokens <= 0.0 {
+                let wait = (-self.pace.tokens + 1.0) / rate;
+                return Some(now + Duration::from_secs_f64(wait.min(60.0)));
+            }
+            self.pace.order.pop_front();
+            let (_, event_type, who, at) = self.pace.held.remove(&id).expect("checked");
+            let to = self.audience(&id);
+            self.pace.tokens -= to.len() as f64;
+            if !to.is_empty() {
+                out.push(Announce {
+                    event_type,
+                    who,
+                    at,
+                    counts: self.counts(),
+                    to,
+                });
+            }
+        }
+        None
+    }
 }
 
 /// What [`Table::insert`] found in the channel.
 pub struct Joined {
-    /// This node's other connections in the channel.
+    /// This node's other connections in the channel that have been
+    /// announced (whose `connection.created` does not still wait).
     pub others: Vec<Arc<Conn>>,
-    /// The channel's connections on other nodes.
+    /// The same of the channel's connections on other nodes.
     pub remote: Vec<Arc<Member>>,
     /// The counts, the newcomer included.
     pub counts: ChannelCounts,
+    /// Its `connection.created` to the others, unless it waits.
+    pub announce: Option<Announce>,
 }
 
 /// Counters an operator reads.
@@ -339,11 +540,22 @@ pub struct Stats {
     pub pushes_by_target: [AtomicU64; 4],
     /// Deliveries handed to the WebRTC engine (switched peers).
     pub deliveries_datachannel: AtomicU64,
+    /// Join and leave announcements that waited for their channel's budget.
+    pub notify_held: AtomicU64,
+    /// Joins that were never announced: the peer left while its
+    /// `connection.created` waited (its leave is not announced either).
+    pub notify_unannounced: AtomicU64,
 }
 
 #[derive(Default)]
 pub struct Table {
     channels: Mutex<HashMap<Arc<str>, Channel>>,
+    /// Channels with announcements waiting for their budget.
+    paced: Mutex<HashSet<Arc<str>>>,
+    /// Woken when a channel starts holding announcements.
+    pub paced_wake: tokio::sync::Notify,
+    /// `notify` messages a channel may carry per second; 0: no limit.
+    notify_rate: f64,
     pub stats: Stats,
 }
 
@@ -354,52 +566,136 @@ fn remove_from(list: &mut Vec<Arc<Conn>>, connection_id: &str) {
 }
 
 impl Table {
-    /// Adds `conn`; returns who is already in its channel and the
-    /// channel's counts including it.
+    /// A table whose channels each carry at most `notify_rate` `notify`
+    /// messages a second about joins and leaves (0: no limit).
+    pub fn new(notify_rate: u32) -> Table {
+        Table {
+            notify_rate: f64::from(notify_rate),
+            ..Table::default()
+        }
+    }
+
+    /// Announces in `channel_id`, now or later (see [`Pace`]).
+    fn announce(
+        &self,
+        ch: &mut Channel,
+        channel_id: &Arc<str>,
+        event_type: &'static str,
+        who: Who,
+    ) -> Option<Announce> {
+        let at = hato_signaling::time::now_rfc3339();
+        match ch.announce(self.notify_rate, Instant::now(), event_type, who, at) {
+            Outcome::Now(announce) => return announce,
+            Outcome::Held => {
+                self.stats.notify_held.fetch_add(1, Ordering::Relaxed);
+                if self.paced.lock().unwrap().insert(channel_id.clone()) {
+                    self.paced_wake.notify_one();
+                }
+            }
+            Outcome::Unannounced => {
+                self.stats
+                    .notify_unannounced
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        None
+    }
+
+    /// Adds `conn`; returns who is already in its channel, the channel's
+    /// counts including it, and its `connection.created` to the others.
     pub fn insert(&self, conn: Arc<Conn>) -> Joined {
         let mut channels = self.channels.lock().unwrap();
         let ch = channels.entry(conn.channel_id.clone()).or_default();
-        let others = ch.by_connection.values().cloned().collect();
-        let remote = ch.remote.values().cloned().collect();
+        let others = ch
+            .by_connection
+            .values()
+            .filter(|c| !ch.pace.is_held_created(&c.connection_id))
+            .cloned()
+            .collect();
+        let remote = ch
+            .remote
+            .values()
+            .filter(|m| !ch.pace.is_held_created(&m.connection_id))
+            .cloned()
+            .collect();
         ch.by_connection
             .insert(conn.connection_id.clone(), conn.clone());
         ch.by_client
             .entry(conn.client_id.clone())
             .or_default()
             .push(conn.clone());
-        ch.by_role[role_index(conn.role)].push(conn);
+        ch.by_role[role_index(conn.role)].push(conn.clone());
+        let counts = ch.counts();
+        let announce = self.announce(ch, &conn.channel_id, CREATED, Who::Local(conn.clone()));
         Joined {
             others,
             remote,
-            counts: ch.counts(),
+            counts,
+            announce,
         }
     }
 
-    /// Adds a connection of another node; returns this node's connections
-    /// in its channel and the counts, or `None` if it was already known.
-    pub fn insert_remote(&self, member: Arc<Member>) -> Option<(Vec<Arc<Conn>>, ChannelCounts)> {
+    /// Adds a connection of another node; returns its `connection.created`
+    /// to this node's connections (if it goes now), or `None` if it was
+    /// already known.
+    pub fn insert_remote(&self, member: Arc<Member>) -> Option<Option<Announce>> {
         let mut channels = self.channels.lock().unwrap();
         let ch = channels.entry(member.channel_id.clone()).or_default();
         if ch.remote.contains_key(&member.connection_id) {
             return None;
         }
         ch.remote_roles[role_index(member.role)] += 1;
-        ch.remote.insert(member.connection_id.clone(), member);
-        Some((ch.by_connection.values().cloned().collect(), ch.counts()))
+        ch.remote
+            .insert(member.connection_id.clone(), member.clone());
+        let channel_id = member.channel_id.clone();
+        Some(self.announce(ch, &channel_id, CREATED, Who::Remote(member)))
     }
 
-    /// Removes a connection of another node; returns this node's
-    /// connections in its channel and the counts after.
-    pub fn remove_remote(&self, member: &Member) -> Option<(Vec<Arc<Conn>>, ChannelCounts)> {
+    /// Removes a connection of another node; returns its
+    /// `connection.destroyed` to this node's connections, if it goes now.
+    pub fn remove_remote(&self, member: &Member) -> Option<Announce> {
         let mut channels = self.channels.lock().unwrap();
         let ch = channels.get_mut(&member.channel_id)?;
         let gone = ch.remote.remove(&member.connection_id)?;
         ch.remote_roles[role_index(gone.role)] -= 1;
-        let rest = (ch.by_connection.values().cloned().collect(), ch.counts());
+        let announce = self.announce(ch, &member.channel_id, DESTROYED, Who::Remote(gone));
         if ch.is_empty() {
             channels.remove(&member.channel_id);
         }
-        Some(rest)
+        announce
+    }
+
+    /// What the channels' budgets now allow of what waits; and when to
+    /// look again (`None`: nothing waits).
+    pub fn release_paced(&self, now: Instant) -> (Vec<Announce>, Option<Instant>) {
+        let mut out = Vec::new();
+        let mut next: Option<Instant> = None;
+        let mut channels = self.channels.lock().unwrap();
+        let mut paced = self.paced.lock().unwrap();
+        paced.retain(|id| {
+            let Some(ch) = channels.get_mut(id) else {
+                return false;
+            };
+            match ch.release(self.notify_rate, now, &mut out) {
+                Some(t) => {
+                    next = Some(next.map_or(t, |n| n.min(t)));
+                    true
+                }
+                None => false,
+            }
+        });
+        (out, next)
+    }
+
+    /// Announcements waiting for their channel's budget, over all channels.
+    pub fn paced_len(&self) -> usize {
+        let channels = self.channels.lock().unwrap();
+        let paced = self.paced.lock().unwrap();
+        paced
+            .iter()
+            .filter_map(|id| channels.get(id))
+            .map(|c| c.pace.held.len())
+            .sum()
     }
 
     /// How many connections on other nodes `target` addresses in
@@ -422,11 +718,12 @@ impl Table {
             .fold((0, false), |(n, dc), m| (n + 1, dc || m.datachannel_only))
     }
 
-    /// Removes `conn`, if present; returns who is left and their counts.
-    pub fn remove(&self, conn: &Conn) -> Option<(Vec<Arc<Conn>>, ChannelCounts)> {
+    /// Removes `conn`, if present; returns the channel's counts after and
+    /// its `connection.destroyed` to the others, if that goes now.
+    pub fn remove(&self, conn: &Conn) -> Option<(ChannelCounts, Option<Announce>)> {
         let mut channels = self.channels.lock().unwrap();
         let ch = channels.get_mut(&conn.channel_id)?;
-        ch.by_connection.remove(&conn.connection_id)?;
+        let gone = ch.by_connection.remove(&conn.connection_id)?;
         if let Some(list) = ch.by_client.get_mut(&conn.client_id) {
             remove_from(list, &conn.connection_id);
             if list.is_empty() {
@@ -434,11 +731,12 @@ impl Table {
             }
         }
         remove_from(&mut ch.by_role[role_index(conn.role)], &conn.connection_id);
-        let rest = (ch.by_connection.values().cloned().collect(), ch.counts());
+        let counts = ch.counts();
+        let announce = self.announce(ch, &conn.channel_id, DESTROYED, Who::Local(gone));
         if ch.is_empty() {
             channels.remove(&conn.channel_id);
         }
-        Some(rest)
+        Some((counts, announce))
     }
 
     /// The connections `target` addresses in `channel_id`.
@@ -545,13 +843,58 @@ mod tests {
         assert_eq!(ids(t.lookup("ch", Target::Role(Role::Recvonly))), ["a"]);
         assert!(t.lookup("ch", Target::Role(Role::Sendonly)).is_empty());
         assert!(t.lookup("none", Target::Channel).is_empty());
-        let (rest, counts) = t.remove(&a).unwrap();
-        assert_eq!(ids(rest), ["b"]);
+        let (counts, announce) = t.remove(&a).unwrap();
+        assert_eq!(ids(announce.unwrap().to), ["b"]);
         assert_eq!(counts.recvonly, 0);
         assert!(t.remove(&a).is_none(), "removing twice is a no-op");
         assert_eq!(ids(t.lookup("ch", Target::Client("shared"))), ["b"]);
         t.remove(&b);
         assert_eq!(t.len(), 1);
+    }
+
+    /// The budget, clock-free: what goes at once, what waits and in which
+    /// order, and a join and leave that cancel while waiting.
+    #[test]
+    fn announcements_wait_for_the_budget_in_order() {
+        let mut ch = Channel::default();
+        let mut all = HashMap::new();
+        let mut keep = Vec::new();
+        for id in ["l1", "l2", "l3", "x", "y", "z"] {
+            let (c, rx) = conn(id, "ch", id, Role::Recvonly);
+            keep.push(rx);
+            if id.starts_with('l') {
+                ch.by_connection.insert(c.connection_id.clone(), c.clone());
+            }
+            all.insert(id, c);
+        }
+        let who = |_: &Channel, id: &str| Who::Local(all[id].clone());
+        let t0 = Instant::now();
+        let at = || String::from("t");
+        // Rate 4 a second, a full bucket of 4: x to the three listeners goes.
+        let sent = ch.announce(4.0, t0, CREATED, who(&ch, "x"), at());
+        assert!(matches!(sent, Outcome::Now(Some(a)) if a.to.len() == 3));
+        // One token left: y goes too, and the bucket is in debt (-2).
+        let sent = ch.announce(4.0, t0, CREATED, who(&ch, "y"), at());
+        assert!(matches!(sent, Outcome::Now(Some(_))));
+        // z waits; y's leave waits behind it; then z leaves: cancelled.
+        let held = |o: Outcome| matches!(o, Outcome::Held);
+        assert!(held(ch.announce(4.0, t0, CREATED, who(&ch, "z"), at())));
+        assert!(held(ch.announce(4.0, t0, DESTROYED, who(&ch, "y"), at())));
+        let gone = ch.announce(4.0, t0, DESTROYED, who(&ch, "z"), at());
+        assert!(
+            matches!(gone, Outcome::Unannounced),
+            "z came and went unannounced"
+        );
+        let mut out = Vec::new();
+        let next = ch.release(4.0, t0 + Duration::from_millis(100), &mut out);
+        assert!(out.is_empty() && next.is_some(), "still in debt");
+        let next = ch.release(4.0, t0 + Duration::from_millis(800), &mut out);
+        assert_eq!(next, None);
+        let sent: Vec<_> = out
+            .iter()
+            .map(|a| (a.event_type, a.who.connection_id().to_string()))
+            .collect();
+        assert_eq!(sent, [(DESTROYED, "y".to_string())]);
     }
 
     #[test]

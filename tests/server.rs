@@ -2124,6 +2124,10 @@ async fn auth_webhook() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>
                                         tokio::time::sleep(Duration::from_secs(3)).await;
                                         (200, r#"{"allowed":true}"#.to_owned())
                                     }
+                                    "quiet" => (
+                                        200,
+                                        r#"{"allowed":true,"signaling_notify":false}"#.to_owned(),
+                                    ),
                                     "500" => (500, "oops".to_owned()),
                                     "garbage" => (200, "hello".to_owned()),
                                     _ => (200, r#"{"allowed":true}"#.to_owned()),

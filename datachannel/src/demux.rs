@@ -75,6 +75,30 @@ impl Demux {
         self.by_ufrag.get(std::str::from_utf8(ufrag).ok()?)
     }
 
+    /// Whether a datagram could be anyone's, judged without decoding or
+    /// allocating: it comes from a bound or probed address, or it is STUN
+    /// other than a Binding request naming no peer. What is not is junk,
+    /// dropped before it leaves the receive buffer; the rest goes through
+    /// [`Demux::route`]. `naming` lists the addresses whose Binding request
+    /// named a peer earlier in the same receive batch (not bound yet):
+    /// what follows from them is kept too, and an address is added.
+    pub fn may_route(&self, from: &SocketAddr, data: &[u8], naming: &mut Vec<SocketAddr>) -> bool {
+        if self.by_addr.contains_key(from) || self.probes.contains_key(from) {
+            return true;
+        }
+        if !is_stun_message(data) {
+            return naming.contains(from);
+        }
+        if !is_binding_request(data) {
+            return true;
+        }
+        let names = stun_username(data).and_then(|u| self.named(u)).is_some();
+        if names && naming.len() < 64 && !naming.contains(from) {
+            naming.push(*from);
+        }
+        names
+    }
+
     pub fn route(
         &mut self,
         from: SocketAddr,
@@ -210,8 +234,17 @@ mod tests {
             d.route(a, b"\x17\xfe\xfd junk", c),
             Route::Drop { integrity: false }
         );
+        // Judged in the receive buffer: junk, until a request names a
+        // peer (then what follows it in the batch goes to `route` too).
+        let mut naming = Vec::new();
+        assert!(!d.may_route(&a, b"\x17\xfe\xfd junk", &mut naming));
+        assert!(!d.may_route(&a, &request("nobody:x", "secret"), &mut naming));
+        assert!(d.may_route(&a, &request("ours:x", "wrong"), &mut naming));
+        assert!(d.may_route(&a, b"\x17\xfe\xfd junk", &mut naming));
+        assert!(!d.may_route(&a, b"\x17\xfe\xfd junk", &mut Vec::new()));
         assert_eq!(d.route(a, &request("ours:x", "secret"), c), Route::Peer(7));
         assert_eq!(d.route(a, b"\x17\xfe\xfd data", c), Route::Peer(7));
+        assert!(d.may_route(&a, b"\x17\xfe\xfd data", &mut Vec::new()));
         // Bound: a request naming its own peer goes there unchecked (the
         // peer's agent checks it); one naming another live peer never
         // moves the address, even with that peer's password.

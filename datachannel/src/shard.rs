@@ -541,6 +541,7 @@ impl Shard {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         let mut commands = Vec::with_capacity(256);
         let mut datagrams = Vec::with_capacity(64);
+        let mut naming = Vec::with_capacity(64);
         loop {
             let next_timer = self.timers.peek().map(|Reverse((t, _))| *t);
             let sleep = async {
@@ -591,14 +592,27 @@ impl Shard {
                 self.on_command(c, now);
             }
             // Every ready datagram, a batch at a time (bounded per turn).
+            // Junk (no peer's, see `Demux::may_route`) is counted and
+            // left in the receive buffer.
+            naming.clear();
             for _ in 0..8 {
-                let before = datagrams.len();
-                if let Err(e) = self.socket.recv_batch(&mut datagrams) {
-                    tracing::debug!(error = %e, "shard {}: recv", self.k);
-                    break;
-                }
-                if datagrams.len() == before {
-                    break;
+                let (demux, client) = (&self.demux, self.aliases.is_some());
+                let mut junk = 0;
+                let naming = &mut naming;
+                let read = self.socket.recv_batch(&mut datagrams, |from, data| {
+                    let keep = client || demux.may_route(from, data, naming);
+                    junk += u64::from(!keep);
+                    keep
+                });
+                let stats = &self.common.stats;
+                stats.dropped_unknown.fetch_add(junk, Ordering::Relaxed);
+                match read {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "shard {}: recv", self.k);
+                        break;
+                    }
                 }
             }
             for d in datagrams.drain(..) {

@@ -76,6 +76,9 @@ enum Cmd {
         /// The address the reflection attacks name.
         #[arg(long, default_value = "198.51.100.7")]
         third_party: Ipv4Addr,
+        /// The channel the churn and notify-metadata attacks join.
+        #[arg(long, default_value = "honest-dc")]
+        channel: String,
     },
 }
 
@@ -115,6 +118,10 @@ const ATTACKS: &[(&str, &str)] = &[
         "8 peers at a time join the honest DataChannel peers' channel with 60 KB of signaling_notify_metadata",
     ),
     (
+        "churn",
+        "4 WebRTC peers at a time join the honest DataChannel peers' channel and leave as soon as they are in, as fast as they can",
+    ),
+    (
         "log-flood",
         "8 peers at a time send a `connect` whose role is 60 000 bytes (echoed in a log line) and then bad messages",
     ),
@@ -142,6 +149,7 @@ fn main() {
             api_addr,
             rtc,
             third_party,
+            channel,
         } => {
             let Some(signaling) = signaling_url
                 .strip_prefix("ws://")
@@ -157,6 +165,7 @@ fn main() {
                 api: api_addr,
                 rtc,
                 third_party,
+                channel,
             };
             run(&attack, target)
         }
@@ -544,6 +553,7 @@ struct Target {
     api: SocketAddr,
     rtc: Vec<SocketAddr>,
     third_party: Ipv4Addr,
+    channel: String,
 }
 
 /// What an attacker sent, and how its sessions ended.
@@ -604,6 +614,7 @@ async fn attack_loop(attack: &str, target: Target, tally: Arc<Tally>) {
         "slow-api" => 2000,
         "client-channels" => 2,
         "notify-metadata" | "log-flood" => 8,
+        "churn" => 4,
         other => {
             eprintln!("hato-attack: no attack called {other}");
             std::process::exit(2);
@@ -623,6 +634,7 @@ async fn attack_loop(attack: &str, target: Target, tally: Arc<Tally>) {
                     "client-channels" => client_channels(&target, &tally, i).await,
                     "notify-metadata" => notify_metadata(&target, &tally, i).await,
                     "log-flood" => log_flood(&target, &tally, i).await,
+                    "churn" => churn(&target, &tally, i).await,
                     _ => unreachable!(),
                 };
                 tokio::time::sleep(pause).await;
@@ -926,11 +938,31 @@ async fn client_channels(target: &Target, tally: &Tally, i: usize) -> Duration {
     Duration::from_millis(100)
 }
 
+async fn churn(target: &Target, tally: &Tally, i: usize) -> Duration {
+    let mut opts = ClientOptions::new(&target.url, &target.channel, "recvonly");
+    opts.data_channel_signaling = Some(true);
+    opts.ignore_disconnect_websocket = Some(false);
+    opts.source_ip = Some(attacker_address(208, i).into());
+    let Ok(mut client) = Client::connect(&opts).await else {
+        tally.end("refused".into());
+        return Duration::from_millis(10);
+    };
+    if client.wait_connected(Duration::from_secs(10)).await {
+        tally.add("joins", 1);
+        tally.end("left".into());
+    } else {
+        tally.end("not connected".into());
+    }
+    client.send_ws(r#"{"type":"disconnect","reason":"NO-ERROR"}"#);
+    client.close_peer();
+    Duration::ZERO
+}
+
 async fn notify_metadata(target: &Target, tally: &Tally, i: usize) -> Duration {
     let Some(mut ws) = ws_from(target, attacker_address(206, i), tally).await else {
         return Duration::from_millis(100);
     };
-    let connect = json!({"type": "connect", "role": "recvonly", "channel_id": "honest-dc",
+    let connect = json!({"type": "connect", "role": "recvonly", "channel_id": target.channel,
         "signaling_notify_metadata": {"pad": "x".repeat(60_000)}});
     send(&mut ws, connect.to_string(), tally).await;
     end_of(ws, tally).await;

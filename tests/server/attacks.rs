@@ -1149,3 +1149,156 @@ async fn the_cluster_holds_other_nodes_to_the_local_limits() {
     heartbeats.abort();
     answering.abort();
 }
+
+/// The `connection.created`/`destroyed` connection ids `c` has been told
+/// of (its own aside), in order, reading for `for_`.
+async fn announced(c: &mut Client, for_: Duration) -> Vec<(String, String)> {
+    let mut seen = Vec::new();
+    let until = tokio::time::Instant::now() + for_;
+    while let Ok(Some(ev)) = tokio::time::timeout_at(until, c.next_event(for_)).await {
+        if let ClientEvent::Notify { message, .. } = ev {
+            let id = message["connection_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if id != c.connection_id {
+                let event = message["event_type"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                seen.push((event, id));
+            }
+        }
+    }
+    seen
+}
+
+/// A channel carries at most --channel-notify-rate `notify` messages a
+/// second about joins and leaves: beyond, announcements wait in order,
+/// and a peer that joins and leaves while its `connection.created`
+/// waits is announced to no one, neither its join nor its leave. A peer
+/// whose auth webhook said `signaling_notify: false` hears of no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_and_leaves_are_announced_within_the_channels_budget() {
+    let (url, _) = auth_webhook().await;
+    let s = server_with(|c| {
+        c.channel_notify_rate = 1;
+        c.auth_webhook_url = Some(url);
+    })
+    .await;
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(connected(&opts(&s, "paced", "recvonly")).await);
+    }
+    let mut quiet = connected(&with_answer(&s, "paced", "quiet")).await;
+    // Three listeners announced: one second of budget (1 message) is
+    // spent, and B's announcement to three costs three: from here on,
+    // every join and leave waits about a second per listener.
+    let b = connected(&opts(&s, "paced", "recvonly")).await;
+    let c = connected(&opts(&s, "paced", "recvonly")).await;
+    assert!(
+        s.shared.table.paced_len() > 0,
+        "C's connection.created waits (behind B's, or the budget)"
+    );
+    let c_id = c.connection_id.clone();
+    c.send_ws(r#"{"type":"disconnect","reason":"NO-ERROR"}"#);
+    table_len(&s, 5).await;
+    // D stays until it is announced, then leaves.
+    let d = connected(&opts(&s, "paced", "recvonly")).await;
+    let all_sent = || s.shared.table.paced_len() == 0;
+    eventually(Duration::from_secs(30), "D announced", all_sent).await;
+    d.send_ws(r#"{"type":"disconnect","reason":"NO-ERROR"}"#);
+    table_len(&s, 5).await;
+    eventually(Duration::from_secs(30), "D's leave announced", all_sent).await;
+    let (b_id, d_id) = (b.connection_id.clone(), d.connection_id.clone());
+    for l in &mut listeners {
+        let seen = announced(l, Duration::from_millis(300)).await;
+        let about: Vec<_> = seen
+            .iter()
+            .filter(|(_, id)| [&b_id, &c_id, &d_id].contains(&id))
+            .collect();
+        let want = [
+            ("connection.created", &b_id),
+            ("connection.created", &d_id),
+            ("connection.destroyed", &d_id),
+        ];
+        assert_eq!(
+            about,
+            want.iter()
+                .map(|(e, id)| (e.to_string(), id.to_string()))
+                .collect::<Vec<_>>()
+                .iter()
+                .collect::<Vec<_>>(),
+            "C came and went unannounced; B and D in order"
+        );
+    }
+    let heard = announced(&mut quiet, Duration::from_millis(300)).await;
+    assert!(
+        heard.is_empty(),
+        "signaling_notify false hears nothing: {heard:?}"
+    );
+}
+
+/// Reads until an `offer` comes (true) or `limit` passes (false).
+async fn offer_within(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    limit: Duration,
+) -> bool {
+    tokio::time::timeout(limit, async {
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Text(t) = m {
+                if t.contains("\"offer\"") {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// --max-connects-per-ip-per-second: an address's first five seconds'
+/// worth of connects go at once; the next wait their turn and then get
+/// their offer; one that would wait over 5 s gets 503 TOO-MANY-CONNECTS;
+/// another address is not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_addresss_connects_wait_their_turn() {
+    let s = server_with(|c| c.max_connects_per_ip_per_second = 1).await;
+    let paced = || s.shared.admission.paced.load(Relaxed);
+    let connect = text(json!({"type": "connect", "role": "recvonly", "channel_id": "rate"}));
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let (status, _, ws) = upgrade_from(&s, "127.9.0.1").await;
+        assert_eq!(status, 101);
+        let mut ws = ws.unwrap();
+        ws.send(connect.clone()).await.unwrap();
+        assert!(offer_within(&mut ws, T).await, "within the burst: at once");
+        held.push(ws);
+    }
+    assert_eq!(paced(), 0);
+    let (status, _, ws) = upgrade_from(&s, "127.9.0.1").await;
+    assert_eq!(status, 101);
+    let mut sixth = ws.unwrap();
+    sixth.send(connect.clone()).await.unwrap();
+    assert_eq!(paced(), 1, "the sixth waits its turn");
+    // Four more wait 2 to 5 s; the eleventh would wait 6 s.
+    for _ in 0..4 {
+        let (status, _, ws) = upgrade_from(&s, "127.9.0.1").await;
+        assert_eq!(status, 101);
+        held.push(ws.unwrap());
+    }
+    let (status, body, _) = upgrade_from(&s, "127.9.0.1").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("TOO-MANY-CONNECTS"), "{body}");
+    let (status, _, ws) = upgrade_from(&s, "127.9.0.2").await;
+    assert_eq!(status, 101);
+    let mut other = ws.unwrap();
+    other.send(connect.clone()).await.unwrap();
+    assert!(offer_within(&mut other, T).await, "another address at once");
+    assert!(
+        offer_within(&mut sixth, T).await,
+        "the sixth, after its wait"
+    );
+    assert_eq!(paced(), 5);
+}
