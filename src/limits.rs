@@ -67,7 +67,9 @@ pub struct Admission {
     /// Connects an address may start per second, and a bucket of
     /// `CONNECT_BURST` seconds of them per address.
     connect_rate: f64,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    /// Per address: tokens and when counted; and the size at which to
+    /// prune next.
+    buckets: Mutex<(HashMap<IpAddr, Bucket>, usize)>,
     /// Connections refused, by any limit.
     pub refused: AtomicU64,
     /// Connects that waited for their address's turn.
@@ -87,7 +89,7 @@ impl Admission {
     ) -> Arc<Admission> {
         Arc::new(Admission {
             connect_rate: f64::from(connect_rate),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new((HashMap::new(), 4096)),
             max_total,
             max_per_ip,
             max_handshakes,
@@ -176,12 +178,15 @@ impl Admission {
             return Some(Duration::ZERO);
         }
         let full = rate * CONNECT_BURST;
-        let mut buckets = self.buckets.lock().unwrap();
-        if buckets.len() >= 4096 {
+        let mut guard = self.buckets.lock().unwrap();
+        let (buckets, prune_at) = &mut *guard;
+        if buckets.len() >= *prune_at {
             // Only buckets still refilling matter: a full one is the same
             // as none. What is left are the addresses of the last
-            // CONNECT_BURST seconds.
+            // CONNECT_BURST seconds; the next pass waits until the map has
+            // doubled, so that pruning stays O(1) a connect on average.
             buckets.retain(|_, (tokens, at)| *tokens + (now - *at).as_secs_f64() * rate < full);
+            *prune_at = (2 * buckets.len()).max(4096);
         }
         let (tokens, at) = buckets.entry(ip).or_insert((full, now));
         let refilled = (*tokens + (now - *at).as_secs_f64() * rate).min(full) - 1.0;
@@ -193,6 +198,9 @@ impl Admission {
         Some(wait)
     }
 }
+
+/// An address's connect tokens and when they were counted.
+type Bucket = (f64, Instant);
 
 /// Seconds of --max-connects-per-ip-per-second an address may use at once.
 const CONNECT_BURST: f64 = 5.0;
