@@ -216,6 +216,32 @@ pub struct Client {
 }
 
 /// Wall-clock µs since the epoch: receive times here, send times in `hato-load`.
+/// An answer SDP written by hand for hato's DataChannel offer, as a peer
+/// that runs no WebRTC stack of its own would send: ICE ufrag `attk` with
+/// password `pwd`, a fingerprint no certificate has, DTLS role `setup`
+/// (`active` or `passive`), and `extra` lines (candidates, a
+/// max-message-size) or none. The attack tools use it.
+pub fn hand_made_answer(pwd: &str, setup: &str, extra: &[&str]) -> String {
+    let mut lines = vec![
+        "v=0".to_owned(),
+        "o=- 1 2 IN IP4 127.0.0.1".to_owned(),
+        "s=-".to_owned(),
+        "t=0 0".to_owned(),
+        "a=group:BUNDLE 0".to_owned(),
+        "m=application 9 UDP/DTLS/SCTP webrtc-datachannel".to_owned(),
+        "c=IN IP4 0.0.0.0".to_owned(),
+        "a=mid:0".to_owned(),
+        "a=ice-ufrag:attk".to_owned(),
+        format!("a=ice-pwd:{pwd}"),
+        format!("a=fingerprint:sha-256 {}", ["AB"; 32].join(":")),
+        format!("a=setup:{setup}"),
+        "a=sctp-port:5000".to_owned(),
+    ];
+    lines.extend(extra.iter().map(|l| (*l).to_owned()));
+    lines.push(String::new());
+    lines.join("\r\n")
+}
+
 pub fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

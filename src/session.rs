@@ -17,9 +17,7 @@ use crate::Shared;
 use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
 use hato_datachannel::{Peer, PeerEvent};
-use hato_signaling::message::{
-    self, ChannelCounts, ClientMessage, NotifyConnection, NotifyMetadata,
-};
+use hato_signaling::message::{self, ChannelCounts, ClientMessage, NotifyMetadata};
 use hato_signaling::session::{Action, End, Machine, Mode, Rules};
 use hato_signaling::{id, time, ConnectRequest, DataChannelSpec, Offer, Role};
 use serde_json::{json, Value};
@@ -874,18 +872,6 @@ impl Session {
         }
     }
 
-    fn who(&self) -> NotifyConnection<'_> {
-        NotifyConnection {
-            role: self.role,
-            session_id: &self.shared.session_id,
-            channel_id: &self.channel_id,
-            client_id: &self.client_id,
-            bundle_id: &self.bundle_id,
-            connection_id: &self.connection_id,
-            meta: &self.notify_metadata,
-        }
-    }
-
     /// ICE and DTLS are up: join the table, then `connection.created` to
     /// the new peer (with the list of those present) and to the others.
     fn register(&mut self, message_limit: Option<usize>) {
@@ -916,7 +902,7 @@ impl Session {
             announce.send();
         }
         self.joined = Some((conn.created_time.clone(), std::time::Instant::now()));
-        self.conn = Some(conn);
+        self.conn = Some(conn.clone());
         // The joiner's own connection.created lists everyone present (on
         // every node) with their metadata: bounded, so that joining a big
         // channel cannot build a message of N × --notify-metadata-limit.
@@ -958,7 +944,7 @@ impl Session {
         let now = time::now_rfc3339();
         let own = message::notify_connection(
             "connection.created",
-            &self.who(),
+            &conn.who(),
             counts,
             &now,
             Some(present),

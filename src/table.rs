@@ -148,6 +148,19 @@ impl Conn {
         }
     }
 
+    /// What `notify` says of it.
+    pub fn who(&self) -> NotifyConnection<'_> {
+        NotifyConnection {
+            role: self.role,
+            session_id: &self.session_id,
+            channel_id: &self.channel_id,
+            client_id: &self.client_id,
+            bundle_id: &self.bundle_id,
+            connection_id: &self.connection_id,
+            meta: &self.notify_metadata,
+        }
+    }
+
     /// The same connection, told nothing of others' joins and leaves.
     pub fn without_notify(mut self) -> Conn {
         self.notify = false;
@@ -299,15 +312,7 @@ impl Who {
 
     pub fn who(&self) -> NotifyConnection<'_> {
         match self {
-            Who::Local(c) => NotifyConnection {
-                role: c.role,
-                session_id: &c.session_id,
-                channel_id: &c.channel_id,
-                client_id: &c.client_id,
-                bundle_id: &c.bundle_id,
-                connection_id: &c.connection_id,
-                meta: &c.notify_metadata,
-            },
+            Who::Local(c) => c.who(),
             Who::Remote(m) => m.who(),
         }
     }
@@ -868,20 +873,20 @@ mod tests {
             }
             all.insert(id, c);
         }
-        let who = |_: &Channel, id: &str| Who::Local(all[id].clone());
+        let who = |id: &str| Who::Local(all[id].clone());
         let t0 = Instant::now();
         let at = || String::from("t");
         // Rate 4 a second, a full bucket of 4: x to the three listeners goes.
-        let sent = ch.announce(4.0, t0, CREATED, who(&ch, "x"), at());
+        let sent = ch.announce(4.0, t0, CREATED, who("x"), at());
         assert!(matches!(sent, Outcome::Now(Some(a)) if a.to.len() == 3));
         // One token left: y goes too, and the bucket is in debt (-2).
-        let sent = ch.announce(4.0, t0, CREATED, who(&ch, "y"), at());
+        let sent = ch.announce(4.0, t0, CREATED, who("y"), at());
         assert!(matches!(sent, Outcome::Now(Some(_))));
         // z waits; y's leave waits behind it; then z leaves: cancelled.
         let held = |o: Outcome| matches!(o, Outcome::Held);
-        assert!(held(ch.announce(4.0, t0, CREATED, who(&ch, "z"), at())));
-        assert!(held(ch.announce(4.0, t0, DESTROYED, who(&ch, "y"), at())));
-        let gone = ch.announce(4.0, t0, DESTROYED, who(&ch, "z"), at());
+        assert!(held(ch.announce(4.0, t0, CREATED, who("z"), at())));
+        assert!(held(ch.announce(4.0, t0, DESTROYED, who("y"), at())));
+        let gone = ch.announce(4.0, t0, DESTROYED, who("z"), at());
         assert!(
             matches!(gone, Outcome::Unannounced),
             "z came and went unannounced"

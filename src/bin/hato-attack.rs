@@ -718,24 +718,7 @@ fn attacker_address(block: u8, i: usize) -> Ipv4Addr {
 
 /// An answer that names no candidate and never checks.
 fn silent_answer(extra: &str) -> String {
-    [
-        "v=0",
-        "o=- 1 2 IN IP4 127.0.0.1",
-        "s=-",
-        "t=0 0",
-        "a=group:BUNDLE 0",
-        "m=application 9 UDP/DTLS/SCTP webrtc-datachannel",
-        "c=IN IP4 0.0.0.0",
-        "a=mid:0",
-        "a=ice-ufrag:attk",
-        "a=ice-pwd:attackerpasswordattackerpw",
-        &format!("a=fingerprint:sha-256 {}", ["AB"; 32].join(":")),
-        "a=setup:active",
-        "a=sctp-port:5000",
-        extra,
-        "",
-    ]
-    .join("\r\n")
+    hato::client::hand_made_answer("attackerpasswordattackerpw", "active", &[extra])
 }
 
 async fn answered(
@@ -903,12 +886,18 @@ async fn slow_api(target: &Target, tally: &Tally) -> Duration {
     Duration::from_secs(1)
 }
 
-async fn client_channels(target: &Target, tally: &Tally, i: usize) -> Duration {
-    let mut opts = ClientOptions::new(&target.url, "attack-dc", "recvonly");
+/// A real WebRTC peer (DataChannel signaling, WebSocket kept) joining
+/// `channel` from attacker address `i` of `block`.
+fn hybrid_peer(target: &Target, channel: &str, block: u8, i: usize) -> ClientOptions {
+    let mut opts = ClientOptions::new(&target.url, channel, "recvonly");
     opts.data_channel_signaling = Some(true);
     opts.ignore_disconnect_websocket = Some(false);
-    opts.source_ip = Some(attacker_address(205, i).into());
-    let Ok(mut client) = Client::connect(&opts).await else {
+    opts.source_ip = Some(attacker_address(block, i).into());
+    opts
+}
+
+async fn client_channels(target: &Target, tally: &Tally, i: usize) -> Duration {
+    let Ok(mut client) = Client::connect(&hybrid_peer(target, "attack-dc", 205, i)).await else {
         tally.end("refused".into());
         return Duration::from_millis(100);
     };
@@ -939,11 +928,8 @@ async fn client_channels(target: &Target, tally: &Tally, i: usize) -> Duration {
 }
 
 async fn churn(target: &Target, tally: &Tally, i: usize) -> Duration {
-    let mut opts = ClientOptions::new(&target.url, &target.channel, "recvonly");
-    opts.data_channel_signaling = Some(true);
-    opts.ignore_disconnect_websocket = Some(false);
-    opts.source_ip = Some(attacker_address(208, i).into());
-    let Ok(mut client) = Client::connect(&opts).await else {
+    let Ok(mut client) = Client::connect(&hybrid_peer(target, &target.channel, 208, i)).await
+    else {
         tally.end("refused".into());
         return Duration::from_millis(10);
     };

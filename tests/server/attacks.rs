@@ -703,28 +703,12 @@ async fn next_epoch_dtls_records_are_queued_within_a_bound() {
     let hato = SocketAddr::new(fields[4].parse().unwrap(), fields[5].parse().unwrap());
     let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let me = udp.local_addr().unwrap();
-    let answer = [
-        "v=0",
-        "o=- 1 2 IN IP4 127.0.0.1",
-        "s=-",
-        "t=0 0",
-        "a=group:BUNDLE 0",
-        "m=application 9 UDP/DTLS/SCTP webrtc-datachannel",
-        "c=IN IP4 0.0.0.0",
-        "a=mid:0",
-        "a=ice-ufrag:attk",
-        &format!("a=ice-pwd:{PWD}"),
-        &format!("a=fingerprint:sha-256 {}", ["AB"; 32].join(":")),
-        "a=setup:passive",
-        "a=sctp-port:5000",
-        "a=max-message-size:262144",
-        &format!(
-            "a=candidate:1 1 udp 2130706431 127.0.0.1 {} typ host",
-            me.port()
-        ),
-        "",
-    ]
-    .join("\r\n");
+    let candidate = format!(
+        "a=candidate:1 1 udp 2130706431 127.0.0.1 {} typ host",
+        me.port()
+    );
+    let answer =
+        hato::client::hand_made_answer(PWD, "passive", &["a=max-message-size:262144", &candidate]);
     ws.send(text(json!({"type": "answer", "sdp": answer})))
         .await
         .unwrap();
