@@ -1202,7 +1202,8 @@ async fn strangers_on_the_webrtc_port_are_dropped_and_harm_no_one() {
     let until = tokio::time::Instant::now() + T;
     loop {
         let now = stats();
-        if now.0 - before.0 >= 3 * n && now.1 - before.1 >= 1 {
+        // "nosuchufrag" is dropped by the kernel filter, uncounted.
+        if now.0 - before.0 >= 2 * n && now.1 - before.1 >= 1 {
             break;
         }
         assert!(

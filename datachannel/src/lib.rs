@@ -19,6 +19,7 @@
 
 pub mod candidate;
 mod demux;
+mod prefilter;
 mod shard;
 mod udp;
 

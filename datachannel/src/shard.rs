@@ -13,6 +13,7 @@
 
 use crate::candidate::{Pace, Policy};
 use crate::demux::{Demux, Route};
+use crate::prefilter;
 use crate::udp::{Datagram, SharedSocket, Transmit};
 use crate::{EngineConfig, Error, PeerEvent, Sockets, Stats};
 use bytes::{Bytes, BytesMut};
@@ -291,6 +292,12 @@ pub fn spawn(
         } else {
             SOCKET_BUFFER
         });
+    }
+    if !client {
+        // Without it the shard still drops the same datagrams itself.
+        if let Err(e) = prefilter::attach(&socket) {
+            tracing::warn!("shard {k}: no kernel filter for junk STUN: {e}");
+        }
     }
     let addr = socket.local_addr().map_err(|e| Error(e.to_string()))?;
     let aliases = client.then(|| Aliases::new(k));
@@ -733,9 +740,9 @@ impl Shard {
         now: Instant,
     ) -> Result<(PeerId, String), Error> {
         let e = |e: rtc::shared::error::Error| Error(e.to_string());
-        let mut ufrag = random_string(16);
+        let mut ufrag = prefilter::ufrag();
         while self.demux.has_ufrag(&ufrag) {
-            ufrag = random_string(16);
+            ufrag = prefilter::ufrag();
         }
         let pwd = random_string(32);
         let port = self.port;

@@ -2,7 +2,8 @@
 # Junk on hato's UDP port (docs/benchmarks.md): STUN Binding requests whose
 # USERNAME names no peer, to 127.0.0.1:PORT for SECS seconds, as fast as
 # one process can or at RATE a second (BURST=n datagrams between pauses,
-# default 512). Prints how many were sent.
+# default 512). Prints how many were sent. KIND=dtls sends DTLS-looking
+# records instead, which no kernel filter can judge.
 #
 #   BURST=8 python3 tests/attack/junk.py 5000 10 160000
 import socket, os, struct, sys, time
@@ -15,6 +16,8 @@ for i in range(4096):
     pad=(4-len(user)%4)%4
     attr=struct.pack("!HH",0x0006,len(user))+user+b"\0"*pad
     msg=struct.pack("!HHI",0x0001,len(attr),0x2112A442)+os.urandom(12)+attr
+    if os.environ.get("KIND")=="dtls":
+        msg=bytes([23,254,253])+os.urandom(len(msg)-3)
     pkts.append(msg)
 BURST=int(os.environ.get("BURST","512"))
 n=0; end=time.time()+secs

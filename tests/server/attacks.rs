@@ -363,6 +363,49 @@ async fn a_forged_source_cannot_take_a_live_peers_address() {
     .await;
 }
 
+/// Binding requests with made-up usernames are dropped by the kernel
+/// before hato reads them; a request naming a real ufrag, and datagrams
+/// that are not Binding requests, still reach the shard, which judges them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_usernames_never_reach_the_shard() {
+    let s = server_with(|c| c.rtc_shards = 1).await;
+    let live = connected(&opts(&s, "junk", "recvonly")).await;
+    let sdp = live.offer["sdp"].as_str().unwrap();
+    let ufrag = sdp_attr(sdp, "a=ice-ufrag:").to_owned();
+    let junk = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let hato = s.rtc_addrs()[0];
+    // Usernames of a server ufrag's shape: 16 characters, then the peer's.
+    for i in 0..1000u64 {
+        let username = format!("{:016x}:x", i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        junk.send_to(&binding_request(&username, "pwd", 0), hato)
+            .unwrap();
+    }
+    // The live peer's ufrag with a wrong password: the shard's to refuse.
+    junk.send_to(&binding_request(&format!("{ufrag}:x"), "wrong", 0), hato)
+        .unwrap();
+    // DTLS-looking junk: only the shard knows no peer has this address.
+    for _ in 0..10 {
+        junk.send_to(
+            &[23, 254, 253, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 2, 3, 4],
+            hato,
+        )
+        .unwrap();
+    }
+    let stats = s.shared.engine.stats();
+    eventually(T, "DTLS-looking junk not counted", || {
+        stats.dropped_unknown.load(Relaxed) >= 10
+    })
+    .await;
+    // Sent before the DTLS junk on the same socket pair: had the 1 000
+    // reached the shard, they would have been counted first.
+    assert_eq!(stats.dropped_unknown.load(Relaxed), 10);
+    eventually(T, "the real ufrag's request not judged", || {
+        stats.dropped_integrity.load(Relaxed) >= 1
+    })
+    .await;
+    drop(live);
+}
+
 /// Datagrams that come before the answer are held up to a byte bound:
 /// 40 datagrams of 30 000 bytes from an address that proved itself hold
 /// nothing, and small ones stop at 16 KiB.
