@@ -7,7 +7,7 @@
 //! is itself a queue item, no push is lost or reordered across the switch.
 //!
 //! Once switched, pushes stop passing through this task at all: the
-//! connection's [`Route`] becomes [`Route::DataChannel`] and the API hands
+//! connection's [`Route`] becomes [`Route::DataChannel`] and the hub hands
 //! them straight to the WebRTC engine, one command per shard for a whole
 //! fan-out. The task drains what was queued before, on the DataChannel,
 //! while it holds the route's lock, so nothing queued earlier can be
@@ -315,9 +315,15 @@ impl Sender {
                     // Nothing more goes on the WebSocket in this mode (§3.9).
                     self.ws = None;
                 }
+                // Queued behind `switched` for the WebSocket: a signaling
+                // message, or a push too large for this peer's DataChannel.
                 for item in self.take_route(rx) {
-                    if let Out::Ws(text) = item {
-                        self.ws_feed(text.into()).await;
+                    match item {
+                        Out::Ws(text) => self.ws_feed(text.into()).await,
+                        Out::PushWs(frame) => self.ws_feed(frame.text.clone()).await,
+                        Out::Push(_) | Out::Notify(_) | Out::Switch { .. } => {
+                            unreachable!("take_route sends these itself; one switch per connection")
+                        }
                     }
                 }
             }
@@ -347,4 +353,54 @@ pub fn truncate_reason(reason: &str) -> &str {
         end -= 1;
     }
     &reason[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use hato_datachannel::{Engine, EngineConfig};
+
+    /// A push for the WebSocket queued behind `Switch` (a hybrid peer's
+    /// push too large for its DataChannel, racing the switch) still leaves
+    /// on the WebSocket, after `switched`.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_websocket_push_queued_behind_the_switch_is_sent() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let client = tokio::spawn(async move { tokio_tungstenite::connect_async(url).await });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let stream = crate::tls::Stream::accept(None, tcp).await.unwrap();
+        let (sink, _stream) = tokio_tungstenite::accept_async(stream)
+            .await
+            .unwrap()
+            .split();
+        let (mut client, _) = client.await.unwrap().unwrap();
+        let engine = Engine::start(EngineConfig::server("127.0.0.1:0".parse().unwrap())).unwrap();
+        let (peer, _offer, _events) = engine.offer(&["push"]).await.unwrap();
+        let route = SharedRoute::default();
+        let outbox = Outbox::spawn(sink, Arc::new(peer), false, 16, 1 << 20, route.clone());
+        // Both queued before the task first runs (one thread, no await).
+        let big = r#"{"type":"push","data":{"big":true}}"#;
+        outbox
+            .queue
+            .try_send(Out::Switch {
+                ignore_disconnect_websocket: false,
+            })
+            .unwrap();
+        outbox
+            .queue
+            .try_send(Out::PushWs(Arc::new(Frame::new(big.into()))))
+            .unwrap();
+        let mut next = async || {
+            let m = tokio::time::timeout(Duration::from_secs(2), client.next()).await;
+            m.ok()
+                .flatten()
+                .map(|m| m.unwrap().into_text().unwrap().to_string())
+        };
+        let switched = next().await.expect("switched");
+        assert!(switched.contains(r#""type":"switched""#), "{switched}");
+        assert_eq!(next().await.as_deref(), Some(big), "the push was lost");
+        assert!(matches!(*route.lock().unwrap(), Route::DataChannel { .. }));
+    }
 }
