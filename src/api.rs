@@ -2,15 +2,13 @@
 //! object in, a JSON object out (protocol.md §6). Every error becomes a
 //! response in one place, [`ApiError::into_response`].
 
+use crate::hub::{self, target, TooLarge};
 use crate::limits::{self, Refusal, Throttle};
-use crate::outbox::{Frame, Out};
-use crate::table::{Conn, Delivery, Target, ROLES, TRANSPORTS};
+use crate::table::{Target, ROLES, TRANSPORTS};
 use crate::tls::Stream;
 use crate::Shared;
 use bytes::Bytes;
-use hato_datachannel::Peer;
 use hato_signaling::api::{self, Key, Operation, Scope};
-use hato_signaling::message;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
@@ -280,6 +278,20 @@ impl ApiError {
     }
 }
 
+/// 413 for a push larger than hato itself sends over a DataChannel.
+impl From<TooLarge> for ApiError {
+    fn from(e: TooLarge) -> ApiError {
+        ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            error_type: "PUSH-TOO-LARGE",
+            message: format!(
+                "the push is {} bytes; hato sends at most {} bytes over a DataChannel (--data-channel-message-limit)",
+                e.bytes, e.limit
+            ),
+        }
+    }
+}
+
 fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
@@ -359,7 +371,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<
     if req.uri().path() == "/.ok" && req.method() == Method::GET {
         // For load balancers: 503 from the moment shutdown begins, so
         // that they drain this node while its sessions end.
-        return Ok(health(shared));
+        return Ok(crate::metrics::health(shared));
     }
     if let Some(token) = &shared.config.api_token {
         let preflight = req.method() == Method::OPTIONS && shared.config.api_cors_origin.is_some();
@@ -496,7 +508,7 @@ async fn list(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let call = api::parse(operation, bytes).map_err(|e| ApiError::bad(e.error_type, e.message))?;
     let channel = matches!(operation, Operation::List(Some(_))).then_some(call.channel_id.as_str());
-    let mut list = local_listing(shared, channel);
+    let mut list = hub::local_listing(shared, channel);
     let mut partial = None;
     if let Some(cluster) = &shared.cluster {
         let request = json!({ "channel_id": channel }).to_string();
@@ -541,39 +553,6 @@ fn header_safe(name: &str) -> String {
             let _ = write!(out, "%{b:02X}");
         }
         out
-    })
-}
-
-/// This node's connections (in one channel, or all) as listed.
-pub(crate) fn local_listing(shared: &Shared, channel: Option<&str>) -> Vec<Value> {
-    let conns = match channel {
-        Some(ch) => shared.table.lookup(ch, Target::Channel),
-        None => shared.table.all(),
-    };
-    let node = shared.config.node_name();
-    conns.iter().map(|c| connection_json(c, &node)).collect()
-}
-
-/// One connection as the listing targets show it (protocol.md §6.3), with
-/// hato's transport for its pushes now and the node that holds it.
-fn connection_json(c: &Conn, node: &str) -> Value {
-    json!({
-        "node_name": node,
-        "channel_id": &*c.channel_id,
-        "client_id": &*c.client_id,
-        "bundle_id": &*c.bundle_id,
-        "connection_id": &*c.connection_id,
-        "session_id": &*c.session_id,
-        "role": c.role.as_str(),
-        "created_time": c.created_time,
-        "audio": false,
-        "video": false,
-        "simulcast": false,
-        "spotlight": false,
-        "multistream": false,
-        "data_channel_signaling": c.message_limit.is_some(),
-        "ignore_disconnect_websocket": !c.websocket_fallback,
-        "transport": if c.on_datachannel() { "datachannel" } else { "websocket" },
     })
 }
 
@@ -693,19 +672,6 @@ fn demo_page(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> 
     resp
 }
 
-/// `GET /.ok`: 200 `{"status":"ok"}` while serving, 503
-/// `{"status":"shutting-down"}` once shutdown has begun.
-pub fn health(shared: &Shared) -> Response<Full<Bytes>> {
-    if *shared.shutdown.borrow() {
-        json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            r#"{"status":"shutting-down"}"#.into(),
-        )
-    } else {
-        json_response(StatusCode::OK, r#"{"status":"ok"}"#.into())
-    }
-}
-
 /// Whether the request carries `Authorization: Bearer <token>`, compared
 /// in time that does not depend on where the first difference is.
 fn bearer_matches(req: &Request<Incoming>, token: &str) -> bool {
@@ -786,15 +752,6 @@ async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, Api
         .to_bytes())
 }
 
-fn target<'a>(call: &'a api::Call<'_>) -> Target<'a> {
-    match &call.key {
-        Key::Channel => Target::Channel,
-        Key::Client(id) => Target::Client(id),
-        Key::Connection(id) => Target::Connection(id),
-        Key::Role(role) => Target::Role(*role),
-    }
-}
-
 fn cluster_unavailable(e: crate::cluster::Unavailable) -> ApiError {
     ApiError {
         status: StatusCode::SERVICE_UNAVAILABLE,
@@ -838,53 +795,15 @@ fn cluster_item<'a>(op: &'a str, call: &'a api::Call<'_>) -> crate::cluster::Ite
     }
 }
 
-/// A push or disconnect from another node, for this node's connections.
-pub(crate) fn apply_from_cluster(shared: &Shared, payload: &[u8]) {
-    let wire = match serde_json::from_slice::<crate::cluster::Wire<'_>>(payload) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::debug!(error = %e, "cluster: unreadable channel message");
-            return;
-        }
-    };
-    for item in &wire.items {
-        let key = item.key.as_deref().unwrap_or_default();
-        let target = match item.scope {
-            "channel" => Target::Channel,
-            "client" => Target::Client(key),
-            "connection" => Target::Connection(key),
-            "role" => match hato_signaling::Role::parse(key) {
-                Some(role) => Target::Role(role),
-                None => continue,
-            },
-            _ => continue,
-        };
-        match (item.op, item.data) {
-            ("push", Some(data)) => {
-                let frame = Arc::new(Frame::new(message::push_json(data.get())));
-                let _ = deliver(shared, &wire.channel_id, target, &frame, Origin::Cluster);
-            }
-            ("disconnect", _) => disconnect_local(shared, &wire.channel_id, target),
-            _ => {}
-        }
-    }
-}
-
-fn disconnect_local(shared: &Shared, channel_id: &str, target: Target<'_>) {
-    for conn in shared.table.lookup(channel_id, target) {
-        conn.disconnect();
-    }
-}
-
 /// `Disconnect*`: each addressed session ends with `DISCONNECTED-API`
 /// (§5.3), on every node; the answer echoes the keys that named them, as
 /// sent.
 fn disconnect(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     match cluster_for(shared, call) {
-        None => disconnect_local(shared, &call.channel_id, target(call)),
+        None => hub::disconnect(shared, &call.channel_id, target(call)),
         Some(cluster) => {
             let mut out = cluster.begin(1).map_err(cluster_unavailable)?;
-            disconnect_local(shared, &call.channel_id, target(call));
+            hub::disconnect(shared, &call.channel_id, target(call));
             out.send(&call.channel_id, vec![cluster_item("disconnect", call)]);
         }
     }
@@ -893,16 +812,16 @@ fn disconnect(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Byt
 
 fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let queued = match cluster_for(shared, call) {
-        None => deliver(
+        None => hub::deliver(
             shared,
             &call.channel_id,
             target(call),
-            &push_frame(call),
-            Origin::Api,
+            &hub::push_frame(call),
+            hub::Origin::Api,
         )?,
         Some(cluster) => {
             let mut out = cluster.begin(1).map_err(cluster_unavailable)?;
-            let n = deliver_here_and_there(shared, call)?;
+            let n = hub::deliver_here_and_there(shared, call)?;
             out.send(&call.channel_id, vec![cluster_item("push", call)]);
             n
         }
@@ -917,24 +836,6 @@ fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, 
     resp.headers_mut()
         .insert("x-hato-recipients", HeaderValue::from(queued));
     Ok(resp)
-}
-
-fn push_frame(call: &api::Call<'_>) -> Arc<Frame> {
-    Arc::new(Frame::new(message::push_json(
-        call.data.expect("a push call has data").get(),
-    )))
-}
-
-/// In a cluster: refuses a push too large for a DataChannel-only
-/// recipient on another node, as for one here; delivers it here. Returns
-/// the recipients here and, as this node knows them, on the others.
-fn deliver_here_and_there(shared: &Shared, call: &api::Call<'_>) -> Result<u64, ApiError> {
-    let frame = push_frame(call);
-    let (remote, remote_dc_only) = shared.table.remote_matches(&call.channel_id, target(call));
-    if remote_dc_only {
-        refuse_oversize(shared, &frame)?;
-    }
-    Ok(deliver(shared, &call.channel_id, target(call), &frame, Origin::Api)? + remote as u64)
 }
 
 /// `PushBatch`: every item validated first (one bad item: 400 naming it,
@@ -958,7 +859,7 @@ fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, Api
                 .fetch_add(1, Ordering::Relaxed);
             let call = &item.call;
             let outcome = if out.is_some() {
-                let outcome = deliver_here_and_there(shared, call);
+                let outcome = hub::deliver_here_and_there(shared, call).map_err(ApiError::from);
                 if outcome.is_ok() {
                     let channel = call.channel_id.as_str();
                     let at = match wires.iter().position(|(c, _)| *c == channel) {
@@ -972,7 +873,14 @@ fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, Api
                 }
                 outcome
             } else {
-                deliver(shared, &call.channel_id, target(call), &push_frame(call), Origin::Api)
+                hub::deliver(
+                    shared,
+                    &call.channel_id,
+                    target(call),
+                    &hub::push_frame(call),
+                    hub::Origin::Api,
+                )
+                .map_err(ApiError::from)
             };
             shared
                 .metrics
@@ -1005,120 +913,4 @@ fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, Api
     resp.headers_mut()
         .insert("x-hato-recipients", HeaderValue::from(total));
     Ok(resp)
-}
-
-/// Where a push being delivered here comes from.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Origin {
-    /// This node's API: an oversize push for a DataChannel-only
-    /// recipient is refused (413).
-    Api,
-    /// Another node, which accepted it: such recipients are skipped.
-    Cluster,
-}
-
-/// 413 for a push larger than hato itself sends over a DataChannel
-/// (RFC 8831 §6.6).
-fn refuse_oversize(shared: &Shared, frame: &Frame) -> Result<(), ApiError> {
-    let own_limit = shared.config.data_channel_message_limit;
-    if frame.len() <= own_limit {
-        return Ok(());
-    }
-    Err(ApiError {
-        status: StatusCode::PAYLOAD_TOO_LARGE,
-        error_type: "PUSH-TOO-LARGE",
-        message: format!(
-            "the push is {} bytes; hato sends at most {own_limit} bytes over a DataChannel (--data-channel-message-limit)",
-            frame.len()
-        ),
-    })
-}
-
-/// Queues one push on every matching connection of this node; how many it
-/// reached.
-fn deliver(
-    shared: &Shared,
-    channel_id: &str,
-    target: Target<'_>,
-    frame: &Arc<Frame>,
-    origin: Origin,
-) -> Result<u64, ApiError> {
-    let conns = shared.table.lookup(channel_id, target);
-    // Refuse up front a push larger than hato itself sends over a
-    // DataChannel, when a recipient would need one.
-    let own_limit = shared.config.data_channel_message_limit;
-    if origin == Origin::Api
-        && conns
-            .iter()
-            .any(|c| c.message_limit.is_some() && !c.websocket_fallback)
-    {
-        refuse_oversize(shared, frame)?;
-    }
-    let stats = &shared.table.stats;
-    if origin == Origin::Api {
-        stats.pushes.fetch_add(1, Ordering::Relaxed);
-    }
-    let mut queued = 0;
-    // Switched peers, by framing: handed to the engine in one call each,
-    // which reaches every shard once however many peers it holds.
-    let mut direct: [Vec<Arc<Peer>>; 2] = Default::default();
-    let mut undeliverable = 0;
-    for conn in &conns {
-        // One recipient never vetoes a push: a peer whose DataChannel takes
-        // less than this push gets it on its WebSocket, or, without one,
-        // is skipped while the others still get it.
-        let delivery = if conn
-            .message_limit
-            .is_some_and(|l| frame.len() > l.min(own_limit))
-        {
-            if !conn.websocket_fallback {
-                undeliverable += 1;
-                continue;
-            }
-            conn.deliver(Out::PushWs(frame.clone()))
-        } else {
-            conn.push(frame)
-        };
-        match delivery {
-            Delivery::Queued => queued += 1,
-            Delivery::Direct { peer, compress } => direct[usize::from(compress)].push(peer),
-            Delivery::Overflow => {
-                stats.overflows.fetch_add(1, Ordering::Relaxed);
-            }
-            Delivery::Gone => {}
-        }
-    }
-    for (compress, peers) in direct.iter().enumerate() {
-        if peers.is_empty() {
-            continue;
-        }
-        let compress = compress == 1;
-        queued += peers.len() as u64;
-        stats
-            .deliveries_datachannel
-            .fetch_add(peers.len() as u64, Ordering::Relaxed);
-        shared.engine.send_many(
-            peers.iter().map(|p| &**p),
-            "push",
-            frame.bytes(compress),
-            !compress,
-        );
-    }
-    stats.deliveries.fetch_add(queued, Ordering::Relaxed);
-    if undeliverable > 0 {
-        stats
-            .undeliverable
-            .fetch_add(undeliverable, Ordering::Relaxed);
-        static SKIPPED: Throttle = Throttle::new(Duration::from_secs(1));
-        if let Some(folded) = SKIPPED.hit() {
-            tracing::warn!(
-                channel_id,
-                bytes = frame.len(),
-                skipped = undeliverable,
-                pushes_folded = folded,
-                "push larger than some DataChannel-only recipients' a=max-message-size: skipped for them"
-            );
-        }
-    }
-    Ok(queued)
 }

@@ -24,7 +24,9 @@
 //! `CLUSTER-UNAVAILABLE` and is delivered nowhere; the client reconnects by
 //! itself.
 
-use crate::table::{Conn, Member};
+use crate::hub::{self, Origin};
+use crate::outbox::Frame;
+use crate::table::{Conn, Member, Target};
 use crate::Shared;
 use async_nats::connection::State;
 use bytes::Bytes;
@@ -681,7 +683,7 @@ async fn channel_task(cluster: Arc<Cluster>, channel_id: Arc<str>, ready: watch:
         if let Some(cluster) = &shared.cluster {
             cluster.stats.received.fetch_add(1, Ordering::Relaxed);
         }
-        crate::api::apply_from_cluster(&shared, &msg.payload);
+        apply_from_cluster(&shared, &msg.payload);
     }
 }
 
@@ -716,7 +718,7 @@ async fn responder(cluster: Arc<Cluster>, subject: String, kind: Request) {
                 let channel = serde_json::from_slice::<serde_json::Value>(&msg.payload)
                     .ok()
                     .and_then(|v| v["channel_id"].as_str().map(str::to_owned));
-                let items = crate::api::local_listing(&shared, channel.as_deref())
+                let items = crate::hub::local_listing(&shared, channel.as_deref())
                     .iter()
                     .map(|v| v.to_string())
                     .collect();
@@ -1076,6 +1078,38 @@ fn member_joined(shared: &Shared, member: Arc<Member>) {
 fn member_left(shared: &Shared, member: &Member) {
     if let Some(announce) = shared.table.remove_remote(member) {
         announce.send();
+    }
+}
+
+/// A push or disconnect from another node, for this node's connections.
+fn apply_from_cluster(shared: &Shared, payload: &[u8]) {
+    let wire = match serde_json::from_slice::<Wire<'_>>(payload) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::debug!(error = %e, "cluster: unreadable channel message");
+            return;
+        }
+    };
+    for item in &wire.items {
+        let key = item.key.as_deref().unwrap_or_default();
+        let target = match item.scope {
+            "channel" => Target::Channel,
+            "client" => Target::Client(key),
+            "connection" => Target::Connection(key),
+            "role" => match hato_signaling::Role::parse(key) {
+                Some(role) => Target::Role(role),
+                None => continue,
+            },
+            _ => continue,
+        };
+        match (item.op, item.data) {
+            ("push", Some(data)) => {
+                let frame = Arc::new(Frame::new(hato_signaling::message::push_json(data.get())));
+                let _ = hub::deliver(shared, &wire.channel_id, target, &frame, Origin::Cluster);
+            }
+            ("disconnect", _) => hub::disconnect(shared, &wire.channel_id, target),
+            _ => {}
+        }
     }
 }
 

@@ -2,17 +2,32 @@
 //! of Shiguredo's WebRTC SFU Sora, so that Sora's SDKs receive pushes from
 //! it unmodified.
 //!
-//! - [`api`]: the HTTP API (`POST /`, `x-sora-target`).
+//! - [`api`]: the HTTP API (`POST /`, `x-sora-target`): parses, answers.
+//! - [`hub`]: how a push or a disconnect reaches this node's connections:
+//!   lookup, size policy, transport per recipient, DataChannel batching,
+//!   counting — for the API and for pushes from other nodes alike.
 //! - [`session`]: one peer's signaling WebSocket and WebRTC peer.
-//! - [`table`]: the shared connection table every lookup goes through.
-//! - [`outbox`]: each connection's FIFO queue and transport choice.
-//! - [`client`]: a Sora-protocol client, for tests and `hato-load`.
+//! - [`table`]: the shared connection table every lookup goes through, and
+//!   the channels' notify budgets.
+//! - [`outbox`]: each connection's FIFO queue and the task that sends it,
+//!   across the switch to DataChannels.
+//! - [`cluster`]: several nodes as one over NATS.
+//! - [`webhook`]: the auth and event webhooks.
+//! - [`limits`]: admission, per-address limits and pacing.
+//! - [`idempotency`]: exactly-once API calls for retrying backends.
+//! - [`metrics`]: Prometheus metrics and the health check.
+//! - [`logging`]: logs an attacker cannot flood.
+//! - [`tls`], [`proxy_protocol`]: what sits in front of the listeners.
+//! - [`config`], [`config_file`]: flags, environment, `hato.toml`.
+//! - [`client`]: a Sora-protocol client, for tests, `hato-load` and
+//!   `hato-attack`.
 
 pub mod api;
 pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod config_file;
+pub mod hub;
 pub mod idempotency;
 pub mod limits;
 pub mod logging;

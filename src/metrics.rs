@@ -464,7 +464,7 @@ fn answer(shared: Option<&Shared>, req: &Request<hyper::body::Incoming>) -> Resp
             );
             resp
         }
-        (&Method::GET, "/.ok") => crate::api::health(shared),
+        (&Method::GET, "/.ok") => health(shared),
         _ => {
             let mut resp =
                 Response::new(Full::new(Bytes::from_static(b"GET /metrics or GET /.ok\n")));
@@ -472,6 +472,25 @@ fn answer(shared: Option<&Shared>, req: &Request<hyper::body::Incoming>) -> Resp
             resp
         }
     }
+}
+
+/// `GET /.ok`, on the API and the metrics listeners: 200
+/// `{"status":"ok"}` while serving, 503 `{"status":"shutting-down"}` once
+/// shutdown has begun.
+pub fn health(shared: &Shared) -> Response<Full<Bytes>> {
+    let (status, body) = if *shared.shutdown.borrow() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"shutting-down"}"#,
+        )
+    } else {
+        (StatusCode::OK, r#"{"status":"ok"}"#)
+    };
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
 }
 
 /// The shared handle the rest of hato records into.

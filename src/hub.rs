@@ -1,0 +1,207 @@
+//! The delivery hub: how a push (or a disconnect) reaches this node's
+//! connections, whoever asked — the HTTP API or another node of the
+//! cluster. It owns the lookup, the size policy (413 up front, or the
+//! WebSocket for a hybrid peer whose DataChannel takes less), the choice of
+//! transport per recipient, the batching of DataChannel sends per engine
+//! shard, and the counting. The API parses and answers; the cluster hands
+//! remote pushes here; a connection's outbox only sends what was decided
+//! here (see [`crate::outbox`] for how a push crosses the switch).
+
+use crate::limits::Throttle;
+use crate::outbox::{Frame, Out};
+use crate::table::{Conn, Delivery, Target};
+use crate::Shared;
+use hato_datachannel::Peer;
+use hato_signaling::api::{Call, Key};
+use hato_signaling::message;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Who a call addresses in its channel.
+pub fn target<'a>(call: &'a Call<'_>) -> Target<'a> {
+    match &call.key {
+        Key::Channel => Target::Channel,
+        Key::Client(id) => Target::Client(id),
+        Key::Connection(id) => Target::Connection(id),
+        Key::Role(role) => Target::Role(*role),
+    }
+}
+
+/// The `push` message of a push call, serialised once for every recipient.
+pub fn push_frame(call: &Call<'_>) -> Arc<Frame> {
+    Arc::new(Frame::new(message::push_json(
+        call.data.expect("a push call has data").get(),
+    )))
+}
+
+/// A push larger than hato itself sends over a DataChannel (RFC 8831
+/// §6.6), for a recipient that has nothing else: refused whole.
+#[derive(Debug)]
+pub struct TooLarge {
+    pub bytes: usize,
+    pub limit: usize,
+}
+
+/// Where a push being delivered here comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This node's API: an oversize push for a DataChannel-only
+    /// recipient is refused.
+    Api,
+    /// Another node, which accepted it: such recipients are skipped.
+    Cluster,
+}
+
+fn refuse_oversize(shared: &Shared, frame: &Frame) -> Result<(), TooLarge> {
+    let limit = shared.config.data_channel_message_limit;
+    if frame.len() <= limit {
+        return Ok(());
+    }
+    Err(TooLarge {
+        bytes: frame.len(),
+        limit,
+    })
+}
+
+/// In a cluster: refuses a push too large for a DataChannel-only
+/// recipient on another node, as for one here; delivers it here. Returns
+/// the recipients here and, as this node knows them, on the others.
+pub fn deliver_here_and_there(shared: &Shared, call: &Call<'_>) -> Result<u64, TooLarge> {
+    let frame = push_frame(call);
+    let (remote, remote_dc_only) = shared.table.remote_matches(&call.channel_id, target(call));
+    if remote_dc_only {
+        refuse_oversize(shared, &frame)?;
+    }
+    Ok(deliver(shared, &call.channel_id, target(call), &frame, Origin::Api)? + remote as u64)
+}
+
+/// Queues one push on every matching connection of this node; how many it
+/// reached.
+pub fn deliver(
+    shared: &Shared,
+    channel_id: &str,
+    target: Target<'_>,
+    frame: &Arc<Frame>,
+    origin: Origin,
+) -> Result<u64, TooLarge> {
+    let conns = shared.table.lookup(channel_id, target);
+    // Refuse up front a push larger than hato itself sends over a
+    // DataChannel, when a recipient would need one.
+    let own_limit = shared.config.data_channel_message_limit;
+    if origin == Origin::Api
+        && conns
+            .iter()
+            .any(|c| c.message_limit.is_some() && !c.websocket_fallback)
+    {
+        refuse_oversize(shared, frame)?;
+    }
+    let stats = &shared.table.stats;
+    if origin == Origin::Api {
+        stats.pushes.fetch_add(1, Ordering::Relaxed);
+    }
+    let mut queued = 0;
+    // Switched peers, by framing: handed to the engine in one call each,
+    // which reaches every shard once however many peers it holds.
+    let mut direct: [Vec<Arc<Peer>>; 2] = Default::default();
+    let mut undeliverable = 0;
+    for conn in &conns {
+        // One recipient never vetoes a push: a peer whose DataChannel takes
+        // less than this push gets it on its WebSocket, or, without one,
+        // is skipped while the others still get it.
+        let delivery = if conn
+            .message_limit
+            .is_some_and(|l| frame.len() > l.min(own_limit))
+        {
+            if !conn.websocket_fallback {
+                undeliverable += 1;
+                continue;
+            }
+            conn.deliver(Out::PushWs(frame.clone()))
+        } else {
+            conn.push(frame)
+        };
+        match delivery {
+            Delivery::Queued => queued += 1,
+            Delivery::Direct { peer, compress } => direct[usize::from(compress)].push(peer),
+            Delivery::Overflow => {
+                stats.overflows.fetch_add(1, Ordering::Relaxed);
+            }
+            Delivery::Gone => {}
+        }
+    }
+    for (compress, peers) in direct.iter().enumerate() {
+        if peers.is_empty() {
+            continue;
+        }
+        let compress = compress == 1;
+        queued += peers.len() as u64;
+        stats
+            .deliveries_datachannel
+            .fetch_add(peers.len() as u64, Ordering::Relaxed);
+        shared.engine.send_many(
+            peers.iter().map(|p| &**p),
+            "push",
+            frame.bytes(compress),
+            !compress,
+        );
+    }
+    stats.deliveries.fetch_add(queued, Ordering::Relaxed);
+    if undeliverable > 0 {
+        stats
+            .undeliverable
+            .fetch_add(undeliverable, Ordering::Relaxed);
+        static SKIPPED: Throttle = Throttle::new(Duration::from_secs(1));
+        if let Some(folded) = SKIPPED.hit() {
+            tracing::warn!(
+                channel_id,
+                bytes = frame.len(),
+                skipped = undeliverable,
+                pushes_folded = folded,
+                "push larger than some DataChannel-only recipients' a=max-message-size: skipped for them"
+            );
+        }
+    }
+    Ok(queued)
+}
+
+/// Ends every matching session of this node with `DISCONNECTED-API`.
+pub fn disconnect(shared: &Shared, channel_id: &str, target: Target<'_>) {
+    for conn in shared.table.lookup(channel_id, target) {
+        conn.disconnect();
+    }
+}
+
+/// This node's connections (in one channel, or all) as listed.
+pub fn local_listing(shared: &Shared, channel: Option<&str>) -> Vec<Value> {
+    let conns = match channel {
+        Some(ch) => shared.table.lookup(ch, Target::Channel),
+        None => shared.table.all(),
+    };
+    let node = shared.config.node_name();
+    conns.iter().map(|c| connection_json(c, &node)).collect()
+}
+
+/// One connection as the listing targets show it (protocol.md §6.3), with
+/// hato's transport for its pushes now and the node that holds it.
+fn connection_json(c: &Conn, node: &str) -> Value {
+    json!({
+        "node_name": node,
+        "channel_id": &*c.channel_id,
+        "client_id": &*c.client_id,
+        "bundle_id": &*c.bundle_id,
+        "connection_id": &*c.connection_id,
+        "session_id": &*c.session_id,
+        "role": c.role.as_str(),
+        "created_time": c.created_time,
+        "audio": false,
+        "video": false,
+        "simulcast": false,
+        "spotlight": false,
+        "multistream": false,
+        "data_channel_signaling": c.message_limit.is_some(),
+        "ignore_disconnect_websocket": !c.websocket_fallback,
+        "transport": if c.on_datachannel() { "datachannel" } else { "websocket" },
+    })
+}
