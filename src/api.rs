@@ -1,5 +1,5 @@
 //! The HTTP API: `POST /` with `x-sora-target` naming the operation, a JSON
-//! object in, a JSON object out (protocol.md §6). Every error becomes a
+//! object in, a JSON object out (docs/protocol.md §6). Every error becomes a
 //! response in one place, [`ApiError::into_response`].
 
 use crate::hub::{self, target, TooLarge};

@@ -183,7 +183,7 @@ pub fn local_listing(shared: &Shared, channel: Option<&str>) -> Vec<Value> {
     conns.iter().map(|c| connection_json(c, &node)).collect()
 }
 
-/// One connection as the listing targets show it (protocol.md §6.3), with
+/// One connection as the listing targets show it (docs/protocol.md §6.3), with
 /// hato's transport for its pushes now and the node that holds it.
 fn connection_json(c: &Conn, node: &str) -> Value {
     json!({

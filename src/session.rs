@@ -319,7 +319,7 @@ struct Granted {
     no_notify: bool,
 }
 
-/// The auth webhook's request (protocol.md §7.1): what hato knows of the
+/// The auth webhook's request (docs/protocol.md §7.1): what hato knows of the
 /// peer, `metadata` exactly as the client sent it (the text of `connect`'s
 /// `metadata`, spliced in, never parsed and printed again).
 fn auth_request(
@@ -973,7 +973,7 @@ impl Session {
         Some(counts)
     }
 
-    /// Queues an event webhook (protocol.md §7.2) if one is configured.
+    /// Queues an event webhook (docs/protocol.md §7.2) if one is configured.
     fn send_event(&self, event_type: &str, counts: ChannelCounts, end: Option<&End>) {
         let Some(hook) = &self.shared.event_webhook else {
             return;

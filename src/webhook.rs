@@ -1,4 +1,4 @@
-//! Sora's auth webhook (protocol.md §7.1): after `connect` and before the
+//! Sora's auth webhook (docs/protocol.md §7.1): after `connect` and before the
 //! offer, hato asks the backend whether this peer may connect, and with
 //! which overrides. Calls go over a keep-alive pool, at most
 //! `--auth-webhook-max-in-flight` at once; each has its own deadline, so a
@@ -171,7 +171,7 @@ mod tests {
     }
 }
 
-/// Sora's event webhooks (protocol.md §7.2): `connection.created`,
+/// Sora's event webhooks (docs/protocol.md §7.2): `connection.created`,
 /// `connection.destroyed` and `connection.failed`, POSTed from bounded
 /// queues by a few workers. A connection's events always go to the same
 /// worker, so they arrive in order; a worker retries a failed call with

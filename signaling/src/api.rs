@@ -1,4 +1,4 @@
-//! The Push API's requests as data (protocol.md §6): which operation an
+//! The Push API's requests as data (docs/protocol.md §6): which operation an
 //! `x-sora-target` names, and the validated body of each. No socket here:
 //! the server's HTTP shell and the fuzz targets call the same functions.
 //!

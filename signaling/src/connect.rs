@@ -1,4 +1,4 @@
-//! Validation of the client's `connect` message (protocol.md §1.2).
+//! Validation of the client's `connect` message (docs/protocol.md §1.2).
 //!
 //! Only the fields a push server acts on are typed; every media option and
 //! unknown key is accepted and ignored, because the SDKs send them by

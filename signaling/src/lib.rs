@@ -4,7 +4,8 @@
 //!
 //! Nothing here touches a socket or a clock that a test cannot set, so
 //! every protocol rule is checked with plain function calls. The wire facts
-//! come from `shared/protocol.md`; section numbers in comments point there.
+//! are written down in `docs/protocol.md`; a section number in a comment
+//! (`§3.9`) points there.
 
 pub mod api;
 pub mod connect;

@@ -1,5 +1,5 @@
 //! `compress: true` DataChannels carry each message as its own zlib stream
-//! (RFC 1950 — not raw deflate, not gzip; protocol.md §4.2).
+//! (RFC 1950 — not raw deflate, not gzip; docs/protocol.md §4.2).
 
 use flate2::read::ZlibDecoder;
 use flate2::write::ZlibEncoder;

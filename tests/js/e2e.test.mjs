@@ -257,7 +257,10 @@ test("TLS: the SDK connects over wss:// and receives a push sent over https://",
 
 test("demo page: connects as a WebRTC peer and shows a push it sends, with its transport", async () => {
   const page = await browser.newPage({ viewport: { width: 1280, height: 720 } });
-  page.on("console", (m) => m.type() === "error" && console.log("browser:", m.text()));
+  // The page loads and runs without a console error (a missing favicon is one).
+  const errors = [];
+  page.on("console", (m) => m.type() === "error" && errors.push(m.text()));
+  page.on("pageerror", (e) => errors.push(String(e)));
   await page.goto(`${apiUrl}demo`);
   await page.fill("#channel", "js-demo");
   await page.click("#connect");
@@ -277,6 +280,7 @@ test("demo page: connects as a WebRTC peer and shows a push it sends, with its t
   if (process.env.HATO_DEMO_SCREENSHOT) await page.screenshot({ path: process.env.HATO_DEMO_SCREENSHOT });
   await page.click("#connect");
   await page.close();
+  assert.deepEqual(errors, [], "the demo page logged errors");
 });
 
 test("cluster: the SDK connected to node B receives a push sent to node A's API", async () => {
