@@ -18,7 +18,7 @@ use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
 use hato_datachannel::{Peer, PeerEvent};
 use hato_signaling::message::{self, ChannelCounts, ClientMessage, NotifyMetadata};
-use hato_signaling::session::{Action, End, Machine, Mode, Rules};
+use hato_signaling::session::{Action, End, Machine, Mode, Rules, Stop};
 use hato_signaling::{id, time, ConnectRequest, DataChannelSpec, Offer, Role};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -87,12 +87,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             config.max_message_size = Some(shared.config.client_message_limit);
             config.max_frame_size = Some(shared.config.client_message_limit);
             // Clients send a few small messages; tungstenite's default
-            // 128 KiB read buffer per connection was ~100 KB of each peer's
-            // RSS (heaptrack). It grows when a frame needs more.
+            // 128 KiB read buffer per connection was most of each peer's RSS
+            // (heaptrack). It grows when a frame needs more.
             config.read_buffer_size = 4096;
             // Frames are buffered up to this much before a write; the
             // buffer never shrinks, so tungstenite's 128 KiB default let
-            // a connect storm's notifies leave ~100 KB in every peer.
+            // a connect storm's notifies leave that much in every peer.
             config.write_buffer_size = 16 * 1024;
             #[allow(clippy::result_large_err)] // the error type is tungstenite's
             let callback = |req: &Request, resp: Response| {
@@ -337,9 +337,8 @@ fn auth_request(
     let metadata = metadata.unwrap_or("null");
     let counts = shared.table.counts(&connect.channel_id);
     let cfg = &shared.config;
-    let dc = connect
-        .data_channel_signaling
-        .unwrap_or(cfg.data_channel_signaling);
+    let (dc, ignore_ws) =
+        connect.transports(cfg.data_channel_signaling, cfg.ignore_disconnect_websocket);
     let rest = json!({
         "timestamp": time::now_rfc3339(),
         "id": id::new_id(),
@@ -353,9 +352,7 @@ fn auth_request(
         "connection_id": connection_id,
         "signaling_notify_metadata": connect.signaling_notify_metadata,
         "data_channel_signaling": dc,
-        "ignore_disconnect_websocket": dc && connect
-            .ignore_disconnect_websocket
-            .unwrap_or(cfg.ignore_disconnect_websocket),
+        "ignore_disconnect_websocket": ignore_ws,
         "sora_client": {
             "raw": connect.sora_client,
             "libwebrtc": connect.libwebrtc,
@@ -549,13 +546,8 @@ async fn run(
         }
     }
 
-    let dc_signaling = connect
-        .data_channel_signaling
-        .unwrap_or(cfg.data_channel_signaling);
-    let ignore_ws = dc_signaling
-        && connect
-            .ignore_disconnect_websocket
-            .unwrap_or(cfg.ignore_disconnect_websocket);
+    let (dc_signaling, ignore_ws) =
+        connect.transports(cfg.data_channel_signaling, cfg.ignore_disconnect_websocket);
     let compress = dc_signaling && cfg.data_channel_compress;
     let labels: Vec<&str> = if dc_signaling {
         message::SYSTEM_LABELS.iter().map(|(l, _)| *l).collect()
@@ -786,10 +778,10 @@ impl Session {
                     self.on_peer(ev);
                 }
                 Some(kill) = kill_rx.recv() => self.machine.on_server_end(match kill {
-                    Kill::Overflow => "OUTBOX-OVERFLOW",
-                    Kill::Api => "DISCONNECTED-API",
+                    Kill::Overflow => Stop::OutboxOverflow,
+                    Kill::Api => Stop::Api,
                 }),
-                () = shutting_down(&mut shutdown) => self.machine.on_server_end("SHUTDOWN"),
+                () = shutting_down(&mut shutdown) => self.machine.on_server_end(Stop::Shutdown),
                 () = sleep => self.machine.handle_timeout(now()),
             }
             while let Some(action) = self.machine.poll_action() {
@@ -867,7 +859,7 @@ impl Session {
                     .stats
                     .overflows
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.machine.on_server_end("OUTBOX-OVERFLOW");
+                self.machine.on_server_end(Stop::OutboxOverflow);
             }
         }
     }
@@ -1039,7 +1031,8 @@ impl Session {
                 reason: end.kind().into(),
             })
             .inc();
-        if let End::Server(reason @ ("DATA-CHANNEL-CLOSED" | "DATA-CHANNEL-SEND-FAILED")) = end {
+        if let Some(stop) = end.stop().filter(|s| s.lost_a_channel()) {
+            let reason = stop.reason();
             tracing::warn!(connection_id = %self.connection_id, reason, "a DataChannel was lost mid-session; the session ends so that nothing is lost without a word");
             self.shared
                 .table

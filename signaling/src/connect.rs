@@ -117,6 +117,16 @@ fn optional_bool(value: Option<Value>, key: &str) -> Result<Option<bool>, Connec
 }
 
 impl ConnectRequest {
+    /// The transports this connect gets: DataChannel signaling, and
+    /// `ignore_disconnect_websocket`, each as the connect (or the auth
+    /// webhook's override of it) says, else the server's default; the
+    /// second only ever with the first (docs/protocol.md §4).
+    pub fn transports(&self, default_dc: bool, default_ignore: bool) -> (bool, bool) {
+        let dc = self.data_channel_signaling.unwrap_or(default_dc);
+        let ignore = dc && self.ignore_disconnect_websocket.unwrap_or(default_ignore);
+        (dc, ignore)
+    }
+
     /// Validates a parsed JSON object whose `type` is `connect`.
     pub fn from_value(value: Value) -> Result<ConnectRequest, ConnectError> {
         if !value.is_object() {
@@ -183,6 +193,29 @@ mod tests {
 
     fn parse(v: Value) -> Result<ConnectRequest, ConnectError> {
         ConnectRequest::from_value(v)
+    }
+
+    /// What the connect says wins over the defaults; without DataChannel
+    /// signaling there is no WebSocket to ignore.
+    #[test]
+    fn transports_take_the_defaults_only_where_the_connect_is_silent() {
+        let c = |extra: Value| {
+            let mut v = json!({"type": "connect", "role": "recvonly", "channel_id": "c"});
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            parse(v).unwrap()
+        };
+        assert_eq!(c(json!({})).transports(false, true), (false, false));
+        assert_eq!(c(json!({})).transports(true, true), (true, true));
+        let dc = c(json!({"data_channel_signaling": true}));
+        assert_eq!(dc.transports(false, false), (true, false));
+        let both = c(json!({"data_channel_signaling": true, "ignore_disconnect_websocket": true}));
+        assert_eq!(both.transports(false, false), (true, true));
+        let ignore_only = c(json!({"ignore_disconnect_websocket": true}));
+        assert_eq!(ignore_only.transports(false, false), (false, false));
+        let no_dc = c(json!({"data_channel_signaling": false}));
+        assert_eq!(no_dc.transports(true, true), (false, false));
     }
 
     /// The shape sora-js-sdk 2026.1 sends (`createSignalingMessage`):

@@ -66,9 +66,45 @@ pub enum End {
     WebSocketLost,
     /// ICE/DTLS failed, or the PeerConnection or the association closed.
     PeerFailed(String),
-    /// hato ends it (overflow, API, missed pongs, shutdown): code 1000
-    /// with this reason.
-    Server(&'static str),
+    /// hato ends it: code 1000 with the reason's name.
+    Server(Stop),
+}
+
+/// Why hato itself ends a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Its outbox or a DataChannel's unacknowledged bytes overflowed.
+    OutboxOverflow,
+    /// A `Disconnect*` API call named it.
+    Api,
+    /// No `pong` within the pong timeout.
+    PongTimeout,
+    /// hato is shutting down.
+    Shutdown,
+    /// One of its system DataChannels closed mid-session.
+    DataChannelClosed,
+    /// A send on one of its system DataChannels failed.
+    DataChannelSendFailed,
+}
+
+impl Stop {
+    /// The reason the peer, the logs, the metrics and the event webhook
+    /// see.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Stop::OutboxOverflow => "OUTBOX-OVERFLOW",
+            Stop::Api => "DISCONNECTED-API",
+            Stop::PongTimeout => "PONG-TIMEOUT",
+            Stop::Shutdown => "SHUTDOWN",
+            Stop::DataChannelClosed => "DATA-CHANNEL-CLOSED",
+            Stop::DataChannelSendFailed => "DATA-CHANNEL-SEND-FAILED",
+        }
+    }
+
+    /// A DataChannel was lost under a live session.
+    pub fn lost_a_channel(self) -> bool {
+        matches!(self, Stop::DataChannelClosed | Stop::DataChannelSendFailed)
+    }
 }
 
 impl End {
@@ -83,7 +119,15 @@ impl End {
             End::PeerFailed(_) => "PEER-FAILED",
             End::ClientDisconnect => "TYPE-DISCONNECT",
             End::WebSocketLost => "WEBSOCKET-ONCLOSE",
-            End::Server(r) => r,
+            End::Server(stop) => stop.reason(),
+        }
+    }
+
+    /// Why hato ended it, when it did.
+    pub fn stop(&self) -> Option<Stop> {
+        match self {
+            End::Server(stop) => Some(*stop),
+            _ => None,
         }
     }
 
@@ -93,7 +137,7 @@ impl End {
             End::Refused(r) | End::PeerFailed(r) => r.clone(),
             End::ClientDisconnect => "TYPE-DISCONNECT".into(),
             End::WebSocketLost => "WEBSOCKET-ONCLOSE".into(),
-            End::Server(r) => (*r).into(),
+            End::Server(stop) => stop.reason().into(),
         }
     }
 }
@@ -128,16 +172,28 @@ pub struct Closing {
     pub close_channels: bool,
 }
 
+/// Where a session is, after its offer. Each phase follows the one
+/// before; an end can come in any of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    /// The offer is out; no answer yet.
+    Offered,
+    /// The answer was handed to the shell; its result is pending.
+    Applying,
+    /// The answer is applied; ICE and DTLS are not up yet.
+    Answered,
+    /// ICE and DTLS are up: the connection is in the table.
+    Connected,
+    /// Every system DataChannel is open and `switched` was sent.
+    Switched,
+}
+
 #[derive(Debug)]
 pub struct Machine {
     rules: Rules,
     mode: Mode,
-    answered: bool,
-    /// The answer was handed to the shell and its result is pending.
-    applying: bool,
-    connected: bool,
-    registered: bool,
-    switched: bool,
+    phase: Phase,
+    /// The system DataChannels open so far.
     open: Vec<String>,
     ws_alive: bool,
     message_limit: Option<usize>,
@@ -151,7 +207,7 @@ pub struct Machine {
     /// session ends with DATA-CHANNEL-CLOSED at this time, unless the
     /// whole PeerConnection closes first (a peer leaving closes every
     /// channel, then the association).
-    channel_lost: Option<(Instant, &'static str)>,
+    channel_lost: Option<(Instant, Stop)>,
     actions: VecDeque<Action>,
     ended: bool,
 }
@@ -167,11 +223,7 @@ impl Machine {
             deadline: now + rules.answer_timeout,
             rules,
             mode,
-            answered: false,
-            applying: false,
-            connected: false,
-            registered: false,
-            switched: false,
+            phase: Phase::Offered,
             open: Vec::new(),
             ws_alive: true,
             message_limit: None,
@@ -186,11 +238,15 @@ impl Machine {
 
     /// Registered and, with DataChannel signaling, switched.
     pub fn established(&self) -> bool {
-        self.registered && (!self.mode.data_channel_signaling || self.switched)
+        match self.phase {
+            Phase::Connected => !self.mode.data_channel_signaling,
+            Phase::Switched => true,
+            _ => false,
+        }
     }
 
     pub fn switched(&self) -> bool {
-        self.switched
+        self.phase == Phase::Switched
     }
 
     pub fn mode(&self) -> &Mode {
@@ -200,7 +256,12 @@ impl Machine {
     /// Whether the WebSocket still carries signaling: after the switch
     /// with `ignore_disconnect_websocket` it does not (§3.9).
     pub fn ws_in_use(&self) -> bool {
-        self.ws_alive && !(self.switched && self.mode.ignore_disconnect_websocket)
+        self.ws_alive && !self.dc_only()
+    }
+
+    /// Switched with `ignore_disconnect_websocket`: DataChannels only.
+    fn dc_only(&self) -> bool {
+        self.phase == Phase::Switched && self.mode.ignore_disconnect_websocket
     }
 
     /// The next action, if any.
@@ -237,7 +298,7 @@ impl Machine {
             }
         }
         if !self.established() && now >= self.deadline {
-            return self.end(End::Refused(if self.answered {
+            return self.end(End::Refused(if self.phase >= Phase::Answered {
                 "connection not established before the timeout".into()
             } else {
                 "no answer before the timeout".into()
@@ -250,7 +311,7 @@ impl Machine {
                     // liveness rests on ICE and SCTP (§5.3).
                     self.next_ping = None;
                 } else if now.duration_since(self.last_pong) > self.rules.pong_timeout {
-                    self.end(End::Server("PONG-TIMEOUT"));
+                    self.end(End::Server(Stop::PongTimeout));
                 } else {
                     self.actions.push_back(Action::SendPing);
                     self.next_ping = Some(now + self.rules.ping_interval);
@@ -277,7 +338,7 @@ impl Machine {
     /// The WebSocket closed or broke.
     pub fn on_ws_closed(&mut self) {
         self.ws_alive = false;
-        if !(self.switched && self.mode.ignore_disconnect_websocket) {
+        if !self.dc_only() {
             self.end(End::WebSocketLost);
         }
     }
@@ -318,7 +379,7 @@ impl Machine {
                 self.end(End::Refused("connect was already received".into()))
             }
             ClientMessage::Answer { sdp } if label.is_none() => {
-                if self.answered || self.applying {
+                if self.phase >= Phase::Applying {
                     return; // a second answer is ignored
                 }
                 let (sdp, theirs) = if self.mode.libwebrtc && !sdp::declares_max_message_size(&sdp)
@@ -338,7 +399,7 @@ impl Machine {
                 if self.count_candidates(sdp::candidate_count(&sdp)) {
                     return;
                 }
-                self.applying = true;
+                self.phase = Phase::Applying;
                 let limit = self.rules.data_channel_message_limit;
                 self.message_limit = self
                     .mode
@@ -378,10 +439,9 @@ impl Machine {
 
     /// The shell applied the answer (or could not).
     pub fn answer_applied(&mut self, now: Instant, result: Result<(), String>) {
-        self.applying = false;
         match result {
             Ok(()) => {
-                self.answered = true;
+                self.phase = self.phase.max(Phase::Answered);
                 self.last_pong = now;
                 self.deadline = now + self.rules.establish_timeout;
                 // CPP ignores pings before its answer is out (§3.4).
@@ -395,9 +455,8 @@ impl Machine {
 
     /// ICE and DTLS are up: register (once), then maybe switch.
     pub fn on_transport_connected(&mut self) {
-        if !self.connected {
-            self.connected = true;
-            self.registered = true;
+        if self.phase < Phase::Connected {
+            self.phase = Phase::Connected;
             self.actions.push_back(Action::Register {
                 message_limit: self.message_limit,
             });
@@ -419,19 +478,19 @@ impl Machine {
     /// ends its association (then the session ends as a normal leave).
     pub fn on_channel_closed(&mut self, now: Instant, label: &str) {
         if self.open.iter().any(|l| l == label) {
-            self.lose_channel(now, "DATA-CHANNEL-CLOSED");
+            self.lose_channel(now, Stop::DataChannelClosed);
         }
     }
 
     /// A send on a DataChannel failed: what it carried is lost, so the
     /// session ends, saying why (with the same grace).
     pub fn on_send_failed(&mut self, now: Instant) {
-        self.lose_channel(now, "DATA-CHANNEL-SEND-FAILED");
+        self.lose_channel(now, Stop::DataChannelSendFailed);
     }
 
-    fn lose_channel(&mut self, now: Instant, reason: &'static str) {
+    fn lose_channel(&mut self, now: Instant, stop: Stop) {
         if self.channel_lost.is_none() {
-            self.channel_lost = Some((now + CHANNEL_LOSS_GRACE, reason));
+            self.channel_lost = Some((now + CHANNEL_LOSS_GRACE, stop));
         }
     }
 
@@ -441,20 +500,19 @@ impl Machine {
     }
 
     /// hato ends the session (overflow, API, shutdown).
-    pub fn on_server_end(&mut self, reason: &'static str) {
-        self.end(End::Server(reason));
+    pub fn on_server_end(&mut self, stop: Stop) {
+        self.end(End::Server(stop));
     }
 
     /// Every listed DataChannel is open and the peer is registered (§4.4).
     fn maybe_switch(&mut self) {
         if self.mode.data_channel_signaling
-            && !self.switched
-            && self.registered
+            && self.phase == Phase::Connected
             && SYSTEM_LABELS
                 .iter()
                 .all(|(l, _)| self.open.iter().any(|o| o == l))
         {
-            self.switched = true;
+            self.phase = Phase::Switched;
             self.actions.push_back(Action::Switch {
                 ignore_disconnect_websocket: self.mode.ignore_disconnect_websocket,
             });
@@ -463,10 +521,10 @@ impl Machine {
 
     /// What the peer is told when the session ends with `end` (§5).
     pub fn closing(&self, end: &End) -> Closing {
-        let dc_only = self.switched && self.mode.ignore_disconnect_websocket;
+        let dc_only = self.dc_only();
         let ws_open = self.ws_in_use();
         let mut c = Closing {
-            close_channels: self.mode.data_channel_signaling && self.connected,
+            close_channels: self.mode.data_channel_signaling && self.phase >= Phase::Connected,
             ..Closing::default()
         };
         match end {
@@ -477,8 +535,8 @@ impl Machine {
                 c.websocket = Some((1000, "TYPE-DISCONNECT".into()))
             }
             End::PeerFailed(reason) if ws_open => c.websocket = Some((1000, reason.clone())),
-            End::Server(reason) if dc_only => c.signaling = Some((1000, (*reason).into())),
-            End::Server(reason) if ws_open => c.websocket = Some((1000, (*reason).into())),
+            End::Server(stop) if dc_only => c.signaling = Some((1000, stop.reason().into())),
+            End::Server(stop) if ws_open => c.websocket = Some((1000, stop.reason().into())),
             _ => {}
         }
         c
@@ -618,14 +676,14 @@ mod tests {
         m.handle_timeout(t + CHANNEL_LOSS_GRACE);
         assert_eq!(
             actions(&mut m),
-            [Action::End(End::Server("DATA-CHANNEL-CLOSED"))]
+            [Action::End(End::Server(Stop::DataChannelClosed))]
         );
         let mut m = Machine::new(t, rules(), mode(true, true));
         m.on_send_failed(t);
         m.handle_timeout(t + CHANNEL_LOSS_GRACE);
         assert_eq!(
             actions(&mut m),
-            [Action::End(End::Server("DATA-CHANNEL-SEND-FAILED"))]
+            [Action::End(End::Server(Stop::DataChannelSendFailed))]
         );
     }
 
@@ -751,7 +809,10 @@ mod tests {
         assert_eq!(actions(&mut ws), [Action::SendPing]);
         now += Duration::from_secs(5);
         ws.handle_timeout(now);
-        assert_eq!(actions(&mut ws), [Action::End(End::Server("PONG-TIMEOUT"))]);
+        assert_eq!(
+            actions(&mut ws),
+            [Action::End(End::Server(Stop::PongTimeout))]
+        );
     }
 
     #[test]
@@ -885,7 +946,7 @@ mod tests {
             Some((1000, "TYPE-DISCONNECT".into()))
         );
         assert_eq!(
-            ws_close(&ws, End::Server("DISCONNECTED-API")),
+            ws_close(&ws, End::Server(Stop::Api)),
             Some((1000, "DISCONNECTED-API".into()))
         );
         assert_eq!(
@@ -895,7 +956,7 @@ mod tests {
         assert_eq!(ws_close(&ws, End::WebSocketLost), None);
         // DataChannel only: the reason travels on `signaling`, the
         // channels are closed, nothing goes on the (gone) WebSocket.
-        let c = dc_only.closing(&End::Server("SHUTDOWN"));
+        let c = dc_only.closing(&End::Server(Stop::Shutdown));
         assert_eq!(c.signaling, Some((1000, "SHUTDOWN".into())));
         assert_eq!(c.websocket, None);
         assert!(c.close_channels);
@@ -913,11 +974,11 @@ mod tests {
     fn nothing_happens_after_the_end() {
         let t = Instant::now();
         let mut m = Machine::new(t, rules(), mode(false, false));
-        m.on_server_end("SHUTDOWN");
+        m.on_server_end(Stop::Shutdown);
         m.on_ws_closed();
         m.on_transport_failed("x".into());
         m.handle_timeout(t + Duration::from_secs(100));
-        assert_eq!(actions(&mut m), [Action::End(End::Server("SHUTDOWN"))]);
+        assert_eq!(actions(&mut m), [Action::End(End::Server(Stop::Shutdown))]);
         assert_eq!(m.poll_timeout(), None);
     }
 }
