@@ -1,246 +1,31 @@
 //! The HTTP API: `POST /` with `x-sora-target` naming the operation, a JSON
 //! object in, a JSON object out (docs/protocol.md §6). Every error becomes a
 //! response in one place, [`ApiError::into_response`].
+//!
+//! This file routes a request to its target, parses it and answers; how a
+//! push reaches the connections is the [`crate::hub`]'s. Beside it:
+//! `listener` (accepting, TLS, the per-connection header and idle clock),
+//! `stats` (`GetStatsReport` and `GET /.hato/stats`) and `demo` (`GET
+//! /demo`).
+
+mod demo;
+mod listener;
+mod stats;
+
+pub use listener::serve;
 
 use crate::hub::{self, target, TooLarge};
-use crate::limits::{self, Refusal, Throttle};
-use crate::table::{Target, ROLES, TRANSPORTS};
-use crate::tls::Stream;
+use crate::table::Target;
 use crate::Shared;
 use bytes::Bytes;
-use hato_signaling::api::{self, Key, Operation, Scope};
+use hato_signaling::api::{self, Key, Operation};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::net::{TcpListener, TcpStream};
-
-/// Serves the API until the task is aborted. Each connection has a place
-/// under `--api-max-connections` and a [`Clock`] that closes it when a
-/// request's head is slower than `--api-header-timeout-ms` or it idles
-/// longer than `--api-idle-timeout-ms`.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    static ACCEPT_ERRORS: Throttle = Throttle::new(Duration::from_secs(1));
-    static REFUSALS: Throttle = Throttle::new(Duration::from_secs(1));
-    let (cap, per_ip) = (
-        shared.config.api_max_connections,
-        shared.config.api_max_connections_per_ip,
-    );
-    let places = shared.api_admission.clone();
-    loop {
-        let (tcp, addr) = limits::accept(&listener, "API", &ACCEPT_ERRORS).await;
-        let accepted = Instant::now();
-        let _ = tcp.set_nodelay(true);
-        let place = match places.admit(addr.ip()) {
-            Ok(place) => place,
-            Err(why) => {
-                let message = match why {
-                    Refusal::PerAddress => format!(
-                        "the API serves at most {per_ip} connections from one address (--api-max-connections-per-ip)"
-                    ),
-                    _ => format!(
-                        "the API serves at most {cap} connections (--api-max-connections)"
-                    ),
-                };
-                if let Some(folded) = REFUSALS.hit() {
-                    tracing::warn!(%addr, refused_since_last_line = folded, "API connection refused: {message}");
-                }
-                tokio::spawn(refuse_connection(shared.clone(), tcp, message));
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        let timeouts = (
-            shared.config.api_header_timeout(),
-            shared.config.api_idle_timeout(),
-        );
-        tokio::spawn(async move {
-            // The TLS handshake (with --tls-cert) has the header timeout.
-            let tcp =
-                match tokio::time::timeout(timeouts.0, Stream::accept(shared.tls.as_deref(), tcp))
-                    .await
-                {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%addr, error = %e, "API TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-            // The header clock runs from accept: a connection that sends
-            // nothing holds its place for the header timeout, not the idle
-            // one.
-            let clock = Arc::new(Clock::new(Phase::Head(accepted)));
-            let service = {
-                let clock = clock.clone();
-                service_fn(move |req| {
-                    let shared = shared.clone();
-                    let clock = clock.clone();
-                    async move {
-                        clock.set(Phase::Busy);
-                        let resp = handle(&shared, req).await;
-                        clock.set(Phase::Idle(Instant::now()));
-                        Ok::<_, Infallible>(resp)
-                    }
-                })
-            };
-            let (header_timeout, idle_timeout) = timeouts;
-            let io = Timed {
-                inner: tcp,
-                clock: clock.clone(),
-            };
-            let conn = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(io), service);
-            tokio::pin!(conn);
-            loop {
-                let deadline = clock.deadline(header_timeout, idle_timeout);
-                tokio::select! {
-                    _ = &mut conn => break,
-                    () = clock.changed.notified() => {}
-                    () = async {
-                        match deadline {
-                            Some(t) => tokio::time::sleep_until(t.into()).await,
-                            None => std::future::pending().await,
-                        }
-                    } => {
-                        if clock.deadline(header_timeout, idle_timeout).is_some_and(|t| t <= Instant::now()) {
-                            tracing::debug!(%addr, "API connection closed: header or idle timeout");
-                            break;
-                        }
-                    }
-                }
-            }
-            drop(place);
-        });
-    }
-}
-
-/// Answers a connection over `--api-max-connections` with 503 and closes
-/// it, reading what the client sent so that the close is not a reset.
-async fn refuse_connection(shared: Arc<Shared>, tcp: TcpStream, message: String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = json!({
-        "error_type": "TOO-MANY-CONNECTIONS",
-        "message": message,
-    })
-    .to_string();
-    let head = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let Ok(mut tcp) = Stream::accept(shared.tls.as_deref(), tcp).await else {
-            return;
-        };
-        let _ = tcp.write_all(format!("{head}{body}").as_bytes()).await;
-        let _ = tcp.shutdown().await;
-        let mut sink = [0u8; 4096];
-        while let Ok(1..) = tcp.read(&mut sink).await {}
-    })
-    .await;
-}
-
-/// Where one API connection is between requests.
-#[derive(Debug, Clone, Copy)]
-enum Phase {
-    /// Waiting for a request since then.
-    Idle(Instant),
-    /// The first bytes of a request's head arrived then.
-    Head(Instant),
-    /// A request is being handled (its body has its own timeout).
-    Busy,
-}
-
-/// Shared by a connection's socket wrapper, which sees a request begin,
-/// and its service, which sees it parsed and answered.
-struct Clock {
-    phase: std::sync::Mutex<Phase>,
-    changed: tokio::sync::Notify,
-}
-
-impl Clock {
-    fn new(phase: Phase) -> Clock {
-        Clock {
-            phase: std::sync::Mutex::new(phase),
-            changed: tokio::sync::Notify::new(),
-        }
-    }
-
-    fn set(&self, phase: Phase) {
-        *self.phase.lock().unwrap() = phase;
-        self.changed.notify_one();
-    }
-
-    /// Bytes came in: an idle connection has begun a request.
-    fn bytes_in(&self) {
-        let mut phase = self.phase.lock().unwrap();
-        if let Phase::Idle(_) = *phase {
-            *phase = Phase::Head(Instant::now());
-            drop(phase);
-            self.changed.notify_one();
-        }
-    }
-
-    fn deadline(&self, header: Duration, idle: Duration) -> Option<Instant> {
-        match *self.phase.lock().unwrap() {
-            Phase::Idle(since) => Some(since + idle),
-            Phase::Head(since) => Some(since + header),
-            Phase::Busy => None,
-        }
-    }
-}
-
-/// The API's TCP stream, telling its [`Clock`] when bytes arrive.
-struct Timed {
-    inner: Stream,
-    clock: Arc<Clock>,
-}
-
-impl tokio::io::AsyncRead for Timed {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.clock.bytes_in();
-        }
-        poll
-    }
-}
-
-impl tokio::io::AsyncWrite for Timed {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+use std::time::Instant;
 
 /// A failed call: status, Sora-style `error_type`, and a readable message.
 #[derive(Debug)]
@@ -366,7 +151,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
 
 async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
     if req.uri().path() == "/demo" && req.method() == Method::GET && shared.config.demo_enabled() {
-        return Ok(demo_page(shared, &req));
+        return Ok(demo::demo_page(shared, &req));
     }
     if req.uri().path() == "/.ok" && req.method() == Method::GET {
         // For load balancers: 503 from the moment shutdown begins, so
@@ -384,7 +169,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<
         }
     }
     if req.uri().path() == "/.hato/stats" && req.method() == Method::GET {
-        return Ok(json_response(StatusCode::OK, runtime_stats(shared)));
+        return Ok(json_response(StatusCode::OK, stats::runtime_stats(shared)));
     }
     if req.uri().path() != "/" {
         return Err(ApiError {
@@ -492,7 +277,7 @@ fn apply(
         Operation::Batch => unreachable!("handled above"),
         Operation::StatsReport => Ok(json_response(
             StatusCode::OK,
-            stats_report(shared).to_string(),
+            stats::stats_report(shared).to_string(),
         )),
     }
 }
@@ -556,122 +341,6 @@ fn header_safe(name: &str) -> String {
     })
 }
 
-/// `GetStatsReport`: server-wide counters (hato's own names; Sora's
-/// report is media-centric).
-fn stats_report(shared: &Shared) -> Value {
-    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let t = &shared.table.stats;
-    let e = shared.engine.stats();
-    let census = shared.table.census();
-    // Per role, over the transports `on` selects.
-    let by_role = |on: &[usize]| {
-        let mut v = serde_json::Map::new();
-        for (role, counts) in ROLES.iter().zip(census.by_role_and_transport) {
-            v.insert(
-                role.as_str().into(),
-                on.iter().map(|&t| counts[t]).sum::<usize>().into(),
-            );
-        }
-        Value::Object(v)
-    };
-    let deliveries = n(&t.deliveries);
-    let dc_deliveries = n(&t.deliveries_datachannel);
-    let hook = shared.auth_webhook.as_ref().map(|h| {
-        json!({
-            "calls": n(&h.counters.calls),
-            "allowed": n(&h.counters.allowed),
-            "denied": n(&h.counters.denied),
-            "failures": n(&h.counters.failures),
-        })
-    });
-    let events = shared.event_webhook.as_ref().map(|h| {
-        let c = &h.counters;
-        json!({
-            "queued": n(&c.queued),
-            "sent": n(&c.sent),
-            "failed_calls": n(&c.failed_calls),
-            "given_up": n(&c.given_up),
-            "dropped": n(&c.dropped),
-        })
-    });
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "node_name": shared.config.node_name(),
-        "total_connections": census.total(),
-        "connections": by_role(&[0, 1]),
-        "connections_by_transport": {
-            TRANSPORTS[0]: by_role(&[0]),
-            TRANSPORTS[1]: by_role(&[1]),
-        },
-        "signaling_connections": shared.admission.connections(),
-        "pushes": n(&t.pushes),
-        "pushes_by_target": {
-            "PushChannel": n(&t.pushes_by_target[Scope::Channel as usize]),
-            "PushClient": n(&t.pushes_by_target[Scope::Client as usize]),
-            "PushConnection": n(&t.pushes_by_target[Scope::Connection as usize]),
-            "PushChannelByRole": n(&t.pushes_by_target[Scope::ChannelByRole as usize]),
-        },
-        "deliveries": deliveries,
-        "deliveries_by_transport": {
-            "websocket": deliveries.saturating_sub(dc_deliveries),
-            "datachannel": dc_deliveries,
-        },
-        "drops": {
-            "outbox_overflow": n(&t.overflows),
-            "undeliverable": n(&t.undeliverable),
-            "channel_failures": n(&t.channel_failures),
-            "refused_connections": n(&shared.admission.refused),
-            "refused_channels": n(&e.refused_channels),
-            "failed_sends": n(&e.failed_sends),
-            "dropped_datagrams_unknown": n(&e.dropped_unknown),
-            "dropped_datagrams_integrity": n(&e.dropped_integrity),
-        },
-        "auth_webhook": hook,
-        "event_webhook": events,
-        "cluster": shared.cluster.as_ref().map(|c| {
-            let s = &c.stats;
-            let mut nodes: Vec<String> = c.live_nodes().into_iter().collect();
-            nodes.sort();
-            json!({
-                "nats": if c.available() { "connected" } else { "disconnected" },
-                "other_nodes": nodes,
-                "published": n(&s.published),
-                "received": n(&s.received),
-                "unavailable": n(&s.unavailable),
-                "resyncs": n(&s.resyncs),
-                "nodes_lost": n(&s.nodes_lost),
-                "publish_failures": n(&s.publish_failures),
-            })
-        }),
-    })
-}
-
-/// `GET /demo`: one self-contained page (compiled in) that connects as a
-/// WebRTC peer through hato's own signaling and sends pushes through the
-/// API of the same origin.
-fn demo_page(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let addr = shared.config.signaling_addr;
-    let host = if addr.ip().is_unspecified() {
-        req.headers()
-            .get(hyper::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.rsplit_once(':').map_or(Some(h), |(name, _)| Some(name)))
-            .unwrap_or("127.0.0.1")
-            .to_owned()
-    } else {
-        addr.ip().to_string()
-    };
-    let scheme = if shared.tls.is_some() { "wss" } else { "ws" };
-    let url = format!("{scheme}://{host}:{}/signaling", addr.port());
-    let page = include_str!("demo.html").replace("__SIGNALING_URL__", &url);
-    let mut resp = Response::new(Full::new(Bytes::from(page)));
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    resp
-}
-
 /// Whether the request carries `Authorization: Bearer <token>`, compared
 /// in time that does not depend on where the first difference is.
 fn bearer_matches(req: &Request<Incoming>, token: &str) -> bool {
@@ -685,31 +354,6 @@ fn bearer_matches(req: &Request<Incoming>, token: &str) -> bool {
     };
     let (a, b) = (given.trim().as_bytes(), token.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// `GET /.hato/stats`: what lives in the process now, for operators and
-/// `hato-load --churn` (sessions from accept to teardown, connections in
-/// the table, WebRTC peers in the engine, tokio tasks alive).
-fn runtime_stats(shared: &Shared) -> String {
-    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let t = &shared.table.stats;
-    let e = shared.engine.stats();
-    json!({
-        "sessions": shared.sessions.load(Ordering::Relaxed),
-        "signaling_connections": shared.admission.connections(),
-        "connections": shared.table.len(),
-        "live_peers": e.live_peers.load(Ordering::Relaxed),
-        "alive_tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
-        "refused_connections": n(&shared.admission.refused),
-        "pushes": n(&t.pushes),
-        "deliveries": n(&t.deliveries),
-        "overflows": n(&t.overflows),
-        "undeliverable": n(&t.undeliverable),
-        "channel_failures": n(&t.channel_failures),
-        "failed_sends": n(&e.failed_sends),
-        "refused_channels": n(&e.refused_channels),
-    })
-    .to_string()
 }
 
 fn too_large(limit: usize) -> ApiError {
