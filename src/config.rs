@@ -8,7 +8,7 @@ use std::time::Duration;
 /// The `a=max-message-size` hato offers: the largest DataChannel message a
 /// client may send it. Clients only send small signaling messages; RFC
 /// 8841's default of 64 KiB keeps the SCTP state the webrtc crate sizes
-/// from it small (1 MiB cost ~190 KB of RSS per peer, measured).
+/// from it small (1 MiB made each peer's RSS several times larger).
 pub const DATA_CHANNEL_RECEIVE_LIMIT: usize = 262_144;
 
 #[derive(Debug, Clone, Parser)]

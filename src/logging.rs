@@ -160,8 +160,8 @@ impl<S> Filter<S> for FloodGuard {
     /// The guard lets every level through, so the hint is HATO_LOG's
     /// alone. Without a hint the combined filter had none either, and the
     /// `log` crate's max level stayed at TRACE: every `debug!`/`trace!` in
-    /// webrtc-rs became a record that tracing then dropped (2–3 % of the
-    /// server's CPU while 1000 peers connect).
+    /// webrtc-rs became a record that tracing then dropped, a visible share
+    /// of the server's CPU during a connect storm.
     fn max_level_hint(&self) -> Option<tracing_subscriber::filter::LevelFilter> {
         Some(tracing_subscriber::filter::LevelFilter::TRACE)
     }

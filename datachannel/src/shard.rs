@@ -8,7 +8,7 @@
 //! each of those peers until it has nothing more to say: events and reads
 //! are drained *before* the last `poll_write`, since handling an event can
 //! queue writes (the order the crate's own example gets wrong, and the
-//! cause of the 200 ms stalls of the async wrapper). The datagrams of all
+//! cause of the stalls of the async wrapper). The datagrams of all
 //! peers leave together at the end of the turn.
 
 use crate::candidate::{Pace, Policy};
@@ -98,11 +98,11 @@ pub fn give_back_memory() {
 /// Fixes glibc's mmap threshold at 1 MiB (unless `MALLOC_MMAP_THRESHOLD_`
 /// is set). glibc raises the threshold each time a large mmapped block is
 /// freed, so after a connect storm later large blocks come from the
-/// threads' heaps, where they fragment: ten cycles of 500 DataChannel
-/// peers kept +36 % RSS over the first cycle with the dynamic threshold,
-/// +6.4 % with this (docs/benchmarks.md). 128 KiB did as well for memory
-/// but mmapped blocks the push path allocates and frees all the time:
-/// +20 % CPU per delivery at 25 000/s. For the server process.
+/// threads' heaps, where they fragment and RSS grows with every cycle of
+/// peers (docs/configuration.md, "Memory after bursts"). A threshold of
+/// 128 KiB did as well for memory but mmapped blocks the push path
+/// allocates and frees all the time, at a clear cost in CPU per delivery.
+/// For the server process.
 pub fn fix_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
@@ -523,9 +523,9 @@ struct Shard {
     port: u16,
     /// A client shard's peers' addresses (`None`: a server shard).
     aliases: Option<Aliases>,
-    /// Boxed: a slot holds a whole PeerConnection (~9 KB), and a table
-    /// of slots inline keeps up to twice its peers' worth of them empty
-    /// (its buckets double at 7/8 full): ~9 KB per peer at 500 a shard.
+    /// Boxed: a slot holds a whole PeerConnection, and a table of slots
+    /// inline keeps up to twice its peers' worth of them empty (its
+    /// buckets double at 7/8 full).
     peers: HashMap<PeerId, Box<PeerSlot>>,
     demux: Demux,
     next_id: PeerId,
@@ -582,7 +582,7 @@ impl Shard {
                 // connect storm: its notifies sit in SCTP queues by the
                 // hundred thousand for a few seconds, and glibc would
                 // otherwise keep that peak. Not otherwise: with a large heap
-                // a trim holds the allocator for up to ~25 ms, a stall every
+                // a trim holds the allocator long enough to be a stall every
                 // thread of the process feels.
                 if self.k == 0 && self.aliases.is_none() {
                     let created = self.common.created.load(Ordering::Relaxed);
@@ -757,8 +757,8 @@ impl Shard {
         let se = SettingEngineBuilder::new()
             .with_crypto_provider(self.common.crypto.clone())
             .with_ice_credentials(ufrag.clone(), pwd.clone())
-            // A 20 ms check interval: the default 200 ms, with the first
-            // check lost to ordering, made connects take ~400 ms on loopback.
+            // A short check interval: with the default one, and the first
+            // check lost to ordering, a connect waited two intervals.
             .with_ice_connection_attempts(Some(Duration::from_millis(20)), Some(50))
             .with_ice_timeouts(
                 Some(Duration::from_secs(4)),

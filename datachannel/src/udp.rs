@@ -48,7 +48,7 @@ impl SharedSocket {
         let state = quinn_udp::UdpSocketState::new((&std).into())?;
         // quinn-udp asks for a receive timestamp and the TOS byte of every
         // datagram; hato reads neither, and each is a control message the
-        // kernel builds per datagram (~8 % of receiving junk).
+        // kernel builds per datagram.
         for (level, name) in [
             (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS),
             (libc::IPPROTO_IP, libc::IP_RECVTOS),

@@ -9,10 +9,10 @@ use bytes::Bytes;
 
 /// mimalloc instead of glibc's malloc: every delivery allocates and frees
 /// a few small buffers on the engine threads, where glibc's malloc/free
-/// were ~10 % of the profile, and the load client shares the machine with
+/// were a large share of the profile, and the load client shares the machine with
 /// the server it measures. (The server keeps glibc's malloc: with
 /// `malloc_trim` it hands a connect storm's memory back to the kernel,
-/// which mimalloc did not: 196 MB stayed resident after 1000 peers left.)
+/// which mimalloc did not: most of it stayed resident after the peers left.)
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, ValueEnum};
@@ -177,8 +177,8 @@ struct Seq {
 struct PeerRecord {
     /// (seq, latency µs) of each first receipt: the latency histogram and
     /// the last-peer latency are built from these when the run ends. (A
-    /// histogram per peer was 172 KB, allocated and zeroed by all peers at
-    /// once on the first push: 1000 peers made that push 150-230 ms late.)
+    /// histogram per peer, allocated and zeroed by all peers at once on the
+    /// first push, made that push late by far more than its latency.)
     firsts: Vec<(u64, u64)>,
     seen: Vec<bool>,
     received: u64,
