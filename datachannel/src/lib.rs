@@ -247,7 +247,7 @@ impl Engine {
         labels: &[&str],
     ) -> Result<(Peer, String, mpsc::Receiver<PeerEvent>), Error> {
         let labels = labels.iter().map(|l| Arc::<str>::from(*l)).collect();
-        self.create(shard::Role::Offer { labels }).await
+        self.create(shard::Side::Offer { labels }).await
     }
 
     /// The answering (client) side: applies `offer_sdp`, answers with the
@@ -256,7 +256,7 @@ impl Engine {
         &self,
         offer_sdp: &str,
     ) -> Result<(Peer, String, mpsc::Receiver<PeerEvent>), Error> {
-        self.create(shard::Role::Answer {
+        self.create(shard::Side::Answer {
             offer: offer_sdp.to_owned(),
         })
         .await
@@ -264,13 +264,13 @@ impl Engine {
 
     async fn create(
         &self,
-        role: shard::Role,
+        side: shard::Side,
     ) -> Result<(Peer, String, mpsc::Receiver<PeerEvent>), Error> {
         let shard = self.pick();
         let (events, events_rx) = mpsc::channel(EVENT_BUFFER);
         let (reply, reply_rx) = oneshot::channel();
         shard.command(shard::Command::Create {
-            role,
+            side,
             events,
             reply,
         });

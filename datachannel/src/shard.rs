@@ -129,14 +129,15 @@ const CLIENT_RECV_BUFFER: usize = 64 << 20;
 /// `m=application` section open when no channel is offered.
 const QUIET_LABEL: &str = "hato-sctp";
 
-pub enum Role {
+/// Which side of the offer/answer exchange a new peer takes.
+pub enum Side {
     Offer { labels: Vec<Arc<str>> },
     Answer { offer: String },
 }
 
 pub enum Command {
     Create {
-        role: Role,
+        side: Side,
         events: mpsc::Sender<PeerEvent>,
         reply: oneshot::Sender<Result<(PeerId, String), Error>>,
     },
@@ -649,11 +650,11 @@ impl Shard {
     fn on_command(&mut self, c: Command, now: Instant) {
         match c {
             Command::Create {
-                role,
+                side,
                 events,
                 reply,
             } => {
-                let _ = reply.send(self.create(role, events, now));
+                let _ = reply.send(self.create(side, events, now));
             }
             Command::Answer { id, sdp, reply } => {
                 let _ = reply.send(self.apply_answer(id, sdp, now));
@@ -735,7 +736,7 @@ impl Shard {
 
     fn create(
         &mut self,
-        role: Role,
+        side: Side,
         events: mpsc::Sender<PeerEvent>,
         now: Instant,
     ) -> Result<(PeerId, String), Error> {
@@ -810,9 +811,9 @@ impl Shard {
                 .map_err(e)
         };
         let mut channels = Vec::new();
-        let offerer = matches!(role, Role::Offer { .. });
-        match role {
-            Role::Offer { labels } => {
+        let offerer = matches!(side, Side::Offer { .. });
+        match side {
+            Side::Offer { labels } => {
                 if labels.is_empty() {
                     let init = RTCDataChannelInit {
                         negotiated: Some(0),
@@ -831,7 +832,7 @@ impl Shard {
                 pc.set_local_description(now, offer).map_err(e)?;
                 add_candidates(&mut pc)?;
             }
-            Role::Answer { offer } => {
+            Side::Answer { offer } => {
                 let offer = RTCSessionDescription::offer(offer).map_err(e)?;
                 pc.set_remote_description(now, offer).map_err(e)?;
                 add_candidates(&mut pc)?;
