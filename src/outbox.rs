@@ -272,8 +272,10 @@ impl Sender {
 
     /// After `switched`: sends what is still queued on the DataChannels and
     /// routes later pushes straight to the engine, under the route's lock
-    /// (see the module comment). Returns the WebSocket-only items found.
-    fn take_route(&mut self, rx: &mut mpsc::Receiver<Out>) -> Vec<Out> {
+    /// (see the module comment). Returns, in order, the texts queued for
+    /// the WebSocket whatever the switch: signaling messages, and pushes
+    /// too large for this peer's DataChannel.
+    fn take_route(&mut self, rx: &mut mpsc::Receiver<Out>) -> Vec<Utf8Bytes> {
         let mut later = Vec::new();
         let mut route = self.route.lock().unwrap();
         while let Ok(item) = rx.try_recv() {
@@ -281,7 +283,10 @@ impl Sender {
             match item {
                 Out::Push(frame) => self.dc_send("push", &frame),
                 Out::Notify(frame) => self.dc_send("notify", &frame),
-                other => later.push(other),
+                Out::Ws(text) => later.push(text.into()),
+                Out::PushWs(frame) => later.push(frame.text.clone()),
+                // One switch per connection: a second has nothing to do.
+                Out::Switch { .. } => {}
             }
         }
         *route = Route::DataChannel {
@@ -315,16 +320,8 @@ impl Sender {
                     // Nothing more goes on the WebSocket in this mode (§3.9).
                     self.ws = None;
                 }
-                // Queued behind `switched` for the WebSocket: a signaling
-                // message, or a push too large for this peer's DataChannel.
-                for item in self.take_route(rx) {
-                    match item {
-                        Out::Ws(text) => self.ws_feed(text.into()).await,
-                        Out::PushWs(frame) => self.ws_feed(frame.text.clone()).await,
-                        Out::Push(_) | Out::Notify(_) | Out::Switch { .. } => {
-                            unreachable!("take_route sends these itself; one switch per connection")
-                        }
-                    }
+                for text in self.take_route(rx) {
+                    self.ws_feed(text).await;
                 }
             }
         }
