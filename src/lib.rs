@@ -150,21 +150,25 @@ impl Server {
                 ))
             }
         };
-        let cluster = match &config.cluster_nats_url {
-            Some(urls) => Some(
-                cluster::Cluster::connect(
-                    urls,
+        let broker: Option<Arc<dyn cluster::Broker>> = match &config.cluster_nats_url {
+            Some(urls) => Some(Arc::new(
+                cluster::nats(urls, &config.node_name())
+                    .await
+                    .map_err(std::io::Error::other)?,
+            )),
+            None => None,
+        };
+        let shared = Arc::new_cyclic(|me| Shared {
+            cluster: broker.map(|broker| {
+                Arc::new(cluster::Cluster::new(
+                    broker,
                     config.node_name(),
                     std::time::Duration::from_millis(config.cluster_node_timeout_ms.max(300)),
                     std::time::Duration::from_millis(config.cluster_request_timeout_ms.max(1)),
-                )
-                .await
-                .map_err(std::io::Error::other)?,
-            ),
-            None => None,
-        };
-        let shared = Arc::new(Shared {
-            cluster,
+                    cluster::Limits::of(&config),
+                    me.clone(),
+                ))
+            }),
             idempotency: idempotency::Store::new(
                 std::time::Duration::from_secs(config.idempotency_window),
                 config.idempotency_max_keys,
@@ -183,7 +187,7 @@ impl Server {
             shutdown: tokio::sync::watch::Sender::new(false),
         });
         if let Some(cluster) = &shared.cluster {
-            cluster.start(Arc::downgrade(&shared));
+            cluster.start();
         }
         let (signaling_addr, api_addr) = (signaling.local_addr()?, api.local_addr()?);
         let mut tasks = vec![

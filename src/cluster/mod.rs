@@ -23,19 +23,30 @@
 //! Without a NATS connection a push that needs other nodes gets 503
 //! `CLUSTER-UNAVAILABLE` and is delivered nowhere; the client reconnects by
 //! itself.
+//!
+//! The rules of presence (epochs, gaps, snapshots, expiry, the limits
+//! another node is held to) are a sans-I/O machine in [`presence`]; this
+//! module is its shell, and reaches the broker only through [`Broker`]
+//! (NATS is the one implementation, in [`broker`]).
+
+mod broker;
+mod presence;
+
+pub use broker::{nats, Broker};
+pub use presence::Limits;
 
 use crate::hub::{self, Origin};
 use crate::outbox::Frame;
 use crate::table::{Conn, Member, Target};
 use crate::Shared;
-use async_nats::connection::State;
 use bytes::Bytes;
 use futures_util::StreamExt;
+use presence::{Announcement, Effect, Nodes, Snapshot};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -44,63 +55,11 @@ const PRESENCE: &str = "hato.presence";
 pub const LIST: &str = "hato.list";
 /// Messages waiting for the NATS client, in order; beyond, pushes get 503.
 const QUEUE: usize = 65_536;
-/// Events of one node kept while its snapshot is awaited, at most.
-const MAX_BUFFERED: usize = 100_000;
 /// The most one reply message carries (NATS refuses over 1 MiB by default).
 const CHUNK_BYTES: usize = 512 * 1024;
-/// Other nodes followed at most; a presence message from one more is
-/// ignored.
-const MAX_NODES: usize = 1024;
 /// The bytes of one node's answer to a snapshot or listing request, at
 /// most: 50 000 members (the default --max-connections) of ~10 KB each.
 const MAX_ANSWER_BYTES: usize = 512 << 20;
-/// A member's `created_time` (RFC 3339), at most.
-const MAX_TIME_BYTES: usize = 64;
-
-/// Whether another node's member fits the limits this node holds its own
-/// connections to: ids and the node name of at most 255 bytes, notify
-/// metadata within --notify-metadata-limit, the auth webhook's metadata
-/// within --connect-metadata-limit each.
-fn member_fits(m: &Member, cfg: &crate::Config) -> Result<(), &'static str> {
-    let id = hato_signaling::connect::MAX_ID_BYTES;
-    if [
-        &m.connection_id,
-        &m.client_id,
-        &m.bundle_id,
-        &m.channel_id,
-        &m.session_id,
-    ]
-    .iter()
-    .any(|s| s.len() > id)
-        || m.node.len() > id
-        || m.created_time.len() > MAX_TIME_BYTES
-    {
-        return Err("an id longer than 255 bytes");
-    }
-    let len = |v: &Option<serde_json::Value>| {
-        v.as_ref().map_or(0, |v| {
-            serde_json::to_string(v).map_or(usize::MAX, |t| t.len())
-        })
-    };
-    let meta = &m.notify_metadata;
-    if len(&meta.metadata) > cfg.notify_metadata_limit
-        || len(&meta.authn_metadata) > cfg.connect_metadata_limit
-        || len(&meta.authz_metadata) > cfg.connect_metadata_limit
-    {
-        return Err("metadata over this node's limits");
-    }
-    Ok(())
-}
-
-/// Whether `m`, announced by `node`, may join this node's view of it: one
-/// of that node's own connections, within this node's limits
-/// ([`member_fits`]).
-fn member_of(node: &str, m: &Member, cfg: &crate::Config) -> Result<(), &'static str> {
-    if m.node != node {
-        return Err("a member of another node");
-    }
-    member_fits(m, cfg)
-}
 
 /// Counts and logs (at most once a second) what another node announced
 /// beyond this node's limits.
@@ -134,45 +93,6 @@ fn channel_subject(channel_id: &str) -> String {
 
 fn snapshot_subject(node: &str) -> String {
     format!("hato.snapshot.{}", token(node))
-}
-
-/// What one node tells the others about its connections.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
-enum Presence {
-    Heartbeat {
-        node: String,
-        epoch: u64,
-        seq: u64,
-    },
-    Join {
-        node: String,
-        epoch: u64,
-        seq: u64,
-        member: Member,
-    },
-    Leave {
-        node: String,
-        epoch: u64,
-        seq: u64,
-        channel_id: Arc<str>,
-        connection_id: Arc<str>,
-    },
-    Bye {
-        node: String,
-        epoch: u64,
-    },
-}
-
-impl Presence {
-    fn sender(&self) -> (&str, u64) {
-        match self {
-            Presence::Heartbeat { node, epoch, .. }
-            | Presence::Join { node, epoch, .. }
-            | Presence::Leave { node, epoch, .. }
-            | Presence::Bye { node, epoch } => (node, *epoch),
-        }
-    }
 }
 
 /// One push or disconnect as it crosses to the other nodes.
@@ -252,7 +172,7 @@ struct Sub {
 pub struct Cluster {
     pub node: Arc<str>,
     epoch: u64,
-    client: async_nats::Client,
+    broker: Arc<dyn Broker>,
     out: mpsc::Sender<(String, Bytes)>,
     out_rx: Mutex<Option<mpsc::Receiver<(String, Bytes)>>>,
     /// Held while a push is delivered here and queued for the others, so
@@ -262,7 +182,10 @@ pub struct Cluster {
     channels: Mutex<HashMap<Arc<str>, Sub>>,
     /// The other nodes heard from within the node timeout.
     live: Mutex<HashSet<String>>,
-    shared: OnceLock<Weak<Shared>>,
+    /// The node this is a member for: where remote pushes are delivered
+    /// and remote connections counted.
+    shared: Weak<Shared>,
+    limits: Limits,
     node_timeout: Duration,
     pub request_timeout: Duration,
     pub stats: ClusterStats,
@@ -319,62 +242,18 @@ impl Drop for ChannelGuard {
 }
 
 impl Cluster {
-    /// Makes the NATS client. It connects, and reconnects, in the
-    /// background: a node starts even when NATS is down.
-    pub async fn connect(
-        urls: &str,
+    /// A cluster member named `node` over `broker`, for the node whose
+    /// state is `shared`; [`Cluster::start`] sets it going.
+    pub fn new(
+        broker: Arc<dyn Broker>,
         node: String,
         node_timeout: Duration,
         request_timeout: Duration,
-    ) -> Result<Arc<Cluster>, String> {
-        let addrs = urls
-            .split(',')
-            .map(|u| {
-                u.trim().parse::<async_nats::ServerAddr>().map_err(|e| {
-                    let u = crate::config_file::redact_urls(u.trim());
-                    format!("--cluster-nats-url {u:?}: {e}")
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let name = node.clone();
-        // async-nats parses credentials in a URL but does not send them:
-        // take them from the first URL that has some.
-        let mut options = async_nats::ConnectOptions::new();
-        if let Some(addr) = addrs.iter().find(|a| a.username().is_some()) {
-            let user = addr.username().unwrap_or_default().to_owned();
-            options = match addr.password() {
-                Some(pass) => options.user_and_password(user, pass.to_owned()),
-                None => options.token(user),
-            };
-        }
-        let client = options
-            .name(format!("hato {node}"))
-            .no_echo()
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .connection_timeout(Duration::from_secs(2))
-            .ping_interval(Duration::from_secs(5))
-            .reconnect_delay_callback(|n| Duration::from_millis((50u64 << n.min(5)).min(1000)))
-            .event_callback(move |event| {
-                let name = name.clone();
-                async move {
-                    match event {
-                        async_nats::Event::Connected => {
-                            tracing::info!(node = %name, "cluster: connected to NATS")
-                        }
-                        async_nats::Event::Disconnected => tracing::warn!(
-                            node = %name,
-                            "cluster: NATS connection lost; pushes that need other nodes get 503 until it is back"
-                        ),
-                        other => tracing::warn!(node = %name, "cluster: NATS {other}"),
-                    }
-                }
-            })
-            .connect(addrs)
-            .await
-            .map_err(|e| format!("--cluster-nats-url: {e}"))?;
+        limits: Limits,
+        shared: Weak<Shared>,
+    ) -> Cluster {
         let (out, out_rx) = mpsc::channel(QUEUE);
-        Ok(Arc::new(Cluster {
+        Cluster {
             node: node.into(),
             // Random per start: tells a restarted node from its old self.
             epoch: {
@@ -383,24 +262,24 @@ impl Cluster {
                     .build_hasher()
                     .finish()
             },
-            client,
+            broker,
             out,
             out_rx: Mutex::new(Some(out_rx)),
             order: Mutex::new(()),
             mine: Mutex::default(),
             channels: Mutex::default(),
             live: Mutex::default(),
-            shared: OnceLock::new(),
+            shared,
+            limits,
             node_timeout,
             request_timeout,
             stats: ClusterStats::default(),
             tasks: Mutex::default(),
-        }))
+        }
     }
 
     /// Starts the publisher, the presence and the responders.
-    pub fn start(self: &Arc<Self>, shared: Weak<Shared>) {
-        let _ = self.shared.set(shared);
+    pub fn start(self: &Arc<Self>) {
         let rx = self.out_rx.lock().unwrap().take().expect("started once");
         let mut tasks = self.tasks.lock().unwrap();
         tasks.push(tokio::spawn(publisher(self.clone(), rx)));
@@ -419,7 +298,7 @@ impl Cluster {
 
     /// Whether NATS is reachable now.
     pub fn available(&self) -> bool {
-        self.client.connection_state() == State::Connected
+        self.broker.available()
     }
 
     /// The other nodes alive now, by name.
@@ -487,7 +366,7 @@ impl Cluster {
         mine.seq += 1;
         mine.members
             .insert(member.connection_id.clone(), member.clone());
-        let msg = Presence::Join {
+        let msg = Announcement::Join {
             node: self.node.to_string(),
             epoch: self.epoch,
             seq: mine.seq,
@@ -503,7 +382,7 @@ impl Cluster {
             return;
         }
         mine.seq += 1;
-        let msg = Presence::Leave {
+        let msg = Announcement::Leave {
             node: self.node.to_string(),
             epoch: self.epoch,
             seq: mine.seq,
@@ -516,7 +395,7 @@ impl Cluster {
     /// Queues a presence message behind everything this node sent before;
     /// a message that does not fit is lost, and the gap it leaves in the
     /// sequence makes the others ask for a snapshot.
-    fn queue(&self, subject: &str, msg: &Presence) {
+    fn queue(&self, subject: &str, msg: &Announcement) {
         let payload = serde_json::to_vec(msg).expect("presence serialises");
         if self
             .out
@@ -529,7 +408,7 @@ impl Cluster {
 
     fn heartbeat(&self) {
         let mine = self.mine.lock().unwrap();
-        let msg = Presence::Heartbeat {
+        let msg = Announcement::Heartbeat {
             node: self.node.to_string(),
             epoch: self.epoch,
             seq: mine.seq,
@@ -542,7 +421,7 @@ impl Cluster {
     pub async fn goodbye(&self) {
         self.queue(
             PRESENCE,
-            &Presence::Bye {
+            &Announcement::Bye {
                 node: self.node.to_string(),
                 epoch: self.epoch,
             },
@@ -551,7 +430,7 @@ impl Cluster {
         while self.out.capacity() < QUEUE && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.broker.flush()).await;
         self.stop();
     }
 
@@ -575,14 +454,14 @@ impl Cluster {
         if !self.available() {
             return Err(self.unavailable());
         }
-        let inbox = self.client.new_inbox();
+        let inbox = self.broker.new_inbox();
         let mut sub = self
-            .client
+            .broker
             .subscribe(inbox.clone())
             .await
             .map_err(|_| self.unavailable())?;
-        self.client
-            .publish_with_reply(subject, inbox, request)
+        self.broker
+            .request(subject, inbox, request)
             .await
             .map_err(|_| self.unavailable())?;
         let mut parts: HashMap<String, (usize, Answer)> = HashMap::new();
@@ -645,7 +524,7 @@ impl Cluster {
 async fn publisher(cluster: Arc<Cluster>, mut rx: mpsc::Receiver<(String, Bytes)>) {
     static FAILURES: crate::limits::Throttle = crate::limits::Throttle::new(Duration::from_secs(1));
     while let Some((subject, payload)) = rx.recv().await {
-        match cluster.client.publish(subject, payload).await {
+        match cluster.broker.publish(subject, payload).await {
             Ok(()) => cluster.stats.published.fetch_add(1, Ordering::Relaxed),
             Err(e) => {
                 if let Some(folded) = FAILURES.hit() {
@@ -662,7 +541,7 @@ async fn publisher(cluster: Arc<Cluster>, mut rx: mpsc::Receiver<(String, Bytes)
 
 /// Receives one channel's pushes and disconnects from the other nodes.
 async fn channel_task(cluster: Arc<Cluster>, channel_id: Arc<str>, ready: watch::Sender<bool>) {
-    let mut sub = match cluster.client.subscribe(channel_subject(&channel_id)).await {
+    let mut sub = match cluster.broker.subscribe(channel_subject(&channel_id)).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(%channel_id, error = %e, "cluster: could not subscribe");
@@ -673,10 +552,10 @@ async fn channel_task(cluster: Arc<Cluster>, channel_id: Arc<str>, ready: watch:
     // The server has the subscription once it answers a ping sent after
     // it (when connected; else the client subscribes again on reconnect).
     if cluster.available() {
-        let _ = tokio::time::timeout(cluster.request_timeout, cluster.client.flush()).await;
+        let _ = tokio::time::timeout(cluster.request_timeout, cluster.broker.flush()).await;
     }
     let _ = ready.send(true);
-    let weak = cluster.shared.get().cloned().unwrap_or_default();
+    let weak = cluster.shared.clone();
     drop(cluster);
     while let Some(msg) = sub.next().await {
         let Some(shared) = weak.upgrade() else { break };
@@ -696,7 +575,7 @@ enum Request {
 /// Answers snapshot or listing requests with this node's connections, in
 /// parts of at most [`CHUNK_BYTES`].
 async fn responder(cluster: Arc<Cluster>, subject: String, kind: Request) {
-    let Ok(mut sub) = cluster.client.subscribe(subject).await else {
+    let Ok(mut sub) = cluster.broker.subscribe(subject).await else {
         return;
     };
     while let Some(msg) = sub.next().await {
@@ -712,7 +591,7 @@ async fn responder(cluster: Arc<Cluster>, subject: String, kind: Request) {
                 (mine.seq, items)
             }
             Request::List => {
-                let Some(shared) = cluster.shared.get().and_then(Weak::upgrade) else {
+                let Some(shared) = cluster.shared.upgrade() else {
                     continue;
                 };
                 let channel = serde_json::from_slice::<serde_json::Value>(&msg.payload)
@@ -726,7 +605,7 @@ async fn responder(cluster: Arc<Cluster>, subject: String, kind: Request) {
             }
         };
         for part in chunks(&cluster.node, cluster.epoch, seq, &items) {
-            let _ = cluster.client.publish(reply.clone(), part).await;
+            let _ = cluster.broker.publish(reply.clone(), part).await;
         }
     }
 }
@@ -757,130 +636,95 @@ fn chunks(node: &str, epoch: u64, seq: u64, items: &[String]) -> Vec<Bytes> {
         .collect()
 }
 
-/// What this node knows of another.
-struct View {
-    epoch: u64,
-    last_seen: Instant,
-    /// The last of its events applied.
-    seq: u64,
-    members: HashMap<Arc<str>, Arc<Member>>,
-    /// Waiting for a snapshot: the events that came meanwhile.
-    syncing: Option<Vec<Presence>>,
-    /// A snapshot request is out.
-    fetching: bool,
-}
-
-/// Follows the other nodes' presence; sends this node's heartbeats.
+/// Follows the other nodes' presence ([`Nodes`]) and carries out what it
+/// decides; sends this node's heartbeats.
 async fn presence(cluster: Arc<Cluster>) {
-    let Ok(mut sub) = cluster.client.subscribe(PRESENCE).await else {
+    let Ok(mut sub) = cluster.broker.subscribe(PRESENCE.into()).await else {
         tracing::error!("cluster: could not subscribe to presence");
         return;
     };
-    let (snap_tx, mut snap_rx) = mpsc::unbounded_channel::<(String, u64, Option<Answer>)>();
-    let mut views: HashMap<String, View> = HashMap::new();
+    let (snap_tx, mut snap_rx) = mpsc::unbounded_channel::<(String, u64, Option<Snapshot>)>();
+    let mut nodes = Nodes::new(
+        cluster.node.clone(),
+        cluster.epoch,
+        cluster.node_timeout,
+        cluster.limits,
+    );
     let mut tick = tokio::time::interval(cluster.node_timeout / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut name_clash: Option<Instant> = None;
+    let mut effects = Vec::new();
     loop {
         tokio::select! {
             msg = sub.next() => {
                 let Some(msg) = msg else { break };
-                let Ok(event) = serde_json::from_slice::<Presence>(&msg.payload) else {
+                let Ok(event) = serde_json::from_slice::<Announcement>(&msg.payload) else {
                     tracing::debug!("cluster: unreadable presence message");
                     continue;
                 };
-                let (node, epoch) = event.sender();
-                if node.len() > hato_signaling::connect::MAX_ID_BYTES
-                    || (views.len() >= MAX_NODES && !views.contains_key(node))
-                {
-                    refuse(&cluster, node, "a node name over 255 bytes, or one node too many");
-                    continue;
-                }
-                if node == &*cluster.node {
-                    if epoch != cluster.epoch
-                        && name_clash.is_none_or(|t| t.elapsed() > Duration::from_secs(10))
-                    {
-                        name_clash = Some(Instant::now());
-                        tracing::error!(node, "cluster: another node uses this node's name; give each node its own --node-name");
-                    }
-                    continue;
-                }
-                on_presence(&cluster, &mut views, event, &snap_tx);
+                nodes.on_announcement(Instant::now(), event, &mut effects);
             }
             Some((node, epoch, answer)) = snap_rx.recv() => {
-                on_snapshot(&cluster, &mut views, &node, epoch, answer, &snap_tx);
+                nodes.on_snapshot(&node, epoch, answer, &mut effects);
             }
             _ = tick.tick() => {
                 cluster.heartbeat();
-                expire(&cluster, &mut views, &snap_tx);
+                nodes.on_tick(Instant::now(), &mut effects);
             }
+        }
+        for effect in effects.drain(..) {
+            carry_out(&cluster, effect, &snap_tx);
         }
     }
 }
 
-fn on_presence(
+fn carry_out(
     cluster: &Arc<Cluster>,
-    views: &mut HashMap<String, View>,
-    event: Presence,
-    snap_tx: &mpsc::UnboundedSender<(String, u64, Option<Answer>)>,
+    effect: Effect,
+    snap_tx: &mpsc::UnboundedSender<(String, u64, Option<Snapshot>)>,
 ) {
-    let (node, epoch) = event.sender();
-    let node = node.to_owned();
-    if let Presence::Bye { .. } = event {
-        if views.get(&node).is_some_and(|v| v.epoch == epoch) {
-            tracing::info!(node, "cluster: node left");
-            drop_node(cluster, views, &node);
+    match effect {
+        Effect::Up(node) => {
+            cluster.live.lock().unwrap().insert(node);
         }
-        return;
-    }
-    if views.get(&node).is_some_and(|v| v.epoch != epoch) {
-        tracing::info!(node, "cluster: node restarted");
-        drop_node(cluster, views, &node);
-    }
-    let view = views.entry(node.clone()).or_insert_with(|| {
-        tracing::info!(node, "cluster: node joined");
-        View {
-            epoch,
-            last_seen: Instant::now(),
-            seq: 0,
-            members: HashMap::new(),
-            syncing: Some(Vec::new()),
-            fetching: false,
+        Effect::Down(node) => {
+            cluster.live.lock().unwrap().remove(&node);
         }
-    });
-    view.last_seen = Instant::now();
-    cluster.live.lock().unwrap().insert(node.clone());
-    if view.syncing.is_none() {
-        let behind = match &event {
-            Presence::Heartbeat { seq, .. } => *seq > view.seq,
-            Presence::Join { seq, .. } | Presence::Leave { seq, .. } => *seq > view.seq + 1,
-            Presence::Bye { .. } => false,
-        };
-        if behind {
+        Effect::Joined(member) => {
+            if let Some(shared) = cluster.shared.upgrade() {
+                if let Some(Some(announce)) = shared.table.insert_remote(member) {
+                    announce.send();
+                }
+            }
+        }
+        Effect::Left(member) => {
+            if let Some(shared) = cluster.shared.upgrade() {
+                if let Some(announce) = shared.table.remove_remote(&member) {
+                    announce.send();
+                }
+            }
+        }
+        Effect::Fetch { node, epoch } => fetch_snapshot(cluster, node, epoch, snap_tx.clone()),
+        Effect::Resync(node) => {
             cluster.stats.resyncs.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 node,
                 "cluster: missed some of a node's announcements; asking for a snapshot"
             );
-            view.syncing = Some(Vec::new());
         }
-    }
-    match &mut view.syncing {
-        Some(buffer) => {
-            if !matches!(event, Presence::Heartbeat { .. }) {
-                if buffer.len() >= MAX_BUFFERED {
-                    // The snapshot will be older than what was dropped
-                    // here, and the next gap asks for another.
-                    buffer.clear();
-                }
-                buffer.push(event);
-            }
-            if !view.fetching {
-                view.fetching = true;
-                fetch_snapshot(cluster, node, epoch, snap_tx.clone());
-            }
+        Effect::Lost { node, connections } => {
+            cluster.stats.nodes_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                node,
+                connections,
+                "cluster: node not heard from for {} ms; its connections leave the counts",
+                cluster.node_timeout.as_millis()
+            );
         }
-        None => apply(cluster, view, event),
+        Effect::Refused { node, why } => refuse(cluster, &node, why),
+        Effect::NameClash => tracing::error!(
+            node = %cluster.node,
+            "cluster: another node uses this node's name; give each node its own --node-name"
+        ),
     }
 }
 
@@ -888,14 +732,22 @@ fn fetch_snapshot(
     cluster: &Arc<Cluster>,
     node: String,
     epoch: u64,
-    tx: mpsc::UnboundedSender<(String, u64, Option<Answer>)>,
+    tx: mpsc::UnboundedSender<(String, u64, Option<Snapshot>)>,
 ) {
     let cluster = cluster.clone();
     tokio::spawn(async move {
         let subject = snapshot_subject(&node);
         let expect = HashSet::from([node.clone()]);
         let answer = match cluster.gather(subject, Bytes::new(), expect).await {
-            Ok((mut answers, _)) => answers.remove(&node).filter(|a| a.epoch == epoch),
+            Ok((mut answers, _)) => {
+                answers
+                    .remove(&node)
+                    .filter(|a| a.epoch == epoch)
+                    .map(|a| Snapshot {
+                        seq: a.seq,
+                        members: a.items,
+                    })
+            }
             Err(_) => None,
         };
         if answer.is_none() {
@@ -904,181 +756,6 @@ fn fetch_snapshot(
         }
         let _ = tx.send((node, epoch, answer));
     });
-}
-
-fn on_snapshot(
-    cluster: &Arc<Cluster>,
-    views: &mut HashMap<String, View>,
-    node: &str,
-    epoch: u64,
-    answer: Option<Answer>,
-    snap_tx: &mpsc::UnboundedSender<(String, u64, Option<Answer>)>,
-) {
-    let Some(view) = views.get_mut(node).filter(|v| v.epoch == epoch) else {
-        return;
-    };
-    view.fetching = false;
-    let Some(answer) = answer else {
-        tracing::warn!(node, "cluster: no snapshot from node; asking again");
-        view.fetching = true;
-        fetch_snapshot(cluster, node.to_owned(), epoch, snap_tx.clone());
-        return;
-    };
-    let shared = cluster.shared.get().and_then(Weak::upgrade);
-    let Some(cfg) = shared.as_ref().map(|s| &s.config) else {
-        return;
-    };
-    let members: HashMap<Arc<str>, Arc<Member>> = answer
-        .items
-        .iter()
-        .filter_map(|raw| serde_json::from_str::<Member>(raw.get()).ok())
-        .filter(|m| match member_of(node, m, cfg) {
-            Ok(()) => true,
-            Err(why) => {
-                refuse(cluster, node, why);
-                false
-            }
-        })
-        .map(|m| (m.connection_id.clone(), Arc::new(m)))
-        .collect();
-    if cfg.max_connections > 0 && members.len() > cfg.max_connections {
-        refuse(cluster, node, "a snapshot over --max-connections members");
-        return;
-    }
-    // What changed while this node was not listening.
-    let gone: Vec<Arc<Member>> = view
-        .members
-        .values()
-        .filter(|m| !members.contains_key(&m.connection_id))
-        .cloned()
-        .collect();
-    for m in gone {
-        view.members.remove(&m.connection_id);
-        if let Some(shared) = &shared {
-            member_left(shared, &m);
-        }
-    }
-    for (id, m) in members {
-        if let std::collections::hash_map::Entry::Vacant(e) = view.members.entry(id) {
-            e.insert(m.clone());
-            if let Some(shared) = &shared {
-                member_joined(shared, m);
-            }
-        }
-    }
-    view.seq = answer.seq;
-    let buffered = view.syncing.take().unwrap_or_default();
-    for event in buffered {
-        let seq = match &event {
-            Presence::Join { seq, .. } | Presence::Leave { seq, .. } => *seq,
-            _ => continue,
-        };
-        if seq <= view.seq {
-            continue;
-        }
-        if seq > view.seq + 1 {
-            // Still a hole: start over.
-            view.syncing = Some(Vec::new());
-            view.fetching = true;
-            fetch_snapshot(cluster, node.to_owned(), epoch, snap_tx.clone());
-            return;
-        }
-        apply(cluster, view, event);
-    }
-}
-
-/// Applies the next event of a node in sync.
-fn apply(cluster: &Cluster, view: &mut View, event: Presence) {
-    let shared = cluster.shared.get().and_then(Weak::upgrade);
-    match event {
-        Presence::Join {
-            seq, member, node, ..
-        } if seq == view.seq + 1 => {
-            view.seq = seq;
-            let Some(shared) = &shared else { return };
-            let cfg = &shared.config;
-            let full = cfg.max_connections > 0 && view.members.len() >= cfg.max_connections;
-            let fits = match member_of(&node, &member, cfg) {
-                Ok(()) if full => Err("more members than --max-connections"),
-                fits => fits,
-            };
-            if let Err(why) = fits {
-                // Its place in the sequence is taken all the same: the
-                // next event follows on.
-                refuse(cluster, &node, why);
-                return;
-            }
-            let shared = Some(shared);
-            let member = Arc::new(member);
-            view.members
-                .insert(member.connection_id.clone(), member.clone());
-            if let Some(shared) = &shared {
-                member_joined(shared, member);
-            }
-        }
-        Presence::Leave {
-            seq, connection_id, ..
-        } if seq == view.seq + 1 => {
-            view.seq = seq;
-            if let Some(m) = view.members.remove(&connection_id) {
-                if let Some(shared) = &shared {
-                    member_left(shared, &m);
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
-/// Drops the nodes not heard from within the node timeout.
-fn expire(
-    cluster: &Arc<Cluster>,
-    views: &mut HashMap<String, View>,
-    _snap_tx: &mpsc::UnboundedSender<(String, u64, Option<Answer>)>,
-) {
-    let silent: Vec<String> = views
-        .iter()
-        .filter(|(_, v)| v.last_seen.elapsed() > cluster.node_timeout)
-        .map(|(n, _)| n.clone())
-        .collect();
-    for node in silent {
-        let n = views.get(&node).map_or(0, |v| v.members.len());
-        tracing::warn!(
-            node,
-            connections = n,
-            "cluster: node not heard from for {} ms; its connections leave the counts",
-            cluster.node_timeout.as_millis()
-        );
-        cluster.stats.nodes_lost.fetch_add(1, Ordering::Relaxed);
-        drop_node(cluster, views, &node);
-    }
-}
-
-fn drop_node(cluster: &Cluster, views: &mut HashMap<String, View>, node: &str) {
-    cluster.live.lock().unwrap().remove(node);
-    let Some(view) = views.remove(node) else {
-        return;
-    };
-    let Some(shared) = cluster.shared.get().and_then(Weak::upgrade) else {
-        return;
-    };
-    for m in view.members.values() {
-        member_left(&shared, m);
-    }
-}
-
-/// A connection of another node joined: counts, and `connection.created`
-/// to this node's connections in its channel.
-fn member_joined(shared: &Shared, member: Arc<Member>) {
-    if let Some(Some(announce)) = shared.table.insert_remote(member) {
-        announce.send();
-    }
-}
-
-fn member_left(shared: &Shared, member: &Member) {
-    if let Some(announce) = shared.table.remove_remote(member) {
-        announce.send();
-    }
 }
 
 /// A push or disconnect from another node, for this node's connections.
