@@ -126,7 +126,7 @@ pub fn deliver(
             Delivery::Queued => queued += 1,
             Delivery::Direct { peer, compress } => direct[usize::from(compress)].push(peer),
             Delivery::Overflow => {
-                stats.overflows.fetch_add(1, Ordering::Relaxed);
+                stats.outbox_overflows.fetch_add(1, Ordering::Relaxed);
             }
             Delivery::Gone => {}
         }

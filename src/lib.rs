@@ -15,6 +15,8 @@
 //! - [`webhook`]: the auth and event webhooks.
 //! - [`limits`]: admission, per-address limits and pacing.
 //! - [`idempotency`]: exactly-once API calls for retrying backends.
+//! - [`counters`]: every counter, read under one set of names for
+//!   `/metrics`, `GetStatsReport`, `/.hato/stats` and the shutdown log.
 //! - [`metrics`]: Prometheus metrics and the health check.
 //! - [`logging`]: logs an attacker cannot flood.
 //! - [`tls`], [`proxy_protocol`]: what sits in front of the listeners.
@@ -27,6 +29,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod config_file;
+pub mod counters;
 pub mod hub;
 pub mod idempotency;
 pub mod limits;

@@ -58,18 +58,8 @@ async fn main() {
         "shutting down: ending every session with SHUTDOWN"
     );
     server.shutdown(std::time::Duration::from_secs(5)).await;
-    let e = server.shared.engine.stats();
-    let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
-        dropped_unknown = n(&e.dropped_unknown),
-        dropped_integrity = n(&e.dropped_integrity),
-        held_early = n(&e.held_early),
-        held_before_ice = n(&e.held_before_ice),
-        dropped_early = n(&e.dropped_early),
-        refused_channels = n(&e.refused_channels),
-        dropped_messages = n(&e.dropped_messages),
-        failed_sends = n(&e.failed_sends),
-        dropped_outbound = n(&e.dropped_outbound),
-        "WebRTC engine totals"
+        "totals since start: {}",
+        hato::counters::read(&server.shared).nonzero_line()
     );
 }

@@ -8,6 +8,7 @@
 //! only exists here (connects, disconnects by reason, latencies) is
 //! recorded as it happens.
 
+use crate::counters::Group;
 use crate::limits::Throttle;
 use crate::table::{ROLES, TRANSPORTS};
 use crate::Shared;
@@ -215,7 +216,7 @@ impl Default for Metrics {
         );
         r.register(
             "hato_event_webhook_events",
-            "Event webhook events, by outcome",
+            "Event webhook events: queued, then by outcome",
             m.event_webhook.clone(),
         );
         r.register(
@@ -254,68 +255,28 @@ impl Default for Metrics {
     }
 }
 
-fn set(counter: &Counter, value: u64) {
-    counter.inner().store(value, Ordering::Relaxed);
-}
-
-/// Sets the counter of `family` labelled `label(name)` to each value.
-fn set_each<L: Clone + std::hash::Hash + Eq>(
-    family: &Family<L, Counter>,
-    label: impl Fn(String) -> L,
-    values: &[(&str, u64)],
-) {
-    for &(name, v) in values {
-        set(&family.get_or_create(&label(name.into())), v);
-    }
-}
-
 impl Metrics {
-    /// Copies what is counted elsewhere, then encodes everything.
+    /// Copies what is counted elsewhere ([`crate::counters`]), then
+    /// encodes everything.
     pub fn render(&self, shared: &Shared) -> String {
-        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let t = &shared.table.stats;
-        let e = shared.engine.stats();
-        let dc = n(&t.deliveries_datachannel);
-        let ws = n(&t.deliveries).saturating_sub(dc);
-        set_each(
-            &self.deliveries,
-            |transport| Transport { transport },
-            &[("websocket", ws), ("datachannel", dc)],
-        );
-        set_each(
-            &self.drops,
-            |reason| Reason { reason },
-            &[
-                ("outbox_overflow", n(&t.overflows)),
-                ("undeliverable", n(&t.undeliverable)),
-                ("channel_failure", n(&t.channel_failures)),
-                ("refused_connection", n(&shared.admission.refused)),
-                ("refused_api_connection", n(&shared.api_admission.refused)),
-                ("bad_proxy_header", n(&shared.admission.bad_proxy_headers)),
-                ("refused_channel", n(&e.refused_channels)),
-                ("failed_send", n(&e.failed_sends)),
-                ("datagram_unknown", n(&e.dropped_unknown)),
-                ("datagram_integrity", n(&e.dropped_integrity)),
-                ("datagram_early", n(&e.dropped_early)),
-                ("datagram_spoofed", n(&e.refused_moves)),
-                ("candidate_refused", n(&e.refused_candidates)),
-                ("check_paced", n(&e.paced_checks)),
-                ("notify_unannounced", n(&t.notify_unannounced)),
-            ],
-        );
-        set_each(
-            &self.held,
-            |reason| Reason { reason },
-            &[("answer", n(&e.held_early)), ("ice", n(&e.held_before_ice))],
-        );
-        set_each(
-            &self.paced,
-            |reason| Reason { reason },
-            &[
-                ("connect", n(&shared.admission.paced)),
-                ("notify", n(&t.notify_held)),
-            ],
-        );
+        let counters = crate::counters::read(shared);
+        for r in &counters.readings {
+            let name = r.name.to_owned();
+            let counter = match r.group {
+                Group::Deliveries => self
+                    .deliveries
+                    .get_or_create(&Transport { transport: name }),
+                Group::Drops => self.drops.get_or_create(&Reason { reason: name }),
+                Group::Held => self.held.get_or_create(&Reason { reason: name }),
+                Group::Paced => self.paced.get_or_create(&Reason { reason: name }),
+                Group::AuthWebhook => self.auth_webhook.get_or_create(&Outcome { outcome: name }),
+                Group::EventWebhook => self.event_webhook.get_or_create(&Outcome { outcome: name }),
+                Group::Cluster => self
+                    .cluster_events
+                    .get_or_create(&ClusterEvent { event: name }),
+            };
+            counter.inner().store(r.value, Ordering::Relaxed);
+        }
         self.notify_waiting
             .set(shared.table.paced_len().try_into().unwrap_or(i64::MAX));
         let census = shared.table.census();
@@ -332,46 +293,7 @@ impl Metrics {
         self.outbox_bytes.set(census.outbox_bytes as i64);
         self.signaling_connections
             .set(shared.admission.connections() as i64);
-        if let Some(h) = &shared.auth_webhook {
-            let c = &h.counters;
-            set_each(
-                &self.auth_webhook,
-                |outcome| Outcome { outcome },
-                &[
-                    ("allowed", n(&c.allowed)),
-                    ("denied", n(&c.denied)),
-                    ("failed", n(&c.failures)),
-                ],
-            );
-        }
-        if let Some(h) = &shared.event_webhook {
-            let c = &h.counters;
-            set_each(
-                &self.event_webhook,
-                |outcome| Outcome { outcome },
-                &[
-                    ("sent", n(&c.sent)),
-                    ("failed_call", n(&c.failed_calls)),
-                    ("given_up", n(&c.given_up)),
-                    ("dropped", n(&c.dropped)),
-                ],
-            );
-        }
         if let Some(c) = &shared.cluster {
-            let s = &c.stats;
-            set_each(
-                &self.cluster_events,
-                |event| ClusterEvent { event },
-                &[
-                    ("published", n(&s.published)),
-                    ("received", n(&s.received)),
-                    ("publish_failure", n(&s.publish_failures)),
-                    ("unavailable", n(&s.unavailable)),
-                    ("resync", n(&s.resyncs)),
-                    ("node_lost", n(&s.nodes_lost)),
-                    ("refused", n(&s.refused)),
-                ],
-            );
             self.cluster_nodes.set(c.live_nodes().len() as i64);
             self.cluster_nats_connected.set(i64::from(c.available()));
         }

@@ -857,7 +857,7 @@ impl Session {
                 self.shared
                     .table
                     .stats
-                    .overflows
+                    .outbox_overflows
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.machine.on_server_end(Stop::OutboxOverflow);
             }

@@ -535,7 +535,9 @@ pub struct Joined {
 pub struct Stats {
     pub pushes: AtomicU64,
     pub deliveries: AtomicU64,
-    pub overflows: AtomicU64,
+    /// Pushes not queued because the connection's outbox was full (the
+    /// connection ends with OUTBOX-OVERFLOW).
+    pub outbox_overflows: AtomicU64,
     /// Deliveries skipped because the push exceeded the recipient's
     /// `a=max-message-size`.
     pub undeliverable: AtomicU64,

@@ -602,7 +602,7 @@ async fn cannot_keep_up(s: &Server) {
         s.shared
             .table
             .stats
-            .overflows
+            .outbox_overflows
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0
     );
@@ -1245,7 +1245,7 @@ async fn a_datachannel_peer_that_stops_acknowledging_is_disconnected() {
         s.shared
             .table
             .stats
-            .overflows
+            .outbox_overflows
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0
     );
@@ -2665,6 +2665,33 @@ async fn metrics_parse_and_move() {
         .any(|smp| smp.metric == "hato_offer_to_connected_seconds"));
     // Health on the metrics listener too.
     assert_eq!(get(&addr, "/.ok").await, (200, r#"{"status":"ok"}"#.into()));
+
+    // One set of names: every drop, hold and pacing reason of
+    // GetStatsReport is a label of the same metric with the same value,
+    // and /.hato/stats has the same drops.
+    let (_, report) = api(&s, "Sora_20171010.GetStatsReport", "").await;
+    let (_, runtime) = get(&s.api_addr.to_string(), "/.hato/stats").await;
+    let runtime: Value = serde_json::from_str(&runtime).unwrap();
+    let scraped = scrape().await;
+    for (key, metric_name) in [
+        ("drops", "hato_drops_total"),
+        ("held", "hato_datagrams_held_total"),
+        ("paced", "hato_paced_total"),
+    ] {
+        let group = report[key].as_object().unwrap();
+        assert!(group.len() >= 2, "{key}: {group:?}");
+        for (reason, v) in group {
+            assert_eq!(
+                value(&scraped, metric_name, &[("reason", reason)]),
+                v.as_f64().unwrap(),
+                "{key}.{reason}"
+            );
+        }
+    }
+    assert_eq!(runtime["drops"], report["drops"]);
+    assert_eq!(runtime["deliveries"], report["deliveries"]);
+    assert_eq!(report["deliveries"], 2);
+    assert_eq!(report["drops"]["outbox_overflow"], 0);
 }
 
 /// `GET path` over a fresh connection: status and body.

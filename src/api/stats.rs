@@ -2,18 +2,16 @@
 //! for backends and exporters) and `GET /.hato/stats` (what lives in the
 //! process now, for operators and `hato-load --churn`).
 
+use crate::counters::{self, Group};
 use crate::table::{ROLES, TRANSPORTS};
 use crate::Shared;
-use hato_signaling::api::Scope;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 
-/// `GetStatsReport`: server-wide counters (hato's own names; Sora's
-/// report is media-centric).
+/// `GetStatsReport`: the connections now and every counter
+/// ([`crate::counters`], hato's own names; Sora's report is
+/// media-centric).
 pub(super) fn stats_report(shared: &Shared) -> Value {
-    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let t = &shared.table.stats;
-    let e = shared.engine.stats();
     let census = shared.table.census();
     // Per role, over the transports `on` selects.
     let by_role = |on: &[usize]| {
@@ -26,27 +24,8 @@ pub(super) fn stats_report(shared: &Shared) -> Value {
         }
         Value::Object(v)
     };
-    let deliveries = n(&t.deliveries);
-    let dc_deliveries = n(&t.deliveries_datachannel);
-    let hook = shared.auth_webhook.as_ref().map(|h| {
-        json!({
-            "calls": n(&h.counters.calls),
-            "allowed": n(&h.counters.allowed),
-            "denied": n(&h.counters.denied),
-            "failures": n(&h.counters.failures),
-        })
-    });
-    let events = shared.event_webhook.as_ref().map(|h| {
-        let c = &h.counters;
-        json!({
-            "queued": n(&c.queued),
-            "sent": n(&c.sent),
-            "failed_calls": n(&c.failed_calls),
-            "given_up": n(&c.given_up),
-            "dropped": n(&c.dropped),
-        })
-    });
-    json!({
+    let c = counters::read(shared);
+    let mut report = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "node_name": shared.config.node_name(),
         "total_connections": census.total(),
@@ -56,54 +35,40 @@ pub(super) fn stats_report(shared: &Shared) -> Value {
             TRANSPORTS[1]: by_role(&[1]),
         },
         "signaling_connections": shared.admission.connections(),
-        "pushes": n(&t.pushes),
-        "pushes_by_target": {
-            "PushChannel": n(&t.pushes_by_target[Scope::Channel as usize]),
-            "PushClient": n(&t.pushes_by_target[Scope::Client as usize]),
-            "PushConnection": n(&t.pushes_by_target[Scope::Connection as usize]),
-            "PushChannelByRole": n(&t.pushes_by_target[Scope::ChannelByRole as usize]),
-        },
-        "deliveries": deliveries,
-        "deliveries_by_transport": {
-            "websocket": deliveries.saturating_sub(dc_deliveries),
-            "datachannel": dc_deliveries,
-        },
-        "drops": {
-            "outbox_overflow": n(&t.overflows),
-            "undeliverable": n(&t.undeliverable),
-            "channel_failures": n(&t.channel_failures),
-            "refused_connections": n(&shared.admission.refused),
-            "refused_channels": n(&e.refused_channels),
-            "failed_sends": n(&e.failed_sends),
-            "dropped_datagrams_unknown": n(&e.dropped_unknown),
-            "dropped_datagrams_integrity": n(&e.dropped_integrity),
-        },
-        "auth_webhook": hook,
-        "event_webhook": events,
-        "cluster": shared.cluster.as_ref().map(|c| {
-            let s = &c.stats;
-            let mut nodes: Vec<String> = c.live_nodes().into_iter().collect();
-            nodes.sort();
-            json!({
-                "nats": if c.available() { "connected" } else { "disconnected" },
-                "other_nodes": nodes,
-                "published": n(&s.published),
-                "received": n(&s.received),
-                "unavailable": n(&s.unavailable),
-                "resyncs": n(&s.resyncs),
-                "nodes_lost": n(&s.nodes_lost),
-                "publish_failures": n(&s.publish_failures),
-            })
-        }),
-    })
+        "pushes": c.pushes,
+        "pushes_by_target": c.pushes_by_target.iter().map(|&(k, v)| (k.to_owned(), Value::from(v))).collect::<serde_json::Map<_, _>>(),
+        "deliveries": c.deliveries,
+    });
+    for group in [
+        Group::Deliveries,
+        Group::Drops,
+        Group::Held,
+        Group::Paced,
+        Group::AuthWebhook,
+        Group::EventWebhook,
+        Group::Cluster,
+    ] {
+        report[group.key()] = c.object(group);
+    }
+    if let Some(cluster) = &shared.cluster {
+        let mut nodes: Vec<String> = cluster.live_nodes().into_iter().collect();
+        nodes.sort();
+        let status = if cluster.available() {
+            "connected"
+        } else {
+            "disconnected"
+        };
+        report["cluster"]["nats"] = status.into();
+        report["cluster"]["other_nodes"] = nodes.into();
+    }
+    report
 }
 
 /// `GET /.hato/stats`: what lives in the process now, for operators and
 /// `hato-load --churn` (sessions from accept to teardown, connections in
 /// the table, WebRTC peers in the engine, tokio tasks alive).
 pub(super) fn runtime_stats(shared: &Shared) -> String {
-    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let t = &shared.table.stats;
+    let c = counters::read(shared);
     let e = shared.engine.stats();
     json!({
         "sessions": shared.sessions.load(Ordering::Relaxed),
@@ -111,14 +76,9 @@ pub(super) fn runtime_stats(shared: &Shared) -> String {
         "connections": shared.table.len(),
         "live_peers": e.live_peers.load(Ordering::Relaxed),
         "alive_tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
-        "refused_connections": n(&shared.admission.refused),
-        "pushes": n(&t.pushes),
-        "deliveries": n(&t.deliveries),
-        "overflows": n(&t.overflows),
-        "undeliverable": n(&t.undeliverable),
-        "channel_failures": n(&t.channel_failures),
-        "failed_sends": n(&e.failed_sends),
-        "refused_channels": n(&e.refused_channels),
+        "pushes": c.pushes,
+        "deliveries": c.deliveries,
+        "drops": c.object(Group::Drops),
     })
     .to_string()
 }
