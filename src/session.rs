@@ -12,14 +12,14 @@ use crate::outbox::{truncate_reason, Frame, Out, Outbox, SharedRoute};
 use crate::proxy_protocol;
 use crate::table::{Conn, Kill, Mailbox};
 use crate::tls::{ReadLimit, Stream};
-use crate::webhook::{Failure, Verdict};
 use crate::Shared;
 use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
 use hato_datachannel::{Peer, PeerEvent};
-use hato_signaling::message::{self, ChannelCounts, ClientMessage, NotifyMetadata};
-use hato_signaling::session::{Action, End, Machine, Mode, Rules, Stop};
-use hato_signaling::{id, time, ConnectRequest, DataChannelSpec, Offer, Role};
+use hato_signaling::event::{self, Kind};
+use hato_signaling::message::{self, ChannelCounts, NotifyMetadata};
+use hato_signaling::session::{Action, End, Machine, Rules, Stop};
+use hato_signaling::{admit, id, time, DataChannelSpec, Offer, Role};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,9 +35,7 @@ use tracing::Instrument;
 
 pub use hato_signaling::session::SIGNALING_ERROR;
 
-/// The metadata of others that one joiner's own `connection.created`
-/// carries at most, in bytes of JSON; the entries beyond carry their ids.
-pub const PRESENT_METADATA_BUDGET: usize = 256 * 1024;
+pub use hato_signaling::message::PRESENT_METADATA_BUDGET;
 
 /// How long a DataChannel peer gets to close its side after hato closed
 /// the channels, before hato ends the association itself.
@@ -295,136 +293,6 @@ async fn first_text(ws: &mut WebSocketStream<Stream>) -> Result<String, Option<S
     }
 }
 
-/// The text of `connect`'s `metadata`, as the client sent it.
-fn raw_metadata(text: &str) -> Option<&str> {
-    #[derive(serde::Deserialize)]
-    struct Raw<'a> {
-        #[serde(borrow)]
-        metadata: Option<&'a serde_json::value::RawValue>,
-    }
-    let raw: Raw<'_> = serde_json::from_str(text).ok()?;
-    raw.metadata.map(|m| m.get())
-}
-
-/// What the auth webhook granted beyond `connect`'s own fields.
-#[derive(Debug, Default)]
-struct Granted {
-    /// The offer's `metadata`.
-    offer_metadata: Option<Value>,
-    authn_metadata: Option<Value>,
-    authz_metadata: Option<Value>,
-    /// Sent with every event webhook of the connection.
-    event_metadata: Option<Value>,
-    /// `signaling_notify: false`: told nothing of others' joins and leaves.
-    no_notify: bool,
-}
-
-/// The auth webhook's request (docs/protocol.md §7.1): what hato knows of the
-/// peer, `metadata` exactly as the client sent it (the text of `connect`'s
-/// `metadata`, spliced in, never parsed and printed again).
-fn auth_request(
-    shared: &Shared,
-    connect: &ConnectRequest,
-    text: &str,
-    metadata: Option<&str>,
-    connection_id: &str,
-) -> String {
-    #[derive(serde::Deserialize)]
-    struct Raw {
-        environment: Option<Value>,
-    }
-    let raw: Option<Raw> = serde_json::from_str(text).ok();
-    let metadata = metadata.unwrap_or("null");
-    let counts = shared.table.counts(&connect.channel_id);
-    let cfg = &shared.config;
-    let (dc, ignore_ws) =
-        connect.transports(cfg.data_channel_signaling, cfg.ignore_disconnect_websocket);
-    let rest = json!({
-        "timestamp": time::now_rfc3339(),
-        "id": id::new_id(),
-        "label": "hato",
-        "version": env!("CARGO_PKG_VERSION"),
-        "node_name": cfg.node_name(),
-        "role": connect.role.as_str(),
-        "channel_id": connect.channel_id,
-        "client_id": connect.client_id,
-        "bundle_id": connect.bundle_id,
-        "connection_id": connection_id,
-        "signaling_notify_metadata": connect.signaling_notify_metadata,
-        "data_channel_signaling": dc,
-        "ignore_disconnect_websocket": ignore_ws,
-        "sora_client": {
-            "raw": connect.sora_client,
-            "libwebrtc": connect.libwebrtc,
-            "environment": raw.and_then(|r| r.environment),
-        },
-        "audio": false,
-        "video": false,
-        "multistream": false,
-        "simulcast": false,
-        "spotlight": false,
-        "e2ee": false,
-        "channel_connections": counts.all,
-        "channel_sendrecv_connections": counts.sendrecv,
-        "channel_sendonly_connections": counts.sendonly,
-        "channel_recvonly_connections": counts.recvonly,
-    })
-    .to_string();
-    // `rest` is a non-empty object: `{"metadata":<as sent>,` + its keys.
-    format!(r#"{{"metadata":{metadata},{}"#, &rest[1..])
-}
-
-/// Applies an `allowed: true` answer's overrides to `connect`; returns
-/// the rest. A wrongly typed override refuses the connection: the backend
-/// meant something hato cannot do.
-fn apply_overrides(
-    connect: &mut ConnectRequest,
-    mut overrides: serde_json::Map<String, Value>,
-) -> Result<Granted, String> {
-    let wrong = |key: &str, want: &str| format!("AUTH-WEBHOOK-ERROR: {key} must be {want}");
-    for key in ["client_id", "bundle_id"] {
-        match overrides.remove(key) {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) if !s.is_empty() && s.len() <= 255 => {
-                if key == "client_id" {
-                    connect.client_id = Some(s);
-                } else {
-                    connect.bundle_id = Some(s);
-                }
-            }
-            Some(_) => return Err(wrong(key, "a string of 1 to 255 bytes")),
-        }
-    }
-    for key in ["data_channel_signaling", "ignore_disconnect_websocket"] {
-        match overrides.remove(key) {
-            None | Some(Value::Null) => {}
-            Some(Value::Bool(b)) => {
-                if key == "data_channel_signaling" {
-                    connect.data_channel_signaling = Some(b);
-                } else {
-                    connect.ignore_disconnect_websocket = Some(b);
-                }
-            }
-            Some(_) => return Err(wrong(key, "a boolean")),
-        }
-    }
-    if let Some(m) = overrides.remove("signaling_notify_metadata") {
-        connect.signaling_notify_metadata = Some(m).filter(|m| !m.is_null());
-    }
-    let no_notify = match overrides.remove("signaling_notify") {
-        None | Some(Value::Null) | Some(Value::Bool(true)) => false,
-        Some(Value::Bool(false)) => true,
-        Some(_) => return Err(wrong("signaling_notify", "a boolean")),
-    };
-    Ok(Granted {
-        no_notify,
-        offer_metadata: overrides.remove("metadata"),
-        authn_metadata: overrides.remove("authn_metadata"),
-        authz_metadata: overrides.remove("authz_metadata"),
-        event_metadata: overrides.remove("event_metadata"),
-    })
-}
-
 /// Resolves once the server is shutting down.
 async fn shutting_down(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     // The guard `wait_for` returns is dropped here, not held by the caller.
@@ -472,35 +340,17 @@ async fn run(
         Ok(Err(Some(reason))) => return refuse(ws, &reason).await,
         Err(_) => return refuse(ws, "no connect message before the timeout").await,
     };
-    let mut connect = match ClientMessage::parse(text.as_bytes()) {
-        Ok(ClientMessage::Connect(v)) => match ConnectRequest::from_value(v) {
-            Ok(c) => c,
-            Err(e) => return refuse(ws, &e.0).await,
-        },
-        Ok(_) => return refuse(ws, "the first message must be connect").await,
-        Err(e) => return refuse(ws, &e.0).await,
+    let settings = admit::Settings {
+        connect_metadata_limit: cfg.connect_metadata_limit,
+        notify_metadata_limit: cfg.notify_metadata_limit,
+        data_channel_signaling: cfg.data_channel_signaling,
+        ignore_disconnect_websocket: cfg.ignore_disconnect_websocket,
+        compress: cfg.data_channel_compress,
     };
-    // Only the auth webhook reads `metadata`, from `text`, as sent.
-    let metadata = raw_metadata(&text);
-    let metadata_len = metadata.map_or(0, str::len);
-    if metadata_len > cfg.connect_metadata_limit {
-        let reason = format!(
-            "metadata is {metadata_len} bytes; at most {} (--connect-metadata-limit)",
-            cfg.connect_metadata_limit
-        );
-        return refuse(ws, &reason).await;
-    }
-
-    if let Some(m) = &connect.signaling_notify_metadata {
-        let len = serde_json::to_string(m).map_or(usize::MAX, |t| t.len());
-        if len > cfg.notify_metadata_limit {
-            let reason = format!(
-                "signaling_notify_metadata is {len} bytes; at most {} (--notify-metadata-limit)",
-                cfg.notify_metadata_limit
-            );
-            return refuse(ws, &reason).await;
-        }
-    }
+    let pending = match admit::read(&text, &settings) {
+        Ok(p) => p,
+        Err(refusal) => return refuse(ws, refusal.reason()).await,
+    };
 
     // Its address's turn (--max-connects-per-ip-per-second): the costly
     // part, the auth webhook and the PeerConnection, comes after.
@@ -514,41 +364,59 @@ async fn run(
     }
 
     let connection_id: Arc<str> = id::new_id().into();
-    let mut granted = Granted::default();
-    if let Some(hook) = &shared.auth_webhook {
-        let body = auth_request(&shared, &connect, &text, metadata, &connection_id);
-        let asked = std::time::Instant::now();
-        let verdict = tokio::select! {
-            v = hook.ask(&body, &connection_id) => {
-                shared.metrics.auth_webhook_seconds.observe(asked.elapsed().as_secs_f64());
-                v
-            }
-            () = shutting_down(&mut shutdown) => {
-                return close_before_offer(ws, 1000, "SHUTDOWN").await;
-            }
-        };
-        match verdict {
-            Ok(Verdict::Allowed(overrides)) => match apply_overrides(&mut connect, overrides) {
-                Ok(g) => granted = g,
-                Err(reason) => {
-                    tracing::warn!(%connection_id, reason, "auth webhook overrides refused");
-                    return refuse(ws, &reason).await;
+    let verdict = match &shared.auth_webhook {
+        Some(hook) => {
+            let (timestamp, request_id) = (time::now_rfc3339(), id::new_id());
+            let context = admit::Context {
+                connection_id: &connection_id,
+                node_name: &cfg.node_name(),
+                version: env!("CARGO_PKG_VERSION"),
+                timestamp: &timestamp,
+                request_id: &request_id,
+                counts: shared.table.counts(&pending.connect.channel_id),
+            };
+            let body = pending.auth_request(&settings, &context);
+            let asked = std::time::Instant::now();
+            tokio::select! {
+                v = hook.ask(&body, &connection_id) => {
+                    shared.metrics.auth_webhook_seconds.observe(asked.elapsed().as_secs_f64());
+                    Some(v)
                 }
-            },
-            Ok(Verdict::Denied(reason)) => {
-                tracing::info!(%connection_id, reason, "auth webhook denied the connection");
-                return refuse(ws, &reason).await;
-            }
-            Err(Failure(reason)) => {
-                tracing::warn!(%connection_id, reason, "auth webhook failed; connection refused");
-                return refuse(ws, &reason).await;
+                () = shutting_down(&mut shutdown) => {
+                    return close_before_offer(ws, 1000, "SHUTDOWN").await;
+                }
             }
         }
-    }
-
-    let (dc_signaling, ignore_ws) =
-        connect.transports(cfg.data_channel_signaling, cfg.ignore_disconnect_websocket);
-    let compress = dc_signaling && cfg.data_channel_compress;
+        None => None,
+    };
+    let admit::Admitted {
+        connect,
+        mut granted,
+        mode,
+    } = match pending.decide(verdict, &settings) {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            let reason = refusal.reason();
+            match &refusal {
+                admit::Refusal::Denied(_) => {
+                    tracing::info!(%connection_id, reason, "auth webhook denied the connection")
+                }
+                admit::Refusal::WebhookFailed(_) => {
+                    tracing::warn!(%connection_id, reason, "auth webhook failed; connection refused")
+                }
+                admit::Refusal::BadOverride(_) => {
+                    tracing::warn!(%connection_id, reason, "auth webhook overrides refused")
+                }
+                admit::Refusal::Invalid(_) => {}
+            }
+            return refuse(ws, reason).await;
+        }
+    };
+    let (dc_signaling, ignore_ws, compress) = (
+        mode.data_channel_signaling,
+        mode.ignore_disconnect_websocket,
+        mode.compress,
+    );
     let labels: Vec<&str> = if dc_signaling {
         message::SYSTEM_LABELS.iter().map(|(l, _)| *l).collect()
     } else {
@@ -634,12 +502,6 @@ async fn run(
         client_message_limit: cfg.client_message_limit,
         data_channel_message_limit: cfg.data_channel_message_limit,
         max_candidates: cfg.max_remote_candidates,
-    };
-    let mode = Mode {
-        data_channel_signaling: dc_signaling,
-        ignore_disconnect_websocket: ignore_ws,
-        compress,
-        libwebrtc: connect.libwebrtc.is_some(),
     };
     let mut session = Session {
         shared: shared.clone(),
@@ -896,34 +758,18 @@ impl Session {
         self.joined = Some((conn.created_time.clone(), std::time::Instant::now()));
         self.conn = Some(conn.clone());
         // The joiner's own connection.created lists everyone present (on
-        // every node) with their metadata: bounded, so that joining a big
-        // channel cannot build a message of N × --notify-metadata-limit.
-        let mut budget = PRESENT_METADATA_BUDGET;
-        let mut without_metadata = 0;
-        let mut entry = |client_id: &str, connection_id: &str, meta: &NotifyMetadata| {
-            let mut v = json!({"client_id": client_id, "connection_id": connection_id});
-            let mut with_metadata = true;
-            if let Some(m) = &meta.metadata {
-                let len = m.to_string().len();
-                if len <= budget {
-                    budget -= len;
-                } else {
-                    with_metadata = false;
-                    without_metadata += 1;
-                }
-            }
-            meta.write_into(&mut v, with_metadata);
-            v
-        };
-        let mut present: Vec<Value> = others
-            .iter()
-            .map(|o| entry(&o.client_id, &o.connection_id, &o.notify_metadata))
-            .collect();
-        present.extend(
-            joined
-                .remote
+        // every node), their metadata within a budget.
+        let (present, without_metadata) = message::present_list(
+            others
                 .iter()
-                .map(|m| entry(&m.client_id, &m.connection_id, &m.notify_metadata)),
+                .map(|o| (&*o.client_id, &*o.connection_id, &o.notify_metadata))
+                .chain(
+                    joined
+                        .remote
+                        .iter()
+                        .map(|m| (&*m.client_id, &*m.connection_id, &m.notify_metadata)),
+                ),
+            PRESENT_METADATA_BUDGET,
         );
         if without_metadata > 0 {
             tracing::info!(
@@ -947,7 +793,7 @@ impl Session {
         metrics
             .offer_to_connected
             .observe(self.offer_at.elapsed().as_secs_f64());
-        self.send_event("connection.created", counts, None);
+        self.send_event(Kind::Created, counts, None);
         tracing::info!(connection_id = %self.connection_id, channel_id = %self.channel_id, "connected");
     }
 
@@ -966,55 +812,39 @@ impl Session {
     }
 
     /// Queues an event webhook (docs/protocol.md §7.2) if one is configured.
-    fn send_event(&self, event_type: &str, counts: ChannelCounts, end: Option<&End>) {
+    fn send_event(&self, kind: Kind, counts: ChannelCounts, end: Option<&End>) {
         let Some(hook) = &self.shared.event_webhook else {
             return;
         };
-        let now = time::now_rfc3339();
-        let mode = self.machine.mode();
-        let mut data = json!({
-            "audio": false,
-            "video": false,
-            "channel_connections": counts.all,
-            "channel_sendrecv_connections": counts.sendrecv,
-            "channel_sendonly_connections": counts.sendonly,
-            "channel_recvonly_connections": counts.recvonly,
-            "turn_transport_type": "udp",
-            "data_channel_signaling": mode.data_channel_signaling,
-            "ignore_disconnect_websocket": mode.ignore_disconnect_websocket,
-        });
-        if let Some((created, at)) = &self.joined {
-            data["created_time"] = json!(created);
-            data["minutes"] = json!(at.elapsed().as_secs() / 60);
-        }
-        if let Some(end) = end {
-            data["reason"] = json!(end.reason());
-            if event_type == "connection.destroyed" {
-                data["destroyed_time"] = json!(now);
-            }
-        }
-        let mut event = json!({
-            "type": event_type,
-            "timestamp": now,
-            "id": id::new_id(),
-            "label": "hato",
-            "node_name": self.shared.config.node_name(),
-            "version": env!("CARGO_PKG_VERSION"),
-            "role": self.role.as_str(),
-            "channel_id": &*self.channel_id,
-            "session_id": &*self.shared.session_id,
-            "client_id": &*self.client_id,
-            "bundle_id": &*self.bundle_id,
-            "connection_id": &*self.connection_id,
-            "multistream": false,
-            "simulcast": false,
-            "spotlight": false,
-            "data": data,
-        });
-        if let Some(m) = &self.event_metadata {
-            event["event_metadata"] = m.clone();
-        }
-        hook.send(&self.connection_id, event.to_string());
+        let (timestamp, id) = (time::now_rfc3339(), id::new_id());
+        let who = event::Identity {
+            role: self.role,
+            channel_id: &self.channel_id,
+            session_id: &self.shared.session_id,
+            client_id: &self.client_id,
+            bundle_id: &self.bundle_id,
+            connection_id: &self.connection_id,
+            event_metadata: self.event_metadata.as_ref(),
+        };
+        let stamp = event::Stamp {
+            node_name: &self.shared.config.node_name(),
+            version: env!("CARGO_PKG_VERSION"),
+            timestamp: &timestamp,
+            id: &id,
+        };
+        let facts = event::Facts {
+            counts,
+            mode: *self.machine.mode(),
+            joined: self
+                .joined
+                .as_ref()
+                .map(|(created, at)| (created.as_str(), at.elapsed().as_secs() / 60)),
+            reason: end.map(End::reason),
+        };
+        hook.send(
+            &self.connection_id,
+            event::payload(kind, &who, &stamp, facts),
+        );
     }
 
     async fn finish(mut self, drive: Drive) {
@@ -1041,10 +871,10 @@ impl Session {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         match self.leave_table() {
-            Some(counts) => self.send_event("connection.destroyed", counts, Some(&end)),
+            Some(counts) => self.send_event(Kind::Destroyed, counts, Some(&end)),
             None => {
                 let counts = self.shared.table.counts(&self.channel_id);
-                self.send_event("connection.failed", counts, Some(&end));
+                self.send_event(Kind::Failed, counts, Some(&end));
             }
         }
         let closing = self.machine.closing(&end);

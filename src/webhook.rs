@@ -11,7 +11,6 @@ use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde_json::{Map, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -19,18 +18,7 @@ use tokio::sync::Semaphore;
 /// The largest webhook answer read.
 const ANSWER_LIMIT: usize = 1 << 20;
 
-/// What the backend said.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
-    /// `{"allowed": true, …}`: the rest of the object are the overrides.
-    Allowed(Map<String, Value>),
-    /// `{"allowed": false, "reason": …}`.
-    Denied(String),
-}
-
-/// Why no verdict came: the refusal's reason, as the client sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure(pub String);
+pub use hato_signaling::admit::Verdict;
 
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -81,93 +69,54 @@ impl Webhook {
     }
 
     /// Asks; the whole call (waiting for a place included) is bounded by
-    /// the timeout.
-    pub async fn ask(&self, body: &str, connection_id: &str) -> Result<Verdict, Failure> {
+    /// the timeout. No usable answer is [`Verdict::Failed`].
+    pub async fn ask(&self, body: &str, connection_id: &str) -> Verdict {
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
-        let result = tokio::time::timeout(self.timeout, self.call(body, connection_id))
+        let verdict = tokio::time::timeout(self.timeout, self.call(body, connection_id))
             .await
             .unwrap_or_else(|_| {
-                Err(Failure(format!(
+                Verdict::Failed(format!(
                     "AUTH-WEBHOOK-TIMEOUT: no answer within {} ms",
                     self.timeout.as_millis()
-                )))
+                ))
             });
-        let counter = match &result {
-            Ok(Verdict::Allowed(_)) => &self.counters.allowed,
-            Ok(Verdict::Denied(_)) => &self.counters.denied,
-            Err(_) => &self.counters.failures,
+        let counter = match &verdict {
+            Verdict::Allowed(_) => &self.counters.allowed,
+            Verdict::Denied(_) => &self.counters.denied,
+            Verdict::Failed(_) => &self.counters.failures,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        result
+        verdict
     }
 
-    async fn call(&self, body: &str, connection_id: &str) -> Result<Verdict, Failure> {
+    async fn call(&self, body: &str, connection_id: &str) -> Verdict {
         let _place = self.in_flight.acquire().await.expect("never closed");
         let mut req = self.request(body);
         if let Ok(id) = HeaderValue::from_str(connection_id) {
             req.headers_mut().insert("sora-connection-id", id);
         }
-        let resp =
-            self.client.request(req).await.map_err(|e| {
-                Failure(format!("AUTH-WEBHOOK-ERROR: cannot reach the webhook: {e}"))
-            })?;
+        let resp = match self.client.request(req).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                return Verdict::Failed(format!(
+                    "AUTH-WEBHOOK-ERROR: cannot reach the webhook: {e}"
+                ))
+            }
+        };
         let status = resp.status();
-        let bytes = Limited::new(resp.into_body(), ANSWER_LIMIT)
-            .collect()
-            .await
-            .map_err(|e| Failure(format!("AUTH-WEBHOOK-ERROR: reading the answer: {e}")))?
-            .to_bytes();
+        let bytes = match Limited::new(resp.into_body(), ANSWER_LIMIT).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) => {
+                return Verdict::Failed(format!("AUTH-WEBHOOK-ERROR: reading the answer: {e}"))
+            }
+        };
         if status != StatusCode::OK {
-            return Err(Failure(format!(
+            return Verdict::Failed(format!(
                 "AUTH-WEBHOOK-ERROR: the webhook answered {}",
                 status.as_u16()
-            )));
+            ));
         }
-        verdict(&bytes)
-    }
-}
-
-/// Reads a 200 answer: an object whose `allowed` is a boolean.
-pub fn verdict(bytes: &[u8]) -> Result<Verdict, Failure> {
-    let bad = || {
-        Failure("AUTH-WEBHOOK-ERROR: the answer is not a JSON object with a boolean allowed".into())
-    };
-    let Ok(Value::Object(mut map)) = serde_json::from_slice::<Value>(bytes) else {
-        return Err(bad());
-    };
-    match map.remove("allowed") {
-        Some(Value::Bool(true)) => Ok(Verdict::Allowed(map)),
-        Some(Value::Bool(false)) => Ok(Verdict::Denied(match map.remove("reason") {
-            Some(Value::String(r)) if !r.is_empty() => r,
-            _ => "AUTH-WEBHOOK-DENIED".into(),
-        })),
-        _ => Err(bad()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn verdicts() {
-        assert_eq!(
-            verdict(br#"{"allowed":true,"client_id":"x"}"#),
-            Ok(Verdict::Allowed(
-                serde_json::from_str(r#"{"client_id":"x"}"#).unwrap()
-            ))
-        );
-        assert_eq!(
-            verdict(br#"{"allowed":false,"reason":"no"}"#),
-            Ok(Verdict::Denied("no".into()))
-        );
-        assert_eq!(
-            verdict(br#"{"allowed":false}"#),
-            Ok(Verdict::Denied("AUTH-WEBHOOK-DENIED".into()))
-        );
-        for garbage in [&br#"{"allowed":"yes"}"#[..], b"[]", b"nope", b"{}"] {
-            assert!(verdict(garbage).is_err());
-        }
+        Verdict::from_answer(&bytes)
     }
 }
 

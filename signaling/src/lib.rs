@@ -7,8 +7,10 @@
 //! are written down in `docs/protocol.md`; a section number in a comment
 //! (`§3.9`) points there.
 
+pub mod admit;
 pub mod api;
 pub mod connect;
+pub mod event;
 pub mod id;
 pub mod message;
 pub mod sdp;

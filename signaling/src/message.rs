@@ -273,9 +273,69 @@ pub fn notify_connection(
     v.to_string()
 }
 
+/// The metadata of others that one joiner's own `connection.created`
+/// carries at most, in bytes of JSON; the entries beyond carry their ids.
+pub const PRESENT_METADATA_BUDGET: usize = 256 * 1024;
+
+/// The `data` of a joiner's own `connection.created` (§4.2): everyone
+/// present, `(client_id, connection_id, metadata)` each, with their
+/// `signaling_notify_metadata` while the `budget` in bytes lasts, so that
+/// joining a big channel cannot build a message of N × the metadata
+/// limit. Returns the list and how many entries went without metadata.
+pub fn present_list<'a>(
+    present: impl Iterator<Item = (&'a str, &'a str, &'a NotifyMetadata)>,
+    mut budget: usize,
+) -> (Vec<Value>, usize) {
+    let mut without_metadata = 0;
+    let list = present
+        .map(|(client_id, connection_id, meta)| {
+            let mut v = json!({"client_id": client_id, "connection_id": connection_id});
+            let mut with_metadata = true;
+            if let Some(m) = &meta.metadata {
+                let len = m.to_string().len();
+                if len <= budget {
+                    budget -= len;
+                } else {
+                    with_metadata = false;
+                    without_metadata += 1;
+                }
+            }
+            meta.write_into(&mut v, with_metadata);
+            v
+        })
+        .collect();
+    (list, without_metadata)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_present_list_carries_metadata_within_its_budget() {
+        let meta = |m: Option<Value>| NotifyMetadata {
+            metadata: m,
+            authn_metadata: Some(json!("n")),
+            authz_metadata: None,
+        };
+        let small = meta(Some(json!("12345678"))); // 10 bytes of JSON
+        let none = meta(None);
+        let entries = [
+            ("a", "1", &small),
+            ("b", "2", &none),
+            ("c", "3", &small),
+            ("d", "4", &small),
+        ];
+        let (list, without) = present_list(entries.iter().map(|&(c, i, m)| (c, i, m)), 25);
+        assert_eq!(without, 1);
+        assert_eq!(list[0]["metadata"], "12345678");
+        assert!(list[1].get("metadata").is_none());
+        assert_eq!(list[2]["metadata"], "12345678");
+        // Over the budget: ids and the webhook's metadata, not its own.
+        assert!(list[3].get("metadata").is_none());
+        assert_eq!(list[3]["connection_id"], "4");
+        assert_eq!(list[3]["authn_metadata"], "n");
+    }
 
     #[test]
     fn candidates_from_every_sdk() {
