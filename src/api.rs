@@ -14,11 +14,10 @@ mod stats;
 
 pub use listener::serve;
 
-use crate::hub::{self, target, TooLarge};
-use crate::table::Target;
+use crate::hub::{self, TooLarge};
 use crate::Shared;
 use bytes::Bytes;
-use hato_signaling::api::{self, Key, Operation};
+use hato_signaling::api::{self, Audience, Operation};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
@@ -411,10 +410,10 @@ fn cluster_for<'a>(
     call: &api::Call<'_>,
 ) -> Option<&'a crate::cluster::Cluster> {
     let cluster = shared.cluster.as_deref()?;
-    if let Key::Connection(id) = &call.key {
+    if let Audience::Connection(id) = &call.audience {
         if !shared
             .table
-            .lookup(&call.channel_id, Target::Connection(id))
+            .lookup(&call.channel_id, Audience::Connection(id))
             .is_empty()
         {
             return None;
@@ -425,16 +424,9 @@ fn cluster_for<'a>(
 
 /// How `call` crosses to the other nodes.
 fn cluster_item<'a>(op: &'a str, call: &'a api::Call<'_>) -> crate::cluster::Item<'a> {
-    let (scope, key) = match &call.key {
-        Key::Channel => ("channel", None),
-        Key::Client(id) => ("client", Some(id.clone())),
-        Key::Connection(id) => ("connection", Some(id.clone())),
-        Key::Role(role) => ("role", Some(role.as_str().to_owned())),
-    };
     crate::cluster::Item {
         op,
-        scope,
-        key,
+        to: call.audience.clone(),
         data: call.data,
     }
 }
@@ -444,10 +436,10 @@ fn cluster_item<'a>(op: &'a str, call: &'a api::Call<'_>) -> crate::cluster::Ite
 /// sent.
 fn disconnect(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     match cluster_for(shared, call) {
-        None => hub::disconnect(shared, &call.channel_id, target(call)),
+        None => hub::disconnect(shared, &call.channel_id, call.audience.as_ref()),
         Some(cluster) => {
             let mut out = cluster.begin(1).map_err(cluster_unavailable)?;
-            hub::disconnect(shared, &call.channel_id, target(call));
+            hub::disconnect(shared, &call.channel_id, call.audience.as_ref());
             out.send(&call.channel_id, vec![cluster_item("disconnect", call)]);
         }
     }
@@ -459,8 +451,8 @@ fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, 
         None => hub::deliver(
             shared,
             &call.channel_id,
-            target(call),
-            &hub::push_frame(call),
+            call.audience.as_ref(),
+            &hub::encode_push(call),
             hub::Origin::Api,
         )?,
         Some(cluster) => {
@@ -520,8 +512,8 @@ fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, Api
                 hub::deliver(
                     shared,
                     &call.channel_id,
-                    target(call),
-                    &hub::push_frame(call),
+                    call.audience.as_ref(),
+                    &hub::encode_push(call),
                     hub::Origin::Api,
                 )
                 .map_err(ApiError::from)

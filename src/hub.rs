@@ -8,30 +8,21 @@
 //! here (see [`crate::outbox`] for how a push crosses the switch).
 
 use crate::limits::Throttle;
-use crate::outbox::{Frame, Out};
-use crate::table::{Conn, Delivery, Target};
+use crate::outbox::Delivery;
+use crate::outbox::{Encoded, Out};
+use crate::table::Conn;
 use crate::Shared;
 use hato_datachannel::Peer;
-use hato_signaling::api::{Call, Key};
+use hato_signaling::api::{Audience, Call};
 use hato_signaling::message;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Who a call addresses in its channel.
-pub fn target<'a>(call: &'a Call<'_>) -> Target<'a> {
-    match &call.key {
-        Key::Channel => Target::Channel,
-        Key::Client(id) => Target::Client(id),
-        Key::Connection(id) => Target::Connection(id),
-        Key::Role(role) => Target::Role(*role),
-    }
-}
-
 /// The `push` message of a push call, serialised once for every recipient.
-pub fn push_frame(call: &Call<'_>) -> Arc<Frame> {
-    Arc::new(Frame::new(message::push_json(
+pub fn encode_push(call: &Call<'_>) -> Arc<Encoded> {
+    Arc::new(Encoded::new(message::push_json(
         call.data.expect("a push call has data").get(),
     )))
 }
@@ -54,7 +45,7 @@ pub enum Origin {
     Cluster,
 }
 
-fn refuse_oversize(shared: &Shared, frame: &Frame) -> Result<(), TooLarge> {
+fn refuse_oversize(shared: &Shared, frame: &Encoded) -> Result<(), TooLarge> {
     let limit = shared.config.data_channel_message_limit;
     if frame.len() <= limit {
         return Ok(());
@@ -69,12 +60,20 @@ fn refuse_oversize(shared: &Shared, frame: &Frame) -> Result<(), TooLarge> {
 /// recipient on another node, as for one here; delivers it here. Returns
 /// the recipients here and, as this node knows them, on the others.
 pub fn deliver_here_and_there(shared: &Shared, call: &Call<'_>) -> Result<u64, TooLarge> {
-    let frame = push_frame(call);
-    let (remote, remote_dc_only) = shared.table.remote_matches(&call.channel_id, target(call));
+    let frame = encode_push(call);
+    let (remote, remote_dc_only) = shared
+        .table
+        .remote_matches(&call.channel_id, call.audience.as_ref());
     if remote_dc_only {
         refuse_oversize(shared, &frame)?;
     }
-    Ok(deliver(shared, &call.channel_id, target(call), &frame, Origin::Api)? + remote as u64)
+    Ok(deliver(
+        shared,
+        &call.channel_id,
+        call.audience.as_ref(),
+        &frame,
+        Origin::Api,
+    )? + remote as u64)
 }
 
 /// Queues one push on every matching connection of this node; how many it
@@ -82,8 +81,8 @@ pub fn deliver_here_and_there(shared: &Shared, call: &Call<'_>) -> Result<u64, T
 pub fn deliver(
     shared: &Shared,
     channel_id: &str,
-    target: Target<'_>,
-    frame: &Arc<Frame>,
+    target: Audience<&str>,
+    frame: &Arc<Encoded>,
     origin: Origin,
 ) -> Result<u64, TooLarge> {
     let conns = shared.table.lookup(channel_id, target);
@@ -167,7 +166,7 @@ pub fn deliver(
 }
 
 /// Ends every matching session of this node with `DISCONNECTED-API`.
-pub fn disconnect(shared: &Shared, channel_id: &str, target: Target<'_>) {
+pub fn disconnect(shared: &Shared, channel_id: &str, target: Audience<&str>) {
     for conn in shared.table.lookup(channel_id, target) {
         conn.disconnect();
     }
@@ -176,7 +175,7 @@ pub fn disconnect(shared: &Shared, channel_id: &str, target: Target<'_>) {
 /// This node's connections (in one channel, or all) as listed.
 pub fn local_listing(shared: &Shared, channel: Option<&str>) -> Vec<Value> {
     let conns = match channel {
-        Some(ch) => shared.table.lookup(ch, Target::Channel),
+        Some(ch) => shared.table.lookup(ch, Audience::Channel),
         None => shared.table.all(),
     };
     let node = shared.config.node_name();

@@ -19,8 +19,8 @@ use futures_util::SinkExt;
 use hato_datachannel::Peer;
 use hato_signaling::session::Closing;
 use hato_signaling::{message, zlib};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -34,14 +34,14 @@ pub type WsSink = SplitSink<WebSocketStream<crate::tls::Stream>, Message>;
 /// A server → client message serialised once and shared by every
 /// recipient; its zlib form is made on first use, once.
 #[derive(Debug)]
-pub struct Frame {
+pub struct Encoded {
     text: Utf8Bytes,
     zlib: OnceLock<Bytes>,
 }
 
-impl Frame {
-    pub fn new(text: String) -> Frame {
-        Frame {
+impl Encoded {
+    pub fn new(text: String) -> Encoded {
+        Encoded {
             text: text.into(),
             zlib: OnceLock::new(),
         }
@@ -82,12 +82,12 @@ pub enum Out {
     /// (`offer`, `ping`).
     Ws(String),
     /// A `push`: on the `push` DataChannel after the switch, else the WebSocket.
-    Push(Arc<Frame>),
+    Push(Arc<Encoded>),
     /// A `push` larger than this peer's DataChannel takes: on the
     /// WebSocket whatever the switch (hybrid mode keeps it open).
-    PushWs(Arc<Frame>),
+    PushWs(Arc<Encoded>),
     /// A `notify`: on the `notify` DataChannel after the switch, else the WebSocket.
-    Notify(Arc<Frame>),
+    Notify(Arc<Encoded>),
     /// Send `switched` on the WebSocket, then use the DataChannels.
     Switch { ignore_disconnect_websocket: bool },
 }
@@ -104,41 +104,29 @@ impl Out {
     }
 }
 
-/// The sending end of a connection's queue, bounded in items (the
-/// channel) and in bytes: whatever the number of items, a slow peer holds
-/// at most `byte_limit` (one item larger than that still goes alone).
-#[derive(Debug, Clone)]
-pub struct Queue {
-    tx: mpsc::Sender<Out>,
-    bytes: Arc<AtomicUsize>,
-    byte_limit: usize,
+/// Why a session is being ended from outside its own task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kill {
+    /// Its outbox was full: it cannot keep up.
+    Overflow,
+    /// A Disconnect* API call.
+    Api,
 }
 
-impl Queue {
-    pub fn new(tx: mpsc::Sender<Out>, byte_limit: usize) -> Queue {
-        Queue {
-            tx,
-            bytes: Arc::default(),
-            byte_limit,
-        }
-    }
-
-    pub fn try_send(&self, out: Out) -> Result<(), mpsc::error::TrySendError<Out>> {
-        let n = out.len();
-        let before = self.bytes.fetch_add(n, Ordering::AcqRel);
-        if before > 0 && before + n > self.byte_limit {
-            self.bytes.fetch_sub(n, Ordering::AcqRel);
-            return Err(mpsc::error::TrySendError::Full(out));
-        }
-        self.tx.try_send(out).inspect_err(|_| {
-            self.bytes.fetch_sub(n, Ordering::AcqRel);
-        })
-    }
-
-    /// Bytes queued now.
-    pub fn bytes(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed)
-    }
+/// What [`Inlet::deliver`] and `Conn::push` did.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    Queued,
+    /// The outbox was full; the connection is being disconnected.
+    Overflow,
+    /// The session is already ending.
+    Gone,
+    /// Switched to its DataChannel: the caller sends it there, batched
+    /// with the other recipients on the same engine shard.
+    Direct {
+        peer: Arc<Peer>,
+        compress: bool,
+    },
 }
 
 /// Where a connection's pushes go, shared by its outbox task and its
@@ -153,41 +141,123 @@ pub enum Route {
     DataChannel { peer: Arc<Peer>, compress: bool },
 }
 
-pub type SharedRoute = Arc<std::sync::Mutex<Route>>;
+/// The way into one connection's outbox, shared by its session and its
+/// table entry so that both queue the same way: without waiting, bounded
+/// in items (the channel) and in bytes (whatever the number of items, a
+/// slow peer holds at most `byte_limit`; one item larger than that still
+/// goes alone), and a full outbox ends the connection (once) instead of
+/// stalling the caller or growing without bound. It also holds the
+/// connection's [`Route`].
+#[derive(Debug)]
+pub struct Inlet {
+    connection_id: Arc<str>,
+    tx: mpsc::Sender<Out>,
+    bytes: Arc<AtomicUsize>,
+    byte_limit: usize,
+    kill: mpsc::UnboundedSender<Kill>,
+    overflowed: AtomicBool,
+    route: Arc<Mutex<Route>>,
+}
+
+impl Inlet {
+    pub fn new(
+        connection_id: Arc<str>,
+        tx: mpsc::Sender<Out>,
+        byte_limit: usize,
+        kill: mpsc::UnboundedSender<Kill>,
+    ) -> Inlet {
+        Inlet {
+            connection_id,
+            tx,
+            bytes: Arc::default(),
+            byte_limit,
+            kill,
+            overflowed: AtomicBool::new(false),
+            route: Arc::default(),
+        }
+    }
+
+    fn try_send(&self, item: Out) -> Result<(), mpsc::error::TrySendError<Out>> {
+        let n = item.len();
+        let before = self.bytes.fetch_add(n, Ordering::AcqRel);
+        if before > 0 && before + n > self.byte_limit {
+            self.bytes.fetch_sub(n, Ordering::AcqRel);
+            return Err(mpsc::error::TrySendError::Full(item));
+        }
+        self.tx.try_send(item).inspect_err(|_| {
+            self.bytes.fetch_sub(n, Ordering::AcqRel);
+        })
+    }
+
+    /// Queues `item`; a full outbox asks the session to end.
+    pub fn deliver(&self, item: Out) -> Delivery {
+        match self.try_send(item) {
+            Ok(()) => Delivery::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.overflowed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        connection_id = %self.connection_id,
+                        "outbox full, disconnecting (OUTBOX-OVERFLOW)"
+                    );
+                    let _ = self.kill.send(Kill::Overflow);
+                }
+                Delivery::Overflow
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::Gone,
+        }
+    }
+
+    /// Asks the session to end for `why`.
+    pub fn kill(&self, why: Kill) {
+        let _ = self.kill.send(why);
+    }
+
+    /// Bytes queued now.
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The connection's route, locked.
+    pub fn route(&self) -> std::sync::MutexGuard<'_, Route> {
+        self.route.lock().unwrap()
+    }
+}
 
 /// The session's handle on its outbox task.
 pub struct Outbox {
-    pub queue: Queue,
+    pub inlet: Arc<Inlet>,
     close: oneshot::Sender<Closing>,
     task: JoinHandle<()>,
 }
 
 impl Outbox {
     /// Starts the task. `peer` carries the DataChannels used after the
-    /// switch; `compress` says whether they are zlib-framed.
+    /// switch; `compress` says whether they are zlib-framed; `kill` is
+    /// where a full outbox asks the session to end.
     pub fn spawn(
         ws: WsSink,
         peer: Arc<Peer>,
         compress: bool,
         capacity: usize,
         byte_limit: usize,
-        route: SharedRoute,
+        connection_id: Arc<str>,
+        kill: mpsc::UnboundedSender<Kill>,
     ) -> Outbox {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        let queue = Queue::new(tx, byte_limit);
+        let inlet = Arc::new(Inlet::new(connection_id, tx, byte_limit, kill));
         let (close, close_rx) = oneshot::channel();
         let task = tokio::spawn(
-            Sender {
-                queued: queue.bytes.clone(),
+            Writer {
+                queued: inlet.bytes.clone(),
                 ws: Some(ws),
                 peer,
                 compress,
                 switched: false,
-                route,
+                route: inlet.route.clone(),
             }
             .run(rx, close_rx),
         );
-        Outbox { queue, close, task }
+        Outbox { inlet, close, task }
     }
 
     /// Sends what `close` says (its WebSocket Close frame and `close`
@@ -208,17 +278,18 @@ impl Outbox {
 /// Largest number of queued items written before one flush.
 const BATCH: usize = 64;
 
-struct Sender {
+/// The outbox task: owns the connection's sending side.
+struct Writer {
     /// The queue's byte count, given back as items leave it.
     queued: Arc<AtomicUsize>,
     ws: Option<WsSink>,
     peer: Arc<Peer>,
     compress: bool,
     switched: bool,
-    route: SharedRoute,
+    route: Arc<Mutex<Route>>,
 }
 
-impl Sender {
+impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Out>, mut close_rx: oneshot::Receiver<Closing>) {
         loop {
             let first = tokio::select! {
@@ -265,7 +336,7 @@ impl Sender {
         }
     }
 
-    fn dc_send(&self, label: &str, frame: &Frame) {
+    fn dc_send(&self, label: &str, frame: &Encoded) {
         self.peer
             .send(label, frame.bytes(self.compress), !self.compress);
     }
@@ -330,7 +401,7 @@ impl Sender {
     async fn close(mut self, close: Closing) {
         if let Some((code, reason)) = close.signaling {
             let text = message::close(code, &reason);
-            let frame = Frame::new(text);
+            let frame = Encoded::new(text);
             self.dc_send("signaling", &frame);
         }
         if let (Some((code, reason)), Some(ws)) = (close.websocket, &mut self.ws) {
@@ -375,19 +446,19 @@ mod tests {
         let (mut client, _) = client.await.unwrap().unwrap();
         let engine = Engine::start(EngineConfig::server("127.0.0.1:0".parse().unwrap())).unwrap();
         let (peer, _offer, _events) = engine.offer(&["push"]).await.unwrap();
-        let route = SharedRoute::default();
-        let outbox = Outbox::spawn(sink, Arc::new(peer), false, 16, 1 << 20, route.clone());
+        let (kill, _kill_rx) = mpsc::unbounded_channel();
+        let outbox = Outbox::spawn(sink, Arc::new(peer), false, 16, 1 << 20, "c".into(), kill);
         // Both queued before the task first runs (one thread, no await).
         let big = r#"{"type":"push","data":{"big":true}}"#;
         outbox
-            .queue
+            .inlet
             .try_send(Out::Switch {
                 ignore_disconnect_websocket: false,
             })
             .unwrap();
         outbox
-            .queue
-            .try_send(Out::PushWs(Arc::new(Frame::new(big.into()))))
+            .inlet
+            .try_send(Out::PushWs(Arc::new(Encoded::new(big.into()))))
             .unwrap();
         let mut next = async || {
             let m = tokio::time::timeout(Duration::from_secs(2), client.next()).await;
@@ -398,6 +469,6 @@ mod tests {
         let switched = next().await.expect("switched");
         assert!(switched.contains(r#""type":"switched""#), "{switched}");
         assert_eq!(next().await.as_deref(), Some(big), "the push was lost");
-        assert!(matches!(*route.lock().unwrap(), Route::DataChannel { .. }));
+        assert!(matches!(*outbox.inlet.route(), Route::DataChannel { .. }));
     }
 }

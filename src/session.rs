@@ -8,9 +8,9 @@
 //! which leaves the table, the tasks and the sockets as they were.
 
 use crate::limits::{self, Throttle, Ticket};
-use crate::outbox::{truncate_reason, Frame, Out, Outbox, SharedRoute};
+use crate::outbox::{truncate_reason, Encoded, Inlet, Kill, Out, Outbox};
 use crate::proxy_protocol;
-use crate::table::{Conn, Kill, Mailbox};
+use crate::table::Conn;
 use crate::tls::{ReadLimit, Stream};
 use crate::Shared;
 use futures_util::stream::SplitStream;
@@ -472,23 +472,18 @@ async fn run(
     let offer_json = serde_json::to_string(&offer).expect("an offer always serialises");
 
     let (sink, stream) = ws.split();
-    let route = SharedRoute::default();
+    let (kill_tx, kill_rx) = mpsc::unbounded_channel();
     let outbox = Outbox::spawn(
         sink,
         peer.clone(),
         compress,
         cfg.outbox_capacity,
         cfg.outbox_capacity_bytes,
-        route.clone(),
-    );
-    let (kill_tx, kill_rx) = mpsc::unbounded_channel();
-    let mailbox = Arc::new(Mailbox::new(
         connection_id.clone(),
-        outbox.queue.clone(),
         kill_tx,
-        route,
-    ));
-    mailbox.deliver(Out::Ws(offer_json));
+    );
+    let inlet = outbox.inlet.clone();
+    inlet.deliver(Out::Ws(offer_json));
     tracing::info!(
         %connection_id, channel_id = %connect.channel_id, role = %connect.role,
         dc_signaling, ignore_ws, "offer sent"
@@ -518,7 +513,7 @@ async fn run(
         machine: Machine::new(std::time::Instant::now(), rules, mode),
         peer,
         outbox: Some(outbox),
-        mailbox,
+        inlet,
         conn: None,
         ticket,
         event_metadata: granted.event_metadata,
@@ -557,7 +552,7 @@ struct Session {
     machine: Machine,
     peer: Arc<Peer>,
     outbox: Option<Outbox>,
-    mailbox: Arc<Mailbox>,
+    inlet: Arc<Inlet>,
     /// Set once the peer is in the table.
     conn: Option<Arc<Conn>>,
     /// The auth webhook's `event_metadata`, for the event webhooks.
@@ -595,7 +590,7 @@ struct Drive {
 impl Session {
     /// Queues on this connection's own outbox; a full queue ends it.
     fn queue(&self, out: Out) {
-        self.mailbox.deliver(out);
+        self.inlet.deliver(out);
     }
 
     async fn drive(
@@ -739,7 +734,7 @@ impl Session {
             self.notify_metadata.clone(),
             message_limit,
             !self.machine.mode().ignore_disconnect_websocket,
-            self.mailbox.clone(),
+            self.inlet.clone(),
         );
         let conn = Arc::new(if self.no_notify {
             conn.without_notify()
@@ -787,7 +782,7 @@ impl Session {
             &now,
             Some(present),
         );
-        self.queue(Out::Notify(Arc::new(Frame::new(own))));
+        self.queue(Out::Notify(Arc::new(Encoded::new(own))));
         let metrics = &self.shared.metrics;
         metrics.connects.inc();
         metrics

@@ -6,80 +6,19 @@
 //! a few hash-map operations and never awaits, so a blocking lock is both
 //! cheaper and impossible to hold across an `.await` by accident.
 
-use crate::outbox::{Frame, Out, Queue, Route, SharedRoute};
-use hato_datachannel::Peer;
+use crate::outbox::{Delivery, Encoded, Inlet, Kill, Out, Route};
+use hato_signaling::api::Audience;
 use hato_signaling::message::{ChannelCounts, NotifyConnection, NotifyMetadata};
 use hato_signaling::Role;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
-/// Why a session is being ended from outside its own task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kill {
-    /// Its outbox was full: it cannot keep up.
-    Overflow,
-    /// A Disconnect* API call.
-    Api,
-}
-
-/// The sending end of one connection's outbox, shared by its session and
-/// its table entry, so both queue the same way: without waiting, and a full
-/// queue ends the connection (once) instead of stalling the caller or
-/// growing without bound.
-#[derive(Debug)]
-pub struct Mailbox {
-    connection_id: Arc<str>,
-    queue: Queue,
-    kill: mpsc::UnboundedSender<Kill>,
-    overflowed: AtomicBool,
-    route: SharedRoute,
-}
-
-impl Mailbox {
-    pub fn new(
-        connection_id: Arc<str>,
-        queue: Queue,
-        kill: mpsc::UnboundedSender<Kill>,
-        route: SharedRoute,
-    ) -> Mailbox {
-        Mailbox {
-            connection_id,
-            queue,
-            kill,
-            overflowed: AtomicBool::new(false),
-            route,
-        }
-    }
-
-    pub fn deliver(&self, out: Out) -> Delivery {
-        match self.queue.try_send(out) {
-            Ok(()) => Delivery::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.overflowed.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        connection_id = %self.connection_id,
-                        "outbox full, disconnecting (OUTBOX-OVERFLOW)"
-                    );
-                    let _ = self.kill.send(Kill::Overflow);
-                }
-                Delivery::Overflow
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::Gone,
-        }
-    }
-
-    /// Asks the session to end for `why`.
-    pub fn kill(&self, why: Kill) {
-        let _ = self.kill.send(why);
-    }
-}
-
-/// One registered connection: its identity and its mailbox.
-#[derive(Debug)]
-pub struct Conn {
+/// Who a connection is, wherever it is held: what `notify`, the listings,
+/// the counts and the other nodes know of it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
     pub connection_id: Arc<str>,
     pub client_id: Arc<str>,
     pub bundle_id: Arc<str>,
@@ -87,35 +26,53 @@ pub struct Conn {
     pub session_id: Arc<str>,
     pub role: Role,
     /// What `notify` shows of it besides its ids.
+    #[serde(flatten)]
     pub notify_metadata: NotifyMetadata,
+    /// When it joined the table (RFC 3339), for the listing targets.
+    pub created_time: String,
+}
+
+impl Identity {
+    /// What `notify` says of it.
+    pub fn who(&self) -> NotifyConnection<'_> {
+        NotifyConnection {
+            role: self.role,
+            session_id: &self.session_id,
+            channel_id: &self.channel_id,
+            client_id: &self.client_id,
+            bundle_id: &self.bundle_id,
+            connection_id: &self.connection_id,
+            meta: &self.notify_metadata,
+        }
+    }
+
+    /// Whether `audience` includes it (its channel aside).
+    fn matches(&self, audience: Audience<&str>) -> bool {
+        match audience {
+            Audience::Channel => true,
+            Audience::Client(id) => &*self.client_id == id,
+            Audience::Connection(id) => &*self.connection_id == id,
+            Audience::Role(role) => self.role == role,
+        }
+    }
+}
+
+/// One connection of this node in the table: its [`Identity`] (which it
+/// dereferences to), how its pushes may travel, and the way into its
+/// outbox.
+#[derive(Debug)]
+pub struct Conn {
+    pub identity: Identity,
     /// Largest push this peer can take, when pushes may go over its
     /// DataChannel; `None` for WebSocket-only peers.
     pub message_limit: Option<usize>,
     /// Its WebSocket stays open for the whole session (hybrid mode, or no
     /// DataChannel signaling): what its DataChannel cannot take goes there.
     pub websocket_fallback: bool,
-    /// When it joined the table (RFC 3339), for the listing targets.
-    pub created_time: String,
     /// It is told of others' joins and leaves (`signaling_notify`, true
     /// unless the auth webhook said false).
     pub notify: bool,
-    mailbox: Arc<Mailbox>,
-}
-
-/// What [`Conn::deliver`] did.
-#[derive(Debug, Clone)]
-pub enum Delivery {
-    Queued,
-    /// The outbox was full; the connection is being disconnected.
-    Overflow,
-    /// The session is already ending.
-    Gone,
-    /// Switched to its DataChannel: the caller sends it there, batched
-    /// with the other recipients on the same engine shard.
-    Direct {
-        peer: Arc<Peer>,
-        compress: bool,
-    },
+    inlet: Arc<Inlet>,
 }
 
 impl Conn {
@@ -130,34 +87,23 @@ impl Conn {
         notify_metadata: NotifyMetadata,
         message_limit: Option<usize>,
         websocket_fallback: bool,
-        mailbox: Arc<Mailbox>,
+        inlet: Arc<Inlet>,
     ) -> Conn {
         Conn {
-            connection_id,
-            client_id,
-            bundle_id,
-            channel_id,
-            session_id,
-            role,
-            notify_metadata,
+            identity: Identity {
+                connection_id,
+                client_id,
+                bundle_id,
+                channel_id,
+                session_id,
+                role,
+                notify_metadata,
+                created_time: hato_signaling::time::now_rfc3339(),
+            },
             message_limit,
             websocket_fallback,
-            created_time: hato_signaling::time::now_rfc3339(),
             notify: true,
-            mailbox,
-        }
-    }
-
-    /// What `notify` says of it.
-    pub fn who(&self) -> NotifyConnection<'_> {
-        NotifyConnection {
-            role: self.role,
-            session_id: &self.session_id,
-            channel_id: &self.channel_id,
-            client_id: &self.client_id,
-            bundle_id: &self.bundle_id,
-            connection_id: &self.connection_id,
-            meta: &self.notify_metadata,
+            inlet,
         }
     }
 
@@ -169,34 +115,31 @@ impl Conn {
 
     /// Bytes waiting in its outbox now.
     pub fn queued_bytes(&self) -> usize {
-        self.mailbox.queue.bytes()
+        self.inlet.queued_bytes()
     }
 
     /// Whether its pushes go over its `push` DataChannel now (after
     /// `switched`), else its WebSocket.
     pub fn on_datachannel(&self) -> bool {
-        matches!(
-            *self.mailbox.route.lock().unwrap(),
-            Route::DataChannel { .. }
-        )
+        matches!(*self.inlet.route(), Route::DataChannel { .. })
     }
 
-    /// Queues `out` on this connection's outbox; see [`Mailbox::deliver`].
+    /// Queues `out` on this connection's outbox; see [`Inlet::deliver`].
     pub fn deliver(&self, out: Out) -> Delivery {
-        self.mailbox.deliver(out)
+        self.inlet.deliver(out)
     }
 
     /// Asks the session to end with `DISCONNECTED-API`.
     pub fn disconnect(&self) {
-        self.mailbox.kill(Kill::Api);
+        self.inlet.kill(Kill::Api);
     }
 
     /// Queues a push on the outbox, or, once switched, says which
     /// DataChannel peer to send it to (see [`Route`]).
-    pub fn push(&self, frame: &Arc<Frame>) -> Delivery {
-        let route = self.mailbox.route.lock().unwrap();
+    pub fn push(&self, frame: &Arc<Encoded>) -> Delivery {
+        let route = self.inlet.route();
         match &*route {
-            Route::Outbox => self.mailbox.deliver(Out::Push(frame.clone())),
+            Route::Outbox => self.inlet.deliver(Out::Push(frame.clone())),
             Route::DataChannel { peer, compress } => Delivery::Direct {
                 peer: peer.clone(),
                 compress: *compress,
@@ -211,19 +154,10 @@ pub fn notify_all(conns: &[Arc<Conn>], message: impl FnOnce() -> String) {
     if conns.is_empty() {
         return;
     }
-    let frame = Arc::new(Frame::new(message()));
+    let frame = Arc::new(Encoded::new(message()));
     for c in conns {
         c.deliver(Out::Notify(frame.clone()));
     }
-}
-
-/// Which connections an API call addresses.
-#[derive(Debug, Clone, Copy)]
-pub enum Target<'a> {
-    Channel,
-    Client(&'a str),
-    Connection(&'a str),
-    Role(Role),
 }
 
 /// A connection held by another node of the cluster, as that node
@@ -231,15 +165,8 @@ pub enum Target<'a> {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Member {
     pub node: String,
-    pub connection_id: Arc<str>,
-    pub client_id: Arc<str>,
-    pub bundle_id: Arc<str>,
-    pub channel_id: Arc<str>,
-    pub session_id: Arc<str>,
-    pub role: Role,
     #[serde(flatten)]
-    pub notify_metadata: NotifyMetadata,
-    pub created_time: String,
+    pub identity: Identity,
     /// Its pushes can only go over a DataChannel (no WebSocket fallback).
     pub datachannel_only: bool,
 }
@@ -249,37 +176,29 @@ impl Member {
     pub fn of(node: &str, conn: &Conn) -> Member {
         Member {
             node: node.to_owned(),
-            connection_id: conn.connection_id.clone(),
-            client_id: conn.client_id.clone(),
-            bundle_id: conn.bundle_id.clone(),
-            channel_id: conn.channel_id.clone(),
-            session_id: conn.session_id.clone(),
-            role: conn.role,
-            notify_metadata: conn.notify_metadata.clone(),
-            created_time: conn.created_time.clone(),
+            identity: conn.identity.clone(),
             datachannel_only: conn.message_limit.is_some() && !conn.websocket_fallback,
         }
     }
+}
 
-    pub fn who(&self) -> NotifyConnection<'_> {
-        NotifyConnection {
-            role: self.role,
-            session_id: &self.session_id,
-            channel_id: &self.channel_id,
-            client_id: &self.client_id,
-            bundle_id: &self.bundle_id,
-            connection_id: &self.connection_id,
-            meta: &self.notify_metadata,
-        }
+impl std::ops::Deref for Conn {
+    type Target = Identity;
+    fn deref(&self) -> &Identity {
+        &self.identity
     }
+}
 
-    fn matches(&self, target: Target<'_>) -> bool {
-        match target {
-            Target::Channel => true,
-            Target::Client(id) => &*self.client_id == id,
-            Target::Connection(id) => &*self.connection_id == id,
-            Target::Role(role) => self.role == role,
-        }
+impl std::ops::Deref for Member {
+    type Target = Identity;
+    fn deref(&self) -> &Identity {
+        &self.identity
+    }
+}
+
+impl std::ops::DerefMut for Member {
+    fn deref_mut(&mut self) -> &mut Identity {
+        &mut self.identity
     }
 }
 
@@ -709,12 +628,12 @@ impl Table {
     /// How many connections on other nodes `target` addresses in
     /// `channel_id`, and whether one of them can only take pushes over a
     /// DataChannel.
-    pub fn remote_matches(&self, channel_id: &str, target: Target<'_>) -> (usize, bool) {
+    pub fn remote_matches(&self, channel_id: &str, target: Audience<&str>) -> (usize, bool) {
         let channels = self.channels.lock().unwrap();
         let Some(ch) = channels.get(channel_id) else {
             return (0, false);
         };
-        if let Target::Connection(id) = target {
+        if let Audience::Connection(id) = target {
             return ch
                 .remote
                 .get(id)
@@ -748,16 +667,16 @@ impl Table {
     }
 
     /// The connections `target` addresses in `channel_id`.
-    pub fn lookup(&self, channel_id: &str, target: Target<'_>) -> Vec<Arc<Conn>> {
+    pub fn lookup(&self, channel_id: &str, target: Audience<&str>) -> Vec<Arc<Conn>> {
         let channels = self.channels.lock().unwrap();
         let Some(ch) = channels.get(channel_id) else {
             return Vec::new();
         };
         match target {
-            Target::Channel => ch.by_connection.values().cloned().collect(),
-            Target::Client(id) => ch.by_client.get(id).cloned().unwrap_or_default(),
-            Target::Connection(id) => ch.by_connection.get(id).cloned().into_iter().collect(),
-            Target::Role(role) => ch.by_role[role_index(role)].clone(),
+            Audience::Channel => ch.by_connection.values().cloned().collect(),
+            Audience::Client(id) => ch.by_client.get(id).cloned().unwrap_or_default(),
+            Audience::Connection(id) => ch.by_connection.get(id).cloned().into_iter().collect(),
+            Audience::Role(role) => ch.by_role[role_index(role)].clone(),
         }
     }
 
@@ -804,6 +723,7 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
 
     fn conn(id: &str, channel: &str, client: &str, role: Role) -> (Arc<Conn>, mpsc::Receiver<Out>) {
         let (tx, rx) = mpsc::channel(2);
@@ -818,12 +738,7 @@ mod tests {
             NotifyMetadata::default(),
             None,
             true,
-            Arc::new(Mailbox::new(
-                id.into(),
-                Queue::new(tx, 1 << 20),
-                kill,
-                Default::default(),
-            )),
+            Arc::new(Inlet::new(id.into(), tx, 1 << 20, kill)),
         );
         (Arc::new(c), rx)
     }
@@ -845,17 +760,17 @@ mod tests {
         assert_eq!(ids(joined.others), ["a"]);
         assert_eq!(joined.counts.all, 2);
         t.insert(c);
-        assert_eq!(ids(t.lookup("ch", Target::Channel)), ["a", "b"]);
-        assert_eq!(ids(t.lookup("ch", Target::Client("shared"))), ["a", "b"]);
-        assert_eq!(ids(t.lookup("ch", Target::Connection("b"))), ["b"]);
-        assert_eq!(ids(t.lookup("ch", Target::Role(Role::Recvonly))), ["a"]);
-        assert!(t.lookup("ch", Target::Role(Role::Sendonly)).is_empty());
-        assert!(t.lookup("none", Target::Channel).is_empty());
+        assert_eq!(ids(t.lookup("ch", Audience::Channel)), ["a", "b"]);
+        assert_eq!(ids(t.lookup("ch", Audience::Client("shared"))), ["a", "b"]);
+        assert_eq!(ids(t.lookup("ch", Audience::Connection("b"))), ["b"]);
+        assert_eq!(ids(t.lookup("ch", Audience::Role(Role::Recvonly))), ["a"]);
+        assert!(t.lookup("ch", Audience::Role(Role::Sendonly)).is_empty());
+        assert!(t.lookup("none", Audience::Channel).is_empty());
         let (counts, announce) = t.remove(&a).unwrap();
         assert_eq!(ids(announce.unwrap().to), ["b"]);
         assert_eq!(counts.recvonly, 0);
         assert!(t.remove(&a).is_none(), "removing twice is a no-op");
-        assert_eq!(ids(t.lookup("ch", Target::Client("shared"))), ["b"]);
+        assert_eq!(ids(t.lookup("ch", Audience::Client("shared"))), ["b"]);
         t.remove(&b);
         assert_eq!(t.len(), 1);
     }
@@ -919,14 +834,9 @@ mod tests {
             NotifyMetadata::default(),
             None,
             true,
-            Arc::new(Mailbox::new(
-                "a".into(),
-                Queue::new(tx, 1 << 20),
-                kill_tx,
-                Default::default(),
-            )),
+            Arc::new(Inlet::new("a".into(), tx, 1 << 20, kill_tx)),
         );
-        let f = Arc::new(Frame::new("{}".into()));
+        let f = Arc::new(Encoded::new("{}".into()));
         assert!(matches!(c.push(&f), Delivery::Queued));
         assert!(matches!(c.push(&f), Delivery::Overflow));
         assert!(matches!(c.push(&f), Delivery::Overflow));

@@ -753,7 +753,7 @@ async fn ignore_disconnect_websocket_survives_every_kind_of_websocket_loss() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
             s.table()
-                .lookup(&channel, hato::table::Target::Channel)
+                .lookup(&channel, hato_signaling::api::Audience::Channel)
                 .len(),
             1,
             "{how}: session kept"
@@ -776,7 +776,7 @@ async fn ignore_disconnect_websocket_survives_every_kind_of_websocket_loss() {
         let until = tokio::time::Instant::now() + Duration::from_secs(20);
         while !s
             .table()
-            .lookup(&channel, hato::table::Target::Channel)
+            .lookup(&channel, hato_signaling::api::Audience::Channel)
             .is_empty()
         {
             assert!(

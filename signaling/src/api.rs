@@ -104,20 +104,45 @@ fn bad(error_type: &'static str, message: impl Into<String>) -> BodyError {
     }
 }
 
-/// Who a call addresses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Key {
+/// Who a call addresses in its channel: everyone, every connection of one
+/// `client_id`, one `connection_id`, or one role. Owned (`String`) in a
+/// parsed call and between nodes, borrowed (`&str`) for a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "scope", content = "key", rename_all = "lowercase")]
+pub enum Audience<S = String> {
     Channel,
-    Client(String),
-    Connection(String),
+    Client(S),
+    Connection(S),
     Role(Role),
+}
+
+impl<S: AsRef<str>> Audience<S> {
+    /// The same audience, borrowed.
+    pub fn as_ref(&self) -> Audience<&str> {
+        match self {
+            Audience::Channel => Audience::Channel,
+            Audience::Client(id) => Audience::Client(id.as_ref()),
+            Audience::Connection(id) => Audience::Connection(id.as_ref()),
+            Audience::Role(role) => Audience::Role(*role),
+        }
+    }
+
+    /// The same audience, owned.
+    pub fn to_owned(&self) -> Audience {
+        match self {
+            Audience::Channel => Audience::Channel,
+            Audience::Client(id) => Audience::Client(id.as_ref().to_owned()),
+            Audience::Connection(id) => Audience::Connection(id.as_ref().to_owned()),
+            Audience::Role(role) => Audience::Role(*role),
+        }
+    }
 }
 
 /// A validated request body.
 #[derive(Debug)]
 pub struct Call<'a> {
     pub channel_id: String,
-    pub key: Key,
+    pub audience: Audience,
     /// For a push: `data`, a JSON object, as sent (its text, unparsed).
     pub data: Option<&'a RawValue>,
     /// For a disconnect: the answer, the keys that named the connections
@@ -134,7 +159,7 @@ pub fn parse(operation: Operation, body: &[u8]) -> Result<Call<'_>, BodyError> {
         }
         return Ok(Call {
             channel_id: String::new(),
-            key: Key::Channel,
+            audience: Audience::Channel,
             data: None,
             echo: String::new(),
         });
@@ -168,13 +193,13 @@ fn parse_scoped<'a>(
         }
     };
     let channel_id = string("channel_id")?;
-    let key = match scope {
-        Scope::Channel => Key::Channel,
-        Scope::Client => Key::Client(string("client_id")?),
-        Scope::Connection => Key::Connection(string("connection_id")?),
+    let audience = match scope {
+        Scope::Channel => Audience::Channel,
+        Scope::Client => Audience::Client(string("client_id")?),
+        Scope::Connection => Audience::Connection(string("connection_id")?),
         Scope::ChannelByRole => {
             let role = string("role")?;
-            Key::Role(Role::parse(&role).ok_or_else(|| {
+            Audience::Role(Role::parse(&role).ok_or_else(|| {
                 bad(
                     "INVALID-ROLE",
                     format!("role must be sendrecv, sendonly or recvonly, not {role:?}"),
@@ -184,7 +209,7 @@ fn parse_scoped<'a>(
     };
     let mut call = Call {
         channel_id,
-        key,
+        audience,
         data: None,
         echo: String::new(),
     };
@@ -372,7 +397,7 @@ mod tests {
     fn disconnect_echoes_the_keys_as_sent() {
         let body = br#"{"client_id":"a\u0062","channel_id":"c","x":1}"#;
         let call = parse(Operation::Disconnect(Scope::Client), body).unwrap();
-        assert_eq!(call.key, Key::Client("ab".into()));
+        assert_eq!(call.audience, Audience::Client("ab".into()));
         assert_eq!(call.echo, r#"{"channel_id":"c","client_id":"a\u0062"}"#);
     }
 }

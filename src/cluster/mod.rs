@@ -36,11 +36,12 @@ pub use broker::{nats, Broker};
 pub use presence::Limits;
 
 use crate::hub::{self, Origin};
-use crate::outbox::Frame;
-use crate::table::{Conn, Member, Target};
+use crate::outbox::Encoded;
+use crate::table::{Conn, Member};
 use crate::Shared;
 use bytes::Bytes;
 use futures_util::StreamExt;
+use hato_signaling::api::Audience;
 use presence::{Announcement, Effect, Nodes, Snapshot};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -100,11 +101,8 @@ fn snapshot_subject(node: &str) -> String {
 pub struct Item<'a> {
     /// "push" or "disconnect".
     pub op: &'a str,
-    /// "channel", "client", "connection" or "role".
-    pub scope: &'a str,
-    /// The client_id, connection_id or role the scope names.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
+    /// Whom in the channel it addresses.
+    pub to: Audience,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub data: Option<&'a RawValue>,
 }
@@ -370,7 +368,7 @@ impl Cluster {
             node: self.node.to_string(),
             epoch: self.epoch,
             seq: mine.seq,
-            member: (*member).clone(),
+            member: Box::new((*member).clone()),
         };
         self.queue(PRESENCE, &msg);
     }
@@ -768,20 +766,10 @@ fn apply_from_cluster(shared: &Shared, payload: &[u8]) {
         }
     };
     for item in &wire.items {
-        let key = item.key.as_deref().unwrap_or_default();
-        let target = match item.scope {
-            "channel" => Target::Channel,
-            "client" => Target::Client(key),
-            "connection" => Target::Connection(key),
-            "role" => match hato_signaling::Role::parse(key) {
-                Some(role) => Target::Role(role),
-                None => continue,
-            },
-            _ => continue,
-        };
+        let target = item.to.as_ref();
         match (item.op, item.data) {
             ("push", Some(data)) => {
-                let frame = Arc::new(Frame::new(hato_signaling::message::push_json(data.get())));
+                let frame = Arc::new(Encoded::new(hato_signaling::message::push_json(data.get())));
                 let _ = hub::deliver(shared, &wire.channel_id, target, &frame, Origin::Cluster);
             }
             ("disconnect", _) => hub::disconnect(shared, &wire.channel_id, target),

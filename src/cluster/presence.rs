@@ -40,7 +40,7 @@ pub enum Announcement {
         node: String,
         epoch: u64,
         seq: u64,
-        member: Member,
+        member: Box<Member>,
     },
     Leave {
         node: String,
@@ -411,7 +411,7 @@ fn apply(limits: &Limits, view: &mut View, event: Announcement, out: &mut Vec<Ef
                 out.push(Effect::Refused { node, why });
                 return;
             }
-            let member = Arc::new(member);
+            let member = Arc::new(*member);
             view.members
                 .insert(member.connection_id.clone(), member.clone());
             out.push(Effect::Joined(member));
@@ -457,7 +457,7 @@ mod tests {
             node: node.into(),
             epoch,
             seq,
-            member: member(node, id),
+            member: Box::new(member(node, id)),
         }
     }
 
@@ -651,7 +651,7 @@ mod tests {
                 node: "b".into(),
                 epoch: 7,
                 seq: 1,
-                member: member("c", "x"),
+                member: Box::new(member("c", "x")),
             },
             &mut out,
         );
@@ -665,7 +665,7 @@ mod tests {
                 node: "b".into(),
                 epoch: 7,
                 seq: 2,
-                member: big,
+                member: Box::new(big),
             },
             &mut out,
         );
