@@ -264,6 +264,9 @@ fn apply(
     if operation == Operation::Batch {
         return push_batch(shared, bytes);
     }
+    if operation == Operation::History {
+        return history(shared, bytes);
+    }
     let call = api::parse(operation, bytes).map_err(|e| ApiError::bad(e.error_type, e.message))?;
     match operation {
         Operation::Push(scope) => {
@@ -273,7 +276,7 @@ fn apply(
         }
         Operation::Disconnect(_) => disconnect(shared, &call),
         Operation::List(_) => unreachable!("handled in route"),
-        Operation::Batch => unreachable!("handled above"),
+        Operation::Batch | Operation::History => unreachable!("handled above"),
         Operation::StatsReport => Ok(json_response(
             StatusCode::OK,
             stats::stats_report(shared).to_string(),
@@ -447,31 +450,62 @@ fn disconnect(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Byt
 }
 
 fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
-    let queued = match cluster_for(shared, call) {
-        None => hub::deliver(
-            shared,
-            &call.channel_id,
-            call.audience.as_ref(),
-            &hub::encode_push(call),
-            hub::Origin::Api,
-        )?,
+    let pushed = match cluster_for(shared, call) {
+        None => hub::deliver(shared, hub::Push::of(call), hub::Origin::Api)?,
         Some(cluster) => {
             let mut out = cluster.begin(1).map_err(cluster_unavailable)?;
-            let n = hub::deliver_here_and_there(shared, call)?;
+            let pushed = hub::deliver_here_and_there(shared, hub::Push::of(call))?;
             out.send(&call.channel_id, vec![cluster_item("push", call)]);
-            n
+            pushed
         }
     };
     let data_json = call.data.expect("a push call has data").get();
     // The body stays exactly Sora's; how many connections the push was
-    // queued to (0: nobody matched) goes in a header of hato's own.
+    // queued to (0: nobody matched) and its place in the channel's order
+    // go in headers of hato's own.
     let mut resp = json_response(
         StatusCode::OK,
         format!(r#"{{"data":{data_json},"type":"push"}}"#),
     );
-    resp.headers_mut()
-        .insert("x-hato-recipients", HeaderValue::from(queued));
+    let headers = resp.headers_mut();
+    headers.insert("x-hato-recipients", HeaderValue::from(pushed.recipients));
+    headers.insert("x-hato-offset", HeaderValue::from(pushed.position.offset));
+    if let Ok(epoch) = HeaderValue::from_str(&pushed.position.epoch) {
+        headers.insert("x-hato-epoch", epoch);
+    }
     Ok(resp)
+}
+
+/// `GetChannelHistory`: the channel's kept pushes after `since_offset`,
+/// with their offsets, and where the channel stands. This node's history.
+fn history(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiError> {
+    let q = api::parse_history(body).map_err(|e| ApiError::bad(e.error_type, e.message))?;
+    #[derive(serde::Deserialize)]
+    struct Kept<'a> {
+        #[serde(borrow)]
+        data: &'a serde_json::value::RawValue,
+    }
+    let answer = match shared.history.existing(&q.channel_id) {
+        None => json!({"channel_id": q.channel_id, "epoch": null, "offset": 0,
+                       "first_offset": null, "pushes": []}),
+        Some(log) => {
+            let mut log = log.lock().unwrap();
+            let (epoch, offset) = (log.epoch.clone(), log.position().offset);
+            let pushes: Vec<Value> = log
+                .since(std::time::Instant::now(), q.since_offset, q.limit)
+                .iter()
+                .map(|e| {
+                    let data = serde_json::from_str::<Kept<'_>>(e.message.text())
+                        .ok()
+                        .and_then(|k| serde_json::from_str::<Value>(k.data.get()).ok());
+                    json!({"offset": e.offset, "to": &e.audience, "data": data})
+                })
+                .collect();
+            json!({"channel_id": q.channel_id, "epoch": &*epoch, "offset": offset,
+                   "first_offset": log.first_kept(), "pushes": pushes})
+        }
+    };
+    Ok(json_response(StatusCode::OK, answer.to_string()))
 }
 
 /// `PushBatch`: every item validated first (one bad item: 400 naming it,
@@ -495,7 +529,8 @@ fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, Api
                 .fetch_add(1, Ordering::Relaxed);
             let call = &item.call;
             let outcome = if out.is_some() {
-                let outcome = hub::deliver_here_and_there(shared, call).map_err(ApiError::from);
+                let outcome = hub::deliver_here_and_there(shared, hub::Push::of(call))
+                    .map_err(ApiError::from);
                 if outcome.is_ok() {
                     let channel = call.channel_id.as_str();
                     let at = match wires.iter().position(|(c, _)| *c == channel) {
@@ -509,14 +544,7 @@ fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, Api
                 }
                 outcome
             } else {
-                hub::deliver(
-                    shared,
-                    &call.channel_id,
-                    call.audience.as_ref(),
-                    &hub::encode_push(call),
-                    hub::Origin::Api,
-                )
-                .map_err(ApiError::from)
+                hub::deliver(shared, hub::Push::of(call), hub::Origin::Api).map_err(ApiError::from)
             };
             shared
                 .metrics
@@ -527,7 +555,8 @@ fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, Api
                 })
                 .inc();
             match outcome {
-                Ok(n) => json!({"target": item.target, "status": 200, "recipients": n}),
+                Ok(p) => json!({"target": item.target, "status": 200, "recipients": p.recipients,
+                                "epoch": &*p.position.epoch, "offset": p.position.offset}),
                 Err(e) => json!({"target": item.target, "status": e.status.as_u16(),
                                  "error_type": e.error_type, "message": e.message, "recipients": 0}),
             }

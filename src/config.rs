@@ -515,6 +515,33 @@ pub struct Config {
     )]
     pub cluster_request_timeout_ms: u64,
 
+    /// Pushes kept per channel, for peers that reconnect
+    /// (`metadata.hato_recover`) and for GetChannelHistory. 0: none kept;
+    /// pushes still carry their channel's offset.
+    #[arg(
+        help_heading = "History",
+        long,
+        env = "HATO_HISTORY_SIZE",
+        default_value_t = 0
+    )]
+    pub history_size: usize,
+
+    /// Seconds a push stays in its channel's history; 0: until
+    /// --history-size pushes it out.
+    #[arg(
+        help_heading = "History",
+        long,
+        env = "HATO_HISTORY_TTL",
+        default_value_t = 0
+    )]
+    pub history_ttl: u64,
+
+    /// Bytes every channel's history holds together, at most (each push
+    /// counts its message plus 128); past it a channel's oldest pushes go
+    /// first.
+    #[arg(help_heading = "History", long, env = "HATO_HISTORY_MAX_BYTES", default_value_t = 256 << 20)]
+    pub history_max_bytes: usize,
+
     /// Log lines as text (default) or as JSON objects, one per line, with
     /// timestamp, level, target, fields and, inside a session, its
     /// connection_id, channel_id and client_id (under `span`).

@@ -29,6 +29,8 @@ pub enum Group {
     EventWebhook,
     /// Cluster messages and events (with a cluster).
     Cluster,
+    /// History and recovery events.
+    History,
 }
 
 impl Group {
@@ -42,6 +44,7 @@ impl Group {
             Group::AuthWebhook => "auth_webhook",
             Group::EventWebhook => "event_webhook",
             Group::Cluster => "cluster",
+            Group::History => "history",
         }
     }
 }
@@ -161,6 +164,15 @@ pub fn read(shared: &Shared) -> Counters {
             ],
         );
     }
+    let h = &shared.history.counts;
+    add(
+        Group::History,
+        &[
+            ("recovered", n(&h.recovered)),
+            ("recovery_gap", n(&h.recovery_gaps)),
+            ("evicted", n(&h.evicted)),
+        ],
+    );
     let by_target = |i: usize| n(&t.pushes_by_target[i]);
     use hato_signaling::api::Scope;
     Counters {

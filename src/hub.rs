@@ -7,6 +7,7 @@
 //! remote pushes here; a connection's outbox only sends what was decided
 //! here (see [`crate::outbox`] for how a push crosses the switch).
 
+use crate::history::Position;
 use crate::limits::Throttle;
 use crate::outbox::Delivery;
 use crate::outbox::{Encoded, Out};
@@ -20,11 +21,32 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The `push` message of a push call, serialised once for every recipient.
-pub fn encode_push(call: &Call<'_>) -> Arc<Encoded> {
-    Arc::new(Encoded::new(message::push_json(
-        call.data.expect("a push call has data").get(),
-    )))
+/// A push to deliver here: its channel, whom in it, and `data` as the
+/// API received it (its text).
+#[derive(Clone, Copy)]
+pub struct Push<'a> {
+    pub channel_id: &'a str,
+    pub audience: Audience<&'a str>,
+    pub data: &'a str,
+}
+
+impl<'a> Push<'a> {
+    pub fn of(call: &'a Call<'_>) -> Push<'a> {
+        Push {
+            channel_id: &call.channel_id,
+            audience: call.audience.as_ref(),
+            data: call.data.expect("a push call has data").get(),
+        }
+    }
+}
+
+/// What a delivered push reached, and its place in its channel's order.
+#[derive(Debug)]
+pub struct Pushed {
+    /// Connections it was queued to (here, and in a cluster, as this node
+    /// knows them, on the others).
+    pub recipients: u64,
+    pub position: Position,
 }
 
 /// A push larger than hato itself sends over a DataChannel (RFC 8831
@@ -57,45 +79,54 @@ fn refuse_oversize(shared: &Shared, frame: &Encoded) -> Result<(), TooLarge> {
 }
 
 /// In a cluster: refuses a push too large for a DataChannel-only
-/// recipient on another node, as for one here; delivers it here. Returns
+/// recipient on another node, as for one here; delivers it here. Counts
 /// the recipients here and, as this node knows them, on the others.
-pub fn deliver_here_and_there(shared: &Shared, call: &Call<'_>) -> Result<u64, TooLarge> {
-    let frame = encode_push(call);
-    let (remote, remote_dc_only) = shared
-        .table
-        .remote_matches(&call.channel_id, call.audience.as_ref());
-    if remote_dc_only {
-        refuse_oversize(shared, &frame)?;
-    }
-    Ok(deliver(
-        shared,
-        &call.channel_id,
-        call.audience.as_ref(),
-        &frame,
-        Origin::Api,
-    )? + remote as u64)
+pub fn deliver_here_and_there(shared: &Shared, push: Push<'_>) -> Result<Pushed, TooLarge> {
+    let (remote, remote_dc_only) = shared.table.remote_matches(push.channel_id, push.audience);
+    let mut pushed = deliver_checked(shared, push, Origin::Api, remote_dc_only)?;
+    pushed.recipients += remote as u64;
+    Ok(pushed)
 }
 
-/// Queues one push on every matching connection of this node; how many it
-/// reached.
-pub fn deliver(
+/// Gives one push its channel's next offset and queues it on every
+/// matching connection of this node, all under the channel's lock: every
+/// connection of the channel receives its pushes in one order.
+pub fn deliver(shared: &Shared, push: Push<'_>, origin: Origin) -> Result<Pushed, TooLarge> {
+    deliver_checked(shared, push, origin, false)
+}
+
+fn deliver_checked(
     shared: &Shared,
-    channel_id: &str,
-    target: Audience<&str>,
-    frame: &Arc<Encoded>,
+    push: Push<'_>,
     origin: Origin,
-) -> Result<u64, TooLarge> {
-    let conns = shared.table.lookup(channel_id, target);
+    must_fit: bool,
+) -> Result<Pushed, TooLarge> {
+    let Push {
+        channel_id,
+        audience,
+        data,
+    } = push;
+    let log = shared.history.log(channel_id);
+    let mut log = log.lock().unwrap();
+    let frame = Arc::new(Encoded::new(message::push_json(
+        data,
+        &log.epoch,
+        log.next_offset(),
+    )));
+    let conns = shared.table.lookup(channel_id, audience);
     // Refuse up front a push larger than hato itself sends over a
     // DataChannel, when a recipient would need one.
     let own_limit = shared.config.data_channel_message_limit;
     if origin == Origin::Api
-        && conns
-            .iter()
-            .any(|c| c.message_limit.is_some() && !c.websocket_fallback)
+        && (must_fit
+            || conns
+                .iter()
+                .any(|c| c.message_limit.is_some() && !c.websocket_fallback))
     {
-        refuse_oversize(shared, frame)?;
+        refuse_oversize(shared, &frame)?;
     }
+    log.commit(std::time::Instant::now(), audience, frame.clone());
+    let frame = &frame;
     let stats = &shared.table.stats;
     if origin == Origin::Api {
         stats.pushes.fetch_add(1, Ordering::Relaxed);
@@ -106,20 +137,9 @@ pub fn deliver(
     let mut direct: [Vec<Arc<Peer>>; 2] = Default::default();
     let mut undeliverable = 0;
     for conn in &conns {
-        // One recipient never vetoes a push: a peer whose DataChannel takes
-        // less than this push gets it on its WebSocket, or, without one,
-        // is skipped while the others still get it.
-        let delivery = if conn
-            .message_limit
-            .is_some_and(|l| frame.len() > l.min(own_limit))
-        {
-            if !conn.websocket_fallback {
-                undeliverable += 1;
-                continue;
-            }
-            conn.deliver(Out::PushWs(frame.clone()))
-        } else {
-            conn.push(frame)
+        let Some(delivery) = push_one(conn, frame, own_limit) else {
+            undeliverable += 1;
+            continue;
         };
         match delivery {
             Delivery::Queued => queued += 1,
@@ -162,7 +182,60 @@ pub fn deliver(
             );
         }
     }
-    Ok(queued)
+    Ok(Pushed {
+        recipients: queued,
+        position: log.position(),
+    })
+}
+
+/// One recipient never vetoes a push: a peer whose DataChannel takes less
+/// than this push gets it on its WebSocket, or, without one, is skipped
+/// (`None`) while the others still get it.
+fn push_one(conn: &Conn, frame: &Arc<Encoded>, own_limit: usize) -> Option<Delivery> {
+    if conn
+        .message_limit
+        .is_some_and(|l| frame.len() > l.min(own_limit))
+    {
+        return conn
+            .websocket_fallback
+            .then(|| conn.deliver(Out::PushWs(frame.clone())));
+    }
+    Some(conn.push(frame))
+}
+
+/// Queues `frames` on `conn` alone, in order, with the size policy of a
+/// push: what a joiner that recovers is given before the live pushes.
+pub fn replay<'a>(
+    shared: &Shared,
+    conn: &Conn,
+    frames: impl IntoIterator<Item = &'a Arc<Encoded>>,
+) {
+    let own_limit = shared.config.data_channel_message_limit;
+    let stats = &shared.table.stats;
+    for frame in frames {
+        match push_one(conn, frame, own_limit) {
+            Some(Delivery::Queued) => {}
+            Some(Delivery::Direct { peer, compress }) => {
+                stats.deliveries_datachannel.fetch_add(1, Ordering::Relaxed);
+                shared.engine.send_many(
+                    std::iter::once(&*peer),
+                    "push",
+                    frame.bytes(compress),
+                    !compress,
+                );
+            }
+            Some(Delivery::Overflow) => {
+                stats.outbox_overflows.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Some(Delivery::Gone) => return,
+            None => {
+                stats.undeliverable.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        }
+        stats.deliveries.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Ends every matching session of this node with `DISCONNECTED-API`.

@@ -3,6 +3,8 @@
 //! it unmodified.
 //!
 //! - [`api`]: the HTTP API (`POST /`, `x-sora-target`): parses, answers.
+//! - [`history`]: each channel's one order (offsets) and its recent
+//!   pushes, for recovery.
 //! - [`hub`]: how a push or a disconnect reaches this node's connections:
 //!   lookup, size policy, transport per recipient, DataChannel batching,
 //!   counting — for the API and for pushes from other nodes alike.
@@ -30,6 +32,7 @@ pub mod cluster;
 pub mod config;
 pub mod config_file;
 pub mod counters;
+pub mod history;
 pub mod hub;
 pub mod idempotency;
 pub mod limits;
@@ -53,6 +56,8 @@ use tokio::task::JoinHandle;
 pub struct Shared {
     pub config: Config,
     pub table: table::Table,
+    /// Each channel's order and kept pushes.
+    pub history: history::History,
     /// The WebRTC engine: every peer's PeerConnection, on one UDP socket
     /// per shard.
     pub engine: hato_datachannel::Engine,
@@ -182,6 +187,7 @@ impl Server {
             event_webhook,
             engine,
             table: table::Table::new(config.channel_notify_rate),
+            history: history::History::new(history::Settings::of(&config)),
             config,
             admission,
             api_admission,
@@ -197,6 +203,7 @@ impl Server {
             tokio::spawn(session::serve(signaling, shared.clone())),
             tokio::spawn(api::serve(api, shared.clone())),
             tokio::spawn(release_paced_notify(shared.clone())),
+            tokio::spawn(sweep_history(Arc::downgrade(&shared))),
         ];
         let metrics_addr = match metrics_listener {
             Some(l) => {
@@ -282,6 +289,21 @@ impl Drop for Server {
         if let Some(cluster) = &self.shared.cluster {
             cluster.stop();
         }
+    }
+}
+
+/// Once a second: drops the pushes past --history-ttl, and forgets the
+/// channels that keep nothing and have no connection here.
+async fn sweep_history(shared: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.history.sweep(std::time::Instant::now(), |channel| {
+            shared.table.counts(channel).all > 0
+        });
     }
 }
 

@@ -63,6 +63,7 @@ pub struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// An `event` label.
 pub struct ClusterEvent {
     pub event: String,
 }
@@ -88,6 +89,10 @@ pub struct Metrics {
     auth_webhook: Family<Outcome, Counter>,
     event_webhook: Family<Outcome, Counter>,
     cluster_events: Family<ClusterEvent, Counter>,
+    history_events: Family<ClusterEvent, Counter>,
+    history_bytes: Gauge,
+    history_pushes: Gauge,
+    history_channels: Gauge,
     cluster_nodes: Gauge,
     cluster_nats_connected: Gauge,
     resident_memory: Gauge,
@@ -122,6 +127,10 @@ impl Default for Metrics {
             auth_webhook: Family::default(),
             event_webhook: Family::default(),
             cluster_events: Family::default(),
+            history_events: Family::default(),
+            history_bytes: Gauge::default(),
+            history_pushes: Gauge::default(),
+            history_channels: Gauge::default(),
             cluster_nodes: Gauge::default(),
             cluster_nats_connected: Gauge::default(),
             resident_memory: Gauge::default(),
@@ -225,6 +234,27 @@ impl Default for Metrics {
             m.cluster_events.clone(),
         );
         r.register(
+            "hato_history_events",
+            "Joiners given all they asked to recover (recovered), told of a gap (recovery_gap); pushes dropped early to stay within --history-max-bytes (evicted)",
+            m.history_events.clone(),
+        );
+        r.register_with_unit(
+            "hato_history",
+            "Bytes every channel's history holds now",
+            Unit::Bytes,
+            m.history_bytes.clone(),
+        );
+        r.register(
+            "hato_history_pushes",
+            "Pushes kept in every channel's history now",
+            m.history_pushes.clone(),
+        );
+        r.register(
+            "hato_history_channels",
+            "Channels with an order (a log) now",
+            m.history_channels.clone(),
+        );
+        r.register(
             "hato_cluster_nodes",
             "Other nodes of the cluster heard from within the node timeout",
             m.cluster_nodes.clone(),
@@ -274,9 +304,17 @@ impl Metrics {
                 Group::Cluster => self
                     .cluster_events
                     .get_or_create(&ClusterEvent { event: name }),
+                Group::History => self
+                    .history_events
+                    .get_or_create(&ClusterEvent { event: name }),
             };
             counter.inner().store(r.value, Ordering::Relaxed);
         }
+        let h = &shared.history.counts;
+        let gauge = |v: &AtomicU64| v.load(Ordering::Relaxed).try_into().unwrap_or(i64::MAX);
+        self.history_bytes.set(gauge(&h.bytes));
+        self.history_pushes.set(gauge(&h.pushes));
+        self.history_channels.set(gauge(&h.channels));
         self.notify_waiting
             .set(shared.table.paced_len().try_into().unwrap_or(i64::MAX));
         let census = shared.table.census();

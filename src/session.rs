@@ -392,6 +392,7 @@ async fn run(
     let admit::Admitted {
         connect,
         mut granted,
+        recover,
         mode,
     } = match pending.decide(verdict, &settings) {
         Ok(admitted) => admitted,
@@ -518,6 +519,7 @@ async fn run(
         ticket,
         event_metadata: granted.event_metadata,
         no_notify: granted.no_notify,
+        recover,
         joined: None,
         offer_at: std::time::Instant::now(),
         _channel_guard: channel_guard,
@@ -559,6 +561,8 @@ struct Session {
     event_metadata: Option<Value>,
     /// The auth webhook said `signaling_notify: false`.
     no_notify: bool,
+    /// What it asked to be replayed as it joins.
+    recover: Option<admit::Recover>,
     /// When it joined the table.
     joined: Option<(String, std::time::Instant)>,
     /// When its offer was sent.
@@ -742,7 +746,36 @@ impl Session {
             conn
         });
         self.ticket.handshake_done();
+        // A joiner that recovers is replayed what it missed and enters the
+        // table under its channel's lock: every push is either replayed or
+        // delivered live, once.
+        let log = self
+            .recover
+            .as_ref()
+            .map(|_| self.shared.history.log(&self.channel_id));
+        let mut held = log.as_ref().map(|l| l.lock().unwrap());
+        if let (Some(log), Some(ask)) = (held.as_mut(), self.recover.take()) {
+            let r = log.recover(std::time::Instant::now(), &ask, &conn.identity);
+            let status = Arc::new(Encoded::new(message::recovery_json(
+                r.gap.map(crate::history::Gap::as_str),
+                &r.now.epoch,
+                r.now.offset,
+            )));
+            crate::hub::replay(
+                &self.shared,
+                &conn,
+                std::iter::once(&status).chain(&r.messages),
+            );
+            self.shared.history.counted(r.gap.is_none());
+            tracing::info!(
+                connection_id = %self.connection_id,
+                replayed = r.messages.len(),
+                gap = r.gap.map(crate::history::Gap::as_str),
+                "recovery"
+            );
+        }
         let joined = self.shared.table.insert(conn.clone());
+        drop(held);
         if let Some(cluster) = &self.shared.cluster {
             cluster.joined(&conn);
         }

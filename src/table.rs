@@ -47,7 +47,7 @@ impl Identity {
     }
 
     /// Whether `audience` includes it (its channel aside).
-    fn matches(&self, audience: Audience<&str>) -> bool {
+    pub fn matches(&self, audience: Audience<&str>) -> bool {
         match audience {
             Audience::Channel => true,
             Audience::Client(id) => &*self.client_id == id,

@@ -13,6 +13,8 @@ const T: Duration = Duration::from_secs(10);
 
 #[path = "server/attacks.rs"]
 mod attacks;
+#[path = "server/history.rs"]
+mod history;
 
 async fn server() -> Server {
     server_with(|_| {}).await
@@ -116,7 +118,11 @@ async fn websocket_peer_connects_and_receives_a_push() {
     assert_eq!(status, 200);
     assert_eq!(body, json!({"data": {"n": 1}, "type": "push"}));
     let (msg, via) = next_push(&mut c).await.expect("push arrives");
-    assert_eq!(msg, json!({"type": "push", "data": {"n": 1}}));
+    assert_eq!(msg["type"], "push");
+    assert_eq!(msg["data"], json!({"n": 1}));
+    // Its place in the channel's order: the first push of the channel.
+    assert_eq!(msg["hato"]["offset"], 1);
+    assert_eq!(msg["hato"]["epoch"].as_str().unwrap().len(), 12);
     assert_eq!(via, Via::WebSocket);
 }
 
@@ -726,7 +732,9 @@ async fn push_goes_over_the_push_datachannel_after_switched() {
             json!({"channel_id": "dc", "data": {"via": "dc"}}),
         )
         .await;
-        let (msg, via) = next_push(&mut c).await.unwrap();
+        let (mut msg, via) = next_push(&mut c).await.unwrap();
+        assert_eq!(msg["hato"]["offset"], 1);
+        msg.as_object_mut().unwrap().remove("hato");
         assert_eq!(
             (msg, via),
             (
@@ -1533,7 +1541,8 @@ async fn push_data_passes_through_byte_for_byte() {
     .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer, format!(r#"{{"data":{data},"type":"push"}}"#));
-    let expected = format!(r#"{{"type":"push","data":{data}}}"#);
+    // `data` byte for byte, then the push's place in its channel.
+    let expected = format!(r#"{{"type":"push","data":{data},"hato":{{"epoch":"#);
     for (c, via) in [
         (&mut ws_peer, Via::WebSocket),
         (&mut dc_peer, Via::DataChannel),
@@ -1543,10 +1552,10 @@ async fn push_data_passes_through_byte_for_byte() {
             .await
         {
             Some(ClientEvent::Push { text, via: got, .. }) => {
-                assert_eq!(
-                    (std::str::from_utf8(&text).unwrap(), got),
-                    (&*expected, via)
-                )
+                let text = std::str::from_utf8(&text).unwrap();
+                assert!(text.starts_with(&expected), "{text}");
+                assert!(text.ends_with(r#","offset":1}}"#), "{text}");
+                assert_eq!(got, via);
             }
             other => panic!("{via:?}: {other:?}"),
         }

@@ -28,10 +28,48 @@ pub struct Settings {
     pub compress: bool,
 }
 
+/// What a joiner asks to be given of the pushes it missed
+/// (`metadata.hato_recover`, or the auth webhook's `hato_recover`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recover {
+    /// `{"epoch": …, "offset": …}`: every push after that one, the last it
+    /// saw.
+    After { epoch: String, offset: u64 },
+    /// `{"last": n}`: the last `n` pushes kept.
+    Last(usize),
+}
+
+/// The most pushes `{"last": n}` asks for.
+pub const MAX_LAST: u64 = 1 << 20;
+
+impl Recover {
+    pub fn from_value(v: &Value) -> Result<Recover, String> {
+        let bad = || {
+            "hato_recover must be {\"epoch\": string, \"offset\": integer} or {\"last\": integer}"
+                .to_owned()
+        };
+        let map = v.as_object().ok_or_else(bad)?;
+        match (map.get("epoch"), map.get("offset"), map.get("last")) {
+            (Some(Value::String(epoch)), Some(offset), None) if epoch.len() <= 64 => {
+                Ok(Recover::After {
+                    epoch: epoch.clone(),
+                    offset: offset.as_u64().ok_or_else(bad)?,
+                })
+            }
+            (None, None, Some(last)) => match last.as_u64() {
+                Some(n) if n <= MAX_LAST => Ok(Recover::Last(n as usize)),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// A `connect` that passed validation, waiting for its verdict.
 #[derive(Debug)]
 pub struct Pending<'a> {
     pub connect: ConnectRequest,
+    recover: Option<Recover>,
     /// `metadata` exactly as the client sent it: only the auth webhook
     /// reads it, spliced into its request, never parsed and printed again.
     metadata: Option<&'a str>,
@@ -117,6 +155,8 @@ pub struct Granted {
 pub struct Admitted {
     pub connect: ConnectRequest,
     pub granted: Granted,
+    /// What the joiner is replayed before the live pushes.
+    pub recover: Option<Recover>,
     /// Decided here, once, from `connect`, the overrides and the defaults.
     pub mode: Mode,
 }
@@ -169,8 +209,20 @@ pub fn read<'a>(text: &'a str, settings: &Settings) -> Result<Pending<'a>, Refus
             )));
         }
     }
+    // `hato_recover` in metadata; the rest of metadata is the webhook's.
+    let recover = match metadata.filter(|m| m.contains("hato_recover")) {
+        Some(m) => match serde_json::from_str::<Value>(m) {
+            Ok(Value::Object(o)) => match o.get("hato_recover") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(Recover::from_value(v).map_err(Refusal::Invalid)?),
+            },
+            _ => None,
+        },
+        None => None,
+    };
     Ok(Pending {
         connect,
+        recover,
         metadata,
         environment,
     })
@@ -229,9 +281,19 @@ impl Pending<'_> {
         settings: &Settings,
     ) -> Result<Admitted, Refusal> {
         let mut connect = self.connect;
+        let mut recover = self.recover;
         let granted = match verdict {
             None => Granted::default(),
-            Some(Verdict::Allowed(overrides)) => {
+            Some(Verdict::Allowed(mut overrides)) => {
+                match overrides.remove("hato_recover") {
+                    None => {}
+                    Some(Value::Null) => recover = None,
+                    Some(v) => {
+                        recover = Some(Recover::from_value(&v).map_err(|e| {
+                            Refusal::BadOverride(format!("AUTH-WEBHOOK-ERROR: {e}"))
+                        })?)
+                    }
+                }
                 apply_overrides(&mut connect, overrides).map_err(Refusal::BadOverride)?
             }
             Some(Verdict::Denied(reason)) => return Err(Refusal::Denied(reason)),
@@ -250,6 +312,7 @@ impl Pending<'_> {
         Ok(Admitted {
             connect,
             granted,
+            recover,
             mode,
         })
     }
@@ -461,6 +524,57 @@ mod tests {
             .reason(),
             "AUTH-WEBHOOK-ERROR: 500"
         );
+    }
+
+    #[test]
+    fn a_recovery_is_asked_in_metadata_or_by_the_webhook() {
+        let with = |m: &str| {
+            format!(r#"{{"type":"connect","role":"recvonly","channel_id":"c","metadata":{m}}}"#)
+        };
+        let s = Settings {
+            connect_metadata_limit: 1024,
+            ..SETTINGS
+        };
+        let t = with(r#"{"token":"x","hato_recover":{"epoch":"e1","offset":41}}"#);
+        let a = read(&t, &s).unwrap().decide(None, &s).unwrap();
+        assert_eq!(
+            a.recover,
+            Some(Recover::After {
+                epoch: "e1".into(),
+                offset: 41
+            })
+        );
+        let t = with(r#"{"hato_recover":{"last":5}}"#);
+        let p = read(&t, &s).unwrap();
+        let a = p
+            .decide(
+                allowed(json!({"hato_recover": {"epoch": "e2", "offset": 0}})),
+                &s,
+            )
+            .unwrap();
+        assert!(matches!(a.recover, Some(Recover::After { offset: 0, .. })));
+        let p = read(&t, &s).unwrap();
+        let a = p
+            .decide(allowed(json!({"hato_recover": null})), &s)
+            .unwrap();
+        assert_eq!(a.recover, None);
+        assert_eq!(read(&with(r#"{"a":1}"#), &s).unwrap().recover, None);
+        for bad in [
+            r#"{"hato_recover":{"epoch":"e","offset":-1}}"#,
+            r#"{"hato_recover":{"last":"5"}}"#,
+            r#"{"hato_recover":{"epoch":"e","offset":1,"last":2}}"#,
+            r#"{"hato_recover":7}"#,
+        ] {
+            match read(&with(bad), &s) {
+                Err(Refusal::Invalid(r)) => assert!(r.starts_with("hato_recover must be"), "{r}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let p = read(&t, &s).unwrap();
+        assert!(matches!(
+            p.decide(allowed(json!({"hato_recover": {"last": true}})), &s),
+            Err(Refusal::BadOverride(_))
+        ));
     }
 
     #[test]

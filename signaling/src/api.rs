@@ -31,13 +31,15 @@ pub enum Operation {
     StatsReport,
     /// hato's `PushBatch`: several pushes in one call, in order.
     Batch,
+    /// hato's `GetChannelHistory`: a channel's kept pushes.
+    History,
 }
 
 /// The most pushes one batch may carry.
 pub const MAX_BATCH: usize = 1000;
 
 /// Every target hato implements, by name.
-pub const TARGETS: [(&str, Operation); 12] = [
+pub const TARGETS: [(&str, Operation); 13] = [
     ("Sora_20160711.PushChannel", Operation::Push(Scope::Channel)),
     ("Sora_20160711.PushClient", Operation::Push(Scope::Client)),
     (
@@ -71,6 +73,7 @@ pub const TARGETS: [(&str, Operation); 12] = [
     ),
     ("Sora_20171010.GetStatsReport", Operation::StatsReport),
     ("Hato_20261201.PushBatch", Operation::Batch),
+    ("Hato_20261201.GetChannelHistory", Operation::History),
 ];
 
 impl Operation {
@@ -84,7 +87,7 @@ impl Operation {
         match self {
             Operation::Push(s) | Operation::Disconnect(s) => Some(s),
             Operation::List(s) => s,
-            Operation::StatsReport | Operation::Batch => None,
+            Operation::StatsReport | Operation::Batch | Operation::History => None,
         }
     }
 }
@@ -221,7 +224,7 @@ fn parse_scoped<'a>(
                 None => return Err(bad("MISSING-KEY", "data is missing")),
             })
         }
-        Operation::List(_) | Operation::StatsReport | Operation::Batch => {}
+        Operation::List(_) | Operation::StatsReport | Operation::Batch | Operation::History => {}
         Operation::Disconnect(_) => {
             let mut echo = String::from("{");
             for key in ["channel_id", "client_id", "connection_id", "role"] {
@@ -248,6 +251,49 @@ pub struct BatchItem<'a> {
     pub target: &'static str,
     pub scope: Scope,
     pub call: Call<'a>,
+}
+
+/// The most pushes one `GetChannelHistory` answer carries.
+pub const MAX_HISTORY_LIMIT: u64 = 1000;
+
+/// A validated `GetChannelHistory` body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HistoryQuery {
+    pub channel_id: String,
+    /// Pushes after this offset (default 0: from the oldest kept).
+    pub since_offset: u64,
+    /// At most this many (default 100, at most [`MAX_HISTORY_LIMIT`]).
+    pub limit: usize,
+}
+
+/// Validates a `GetChannelHistory` body: `channel_id`, and optionally
+/// `since_offset` and `limit`.
+pub fn parse_history(body: &[u8]) -> Result<HistoryQuery, BodyError> {
+    let map = parse_object(body)?;
+    let channel_id = match map.get("channel_id") {
+        Some(raw) => serde_json::from_str::<String>(raw.get())
+            .map_err(|_| bad("INVALID-TYPE", "channel_id must be a string"))?,
+        None => return Err(bad("MISSING-KEY", "channel_id is missing")),
+    };
+    let number = |key: &str, default: u64, max: u64| -> Result<u64, BodyError> {
+        match map.get(key) {
+            None => Ok(default),
+            Some(raw) => serde_json::from_str::<u64>(raw.get())
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| {
+                    bad(
+                        "INVALID-TYPE",
+                        format!("{key} must be an integer from 0 to {max}"),
+                    )
+                }),
+        }
+    };
+    Ok(HistoryQuery {
+        channel_id,
+        since_offset: number("since_offset", 0, u64::MAX)?,
+        limit: number("limit", 100, MAX_HISTORY_LIMIT)? as usize,
+    })
 }
 
 /// Validates a `PushBatch` body, `{"pushes": [{"target": …, …that
@@ -391,6 +437,28 @@ mod tests {
             parse_batch(br#"{"pushes":[]}"#).unwrap_err().error_type,
             "INVALID-BATCH"
         );
+    }
+
+    #[test]
+    fn history_queries_take_defaults_and_refuse_bad_numbers() {
+        assert_eq!(
+            parse_history(br#"{"channel_id":"c"}"#).unwrap(),
+            HistoryQuery {
+                channel_id: "c".into(),
+                since_offset: 0,
+                limit: 100
+            }
+        );
+        let q = parse_history(br#"{"channel_id":"c","since_offset":7,"limit":1000}"#).unwrap();
+        assert_eq!((q.since_offset, q.limit), (7, 1000));
+        for bad in [
+            &br#"{"channel_id":"c","limit":1001}"#[..],
+            br#"{"channel_id":"c","since_offset":-1}"#,
+            br#"{"channel_id":"c","limit":"5"}"#,
+        ] {
+            assert_eq!(parse_history(bad).unwrap_err().error_type, "INVALID-TYPE");
+        }
+        assert_eq!(parse_history(b"{}").unwrap_err().error_type, "MISSING-KEY");
     }
 
     #[test]

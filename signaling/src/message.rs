@@ -1,7 +1,7 @@
 //! Messages on the signaling WebSocket and the system DataChannels.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 /// The DataChannels hato opens for DataChannel signaling, in the order they
 /// are created, with their `direction` as the client sees it (§4.1).
@@ -173,18 +173,32 @@ pub fn close(code: u16, reason: &str) -> String {
     json!({"type": "close", "code": code, "reason": reason}).to_string()
 }
 
-/// `{"type":"push","data":…}`, serialised once per API call.
-pub fn push(data: &Map<String, Value>) -> String {
-    push_json(&serde_json::to_string(data).expect("a JSON map always serialises"))
-}
-
-/// [`push`] from `data` already serialised (the API echoes the same text).
-pub fn push_json(data_json: &str) -> String {
-    let mut out = String::with_capacity(data_json.len() + 24);
+/// `{"type":"push","data":…,"hato":{"epoch":…,"offset":…}}`, serialised
+/// once per push: `data` exactly as the API received it (its text), then
+/// the push's place in its channel's order (§3.7).
+pub fn push_json(data_json: &str, epoch: &str, offset: u64) -> String {
+    let epoch = serde_json::to_string(epoch).expect("a string serialises");
+    let mut out = String::with_capacity(data_json.len() + epoch.len() + 64);
     out.push_str(r#"{"type":"push","data":"#);
     out.push_str(data_json);
-    out.push('}');
+    out.push_str(r#","hato":{"epoch":"#);
+    out.push_str(&epoch);
+    out.push_str(r#","offset":"#);
+    out.push_str(&offset.to_string());
+    out.push_str("}}");
     out
+}
+
+/// What a joiner that asked to recover is told first, as a `push` with
+/// an empty `data`: whether everything it missed follows (`gap` null), and
+/// the channel's position as it joined.
+pub fn recovery_json(gap: Option<&str>, epoch: &str, offset: u64) -> String {
+    json!({
+        "type": "push",
+        "data": {},
+        "hato": {"recovery": {"complete": gap.is_none(), "gap": gap, "epoch": epoch, "offset": offset}},
+    })
+    .to_string()
 }
 
 /// Fields of one connection as `notify` messages describe it (§3.6).
@@ -424,14 +438,21 @@ mod tests {
     }
 
     #[test]
-    fn push_matches_serde() {
-        let data: Map<String, Value> =
-            serde_json::from_str(r#"{"a":1,"b":"ü\"","c":[null]}"#).unwrap();
-        let text = push(&data);
+    fn push_keeps_data_as_sent_and_carries_its_place() {
+        let data = r#"{ "a":1,"b":"ü\"","c":[null]}"#;
+        let text = push_json(data, "ep\"och", 42);
+        assert!(text.starts_with(&format!(r#"{{"type":"push","data":{data},"#)));
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
             v,
-            json!({"type": "push", "data": {"a": 1, "b": "ü\"", "c": [null]}})
+            json!({"type": "push", "data": {"a": 1, "b": "ü\"", "c": [null]},
+                   "hato": {"epoch": "ep\"och", "offset": 42}})
+        );
+        let r: Value = serde_json::from_str(&recovery_json(Some("expired"), "e", 7)).unwrap();
+        assert_eq!(r["data"], json!({}));
+        assert_eq!(
+            r["hato"]["recovery"],
+            json!({"complete": false, "gap": "expired", "epoch": "e", "offset": 7})
         );
     }
 

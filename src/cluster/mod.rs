@@ -36,7 +36,6 @@ pub use broker::{nats, Broker};
 pub use presence::Limits;
 
 use crate::hub::{self, Origin};
-use crate::outbox::Encoded;
 use crate::table::{Conn, Member};
 use crate::Shared;
 use bytes::Bytes;
@@ -769,8 +768,12 @@ fn apply_from_cluster(shared: &Shared, payload: &[u8]) {
         let target = item.to.as_ref();
         match (item.op, item.data) {
             ("push", Some(data)) => {
-                let frame = Arc::new(Encoded::new(hato_signaling::message::push_json(data.get())));
-                let _ = hub::deliver(shared, &wire.channel_id, target, &frame, Origin::Cluster);
+                let push = hub::Push {
+                    channel_id: &wire.channel_id,
+                    audience: target,
+                    data: data.get(),
+                };
+                let _ = hub::deliver(shared, push, Origin::Cluster);
             }
             ("disconnect", _) => hub::disconnect(shared, &wire.channel_id, target),
             _ => {}

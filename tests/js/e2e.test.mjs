@@ -56,7 +56,7 @@ before(async () => {
   const hookUrl = `http://127.0.0.1:${hook.address().port}/auth`;
   hato = spawn(hatoBin, [
     "--signaling-addr", `127.0.0.1:${sig}`, "--api-addr", `127.0.0.1:${api}`,
-    "--auth-webhook-url", hookUrl,
+    "--auth-webhook-url", hookUrl, "--history-size", "100",
   ], {
     env: { ...process.env, HATO_LOG: "hato=debug" },
   });
@@ -197,6 +197,26 @@ test("ignoreDisconnectWebSocket: a push after the WebSocket closed still arrives
   const [got] = await waitPush(page);
   assert.deepEqual([got.data, got.transportType], [{ after: "ws-closed" }, "datachannel"]);
   await disconnectCleanly(page);
+});
+
+test("recovery: the app reads the offset in its push callback, reconnects with it in metadata, and gets what it missed", async () => {
+  const options = { dataChannelSignaling: true, ignoreDisconnectWebSocket: true };
+  const first = await connect("js-rec", options);
+  await first.page.waitForFunction(() => window.events.some((e) => e.kind === "switched"), null, { timeout: 10000 });
+  await push("Sora_20160711.PushChannel", { channel_id: "js-rec", data: { n: 1 } });
+  const [seen] = await waitPush(first.page);
+  assert.deepEqual(seen.data, { n: 1 });
+  assert.equal(seen.hato.offset, 1);
+  await disconnectCleanly(first.page);
+  // Pushed while the app is away.
+  await push("Sora_20160711.PushChannel", { channel_id: "js-rec", data: { n: 2 } });
+  await push("Sora_20160711.PushChannel", { channel_id: "js-rec", data: { n: 3 } });
+  const again = await connect("js-rec", options, { hato_recover: { epoch: seen.hato.epoch, offset: seen.hato.offset } });
+  const got = await waitPush(again.page, 3);
+  assert.deepEqual(got[0].data, {});
+  assert.equal(got[0].hato.recovery.complete, true);
+  assert.deepEqual(got.slice(1).map((p) => [p.data, p.hato.offset]), [[{ n: 2 }, 2], [{ n: 3 }, 3]]);
+  await disconnectCleanly(again.page);
 });
 
 test("auth webhook: a denied connect() is rejected with the webhook's reason, an allowed one gets a push", async () => {

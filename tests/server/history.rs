@@ -1,0 +1,243 @@
+//! One order per channel, history and recovery (docs/api.md, "Offsets,
+//! history and recovery"), over real sockets and real WebRTC peers. Part
+//! of the `server` test binary.
+
+use super::*;
+
+/// The next push's `data` and `hato` objects.
+async fn next_with_place(c: &mut Client) -> (Value, Value) {
+    let (msg, _) = next_push(c).await.expect("a push arrives");
+    (msg["data"].clone(), msg["hato"].clone())
+}
+
+/// Pushes `n` pushes to `channel` from `tasks` concurrent API clients,
+/// `data: {"n": i}`, PushChannel and PushChannelByRole (recvonly) mixed.
+async fn concurrent_pushes(s: &Server, channel: &str, n: usize, tasks: usize) {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let (addr, next, channel) = (s.api_addr.to_string(), next.clone(), channel.to_owned());
+        handles.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                let (target, body) = if i % 3 == 0 {
+                    (
+                        "Sora_20201120.PushChannelByRole",
+                        json!({"channel_id": channel, "role": "recvonly", "data": {"n": i}}),
+                    )
+                } else {
+                    (
+                        "Sora_20160711.PushChannel",
+                        json!({"channel_id": channel, "data": {"n": i}}),
+                    )
+                };
+                let (status, _, body) = http_to(
+                    &addr,
+                    "POST",
+                    &[("x-sora-target", target)],
+                    &body.to_string(),
+                )
+                .await;
+                assert_eq!(status, 200, "{body}");
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+}
+
+use std::sync::Arc;
+
+/// Thousands of concurrent pushes from 32 API clients to 8 peers — four
+/// over DataChannels on two engine shards, four over WebSockets: every
+/// peer receives every push, all in one and the same order, the channel's
+/// offsets 1, 2, 3, … with one epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_peer_of_a_channel_sees_its_pushes_in_one_order() {
+    let s = server_with(|c| c.rtc_shards = 2).await;
+    let mut peers = Vec::new();
+    for i in 0..4 {
+        peers.push(switched_client(&s, "one-order", i % 2 == 0).await);
+        peers.push(connected(&opts(&s, "one-order", "recvonly")).await);
+    }
+    table_len(&s, 8).await;
+    const N: usize = 3000;
+    concurrent_pushes(&s, "one-order", N, 32).await;
+    let mut first: Option<Vec<u64>> = None;
+    for (p, peer) in peers.iter_mut().enumerate() {
+        let mut seen = Vec::with_capacity(N);
+        let mut epoch = None;
+        for k in 0..N {
+            let (data, place) = next_with_place(peer).await;
+            assert_eq!(place["offset"], k as u64 + 1, "peer {p}: offsets follow on");
+            let e = place["epoch"].as_str().unwrap().to_owned();
+            assert_eq!(epoch.get_or_insert(e.clone()), &e, "peer {p}: one epoch");
+            seen.push(data["n"].as_u64().unwrap());
+        }
+        match &first {
+            None => first = Some(seen),
+            Some(f) => {
+                let differ = f.iter().zip(&seen).filter(|(a, b)| a != b).count();
+                assert_eq!(
+                    differ, 0,
+                    "peer {p} saw {differ} positions in another order"
+                );
+            }
+        }
+    }
+    let mut all = first.unwrap();
+    all.sort_unstable();
+    assert_eq!(all, (0..N as u64).collect::<Vec<_>>(), "each push once");
+}
+
+/// A connect whose metadata asks to recover from `place` (`hato` of the
+/// last push seen).
+fn recovering(s: &Server, channel: &str, place: &Value) -> ClientOptions {
+    let mut o = dc_opts(s, channel, true);
+    o.extra.insert(
+        "metadata".into(),
+        json!({"token": "t", "hato_recover": {"epoch": place["epoch"], "offset": place["offset"]}}),
+    );
+    o
+}
+
+/// Pushes `data: {"n": i}` for `from..to` to `channel`, a millisecond
+/// apart, in the background.
+fn stream(s: &Server, channel: &str, from: u64, to: u64) -> tokio::task::JoinHandle<()> {
+    let (addr, channel) = (s.api_addr.to_string(), channel.to_owned());
+    tokio::spawn(async move {
+        for i in from..to {
+            let body = json!({"channel_id": channel, "data": {"n": i}}).to_string();
+            let (status, _, _) = http_to(
+                &addr,
+                "POST",
+                &[("x-sora-target", "Sora_20160711.PushChannel")],
+                &body,
+            )
+            .await;
+            assert_eq!(status, 200);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+}
+
+/// A DataChannel peer whose PeerConnection vanishes in the middle of a
+/// stream of pushes reconnects with the last offset it saw: it is told the
+/// recovery is complete, then receives every push it missed and every
+/// later one, each once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_vanishes_recovers_every_push_once_in_order() {
+    let s = server_with(|c| c.history_size = 1000).await;
+    let mut a = switched_client(&s, "rec", true).await;
+    // Someone stays, so that the channel goes on while the peer is away.
+    let _stays = connected(&opts(&s, "rec", "recvonly")).await;
+    const N: u64 = 400;
+    let pushes = stream(&s, "rec", 0, N);
+    let mut place = Value::Null;
+    for i in 0..50 {
+        let (data, p) = next_with_place(&mut a).await;
+        assert_eq!(data["n"], i);
+        place = p;
+    }
+    a.vanish();
+    // Away while some pushes go by.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut b = Client::connect(&recovering(&s, "rec", &place))
+        .await
+        .unwrap();
+    let (status, p) = next_with_place(&mut b).await;
+    assert_eq!(status, json!({}), "the first push is the recovery's status");
+    let recovery = &p["recovery"];
+    assert_eq!(recovery["complete"], true, "{p}");
+    assert_eq!(recovery["epoch"], place["epoch"]);
+    assert!(
+        recovery["offset"].as_u64().unwrap() > 50,
+        "{p}: pushes went by meanwhile"
+    );
+    for i in 50..N {
+        let (data, p) = next_with_place(&mut b).await;
+        assert_eq!(data["n"], i, "push {i}, exactly once and in order");
+        assert_eq!(p["offset"], i + 1);
+    }
+    pushes.await.unwrap();
+    no_push(&mut b).await;
+    // GetChannelHistory has them too, with their offsets.
+    let (status, h) = api(
+        &s,
+        "Hato_20261201.GetChannelHistory",
+        r#"{"channel_id":"rec","since_offset":398}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{h}");
+    assert_eq!(h["offset"], N);
+    assert_eq!(h["epoch"], place["epoch"]);
+    assert_eq!(
+        h["pushes"],
+        json!([{"offset": 399, "to": {"scope": "channel"}, "data": {"n": 398}},
+               {"offset": 400, "to": {"scope": "channel"}, "data": {"n": 399}}])
+    );
+}
+
+/// When the history no longer covers what a peer missed, or the epoch is
+/// not the channel's, the peer is told so, and given what is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_is_told_when_history_no_longer_covers_its_gap() {
+    let s = server_with(|c| c.history_size = 5).await;
+    let _stays = connected(&opts(&s, "gap", "recvonly")).await;
+    let mut place = Value::Null;
+    for i in 0..20 {
+        let (status, _, _) = http(
+            &s,
+            "POST",
+            &[("x-sora-target", "Sora_20160711.PushChannel")],
+            &json!({"channel_id": "gap", "data": {"n": i}}).to_string(),
+        )
+        .await;
+        assert_eq!(status, 200);
+        if i == 2 {
+            let (_, h) = api(
+                &s,
+                "Hato_20261201.GetChannelHistory",
+                r#"{"channel_id":"gap"}"#,
+            )
+            .await;
+            place = json!({"epoch": h["epoch"], "offset": h["offset"]});
+        }
+    }
+    let mut b = Client::connect(&recovering(&s, "gap", &place))
+        .await
+        .unwrap();
+    let (_, p) = next_with_place(&mut b).await;
+    assert_eq!(p["recovery"]["complete"], false, "{p}");
+    assert_eq!(p["recovery"]["gap"], "expired");
+    assert_eq!(p["recovery"]["offset"], 20);
+    for i in 15..20 {
+        assert_eq!(
+            next_with_place(&mut b).await.0["n"],
+            i,
+            "what is kept still comes"
+        );
+    }
+    // Another epoch: nothing of this one follows from it.
+    let stale = json!({"epoch": "not-this-one", "offset": 3});
+    let mut c = Client::connect(&recovering(&s, "gap", &stale))
+        .await
+        .unwrap();
+    let (_, p) = next_with_place(&mut c).await;
+    assert_eq!(p["recovery"]["gap"], "epoch", "{p}");
+    no_push(&mut c).await;
+    // A bad hato_recover is refused with a reason.
+    let mut bad = dc_opts(&s, "gap", true);
+    bad.extra
+        .insert("metadata".into(), json!({"hato_recover": {"offset": "x"}}));
+    match Client::connect(&bad).await {
+        Err(hato::client::ClientError::Refused { code: 4490, reason }) => {
+            assert!(reason.starts_with("hato_recover must be"), "{reason}")
+        }
+        other => panic!("{:?}", other.map(|_| "connected")),
+    }
+}
