@@ -160,10 +160,17 @@ fn hist() -> Histogram<u64> {
 }
 
 /// The part of a push hato-load reads: its sequence number and send time
-/// (µs); the padding and everything else is skipped, not built.
+/// (µs), and hato's offset of it in its channel; the padding and
+/// everything else is skipped, not built.
 #[derive(serde::Deserialize)]
 struct SeqPush {
     data: Seq,
+    hato: Option<Place>,
+}
+
+#[derive(serde::Deserialize)]
+struct Place {
+    offset: u64,
 }
 
 #[derive(serde::Deserialize)]
@@ -184,13 +191,17 @@ struct PeerRecord {
     received: u64,
     duplicated: u64,
     out_of_order: u64,
-    last_seq: Option<u64>,
+    /// The highest position seen: the channel's offset (hato), else the
+    /// sequence number hato-load gave the push.
+    last_position: Option<u64>,
     by_ws: u64,
     by_dc: u64,
 }
 
 impl PeerRecord {
-    fn record(&mut self, seq: u64, latency_us: u64, via: Via) {
+    /// `position`: where the push stands in its channel's order — received
+    /// below the highest seen is out of order.
+    fn record(&mut self, seq: u64, position: u64, latency_us: u64, via: Via) {
         let i = seq as usize;
         if self.seen.len() <= i {
             self.seen.resize(i + 1, false);
@@ -205,10 +216,10 @@ impl PeerRecord {
             Via::WebSocket => self.by_ws += 1,
             Via::DataChannel => self.by_dc += 1,
         }
-        if self.last_seq.is_some_and(|l| seq < l) {
+        if self.last_position.is_some_and(|l| position < l) {
             self.out_of_order += 1;
         }
-        self.last_seq = Some(self.last_seq.map_or(seq, |l| l.max(seq)));
+        self.last_position = Some(self.last_position.map_or(position, |l| l.max(position)));
         self.firsts.push((seq, latency_us));
     }
 }
@@ -561,14 +572,16 @@ fn record_phase(
                 if let ClientEvent::Push { text, via, at_us } = ev {
                     let Ok(SeqPush {
                         data: Seq { seq, ts },
+                        hato,
                     }) = serde_json::from_slice(&text)
                     else {
                         continue;
                     };
+                    let position = hato.map_or(seq, |p| p.offset);
                     record
                         .lock()
                         .unwrap()
-                        .record(seq, at_us.saturating_sub(ts), via);
+                        .record(seq, position, at_us.saturating_sub(ts), via);
                     counters.deliveries.fetch_add(1, Ordering::Relaxed);
                 }
             }
