@@ -142,7 +142,9 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
         h.insert("access-control-max-age", HeaderValue::from_static("1000"));
         h.insert(
             "access-control-expose-headers",
-            HeaderValue::from_static("x-hato-recipients, idempotent-replayed"),
+            HeaderValue::from_static(
+                "x-hato-recipients, x-hato-epoch, x-hato-offset, idempotent-replayed",
+            ),
         );
     }
     resp

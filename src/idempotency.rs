@@ -23,7 +23,8 @@ pub const MAX_KEY_BYTES: usize = 255;
 struct Entry {
     fingerprint: u64,
     status: StatusCode,
-    recipients: Option<HeaderValue>,
+    /// Its `x-hato-*` headers (recipients, the push's offset).
+    hato_headers: Vec<(hyper::header::HeaderName, HeaderValue)>,
     body: Bytes,
 }
 
@@ -92,8 +93,8 @@ impl Store {
                 hyper::header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
-            if let Some(r) = &e.recipients {
-                headers.insert("x-hato-recipients", r.clone());
+            for (name, value) in &e.hato_headers {
+                headers.insert(name.clone(), value.clone());
             }
             headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
             return Ok(resp);
@@ -113,7 +114,12 @@ impl Store {
             Entry {
                 fingerprint,
                 status: parts.status,
-                recipients: parts.headers.get("x-hato-recipients").cloned(),
+                hato_headers: parts
+                    .headers
+                    .iter()
+                    .filter(|(name, _)| name.as_str().starts_with("x-hato-"))
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .collect(),
                 body: body.clone(),
             },
         );

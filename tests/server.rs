@@ -3012,6 +3012,9 @@ async fn idempotent_retries_deliver_once() {
     assert_eq!((status, &again), (200, &first));
     assert!(head.contains("idempotent-replayed: true"), "{head}");
     assert!(head.contains("x-hato-recipients: 1"), "{head}");
+    // The same place in the channel, not a new one.
+    assert!(head.contains("x-hato-offset: 1\r\n"), "{head}");
+    assert!(head.contains("x-hato-epoch: "), "{head}");
     no_push(&mut c).await;
     let (status, _, err) = send("k1", r#"{"channel_id":"idem","data":{"n":2}}"#).await;
     assert_eq!(status, 422, "{err}");
