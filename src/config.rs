@@ -423,7 +423,7 @@ pub struct Config {
 
     /// Sora's auth webhook: after `connect`, hato POSTs what it knows of
     /// the peer here and goes on only on `{"allowed": true, …}`
-    /// (http:// only).
+    /// (http:// or https://).
     #[arg(help_heading = "Webhooks", long, env = "HATO_AUTH_WEBHOOK_URL")]
     pub auth_webhook_url: Option<String>,
 
@@ -447,10 +447,24 @@ pub struct Config {
     )]
     pub auth_webhook_max_in_flight: usize,
 
-    /// Sora's event webhooks (http:// only): connection.created,
+    /// Sora's event webhooks (http:// or https://): connection.created,
     /// connection.destroyed and connection.failed are POSTed here.
     #[arg(help_heading = "Webhooks", long, env = "HATO_EVENT_WEBHOOK_URL")]
     pub event_webhook_url: Option<String>,
+
+    /// A CA certificate file (PEM) trusted for https:// webhooks, beside
+    /// the system's trust roots: for a backend with a private CA.
+    #[arg(help_heading = "Webhooks", long, env = "HATO_WEBHOOK_CA_FILE")]
+    pub webhook_ca_file: Option<std::path::PathBuf>,
+
+    /// A client certificate chain (PEM) hato presents to https://
+    /// webhooks that require mutual TLS; with --webhook-client-key.
+    #[arg(help_heading = "Webhooks", long, env = "HATO_WEBHOOK_CLIENT_CERT")]
+    pub webhook_client_cert: Option<std::path::PathBuf>,
+
+    /// The private key (PEM) of --webhook-client-cert.
+    #[arg(help_heading = "Webhooks", long, env = "HATO_WEBHOOK_CLIENT_KEY")]
+    pub webhook_client_key: Option<std::path::PathBuf>,
 
     /// Retries of a failed event webhook call (backoff 0.1 s doubling to
     /// 5 s), after which the event is given up and counted.

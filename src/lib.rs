@@ -119,6 +119,24 @@ impl Server {
             0,
             0,
         );
+        let webhook_tls = if config.auth_webhook_url.is_some() || config.event_webhook_url.is_some()
+        {
+            let client = match (&config.webhook_client_cert, &config.webhook_client_key) {
+                (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                (None, None) => None,
+                _ => {
+                    return Err(std::io::Error::other(
+                        "--webhook-client-cert and --webhook-client-key go together",
+                    ))
+                }
+            };
+            Some(
+                tls::webhook_client(config.webhook_ca_file.as_deref(), client)
+                    .map_err(std::io::Error::other)?,
+            )
+        } else {
+            None
+        };
         let auth_webhook = match &config.auth_webhook_url {
             Some(url) => Some(
                 webhook::Webhook::new(
@@ -126,6 +144,7 @@ impl Server {
                     url,
                     std::time::Duration::from_millis(config.auth_webhook_timeout_ms),
                     config.auth_webhook_max_in_flight,
+                    webhook_tls.clone().expect("made for a webhook URL"),
                 )
                 .map_err(std::io::Error::other)?,
             ),
@@ -138,6 +157,7 @@ impl Server {
                     std::time::Duration::from_millis(config.event_webhook_timeout_ms),
                     config.event_webhook_retries,
                     config.event_webhook_queue,
+                    webhook_tls.clone().expect("made for a webhook URL"),
                 )
                 .map_err(std::io::Error::other)?,
             ),

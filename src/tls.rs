@@ -194,6 +194,58 @@ impl Tls {
     }
 }
 
+/// The TLS client of the webhooks: the system's trust roots plus
+/// `ca_file`'s certificates (PEM), and with `client` (certificate chain
+/// and key, PEM) a client certificate for mutual TLS.
+pub fn webhook_client(
+    ca_file: Option<&std::path::Path>,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        // A system certificate rustls cannot use is skipped, as browsers do.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let shown = path.display();
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("--webhook-ca-file {shown}: {e}"))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("--webhook-ca-file {shown}: {e}"))?;
+        if certs.is_empty() {
+            return Err(format!("--webhook-ca-file {shown}: no certificate in it"));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("--webhook-ca-file {shown}: {e}"))?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| format!("--webhook-client-cert {}: {e}", cert.display()))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("--webhook-client-cert {}: {e}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("--webhook-client-key {}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("--webhook-client-cert/--webhook-client-key: {e}"))?
+        }
+    };
+    // No ALPN here: the connector sets it from the protocols it enables.
+    Ok(Arc::new(config))
+}
+
 fn build(cert: &PathBuf, key: &PathBuf) -> Result<ServerConfig, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?

@@ -32,30 +32,37 @@ pub struct Counters {
 /// ([`Webhook::ask`]), the event webhooks post.
 pub struct Webhook {
     url: Uri,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
     in_flight: Semaphore,
     pub counters: Counters,
 }
 
 impl Webhook {
-    /// `url` (given as `flag`) must be `http://…` (TLS for webhooks comes
-    /// with hato's TLS).
+    /// `url` (given as `flag`) is `http://…` or `https://…`; `tls` is the
+    /// client side of the latter (trust roots, client certificate).
     pub fn new(
         flag: &str,
         url: &str,
         timeout: Duration,
         max_in_flight: usize,
+        tls: std::sync::Arc<rustls::ClientConfig>,
     ) -> Result<Webhook, String> {
         let shown = crate::config_file::redact_urls(url);
         let url: Uri = url.parse().map_err(|e| format!("{flag} {shown:?}: {e}"))?;
-        if url.scheme_str() != Some("http") || url.host().is_none() {
+        if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
             return Err(format!(
-                "{flag} {shown}: only http://host[:port]/path is supported"
+                "{flag} {shown}: only http:// or https://host[:port]/path is supported"
             ));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
@@ -152,12 +159,14 @@ impl EventWebhook {
         timeout: Duration,
         retries: u32,
         capacity: usize,
+        tls: std::sync::Arc<rustls::ClientConfig>,
     ) -> Result<EventWebhook, String> {
         let poster = std::sync::Arc::new(Webhook::new(
             "--event-webhook-url",
             url,
             timeout,
             EVENT_WORKERS,
+            tls,
         )?);
         let counters = std::sync::Arc::new(EventCounters::default());
         let per_worker = capacity.div_ceil(EVENT_WORKERS).max(1);

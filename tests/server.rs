@@ -15,6 +15,8 @@ const T: Duration = Duration::from_secs(10);
 mod attacks;
 #[path = "server/history.rs"]
 mod history;
+#[path = "server/webhooks_tls.rs"]
+mod webhooks_tls;
 
 async fn server() -> Server {
     server_with(|_| {}).await

@@ -1,0 +1,214 @@
+//! Webhooks over HTTPS: a backend with a private CA, a wrong CA, and one
+//! that requires a client certificate (mutual TLS). Part of the `server`
+//! test binary.
+
+use super::*;
+use std::sync::{Arc, Mutex};
+
+/// A test CA and certificates it signs, written as PEM files.
+struct Pki {
+    dir: std::path::PathBuf,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("hato-pki-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("hato test CA {name}"));
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        Pki { dir, ca }
+    }
+
+    fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A certificate for `names`, signed by the CA: (chain file, key file).
+    fn issue(&self, file: &str, names: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.ca)
+            .unwrap();
+        let (c, k) = (
+            self.dir.join(format!("{file}.pem")),
+            self.dir.join(format!("{file}-key.pem")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+/// An HTTPS auth and event webhook on loopback with a certificate of
+/// `pki`; with `clients`, a client certificate of that CA is required.
+/// Answers `allowed: false` to a connect whose metadata says deny; records
+/// every body.
+async fn https_webhook(pki: &Pki, clients: Option<&Pki>) -> (String, Arc<Mutex<Vec<Value>>>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = pki.issue("server", &["127.0.0.1"]);
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.ca.der().clone()).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = Arc::new(builder.with_single_cert(chain, key).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://127.0.0.1:{}/hook",
+        listener.local_addr().unwrap().port()
+    );
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let bodies = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (acceptor, seen) = (
+                tokio_rustls::TlsAcceptor::from(config.clone()),
+                seen.clone(),
+            );
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            use http_body_util::BodyExt;
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                            let deny = v["metadata"]["deny"] == true;
+                            seen.lock().unwrap().push(v);
+                            let answer = if deny {
+                                r#"{"allowed":false,"reason":"NOT-ON-THE-LIST"}"#
+                            } else {
+                                r#"{"allowed":true}"#
+                            };
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(
+                                    answer.as_bytes(),
+                                )),
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (url, bodies)
+}
+
+/// The close reason of a refused connect.
+async fn refused_with(s: &Server, metadata: Value) -> String {
+    let mut o = opts(s, "tls-hook", "recvonly");
+    o.extra.insert("metadata".into(), metadata);
+    match Client::connect(&o).await {
+        Err(hato::client::ClientError::Refused { code: 4490, reason }) => reason,
+        other => panic!("{:?}", other.map(|_| "connected")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_over_https_with_a_private_ca_and_mutual_tls() {
+    let pki = Pki::new("a");
+    let (url, seen) = https_webhook(&pki, None).await;
+
+    // The test CA trusted: allowed, denied, and the events arrive.
+    let s = server_with(|c| {
+        c.auth_webhook_url = Some(url.clone());
+        c.event_webhook_url = Some(url.clone());
+        c.webhook_ca_file = Some(pki.ca_file());
+    })
+    .await;
+    let _ok = connected(&opts(&s, "tls-hook", "recvonly")).await;
+    assert_eq!(
+        refused_with(&s, json!({"deny": true})).await,
+        "NOT-ON-THE-LIST"
+    );
+    let mut created = false;
+    for _ in 0..100 {
+        created = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|v| v["type"] == "connection.created");
+        if created {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        created,
+        "the event webhook got connection.created over https"
+    );
+    drop(s);
+
+    // Another CA trusted (and the system's, which do not know the test
+    // CA): the certificate is refused, and so is the connect.
+    let other = Pki::new("b");
+    let s = server_with(|c| {
+        c.auth_webhook_url = Some(url.clone());
+        c.webhook_ca_file = Some(other.ca_file());
+    })
+    .await;
+    let reason = refused_with(&s, json!({})).await;
+    assert!(
+        reason.starts_with("AUTH-WEBHOOK-ERROR: cannot reach the webhook"),
+        "{reason}"
+    );
+    drop(s);
+
+    // A webhook that requires a client certificate of its CA: refused
+    // without one, allowed with one.
+    let (mtls_url, _) = https_webhook(&pki, Some(&pki)).await;
+    let s = server_with(|c| {
+        c.auth_webhook_url = Some(mtls_url.clone());
+        c.webhook_ca_file = Some(pki.ca_file());
+    })
+    .await;
+    let reason = refused_with(&s, json!({})).await;
+    assert!(reason.starts_with("AUTH-WEBHOOK-ERROR"), "{reason}");
+    drop(s);
+    let (client_cert, client_key) = pki.issue("client", &["hato"]);
+    let s = server_with(|c| {
+        c.auth_webhook_url = Some(mtls_url.clone());
+        c.webhook_ca_file = Some(pki.ca_file());
+        c.webhook_client_cert = Some(client_cert.clone());
+        c.webhook_client_key = Some(client_key.clone());
+    })
+    .await;
+    let _ok = connected(&opts(&s, "tls-hook", "recvonly")).await;
+    let _ = std::fs::remove_dir_all(&pki.dir);
+    let _ = std::fs::remove_dir_all(&other.dir);
+}
