@@ -452,6 +452,24 @@ pub struct Config {
     #[arg(help_heading = "Webhooks", long, env = "HATO_EVENT_WEBHOOK_URL")]
     pub event_webhook_url: Option<String>,
 
+    /// Accept connects whose `metadata.access_token` is a JWT signed with
+    /// this secret (HS256, at least 32 bytes): checked by hato itself, with
+    /// no call to the auth webhook.
+    #[arg(help_heading = "Webhooks", long, env = "HATO_AUTH_JWT_SECRET")]
+    pub auth_jwt_secret: Option<String>,
+
+    /// Accept connects whose `metadata.access_token` is a JWT signed with
+    /// one of the public keys (PEM, RSA or EC, several per file) in these
+    /// files (RS256/RS384/RS512, ES256/ES384): give the old and the new key
+    /// while rotating. Repeat the flag, or separate files with commas.
+    #[arg(
+        help_heading = "Webhooks",
+        long,
+        env = "HATO_AUTH_JWT_PUBLIC_KEY_FILE",
+        value_delimiter = ','
+    )]
+    pub auth_jwt_public_key_file: Vec<std::path::PathBuf>,
+
     /// A CA certificate file (PEM) trusted for https:// webhooks, beside
     /// the system's trust roots: for a backend with a private CA.
     #[arg(help_heading = "Webhooks", long, env = "HATO_WEBHOOK_CA_FILE")]

@@ -106,7 +106,7 @@ pub fn to_toml(matches: &ArgMatches) -> String {
             .unwrap_or_default();
         let value = match (id, &values[..]) {
             (_, []) => continue,
-            ("api_token", _) => toml::Value::String("<set>".into()),
+            ("api_token" | "auth_jwt_secret", _) => toml::Value::String("<set>".into()),
             ("cluster_nats_url" | "auth_webhook_url" | "event_webhook_url", [one]) => {
                 toml::Value::String(redact_urls(one))
             }

@@ -15,6 +15,7 @@
 //!   across the switch to DataChannels.
 //! - [`cluster`]: several nodes as one over NATS.
 //! - [`webhook`]: the auth and event webhooks.
+//! - [`jwt`]: access tokens checked by hato itself.
 //! - [`limits`]: admission, per-address limits and pacing.
 //! - [`idempotency`]: exactly-once API calls for retrying backends.
 //! - [`counters`]: every counter, read under one set of names for
@@ -35,6 +36,7 @@ pub mod counters;
 pub mod history;
 pub mod hub;
 pub mod idempotency;
+pub mod jwt;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
@@ -58,6 +60,8 @@ pub struct Shared {
     pub table: table::Table,
     /// Each channel's order and kept pushes.
     pub history: history::History,
+    /// Keys for access tokens (--auth-jwt-*).
+    pub jwt: Option<jwt::Keys>,
     /// The WebRTC engine: every peer's PeerConnection, on one UDP socket
     /// per shard.
     pub engine: hato_datachannel::Engine,
@@ -137,6 +141,11 @@ impl Server {
         } else {
             None
         };
+        let jwt = jwt::Keys::load(
+            config.auth_jwt_secret.as_deref(),
+            &config.auth_jwt_public_key_file,
+        )
+        .map_err(std::io::Error::other)?;
         let auth_webhook = match &config.auth_webhook_url {
             Some(url) => Some(
                 webhook::Webhook::new(
@@ -208,6 +217,7 @@ impl Server {
             engine,
             table: table::Table::new(config.channel_notify_rate),
             history: history::History::new(history::Settings::of(&config)),
+            jwt,
             config,
             admission,
             api_admission,

@@ -364,8 +364,26 @@ async fn run(
     }
 
     let connection_id: Arc<str> = id::new_id().into();
-    let verdict = match &shared.auth_webhook {
-        Some(hook) => {
+    // An access token, when hato checks them, decides alone: a valid one
+    // needs no webhook call, an invalid one is refused. Without one, the
+    // auth webhook decides (or, with no webhook, the connect is refused).
+    let token_verdict = shared.jwt.as_ref().and_then(|keys| {
+        let connect = &pending.connect;
+        match pending.access_token() {
+            Some(token) => Some(match keys.check(token, &connect.channel_id, connect.role) {
+                Ok(overrides) => admit::Verdict::Allowed(overrides),
+                Err(why) => admit::Verdict::Denied(why),
+            }),
+            None if shared.auth_webhook.is_none() => Some(admit::Verdict::Denied(
+                "ACCESS-TOKEN-MISSING: metadata.access_token is required".into(),
+            )),
+            None => None,
+        }
+    });
+    let verdict = match (&shared.auth_webhook, token_verdict) {
+        (_, Some(v)) => Some(v),
+        (None, None) => None,
+        (Some(hook), None) => {
             let (timestamp, request_id) = (time::now_rfc3339(), id::new_id());
             let context = admit::Context {
                 connection_id: &connection_id,
@@ -387,7 +405,6 @@ async fn run(
                 }
             }
         }
-        None => None,
     };
     let admit::Admitted {
         connect,
@@ -400,7 +417,7 @@ async fn run(
             let reason = refusal.reason();
             match &refusal {
                 admit::Refusal::Denied(_) => {
-                    tracing::info!(%connection_id, reason, "auth webhook denied the connection")
+                    tracing::info!(%connection_id, reason, "connection denied")
                 }
                 admit::Refusal::WebhookFailed(_) => {
                     tracing::warn!(%connection_id, reason, "auth webhook failed; connection refused")

@@ -70,6 +70,8 @@ impl Recover {
 pub struct Pending<'a> {
     pub connect: ConnectRequest,
     recover: Option<Recover>,
+    /// `metadata.access_token`, when it is a string.
+    access_token: Option<String>,
     /// `metadata` exactly as the client sent it: only the auth webhook
     /// reads it, spliced into its request, never parsed and printed again.
     metadata: Option<&'a str>,
@@ -209,26 +211,38 @@ pub fn read<'a>(text: &'a str, settings: &Settings) -> Result<Pending<'a>, Refus
             )));
         }
     }
-    // `hato_recover` in metadata; the rest of metadata is the webhook's.
-    let recover = match metadata.filter(|m| m.contains("hato_recover")) {
-        Some(m) => match serde_json::from_str::<Value>(m) {
-            Ok(Value::Object(o)) => match o.get("hato_recover") {
-                None | Some(Value::Null) => None,
-                Some(v) => Some(Recover::from_value(v).map_err(Refusal::Invalid)?),
-            },
+    // `hato_recover` and `access_token` in metadata; the rest of metadata
+    // is the webhook's.
+    let object = metadata
+        .filter(|m| m.contains("hato_recover") || m.contains("access_token"))
+        .and_then(|m| match serde_json::from_str::<Value>(m) {
+            Ok(Value::Object(o)) => Some(o),
             _ => None,
-        },
-        None => None,
+        });
+    let recover = match object.as_ref().and_then(|o| o.get("hato_recover")) {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(Recover::from_value(v).map_err(Refusal::Invalid)?),
     };
+    let access_token = object
+        .as_ref()
+        .and_then(|o| o.get("access_token"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     Ok(Pending {
         connect,
         recover,
+        access_token,
         metadata,
         environment,
     })
 }
 
 impl Pending<'_> {
+    /// `metadata.access_token`, if the client sent one.
+    pub fn access_token(&self) -> Option<&str> {
+        self.access_token.as_deref()
+    }
+
     /// The auth webhook's request (§7.1): what hato knows of the peer, and
     /// `metadata` as the client sent it.
     pub fn auth_request(&self, settings: &Settings, cx: &Context<'_>) -> String {

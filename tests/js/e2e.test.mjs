@@ -11,6 +11,7 @@ import { readFileSync, writeFileSync, mkdtempSync, readdirSync, rmSync } from "n
 import os from "node:os";
 import net from "node:net";
 import { fileURLToPath } from "node:url";
+import { createHmac } from "node:crypto";
 import path from "node:path";
 import { chromium } from "playwright-core";
 
@@ -35,6 +36,13 @@ let hatoLog = "";
 // What the auth webhook was asked: every connect of these tests goes
 // through it; a connect whose metadata says deny is refused.
 const hookCalls = [];
+// Access tokens for the first hato: HS256, made here as a backend would.
+const jwtSecret = "the e2e tests' secret, 32 bytes or more";
+const accessToken = (claims) => {
+  const part = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  const body = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
+  return `${body}.${createHmac("sha256", jwtSecret).update(body).digest("base64url")}`;
+};
 
 before(async () => {
   const [sig, api] = [await freePort(), await freePort()];
@@ -56,7 +64,7 @@ before(async () => {
   const hookUrl = `http://127.0.0.1:${hook.address().port}/auth`;
   hato = spawn(hatoBin, [
     "--signaling-addr", `127.0.0.1:${sig}`, "--api-addr", `127.0.0.1:${api}`,
-    "--auth-webhook-url", hookUrl, "--history-size", "100",
+    "--auth-webhook-url", hookUrl, "--history-size", "100", "--auth-jwt-secret", jwtSecret,
   ], {
     env: { ...process.env, HATO_LOG: "hato=debug" },
   });
@@ -217,6 +225,19 @@ test("recovery: the app reads the offset in its push callback, reconnects with i
   assert.equal(got[0].hato.recovery.complete, true);
   assert.deepEqual(got.slice(1).map((p) => [p.data, p.hato.offset]), [[{ n: 2 }, 2], [{ n: 3 }, 3]]);
   await disconnectCleanly(again.page);
+});
+
+test("access token: a connect with metadata.access_token is accepted by hato itself and receives a push", async () => {
+  const calls = hookCalls.length;
+  const exp = Math.floor(Date.now() / 1000) + 60;
+  const token = accessToken({ channel_id: "js-jwt", exp, client_id: "from-token" });
+  const { page } = await connect("js-jwt", { dataChannelSignaling: true, ignoreDisconnectWebSocket: false }, { access_token: token });
+  assert.equal(hookCalls.length, calls, "a valid token skips the auth webhook");
+  await page.waitForFunction(() => window.events.some((e) => e.kind === "switched"), null, { timeout: 10000 });
+  await push("Sora_20160711.PushClient", { channel_id: "js-jwt", client_id: "from-token", data: { token: "ok" } });
+  const [got] = await waitPush(page);
+  assert.deepEqual(got.data, { token: "ok" });
+  await disconnectCleanly(page);
 });
 
 test("auth webhook: a denied connect() is rejected with the webhook's reason, an allowed one gets a push", async () => {

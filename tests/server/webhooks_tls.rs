@@ -212,3 +212,112 @@ async fn webhooks_over_https_with_a_private_ca_and_mutual_tls() {
     let _ = std::fs::remove_dir_all(&pki.dir);
     let _ = std::fs::remove_dir_all(&other.dir);
 }
+
+/// Access tokens checked by hato: a valid one connects without asking the
+/// auth webhook (and pins what its claims say), every failed check is
+/// refused with 4490 and names the check, without the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_tokens_are_checked_by_hato_without_the_webhook() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    const SECRET: &str = "a secret of at least thirty-two bytes";
+    let (hook_url, asked) = auth_webhook().await;
+    let s = server_with(|c| {
+        c.auth_jwt_secret = Some(SECRET.into());
+        c.auth_webhook_url = Some(hook_url.clone());
+    })
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = |claims: Value| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let with_token = |t: &str, role: &str| {
+        let mut o = opts(&s, "jwt", role);
+        o.extra
+            .insert("metadata".into(), json!({"access_token": t}));
+        o
+    };
+    let good = token(
+        json!({"channel_id": "jwt", "exp": now + 60, "client_id": "pinned",
+                            "role": "recvonly", "metadata": {"plan": "pro"}}),
+    );
+    let mut c = connected(&with_token(&good, "recvonly")).await;
+    assert!(
+        asked.lock().unwrap().is_empty(),
+        "a valid token skips the webhook"
+    );
+    let (_, list) = api(
+        &s,
+        "Sora_20201013.ListChannelConnections",
+        r#"{"channel_id":"jwt"}"#,
+    )
+    .await;
+    assert_eq!(list[0]["client_id"], "pinned");
+    push(
+        &s,
+        "Sora_20160711.PushClient",
+        json!({"channel_id": "jwt", "client_id": "pinned", "data": {"t": 1}}),
+    )
+    .await;
+    assert_eq!(next_push(&mut c).await.unwrap().0["data"]["t"], 1);
+    for (claims, role, want) in [
+        (
+            json!({"channel_id": "jwt", "exp": now - 120}),
+            "recvonly",
+            "expired (exp)",
+        ),
+        (
+            json!({"channel_id": "jwt", "exp": now + 60, "nbf": now + 120}),
+            "recvonly",
+            "not yet valid (nbf)",
+        ),
+        (
+            json!({"channel_id": "other", "exp": now + 60}),
+            "recvonly",
+            "its channel_id is not this connect's",
+        ),
+        (
+            json!({"channel_id": "jwt", "exp": now + 60, "role": "recvonly"}),
+            "sendrecv",
+            "its role does not allow sendrecv",
+        ),
+    ] {
+        let t = token(claims);
+        match Client::connect(&with_token(&t, role)).await {
+            Err(hato::client::ClientError::Refused { code: 4490, reason }) => {
+                assert_eq!(reason, format!("ACCESS-TOKEN-INVALID: {want}"));
+                assert!(!reason.contains(&t[..20]));
+            }
+            other => panic!("{want}: {:?}", other.map(|_| "connected")),
+        }
+    }
+    let forged = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"channel_id": "jwt", "exp": now + 60}),
+        &EncodingKey::from_secret(b"someone else's secret of 32 bytes!"),
+    )
+    .unwrap();
+    match Client::connect(&with_token(&forged, "recvonly")).await {
+        Err(hato::client::ClientError::Refused { code: 4490, reason }) => {
+            assert_eq!(
+                reason,
+                "ACCESS-TOKEN-INVALID: the signature does not check out"
+            )
+        }
+        other => panic!("{:?}", other.map(|_| "connected")),
+    }
+    assert!(
+        asked.lock().unwrap().is_empty(),
+        "no token check asked the webhook"
+    );
+    // Without a token the webhook still decides.
+    let _plain = connected(&opts(&s, "jwt", "recvonly")).await;
+    assert_eq!(asked.lock().unwrap().len(), 1);
+}
