@@ -279,6 +279,15 @@ fn apply(
         Operation::Disconnect(_) => disconnect(shared, &call),
         Operation::List(_) => unreachable!("handled in route"),
         Operation::Batch | Operation::History => unreachable!("handled above"),
+        Operation::Drain => {
+            let started = shared.drain();
+            Ok(json_response(
+                StatusCode::OK,
+                json!({"draining": true, "started_now": started,
+                       "drain_timeout": shared.config.drain_timeout})
+                .to_string(),
+            ))
+        }
         Operation::StatsReport => Ok(json_response(
             StatusCode::OK,
             stats::stats_report(shared).to_string(),

@@ -178,6 +178,9 @@ pub enum ClientError {
         reason: String,
     },
     Failed(String),
+    /// The server said to connect to another node instead (followed by
+    /// [`Client::connect`]).
+    Redirected(String),
     /// [`ClientOptions::abandon`] said to walk away, and it did.
     Abandoned,
 }
@@ -187,6 +190,7 @@ impl std::fmt::Display for ClientError {
         match self {
             ClientError::Refused { code, reason } => write!(f, "refused with {code} {reason}"),
             ClientError::Failed(e) => f.write_str(e),
+            ClientError::Redirected(to) => write!(f, "redirected to {to}"),
             ClientError::Abandoned => f.write_str("abandoned mid-handshake, as asked"),
         }
     }
@@ -300,9 +304,27 @@ async fn open(
 }
 
 impl Client {
-    /// Connects, sends `connect`, answers the offer. Returns once the answer
-    /// is sent; watch [`Client::events`] for the rest.
+    /// Connects, sends `connect`, answers the offer, following a `redirect`
+    /// as the SDKs do (§3.10: to `location`, with `"redirect": true`).
+    /// Returns once the answer is sent; watch [`Client::events`] for the
+    /// rest.
     pub async fn connect(opts: &ClientOptions) -> Result<Client, ClientError> {
+        let mut redirected = opts.clone();
+        for _ in 0..3 {
+            match Client::connect_once(&redirected).await {
+                Err(ClientError::Redirected(location)) => {
+                    redirected.url = location;
+                    redirected
+                        .extra
+                        .insert("redirect".into(), Value::Bool(true));
+                }
+                done => return done,
+            }
+        }
+        Err(fail("redirected more than three times"))
+    }
+
+    async fn connect_once(opts: &ClientOptions) -> Result<Client, ClientError> {
         let (mut ws, _) = tokio::time::timeout(opts.timeout, open(opts))
             .await
             .map_err(|_| fail("WebSocket connect timed out"))??;
@@ -316,6 +338,12 @@ impl Client {
                         let v: Value = serde_json::from_str(&t).map_err(fail)?;
                         if v["type"] == "offer" {
                             return Ok(v);
+                        }
+                        if let ("redirect", Some(location)) = (
+                            v["type"].as_str().unwrap_or_default(),
+                            v["location"].as_str(),
+                        ) {
+                            return Err(ClientError::Redirected(location.to_owned()));
                         }
                         return Err(fail(format!("{} before the offer", v["type"])));
                     }

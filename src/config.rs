@@ -547,6 +547,32 @@ pub struct Config {
     )]
     pub cluster_request_timeout_ms: u64,
 
+    /// The signaling URL clients reach this node at (e.g.
+    /// wss://hato-1.example.com/signaling): what the other nodes send in a
+    /// `redirect` when they drain or are over --redirect-when-above.
+    #[arg(help_heading = "Cluster", long, env = "HATO_PUBLIC_SIGNALING_URL")]
+    pub public_signaling_url: Option<String>,
+
+    /// Seconds a draining node (SIGUSR1, or Hato_20261201.Drain) keeps its
+    /// connected peers before it ends their sessions with SHUTDOWN.
+    #[arg(
+        help_heading = "Cluster",
+        long,
+        env = "HATO_DRAIN_TIMEOUT",
+        default_value_t = 60
+    )]
+    pub drain_timeout: u64,
+
+    /// With this many connections or more, a new connect is redirected to
+    /// the live node with the fewest (when it has fewer). 0: never.
+    #[arg(
+        help_heading = "Cluster",
+        long,
+        env = "HATO_REDIRECT_WHEN_ABOVE",
+        default_value_t = 0
+    )]
+    pub redirect_when_above: usize,
+
     /// Pushes kept per channel, for peers that reconnect
     /// (`metadata.hato_recover`) and for GetChannelHistory. 0: none kept;
     /// pushes still carry their channel's offset.

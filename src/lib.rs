@@ -86,8 +86,56 @@ pub struct Shared {
     pub api_admission: Arc<limits::Admission>,
     /// Set once, on shutdown; every session watches it.
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// Set once, on drain: new connects are redirected (or refused), the
+    /// connected peers stay until --drain-timeout.
+    draining: std::sync::atomic::AtomicBool,
+    drain_started: tokio::sync::Notify,
     /// The other nodes, with --cluster-nats-url.
     pub cluster: Option<Arc<cluster::Cluster>>,
+}
+
+impl Shared {
+    /// Whether this node is draining.
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Drains this node (once): `/.ok` answers 503, a new connect is
+    /// redirected to another node (or refused alone), and after
+    /// --drain-timeout every session ends with SHUTDOWN. Returns false
+    /// when it was draining already.
+    pub fn drain(&self) -> bool {
+        if self
+            .draining
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return false;
+        }
+        tracing::warn!(
+            connections = self.table.len(),
+            "draining: new connects go to other nodes; the connected peers stay {} s",
+            self.config.drain_timeout
+        );
+        self.drain_started.notify_one();
+        true
+    }
+
+    /// Where a new connect goes instead of this node, if anywhere: the
+    /// least-loaded other node when this one drains, or when it holds
+    /// --redirect-when-above connections and another holds fewer. A
+    /// connect that was redirected here already is not sent on again.
+    pub fn redirect_for(&self, redirected: bool) -> Option<String> {
+        let cluster = self.cluster.as_ref()?;
+        if self.draining() {
+            return cluster.redirect_target(None);
+        }
+        let limit = self.config.redirect_when_above;
+        let mine = self.table.len();
+        if redirected || limit == 0 || mine < limit {
+            return None;
+        }
+        cluster.redirect_target(Some(mine))
+    }
 }
 
 /// A running server. Dropping it stops accepting (existing sessions end
@@ -224,6 +272,8 @@ impl Server {
             session_id: hato_signaling::id::new_id().into(),
             sessions: Default::default(),
             shutdown: tokio::sync::watch::Sender::new(false),
+            draining: Default::default(),
+            drain_started: Default::default(),
         });
         if let Some(cluster) = &shared.cluster {
             cluster.start();
@@ -234,6 +284,7 @@ impl Server {
             tokio::spawn(api::serve(api, shared.clone())),
             tokio::spawn(release_paced_notify(shared.clone())),
             tokio::spawn(sweep_history(Arc::downgrade(&shared))),
+            tokio::spawn(end_drain(Arc::downgrade(&shared))),
         ];
         let metrics_addr = match metrics_listener {
             Some(l) => {
@@ -319,6 +370,24 @@ impl Drop for Server {
         if let Some(cluster) = &self.shared.cluster {
             cluster.stop();
         }
+    }
+}
+
+/// Once the node drains: after --drain-timeout, ends every session.
+async fn end_drain(shared: std::sync::Weak<Shared>) {
+    let Some(started) = shared.upgrade() else {
+        return;
+    };
+    started.drain_started.notified().await;
+    let timeout = std::time::Duration::from_secs(started.config.drain_timeout);
+    drop(started);
+    tokio::time::sleep(timeout).await;
+    if let Some(shared) = shared.upgrade() {
+        tracing::warn!(
+            connections = shared.table.len(),
+            "drain timeout: ending every session with SHUTDOWN"
+        );
+        shared.shutdown.send_replace(true);
     }
 }
 

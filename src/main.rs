@@ -46,6 +46,17 @@ async fn main() {
             }
         }
     });
+    // SIGUSR1 drains the node (docs/cluster.md, "Draining a node").
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .expect("SIGUSR1 handler");
+    let drained = server.shared.clone();
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            if !drained.drain() {
+                tracing::info!("SIGUSR1: already draining");
+            }
+        }
+    });
     // Ctrl-C or SIGTERM (what service managers send).
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");

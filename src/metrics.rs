@@ -435,14 +435,16 @@ fn answer(shared: Option<&Shared>, req: &Request<hyper::body::Incoming>) -> Resp
 }
 
 /// `GET /.ok`, on the API and the metrics listeners: 200
-/// `{"status":"ok"}` while serving, 503 `{"status":"shutting-down"}` once
-/// shutdown has begun.
+/// `{"status":"ok"}` while serving, 503 `{"status":"draining"}` while
+/// draining and `{"status":"shutting-down"}` once shutdown has begun.
 pub fn health(shared: &Shared) -> Response<Full<Bytes>> {
     let (status, body) = if *shared.shutdown.borrow() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             r#"{"status":"shutting-down"}"#,
         )
+    } else if shared.draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"draining"}"#)
     } else {
         (StatusCode::OK, r#"{"status":"ok"}"#)
     };

@@ -351,6 +351,19 @@ async fn run(
         Ok(p) => p,
         Err(refusal) => return refuse(ws, refusal.reason()).await,
     };
+    // Another node instead (§3.10): this one drains, or is full.
+    if let Some(location) = shared.redirect_for(pending.connect.redirect) {
+        tracing::info!(location, "connect redirected");
+        let redirect = message::redirect(&location);
+        if ws.send(Message::text(redirect)).await.is_ok() {
+            // The SDKs go at once; C++ waits for the server to close.
+            return close_before_offer(ws, 1000, "REDIRECT").await;
+        }
+        return;
+    }
+    if shared.draining() {
+        return refuse(ws, "DRAINING: this node takes no new connections").await;
+    }
 
     // Its address's turn (--max-connects-per-ip-per-second): the costly
     // part, the auth webhook and the PeerConnection, comes after.

@@ -33,13 +33,15 @@ pub enum Operation {
     Batch,
     /// hato's `GetChannelHistory`: a channel's kept pushes.
     History,
+    /// hato's `Drain`: this node takes no new connections.
+    Drain,
 }
 
 /// The most pushes one batch may carry.
 pub const MAX_BATCH: usize = 1000;
 
 /// Every target hato implements, by name.
-pub const TARGETS: [(&str, Operation); 13] = [
+pub const TARGETS: [(&str, Operation); 14] = [
     ("Sora_20160711.PushChannel", Operation::Push(Scope::Channel)),
     ("Sora_20160711.PushClient", Operation::Push(Scope::Client)),
     (
@@ -74,6 +76,7 @@ pub const TARGETS: [(&str, Operation); 13] = [
     ("Sora_20171010.GetStatsReport", Operation::StatsReport),
     ("Hato_20261201.PushBatch", Operation::Batch),
     ("Hato_20261201.GetChannelHistory", Operation::History),
+    ("Hato_20261201.Drain", Operation::Drain),
 ];
 
 impl Operation {
@@ -87,7 +90,9 @@ impl Operation {
         match self {
             Operation::Push(s) | Operation::Disconnect(s) => Some(s),
             Operation::List(s) => s,
-            Operation::StatsReport | Operation::Batch | Operation::History => None,
+            Operation::StatsReport | Operation::Batch | Operation::History | Operation::Drain => {
+                None
+            }
         }
     }
 }
@@ -224,7 +229,11 @@ fn parse_scoped<'a>(
                 None => return Err(bad("MISSING-KEY", "data is missing")),
             })
         }
-        Operation::List(_) | Operation::StatsReport | Operation::Batch | Operation::History => {}
+        Operation::List(_)
+        | Operation::StatsReport
+        | Operation::Batch
+        | Operation::History
+        | Operation::Drain => {}
         Operation::Disconnect(_) => {
             let mut echo = String::from("{");
             for key in ["channel_id", "client_id", "connection_id", "role"] {

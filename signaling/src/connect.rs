@@ -94,6 +94,8 @@ pub struct ConnectRequest {
     /// The libwebrtc version the native SDKs (C++, Python, Rust, iOS,
     /// Android) name; browsers do not send it.
     pub libwebrtc: Option<String>,
+    /// `"redirect": true`: sent again after a `redirect` (§3.10).
+    pub redirect: bool,
 }
 
 fn optional_id(value: Option<Value>, key: &str) -> Result<Option<String>, ConnectError> {
@@ -159,8 +161,9 @@ impl ConnectRequest {
             Some(_) => return Err(ConnectError("channel_id must be a string".into())),
             None => return Err(ConnectError("channel_id is missing".into())),
         };
-        let _ = optional_bool(raw.redirect, "redirect")?;
+        let redirect = optional_bool(raw.redirect, "redirect")?.unwrap_or(false);
         Ok(ConnectRequest {
+            redirect,
             role,
             channel_id,
             client_id: optional_id(raw.client_id, "client_id")?,

@@ -168,6 +168,11 @@ pub fn switched(ignore_disconnect_websocket: bool) -> String {
         .to_string()
 }
 
+/// `{"type":"redirect","location":…}`: connect there instead (§3.10).
+pub fn redirect(location: &str) -> String {
+    json!({"type": "redirect", "location": location}).to_string()
+}
+
 /// `{"type":"close","code":…,"reason":…}` on the `signaling` DataChannel (§3.11).
 pub fn close(code: u16, reason: &str) -> String {
     json!({"type": "close", "code": code, "reason": reason}).to_string()

@@ -33,7 +33,7 @@ mod broker;
 mod presence;
 
 pub use broker::{nats, Broker};
-pub use presence::Limits;
+pub use presence::{Limits, Load};
 
 use crate::hub::{self, Origin};
 use crate::table::{Conn, Member};
@@ -178,7 +178,7 @@ pub struct Cluster {
     mine: Mutex<Mine>,
     channels: Mutex<HashMap<Arc<str>, Sub>>,
     /// The other nodes heard from within the node timeout.
-    live: Mutex<HashSet<String>>,
+    live: Mutex<HashMap<String, Load>>,
     /// The node this is a member for: where remote pushes are delivered
     /// and remote connections counted.
     shared: Weak<Shared>,
@@ -300,7 +300,21 @@ impl Cluster {
 
     /// The other nodes alive now, by name.
     pub fn live_nodes(&self) -> HashSet<String> {
-        self.live.lock().unwrap().clone()
+        self.live.lock().unwrap().keys().cloned().collect()
+    }
+
+    /// Where to send a client instead of this node: the live node that
+    /// names its signaling URL, is not draining and has the fewest
+    /// connections — fewer than `fewer_than` when given.
+    pub fn redirect_target(&self, fewer_than: Option<usize>) -> Option<String> {
+        self.live
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|l| !l.draining && fewer_than.is_none_or(|n| l.connections < n))
+            .filter_map(|l| Some((l.connections, l.url.clone()?)))
+            .min()
+            .map(|(_, url)| url)
     }
 
     fn unavailable(&self) -> Unavailable {
@@ -405,10 +419,19 @@ impl Cluster {
 
     fn heartbeat(&self) {
         let mine = self.mine.lock().unwrap();
+        let load = match self.shared.upgrade() {
+            Some(shared) => Load {
+                url: shared.config.public_signaling_url.clone(),
+                connections: shared.table.len(),
+                draining: shared.draining(),
+            },
+            None => Load::default(),
+        };
         let msg = Announcement::Heartbeat {
             node: self.node.to_string(),
             epoch: self.epoch,
             seq: mine.seq,
+            load,
         };
         self.queue(PRESENCE, &msg);
     }
@@ -681,7 +704,12 @@ fn carry_out(
 ) {
     match effect {
         Effect::Up(node) => {
-            cluster.live.lock().unwrap().insert(node);
+            cluster.live.lock().unwrap().insert(node, Load::default());
+        }
+        Effect::Load { node, load } => {
+            if let Some(l) = cluster.live.lock().unwrap().get_mut(&node) {
+                *l = load;
+            }
         }
         Effect::Down(node) => {
             cluster.live.lock().unwrap().remove(&node);

@@ -35,6 +35,9 @@ pub enum Announcement {
         node: String,
         epoch: u64,
         seq: u64,
+        /// What a client redirected there needs to know.
+        #[serde(default)]
+        load: Load,
     },
     Join {
         node: String,
@@ -73,6 +76,19 @@ impl Announcement {
         }
     }
 }
+
+/// How busy a node is, and where clients reach it: what a draining or
+/// full node redirects by.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Load {
+    /// Its `--public-signaling-url`.
+    pub url: Option<String>,
+    pub connections: usize,
+    pub draining: bool,
+}
+
+/// The longest `--public-signaling-url` taken from another node.
+pub const MAX_URL_BYTES: usize = 2048;
 
 /// One node's connections at one point of its sequence, as its snapshot
 /// answer carries them.
@@ -158,6 +174,8 @@ pub enum Effect {
     Fetch { node: String, epoch: u64 },
     /// A gap in a node's sequence was seen (a snapshot follows).
     Resync(String),
+    /// A node's heartbeat: its load and where clients reach it.
+    Load { node: String, load: Load },
     /// A node went silent for the node timeout.
     Lost { node: String, connections: usize },
     /// Something a node announced was beyond this node's limits: ignored.
@@ -255,6 +273,16 @@ impl Nodes {
             }
         });
         view.last_seen = now;
+        if let Announcement::Heartbeat { load, .. } = &event {
+            let mut load = load.clone();
+            if load.url.as_ref().is_some_and(|u| u.len() > MAX_URL_BYTES) {
+                load.url = None;
+            }
+            out.push(Effect::Load {
+                node: node.clone(),
+                load,
+            });
+        }
         if view.syncing.is_none() {
             let behind = match &event {
                 Announcement::Heartbeat { seq, .. } => *seq > view.seq,
@@ -476,6 +504,7 @@ mod tests {
             node: node.into(),
             epoch,
             seq,
+            load: Load::default(),
         }
     }
 
@@ -490,9 +519,11 @@ mod tests {
         }
     }
 
-    /// The effects as short words, for comparison.
+    /// The effects as short words, for comparison (loads aside: see
+    /// `heartbeats_carry_a_nodes_load`).
     fn words(out: &mut Vec<Effect>) -> Vec<String> {
         out.drain(..)
+            .filter(|e| !matches!(e, Effect::Load { .. }))
             .map(|e| match e {
                 Effect::Up(n) => format!("up {n}"),
                 Effect::Down(n) => format!("down {n}"),
@@ -503,6 +534,7 @@ mod tests {
                 Effect::Lost { node, connections } => format!("lost {node} {connections}"),
                 Effect::Refused { node, .. } => format!("refused {node}"),
                 Effect::NameClash => "clash".into(),
+                Effect::Load { .. } => unreachable!("filtered out"),
             })
             .collect()
     }
@@ -687,6 +719,38 @@ mod tests {
             &mut out,
         );
         assert_eq!(words(&mut out), ["refused b"]);
+    }
+
+    #[test]
+    fn heartbeats_carry_a_nodes_load() {
+        let t = Instant::now();
+        let mut n = nodes();
+        let mut out = Vec::new();
+        let load = Load {
+            url: Some("wss://b/signaling".into()),
+            connections: 7,
+            draining: true,
+        };
+        let beat = |load: Load| Announcement::Heartbeat {
+            node: "b".into(),
+            epoch: 7,
+            seq: 0,
+            load,
+        };
+        n.on_announcement(t, beat(load.clone()), &mut out);
+        assert!(out
+            .iter()
+            .any(|e| matches!(e, Effect::Load { node, load: l } if node == "b" && *l == load)));
+        // A URL beyond the bound is not taken.
+        out.clear();
+        let long = Load {
+            url: Some("x".repeat(MAX_URL_BYTES + 1)),
+            ..load
+        };
+        n.on_announcement(t, beat(long), &mut out);
+        assert!(out
+            .iter()
+            .any(|e| matches!(e, Effect::Load { load: l, .. } if l.url.is_none())));
     }
 
     #[test]

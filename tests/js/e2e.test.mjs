@@ -343,10 +343,10 @@ test("cluster: the SDK connected to node B receives a push sent to node A's API"
   }
   const nodes = [];
   try {
-    const node = (name) => new Promise((resolve, reject) => {
+    const node = (name, extra = [], signalingAddr = "127.0.0.1:0") => new Promise((resolve, reject) => {
       const p = spawn(hatoBin, [
-        "--signaling-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--rtc-addr", "127.0.0.1:0",
-        "--cluster-nats-url", natsUrl, "--node-name", name,
+        "--signaling-addr", signalingAddr, "--api-addr", "127.0.0.1:0", "--rtc-addr", "127.0.0.1:0",
+        "--cluster-nats-url", natsUrl, "--node-name", name, ...extra,
       ], { env: { ...process.env, HATO_LOG: "hato=debug", NO_COLOR: "1" } });
       nodes.push(p);
       let out = "";
@@ -359,7 +359,13 @@ test("cluster: the SDK connected to node B receives a push sent to node A's API"
       });
       p.on("exit", (code) => reject(new Error(`node ${name} exited (${code}) before serving`)));
     });
-    const [a, b] = [await node("node-a"), await node("node-b")];
+    // Node B says where clients reach it, for node A's redirects.
+    const bPort = await freePort();
+    const bUrl = `ws://127.0.0.1:${bPort}/signaling`;
+    const [a, b] = [
+      await node("node-a"),
+      await node("node-b", ["--public-signaling-url", bUrl], `127.0.0.1:${bPort}`),
+    ];
     const post = async (url, target, body) => {
       const res = await fetch(url, { method: "POST", headers: { "x-sora-target": target }, body: JSON.stringify(body) });
       return [res.status, await res.text()];
@@ -391,6 +397,25 @@ test("cluster: the SDK connected to node B receives a push sent to node A's API"
     const [got] = await waitPush(page);
     assert.deepEqual([got.data, got.transportType], [{ via: "node-a" }, "datachannel"]);
     await disconnectCleanly(page);
+
+    // Node A drains: the SDK's connect to it follows the redirect to node B
+    // and receives a push sent to node A.
+    const [ds, dt] = await post(a.api, "Hato_20261201.Drain", {});
+    assert.equal(ds, 200, dt);
+    await new Promise((r) => setTimeout(r, 1500)); // a heartbeat of B's, with its URL
+    const moved = await connect("js-drain", { dataChannelSignaling: true, ignoreDisconnectWebSocket: true }, null, a.signaling);
+    await moved.page.waitForFunction(() => window.events.some((e) => e.kind === "switched"), null, { timeout: 10000 });
+    for (let i = 0; ; i++) {
+      const [s, t] = await post(b.api, "Sora_20201013.ListChannelConnections", { channel_id: "js-drain" });
+      if (s === 200 && JSON.parse(t).some((c) => c.connection_id === moved.id && c.node_name === "node-b")) break;
+      assert.ok(i < 100, `the redirected peer is on node B: ${t}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const [ps, pt] = await post(a.api, "Sora_20160711.PushChannel", { channel_id: "js-drain", data: { via: "drained-a" } });
+    assert.equal(ps, 200, pt);
+    const [after] = await waitPush(moved.page);
+    assert.deepEqual(after.data, { via: "drained-a" });
+    await disconnectCleanly(moved.page);
   } finally {
     for (const p of nodes) p.kill("SIGINT");
     nats.kill();

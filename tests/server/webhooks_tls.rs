@@ -321,3 +321,82 @@ async fn access_tokens_are_checked_by_hato_without_the_webhook() {
     let _plain = connected(&opts(&s, "jwt", "recvonly")).await;
     assert_eq!(asked.lock().unwrap().len(), 1);
 }
+
+/// Draining (issue 24): a node told to drain answers `/.ok` with 503,
+/// redirects a new connect to the other node (the client follows, as the
+/// SDKs do), keeps its own peers receiving pushes sent to either node, and
+/// ends them with SHUTDOWN at the drain timeout. Alone, it refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_redirects_new_connects_and_keeps_its_peers_until_the_timeout() {
+    let nats = Nats::start().await;
+    let a = node_with(&nats, "a", |c| c.drain_timeout = 3).await;
+    let b_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let b = node_with(&nats, "b", |c| {
+        c.signaling_addr = format!("127.0.0.1:{b_port}").parse().unwrap();
+        c.public_signaling_url = Some(format!("ws://127.0.0.1:{b_port}/signaling"));
+    })
+    .await;
+    knows_nodes(&a, &["b"]).await;
+    knows_nodes(&b, &["a"]).await;
+    let mut stays = connected(&opts(&a, "dr", "recvonly")).await;
+
+    let (status, answer) = api(&a, "Hato_20261201.Drain", "").await;
+    assert_eq!(
+        (status, &answer["draining"]),
+        (200, &json!(true)),
+        "{answer}"
+    );
+    assert_eq!(
+        get(&a.api_addr.to_string(), "/.ok").await,
+        (503, r#"{"status":"draining"}"#.into())
+    );
+    // A learns where B is from B's heartbeats.
+    let cluster = a.shared.cluster.as_ref().unwrap();
+    let until = tokio::time::Instant::now() + T;
+    while cluster.redirect_target(None).is_none() {
+        assert!(tokio::time::Instant::now() < until, "A knows B's URL");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut moved = connected(&opts(&a, "dr", "recvonly")).await;
+    assert_eq!(
+        (a.table().len(), b.table().len()),
+        (1, 1),
+        "redirected to B"
+    );
+
+    // Pushes through either node reach both peers.
+    for (via, n) in [(&a, 1), (&b, 2)] {
+        push(
+            via,
+            "Sora_20160711.PushChannel",
+            json!({"channel_id": "dr", "data": {"n": n}}),
+        )
+        .await;
+        for peer in [&mut stays, &mut moved] {
+            assert_eq!(next_push(peer).await.expect("pushed").0["data"]["n"], n);
+        }
+    }
+    // At the drain timeout A's own peer is ended, with a reason.
+    let ev = stays
+        .wait_for(T, |e| matches!(e, ClientEvent::WebSocketClosed { .. }))
+        .await;
+    assert!(
+        matches!(&ev, Some(ClientEvent::WebSocketClosed { reason, .. }) if reason == "SHUTDOWN"),
+        "{ev:?}"
+    );
+    still_served(&b, &mut moved, "dr").await;
+
+    // A node alone has nowhere to send a connect: it refuses.
+    let alone = server().await;
+    assert!(alone.shared.drain());
+    match Client::connect(&opts(&alone, "dr", "recvonly")).await {
+        Err(hato::client::ClientError::Refused { code: 4490, reason }) => {
+            assert_eq!(reason, "DRAINING: this node takes no new connections")
+        }
+        other => panic!("{:?}", other.map(|_| "connected")),
+    }
+}
