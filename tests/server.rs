@@ -15,8 +15,8 @@ const T: Duration = Duration::from_secs(10);
 mod attacks;
 #[path = "server/history.rs"]
 mod history;
-#[path = "server/webhooks_tls.rs"]
-mod webhooks_tls;
+#[path = "server/control_plane.rs"]
+mod control_plane;
 
 async fn server() -> Server {
     server_with(|_| {}).await

@@ -1,6 +1,6 @@
-//! Webhooks over HTTPS: a backend with a private CA, a wrong CA, and one
-//! that requires a client certificate (mutual TLS). Part of the `server`
-//! test binary.
+//! The control plane: webhooks over HTTPS (a private CA, a wrong CA,
+//! mutual TLS), access tokens checked by hato, draining and redirects.
+//! Part of the `server` test binary.
 
 use super::*;
 use std::sync::{Arc, Mutex};
@@ -399,4 +399,96 @@ async fn a_draining_node_redirects_new_connects_and_keeps_its_peers_until_the_ti
         }
         other => panic!("{:?}", other.map(|_| "connected")),
     }
+}
+
+/// `--redirect-when-above`: a node holding that many connections sends a
+/// new connect to a node with fewer; one that was redirected already stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_node_redirects_to_a_less_loaded_one() {
+    let nats = Nats::start().await;
+    let a = node_with(&nats, "a", |c| c.redirect_when_above = 1).await;
+    let b_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let b = node_with(&nats, "b", |c| {
+        c.signaling_addr = format!("127.0.0.1:{b_port}").parse().unwrap();
+        c.public_signaling_url = Some(format!("ws://127.0.0.1:{b_port}/signaling"));
+    })
+    .await;
+    knows_nodes(&a, &["b"]).await;
+    let cluster = a.shared.cluster.as_ref().unwrap();
+    let until = tokio::time::Instant::now() + T;
+    while cluster.redirect_target(None).is_none() {
+        assert!(tokio::time::Instant::now() < until, "A knows B's URL");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _first = connected(&opts(&a, "full", "recvonly")).await;
+    assert_eq!((a.table().len(), b.table().len()), (1, 0));
+    let _second = connected(&opts(&a, "full", "recvonly")).await;
+    assert_eq!((a.table().len(), b.table().len()), (1, 1), "sent to B");
+    // A connect that says it was redirected is not sent on again.
+    let mut o = opts(&a, "full", "recvonly");
+    o.extra.insert("redirect".into(), json!(true));
+    let _third = connected(&o).await;
+    assert_eq!((a.table().len(), b.table().len()), (2, 1));
+}
+
+/// Access tokens signed with a private key: the old and the new public
+/// key both check out while they are rotated; another key does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_tokens_signed_with_either_rotated_key_connect() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let dir = std::env::temp_dir().join(format!("hato-jwt-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (old, new) = (
+        rcgen::KeyPair::generate().unwrap(),
+        rcgen::KeyPair::generate().unwrap(),
+    );
+    let keys = dir.join("keys.pem");
+    std::fs::write(
+        &keys,
+        format!("{}{}", old.public_key_pem(), new.public_key_pem()),
+    )
+    .unwrap();
+    let s = server_with(|c| c.auth_jwt_public_key_file = vec![keys.clone()]).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    let signed = |key: &rcgen::KeyPair| {
+        encode(
+            &Header::new(Algorithm::ES256),
+            &json!({"channel_id": "rot", "exp": exp}),
+            &EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap(),
+        )
+        .unwrap()
+    };
+    let with = |t: String| {
+        let mut o = opts(&s, "rot", "recvonly");
+        o.extra
+            .insert("metadata".into(), json!({"access_token": t}));
+        o
+    };
+    let _a = connected(&with(signed(&old))).await;
+    let _b = connected(&with(signed(&new))).await;
+    match Client::connect(&with(signed(&rcgen::KeyPair::generate().unwrap()))).await {
+        Err(hato::client::ClientError::Refused { code: 4490, reason }) => {
+            assert_eq!(
+                reason,
+                "ACCESS-TOKEN-INVALID: the signature does not check out"
+            )
+        }
+        other => panic!("{:?}", other.map(|_| "connected")),
+    }
+    // No token and no webhook: refused.
+    match Client::connect(&opts(&s, "rot", "recvonly")).await {
+        Err(hato::client::ClientError::Refused { code: 4490, reason }) => {
+            assert!(reason.starts_with("ACCESS-TOKEN-MISSING"), "{reason}")
+        }
+        other => panic!("{:?}", other.map(|_| "connected")),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
