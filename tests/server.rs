@@ -13,10 +13,10 @@ const T: Duration = Duration::from_secs(10);
 
 #[path = "server/attacks.rs"]
 mod attacks;
-#[path = "server/history.rs"]
-mod history;
 #[path = "server/control_plane.rs"]
 mod control_plane;
+#[path = "server/history.rs"]
+mod history;
 
 async fn server() -> Server {
     server_with(|_| {}).await

@@ -322,6 +322,30 @@ async fn access_tokens_are_checked_by_hato_without_the_webhook() {
     assert_eq!(asked.lock().unwrap().len(), 1);
 }
 
+/// Node "b" of `a`'s cluster, naming its signaling URL, once `a` knows
+/// where to send clients to it.
+async fn node_b_with_url(nats: &Nats, a: &Server) -> Server {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let b = node_with(nats, "b", |c| {
+        c.signaling_addr = format!("127.0.0.1:{port}").parse().unwrap();
+        c.public_signaling_url = Some(format!("ws://127.0.0.1:{port}/signaling"));
+    })
+    .await;
+    knows_nodes(a, &["b"]).await;
+    knows_nodes(&b, &["a"]).await;
+    let cluster = a.shared.cluster.as_ref().unwrap();
+    let until = tokio::time::Instant::now() + T;
+    while cluster.redirect_target(None).is_none() {
+        assert!(tokio::time::Instant::now() < until, "A knows B's URL");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b
+}
+
 /// Draining (issue 24): a node told to drain answers `/.ok` with 503,
 /// redirects a new connect to the other node (the client follows, as the
 /// SDKs do), keeps its own peers receiving pushes sent to either node, and
@@ -330,18 +354,7 @@ async fn access_tokens_are_checked_by_hato_without_the_webhook() {
 async fn a_draining_node_redirects_new_connects_and_keeps_its_peers_until_the_timeout() {
     let nats = Nats::start().await;
     let a = node_with(&nats, "a", |c| c.drain_timeout = 3).await;
-    let b_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let b = node_with(&nats, "b", |c| {
-        c.signaling_addr = format!("127.0.0.1:{b_port}").parse().unwrap();
-        c.public_signaling_url = Some(format!("ws://127.0.0.1:{b_port}/signaling"));
-    })
-    .await;
-    knows_nodes(&a, &["b"]).await;
-    knows_nodes(&b, &["a"]).await;
+    let b = node_b_with_url(&nats, &a).await;
     let mut stays = connected(&opts(&a, "dr", "recvonly")).await;
 
     let (status, answer) = api(&a, "Hato_20261201.Drain", "").await;
@@ -355,12 +368,6 @@ async fn a_draining_node_redirects_new_connects_and_keeps_its_peers_until_the_ti
         (503, r#"{"status":"draining"}"#.into())
     );
     // A learns where B is from B's heartbeats.
-    let cluster = a.shared.cluster.as_ref().unwrap();
-    let until = tokio::time::Instant::now() + T;
-    while cluster.redirect_target(None).is_none() {
-        assert!(tokio::time::Instant::now() < until, "A knows B's URL");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let mut moved = connected(&opts(&a, "dr", "recvonly")).await;
     assert_eq!(
         (a.table().len(), b.table().len()),
@@ -407,23 +414,7 @@ async fn a_draining_node_redirects_new_connects_and_keeps_its_peers_until_the_ti
 async fn a_full_node_redirects_to_a_less_loaded_one() {
     let nats = Nats::start().await;
     let a = node_with(&nats, "a", |c| c.redirect_when_above = 1).await;
-    let b_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let b = node_with(&nats, "b", |c| {
-        c.signaling_addr = format!("127.0.0.1:{b_port}").parse().unwrap();
-        c.public_signaling_url = Some(format!("ws://127.0.0.1:{b_port}/signaling"));
-    })
-    .await;
-    knows_nodes(&a, &["b"]).await;
-    let cluster = a.shared.cluster.as_ref().unwrap();
-    let until = tokio::time::Instant::now() + T;
-    while cluster.redirect_target(None).is_none() {
-        assert!(tokio::time::Instant::now() < until, "A knows B's URL");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let b = node_b_with_url(&nats, &a).await;
     let _first = connected(&opts(&a, "full", "recvonly")).await;
     assert_eq!((a.table().len(), b.table().len()), (1, 0));
     let _second = connected(&opts(&a, "full", "recvonly")).await;
