@@ -9,8 +9,7 @@
 
 use crate::history::Position;
 use crate::limits::Throttle;
-use crate::outbox::Delivery;
-use crate::outbox::{Encoded, Out};
+use crate::outbox::{Delivery, Encoded, Out};
 use crate::table::Conn;
 use crate::Shared;
 use hato_datachannel::Peer;

@@ -62,9 +62,9 @@ pub struct Outcome {
     pub outcome: String,
 }
 
+/// An `event` label (cluster and history events).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-/// An `event` label.
-pub struct ClusterEvent {
+pub struct Event {
     pub event: String,
 }
 
@@ -88,8 +88,8 @@ pub struct Metrics {
     outbox_bytes: Gauge,
     auth_webhook: Family<Outcome, Counter>,
     event_webhook: Family<Outcome, Counter>,
-    cluster_events: Family<ClusterEvent, Counter>,
-    history_events: Family<ClusterEvent, Counter>,
+    cluster_events: Family<Event, Counter>,
+    history_events: Family<Event, Counter>,
     history_bytes: Gauge,
     history_pushes: Gauge,
     history_channels: Gauge,
@@ -301,12 +301,8 @@ impl Metrics {
                 Group::Paced => self.paced.get_or_create(&Reason { reason: name }),
                 Group::AuthWebhook => self.auth_webhook.get_or_create(&Outcome { outcome: name }),
                 Group::EventWebhook => self.event_webhook.get_or_create(&Outcome { outcome: name }),
-                Group::Cluster => self
-                    .cluster_events
-                    .get_or_create(&ClusterEvent { event: name }),
-                Group::History => self
-                    .history_events
-                    .get_or_create(&ClusterEvent { event: name }),
+                Group::Cluster => self.cluster_events.get_or_create(&Event { event: name }),
+                Group::History => self.history_events.get_or_create(&Event { event: name }),
             };
             counter.inner().store(r.value, Ordering::Relaxed);
         }
