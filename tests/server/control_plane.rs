@@ -483,3 +483,75 @@ async fn access_tokens_signed_with_either_rotated_key_connect() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// docs/grafana/hato.json parses, and every metric its queries name is one
+/// a live hato exports (a cluster node with both webhooks, so that every
+/// family is there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_only_metrics_hato_exports() {
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/grafana/hato.json"
+        ))
+        .unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            exprs.push(target["expr"].as_str().expect("expr").to_owned());
+        }
+    }
+    assert!(exprs.len() >= 20, "{} queries", exprs.len());
+    let nats = Nats::start().await;
+    let (hook, _) = auth_webhook().await;
+    let s = node_with(&nats, "grafana", |c| {
+        c.auth_webhook_url = Some(hook.clone());
+        c.event_webhook_url = Some(hook.clone());
+    })
+    .await;
+    let until = tokio::time::Instant::now() + T;
+    while !s.shared.cluster.as_ref().unwrap().available() {
+        assert!(tokio::time::Instant::now() < until, "NATS connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Labelled families appear once something is counted in them: a
+    // connect (webhook asked), a push, a disconnect.
+    let peer = connected(&opts(&s, "grafana", "recvonly")).await;
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "grafana", "data": {}}),
+    )
+    .await;
+    peer.send_ws(r#"{"type":"disconnect","reason":"NO-ERROR"}"#);
+    table_len(&s, 0).await;
+    let (status, text) = get(&s.metrics_addr.unwrap().to_string(), "/metrics").await;
+    assert_eq!(status, 200);
+    // Family names as `# TYPE` declares them; samples add these suffixes.
+    let families: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let mut checked = 0;
+    for expr in &exprs {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if !(word.starts_with("hato_") || word.starts_with("process_")) {
+                continue;
+            }
+            let family = ["_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| word.strip_suffix(suffix))
+                .filter(|f| families.contains(f))
+                .unwrap_or(word);
+            assert!(
+                families.contains(family),
+                "{word} (in {expr}) is not exported"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= exprs.len(), "every query names a metric");
+}
