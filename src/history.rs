@@ -172,13 +172,35 @@ impl History {
             counts: self.counts.clone(),
         }));
         logs.insert(channel_id.into(), log.clone());
-        self.counts.channels.fetch_add(1, Ordering::Relaxed);
+        self.counts
+            .channels
+            .store(logs.len() as u64, Ordering::Relaxed);
         log
     }
 
     /// `channel_id`'s log if it has one.
     pub fn existing(&self, channel_id: &str) -> Option<Arc<Mutex<Log>>> {
         self.logs.lock().unwrap().get(channel_id).cloned()
+    }
+
+    /// Forgets `channel_id`'s `log` at once when it keeps nothing and no
+    /// one else holds it: a push to a channel with no connection here
+    /// leaves nothing behind, however many channels are pushed to.
+    pub fn forget_if_idle(&self, channel_id: &str, log: &Arc<Mutex<Log>>) {
+        let mut logs = self.logs.lock().unwrap();
+        let Some(held) = logs.get(channel_id) else {
+            return;
+        };
+        // Ours and the map's: nobody else is delivering or joining.
+        let idle = Arc::ptr_eq(held, log)
+            && Arc::strong_count(log) == 2
+            && log.try_lock().is_ok_and(|l| l.entries.is_empty());
+        if idle {
+            logs.remove(channel_id);
+            self.counts
+                .channels
+                .store(logs.len() as u64, Ordering::Relaxed);
+        }
     }
 
     /// Drops the expired pushes, and forgets the logs that keep nothing,
@@ -492,6 +514,30 @@ mod tests {
         let r = log.recover(t, &Recover::After { epoch, offset: 1 }, &who("c"));
         assert_eq!((r.gap, r.messages.len()), (Some(Gap::Expired), 0));
         assert_eq!(h.counts.bytes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_log_that_keeps_nothing_is_forgotten_after_its_push() {
+        let t = Instant::now();
+        let h = history(0, None, 1 << 20);
+        for i in 0..1000 {
+            let channel = format!("c{i}");
+            let log = h.log(&channel);
+            push(&mut log.lock().unwrap(), t, Audience::Channel);
+            h.forget_if_idle(&channel, &log);
+        }
+        assert_eq!(h.counts.channels.load(Ordering::Relaxed), 0);
+        // Held by someone else (a joiner), or keeping a push: it stays.
+        let log = h.log("held");
+        let other = log.clone();
+        h.forget_if_idle("held", &log);
+        assert!(h.existing("held").is_some());
+        drop(other);
+        let h = history(10, None, 1 << 20);
+        let log = h.log("kept");
+        push(&mut log.lock().unwrap(), t, Audience::Channel);
+        h.forget_if_idle("kept", &log);
+        assert!(h.existing("kept").is_some());
     }
 
     #[test]

@@ -105,8 +105,8 @@ fn deliver_checked(
         audience,
         data,
     } = push;
-    let log = shared.history.log(channel_id);
-    let mut log = log.lock().unwrap();
+    let log_arc = shared.history.log(channel_id);
+    let mut log = log_arc.lock().unwrap();
     let frame = Arc::new(Encoded::new(message::push_json(
         data,
         &log.epoch,
@@ -181,9 +181,14 @@ fn deliver_checked(
             );
         }
     }
+    let position = log.position();
+    drop(log);
+    if queued == 0 && shared.table.counts(channel_id).all == 0 {
+        shared.history.forget_if_idle(channel_id, &log_arc);
+    }
     Ok(Pushed {
         recipients: queued,
-        position: log.position(),
+        position,
     })
 }
 

@@ -241,3 +241,24 @@ async fn a_peer_is_told_when_history_no_longer_covers_its_gap() {
         other => panic!("{:?}", other.map(|_| "connected")),
     }
 }
+
+/// Pushes to many channels that no one is in leave nothing behind: the
+/// order of a channel that keeps nothing and has no connection here is
+/// forgotten with its push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_to_empty_channels_leave_no_state_behind() {
+    let s = server().await;
+    for i in 0..500 {
+        let (status, _, _) = http(
+            &s,
+            "POST",
+            &[("x-sora-target", "Sora_20160711.PushChannel")],
+            &json!({"channel_id": format!("nobody-{i}"), "data": {}}).to_string(),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let (_, report) = api(&s, "Sora_20171010.GetStatsReport", "").await;
+    assert_eq!(report["history"]["channels"], 0, "{}", report["history"]);
+    assert_eq!(report["pushes"], 500);
+}
