@@ -487,36 +487,82 @@ fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, 
     Ok(resp)
 }
 
+/// The most bytes of pushes one `GetChannelHistory` answer carries (at
+/// least one push); the rest comes with the next `since_offset`.
+const MAX_HISTORY_ANSWER_BYTES: usize = 8 << 20;
+
 /// `GetChannelHistory`: the channel's kept pushes after `since_offset`,
 /// with their offsets, and where the channel stands. This node's history.
+/// The channel's lock is held only to take the pushes (shared, not
+/// copied); the answer is written after, with each `data` as sent.
 fn history(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiError> {
+    use serde_json::value::RawValue;
     let q = api::parse_history(body).map_err(|e| ApiError::bad(e.error_type, e.message))?;
     #[derive(serde::Deserialize)]
-    struct Kept<'a> {
+    struct Message<'a> {
         #[serde(borrow)]
-        data: &'a serde_json::value::RawValue,
+        data: &'a RawValue,
     }
-    let answer = match shared.history.existing(&q.channel_id) {
-        None => json!({"channel_id": q.channel_id, "epoch": null, "offset": 0,
-                       "first_offset": null, "pushes": []}),
+    #[derive(serde::Serialize)]
+    struct Kept<'a> {
+        offset: u64,
+        to: &'a Audience,
+        data: &'a RawValue,
+    }
+    #[derive(serde::Serialize)]
+    struct Answer<'a> {
+        channel_id: &'a str,
+        epoch: Option<&'a str>,
+        offset: u64,
+        first_offset: Option<u64>,
+        /// Kept pushes after the last one listed remain.
+        more: bool,
+        pushes: Vec<Kept<'a>>,
+    }
+    let (epoch, offset, first_offset, taken) = match shared.history.existing(&q.channel_id) {
+        None => (None, 0, None, Vec::new()),
         Some(log) => {
             let mut log = log.lock().unwrap();
-            let (epoch, offset) = (log.epoch.clone(), log.position().offset);
-            let pushes: Vec<Value> = log
+            let taken: Vec<(u64, Audience, std::sync::Arc<crate::outbox::Encoded>)> = log
                 .since(std::time::Instant::now(), q.since_offset, q.limit)
-                .iter()
-                .map(|e| {
-                    let data = serde_json::from_str::<Kept<'_>>(e.message.text())
-                        .ok()
-                        .and_then(|k| serde_json::from_str::<Value>(k.data.get()).ok());
-                    json!({"offset": e.offset, "to": &e.audience, "data": data})
-                })
+                .into_iter()
+                .map(|e| (e.offset, e.audience.clone(), e.message.clone()))
                 .collect();
-            json!({"channel_id": q.channel_id, "epoch": &*epoch, "offset": offset,
-                   "first_offset": log.first_kept(), "pushes": pushes})
+            let position = log.position();
+            (
+                Some(position.epoch),
+                position.offset,
+                log.first_kept(),
+                taken,
+            )
         }
     };
-    Ok(json_response(StatusCode::OK, answer.to_string()))
+    let mut bytes = 0;
+    let mut pushes = Vec::with_capacity(taken.len());
+    for (offset, to, message) in &taken {
+        if bytes > 0 && bytes + message.len() > MAX_HISTORY_ANSWER_BYTES {
+            break;
+        }
+        let Ok(Message { data }) = serde_json::from_str(message.text()) else {
+            continue;
+        };
+        bytes += message.len();
+        pushes.push(Kept {
+            offset: *offset,
+            to,
+            data,
+        });
+    }
+    let answer = Answer {
+        channel_id: &q.channel_id,
+        epoch: epoch.as_deref(),
+        offset,
+        first_offset,
+        more: pushes.last().is_some_and(|p| p.offset < offset),
+        pushes,
+    };
+    let text = serde_json::to_string(&answer).expect("an answer serialises");
+    Ok(json_response(StatusCode::OK, text))
 }
 
 /// `PushBatch`: every item validated first (one bad item: 400 naming it,

@@ -175,6 +175,7 @@ async fn a_peer_that_vanishes_recovers_every_push_once_in_order() {
     assert_eq!(status, 200, "{h}");
     assert_eq!(h["offset"], N);
     assert_eq!(h["epoch"], place["epoch"]);
+    assert_eq!(h["more"], false);
     assert_eq!(
         h["pushes"],
         json!([{"offset": 399, "to": {"scope": "channel"}, "data": {"n": 398}},
@@ -261,4 +262,48 @@ async fn pushes_to_empty_channels_leave_no_state_behind() {
     let (_, report) = api(&s, "Sora_20171010.GetStatsReport", "").await;
     assert_eq!(report["history"]["channels"], 0, "{}", report["history"]);
     assert_eq!(report["pushes"], 500);
+}
+
+/// A GetChannelHistory answer carries at most 8 MiB of pushes (and at
+/// least one), says there is more, and gives each `data` byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_answer_is_bounded_in_bytes_and_pages_on() {
+    let s = server_with(|c| c.history_size = 20).await;
+    let pad = "x".repeat(900 * 1024);
+    for i in 0..12 {
+        // Key order and an integer past 2^53, as sent.
+        let body = format!(
+            r#"{{"channel_id":"big","data":{{"z":{i},"a":12345678901234567890123,"pad":"{pad}"}}}}"#
+        );
+        let (status, _, _) = http(
+            &s,
+            "POST",
+            &[("x-sora-target", "Sora_20160711.PushChannel")],
+            &body,
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let (status, _, text) = http(
+        &s,
+        "POST",
+        &[("x-sora-target", "Hato_20261201.GetChannelHistory")],
+        r#"{"channel_id":"big"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(text.len() <= (8 << 20) + 64 * 1024, "{} bytes", text.len());
+    assert!(text.contains(r#""data":{"z":0,"a":12345678901234567890123,"pad":""#));
+    let h: Value = serde_json::from_str(&text).unwrap();
+    let got = h["pushes"].as_array().unwrap().len();
+    assert!((1..12).contains(&got), "{got} pushes");
+    assert_eq!(h["more"], true);
+    // The next page starts after the last one given.
+    let (_, next) = api(
+        &s,
+        "Hato_20261201.GetChannelHistory",
+        &json!({"channel_id": "big", "since_offset": got}).to_string(),
+    )
+    .await;
+    assert_eq!(next["pushes"][0]["offset"], got as u64 + 1);
 }
