@@ -54,8 +54,6 @@ pub struct Counts {
     pub bytes: AtomicU64,
     /// Pushes kept now (a gauge).
     pub pushes: AtomicU64,
-    /// Channels with a log now (a gauge).
-    pub channels: AtomicU64,
     /// Pushes dropped early to stay within --history-max-bytes.
     pub evicted: AtomicU64,
     /// Joiners given everything they asked for.
@@ -153,9 +151,9 @@ impl History {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Whether pushes are kept.
-    pub fn keeps(&self) -> bool {
-        self.settings.size > 0
+    /// Channels with a log now.
+    pub fn channels(&self) -> usize {
+        self.logs.lock().unwrap().len()
     }
 
     /// `channel_id`'s log, made on first use.
@@ -172,9 +170,6 @@ impl History {
             counts: self.counts.clone(),
         }));
         logs.insert(channel_id.into(), log.clone());
-        self.counts
-            .channels
-            .store(logs.len() as u64, Ordering::Relaxed);
         log
     }
 
@@ -197,9 +192,6 @@ impl History {
             && log.try_lock().is_ok_and(|l| l.entries.is_empty());
         if idle {
             logs.remove(channel_id);
-            self.counts
-                .channels
-                .store(logs.len() as u64, Ordering::Relaxed);
         }
     }
 
@@ -216,9 +208,6 @@ impl History {
             let forget = l.entries.is_empty() && Arc::strong_count(log) == 1 && !in_use(channel);
             !forget
         });
-        self.counts
-            .channels
-            .store(logs.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -526,7 +515,7 @@ mod tests {
             push(&mut log.lock().unwrap(), t, Audience::Channel);
             h.forget_if_idle(&channel, &log);
         }
-        assert_eq!(h.counts.channels.load(Ordering::Relaxed), 0);
+        assert_eq!(h.channels(), 0);
         // Held by someone else (a joiner), or keeping a push: it stays.
         let log = h.log("held");
         let other = log.clone();

@@ -310,7 +310,8 @@ impl Metrics {
         let gauge = |v: &AtomicU64| v.load(Ordering::Relaxed).try_into().unwrap_or(i64::MAX);
         self.history_bytes.set(gauge(&h.bytes));
         self.history_pushes.set(gauge(&h.pushes));
-        self.history_channels.set(gauge(&h.channels));
+        self.history_channels
+            .set(shared.history.channels().try_into().unwrap_or(i64::MAX));
         self.notify_waiting
             .set(shared.table.paced_len().try_into().unwrap_or(i64::MAX));
         let census = shared.table.census();

@@ -54,7 +54,7 @@ pub(super) fn stats_report(shared: &Shared) -> Value {
     let h = &shared.history.counts;
     report["history"]["bytes"] = h.bytes.load(Ordering::Relaxed).into();
     report["history"]["pushes"] = h.pushes.load(Ordering::Relaxed).into();
-    report["history"]["channels"] = h.channels.load(Ordering::Relaxed).into();
+    report["history"]["channels"] = shared.history.channels().into();
     if let Some(cluster) = &shared.cluster {
         let mut nodes: Vec<String> = cluster.live_nodes().into_iter().collect();
         nodes.sort();
