@@ -235,9 +235,13 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<
         return list(shared, operation, &bytes).await;
     }
     let Some(key) = key else {
-        return apply(shared, operation, &bytes);
+        return apply(shared, operation, &bytes).await;
     };
-    let once = || apply(shared, operation, &bytes).unwrap_or_else(ApiError::into_response);
+    let once = async {
+        apply(shared, operation, &bytes)
+            .await
+            .unwrap_or_else(ApiError::into_response)
+    };
     shared
         .idempotency
         .run(&key, &target, &bytes, once)
@@ -258,23 +262,23 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<
 }
 
 /// Carries out a validated target.
-fn apply(
+async fn apply(
     shared: &Shared,
     operation: Operation,
     bytes: &[u8],
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     if operation == Operation::Batch {
-        return push_batch(shared, bytes);
+        return push_batch(shared, bytes).await;
     }
     if operation == Operation::History {
-        return history(shared, bytes);
+        return history(shared, bytes).await;
     }
     let call = api::parse(operation, bytes).map_err(|e| ApiError::bad(e.error_type, e.message))?;
     match operation {
         Operation::Push(scope) => {
             let stats = &shared.table.stats;
             stats.pushes_by_target[scope as usize].fetch_add(1, Ordering::Relaxed);
-            push(shared, &call)
+            push(shared, &call).await
         }
         Operation::Disconnect(_) => disconnect(shared, &call),
         Operation::List(_) => unreachable!("handled in route"),
@@ -460,8 +464,34 @@ fn disconnect(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Byt
     Ok(json_response(StatusCode::OK, call.echo.clone()))
 }
 
-fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
+/// In a cluster whose stream orders the pushes, every push goes through
+/// it, whoever it addresses.
+fn ordered(shared: &Shared) -> Option<&crate::cluster::Cluster> {
+    shared.cluster.as_deref().filter(|c| c.streams.is_some())
+}
+
+/// Checks and stores one push in the cluster's stream.
+async fn push_ordered(
+    shared: &Shared,
+    cluster: &crate::cluster::Cluster,
+    call: &api::Call<'_>,
+) -> Result<hub::Pushed, ApiError> {
+    let recipients = hub::check(shared, hub::Push::of(call))?;
+    let mut positions = cluster
+        .publish_ordered(&call.channel_id, &[cluster_item("push", call)])
+        .await
+        .map_err(cluster_unavailable)?;
+    Ok(hub::Pushed {
+        recipients,
+        position: positions.pop().expect("one position per item"),
+    })
+}
+
+async fn push(shared: &Shared, call: &api::Call<'_>) -> Result<Response<Full<Bytes>>, ApiError> {
     let pushed = match cluster_for(shared, call) {
+        _ if ordered(shared).is_some() => {
+            push_ordered(shared, ordered(shared).expect("checked"), call).await?
+        }
         None => hub::deliver(shared, hub::Push::of(call), hub::Origin::Api)?,
         Some(cluster) => {
             let mut out = cluster.begin(1).map_err(cluster_unavailable)?;
@@ -495,7 +525,7 @@ const MAX_HISTORY_ANSWER_BYTES: usize = 8 << 20;
 /// with their offsets, and where the channel stands. This node's history.
 /// The channel's lock is held only to take the pushes (shared, not
 /// copied); the answer is written after, with each `data` as sent.
-fn history(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn history(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiError> {
     use serde_json::value::RawValue;
     let q = api::parse_history(body).map_err(|e| ApiError::bad(e.error_type, e.message))?;
     #[derive(serde::Deserialize)]
@@ -519,7 +549,46 @@ fn history(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiErr
         more: bool,
         pushes: Vec<Kept<'a>>,
     }
+    let streamed = match ordered(shared).and_then(|c| c.streams.as_ref()) {
+        Some(streams) => Some(
+            streams
+                .since(
+                    &q.channel_id,
+                    q.since_offset,
+                    q.limit,
+                    MAX_HISTORY_ANSWER_BYTES,
+                )
+                .await
+                .map_err(cluster_unavailable)?,
+        ),
+        None => None,
+    };
     let (epoch, offset, first_offset, taken) = match shared.history.existing(&q.channel_id) {
+        _ if streamed.is_some() => {
+            let s = streamed.expect("checked");
+            let mut taken = Vec::new();
+            for (_, payload) in &s.messages {
+                let Ok(wire) = serde_json::from_slice::<crate::cluster::Wire<'_>>(payload) else {
+                    continue;
+                };
+                let (Some(epoch), Some(first)) = (wire.epoch, wire.offset) else {
+                    continue;
+                };
+                for (i, item) in wire.items.iter().enumerate() {
+                    let Some(data) = item.data else { continue };
+                    let offset = first + i as u64;
+                    if offset > q.since_offset && taken.len() < q.limit {
+                        let text = hato_signaling::message::push_json(data.get(), epoch, offset);
+                        taken.push((
+                            offset,
+                            item.to.clone(),
+                            std::sync::Arc::new(crate::outbox::Encoded::new(text)),
+                        ));
+                    }
+                }
+            }
+            (s.epoch, s.last, s.first, taken)
+        }
         None => (None, 0, None, Vec::new()),
         Some(log) => {
             let mut log = log.lock().unwrap();
@@ -569,8 +638,54 @@ fn history(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiErr
 /// nothing sent), then delivered in order — so each connection receives
 /// the batch's pushes in batch order. The answer lists each item's result.
 /// In a cluster each channel's items cross as one message, in order.
-fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiError> {
     let items = api::parse_batch(body).map_err(|e| ApiError::bad(e.error_type, e.message))?;
+    if let Some(cluster) = ordered(shared) {
+        let mut outcomes: Vec<Result<hub::Pushed, ApiError>> = Vec::with_capacity(items.len());
+        // Checked first, then stored one channel after the other, each
+        // channel's items in batch order.
+        let mut wires: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let call = &item.call;
+            let checked = hub::check(shared, hub::Push::of(call)).map_err(ApiError::from);
+            if checked.is_ok() {
+                let channel = call.channel_id.as_str();
+                match wires.iter_mut().find(|(c, _)| *c == channel) {
+                    Some((_, at)) => at.push(i),
+                    None => wires.push((channel, vec![i])),
+                }
+            }
+            outcomes.push(checked.map(|recipients| hub::Pushed {
+                recipients,
+                position: crate::history::Position {
+                    epoch: "".into(),
+                    offset: 0,
+                },
+            }));
+        }
+        for (channel, at) in wires {
+            let sent: Vec<_> = at
+                .iter()
+                .map(|&i| cluster_item("push", &items[i].call))
+                .collect();
+            match cluster.publish_ordered(channel, &sent).await {
+                Ok(positions) => {
+                    for (&i, position) in at.iter().zip(positions) {
+                        if let Ok(p) = &mut outcomes[i] {
+                            p.position = position;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let why = e.0;
+                    for &i in &at {
+                        outcomes[i] = Err(cluster_unavailable(crate::cluster::Unavailable(why)));
+                    }
+                }
+            }
+        }
+        return Ok(batch_answer(shared, &items, outcomes));
+    }
     let mut channels: Vec<&str> = items.iter().map(|i| i.call.channel_id.as_str()).collect();
     channels.sort_unstable();
     channels.dedup();
@@ -579,13 +694,11 @@ fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, Api
         None => None,
     };
     let mut wires: Vec<(&str, Vec<crate::cluster::Item<'_>>)> = Vec::new();
-    let results: Vec<Value> = items
+    let outcomes: Vec<Result<hub::Pushed, ApiError>> = items
         .iter()
         .map(|item| {
-            shared.table.stats.pushes_by_target[item.scope as usize]
-                .fetch_add(1, Ordering::Relaxed);
             let call = &item.call;
-            let outcome = if out.is_some() {
+            if out.is_some() {
                 let outcome = hub::deliver_here_and_there(shared, hub::Push::of(call))
                     .map_err(ApiError::from);
                 if outcome.is_ok() {
@@ -602,7 +715,29 @@ fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, Api
                 outcome
             } else {
                 hub::deliver(shared, hub::Push::of(call), hub::Origin::Api).map_err(ApiError::from)
-            };
+            }
+        })
+        .collect();
+    if let Some(out) = &mut out {
+        for (channel, items) in wires {
+            out.send(channel, items);
+        }
+    }
+    Ok(batch_answer(shared, &items, outcomes))
+}
+
+/// A `PushBatch` answer: each item's result, counted.
+fn batch_answer(
+    shared: &Shared,
+    items: &[api::BatchItem<'_>],
+    outcomes: Vec<Result<hub::Pushed, ApiError>>,
+) -> Response<Full<Bytes>> {
+    let results: Vec<Value> = items
+        .iter()
+        .zip(outcomes)
+        .map(|(item, outcome)| {
+            shared.table.stats.pushes_by_target[item.scope as usize]
+                .fetch_add(1, Ordering::Relaxed);
             shared
                 .metrics
                 .pushes
@@ -619,11 +754,6 @@ fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, Api
             }
         })
         .collect();
-    if let Some(out) = &mut out {
-        for (channel, items) in wires {
-            out.send(channel, items);
-        }
-    }
     let total: u64 = results
         .iter()
         .filter_map(|r| r["recipients"].as_u64())
@@ -634,5 +764,5 @@ fn push_batch(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, Api
     );
     resp.headers_mut()
         .insert("x-hato-recipients", HeaderValue::from(total));
-    Ok(resp)
+    resp
 }

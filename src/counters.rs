@@ -161,6 +161,8 @@ pub fn read(shared: &Shared) -> Counters {
                 ("resync", n(&s.resyncs)),
                 ("node_lost", n(&s.nodes_lost)),
                 ("refused", n(&s.refused)),
+                ("stream_conflict", n(&s.stream_conflicts)),
+                ("refilled", n(&s.refilled)),
             ],
         );
     }

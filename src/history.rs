@@ -35,6 +35,10 @@ pub struct Settings {
     pub ttl: Option<Duration>,
     /// Bytes kept over all channels, at most.
     pub max_bytes: usize,
+    /// In a cluster, where the stream keeps the history: a log keeps
+    /// pushes only while a joiner that recovers waits to enter (what it
+    /// was given from the stream, and what came after).
+    pub only_while_held: bool,
 }
 
 impl Settings {
@@ -43,6 +47,7 @@ impl Settings {
             size: cfg.history_size,
             ttl: (cfg.history_ttl > 0).then(|| Duration::from_secs(cfg.history_ttl)),
             max_bytes: cfg.history_max_bytes,
+            only_while_held: cfg.cluster_nats_url.is_some(),
         }
     }
 }
@@ -98,6 +103,24 @@ pub struct Log {
     entries: VecDeque<Entry>,
     settings: Settings,
     counts: Arc<Counts>,
+    /// Joiners that recover waiting to enter ([`Hold`]).
+    holds: usize,
+}
+
+/// A joiner's hold on its channel's log while it is being given what it
+/// missed from the stream: the log keeps what arrives meanwhile.
+pub struct Hold(pub Arc<Mutex<Log>>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut log = self.0.lock().unwrap();
+        log.holds -= 1;
+        if log.holds == 0 && log.settings.only_while_held {
+            while !log.entries.is_empty() {
+                log.pop();
+            }
+        }
+    }
 }
 
 /// Why a recovery could not give everything that was asked.
@@ -168,9 +191,17 @@ impl History {
             entries: VecDeque::new(),
             settings: self.settings,
             counts: self.counts.clone(),
+            holds: 0,
         }));
         logs.insert(channel_id.into(), log.clone());
         log
+    }
+
+    /// Holds `channel_id`'s log for a joiner that recovers.
+    pub fn hold(&self, channel_id: &str) -> Hold {
+        let log = self.log(channel_id);
+        log.lock().unwrap().holds += 1;
+        Hold(log)
     }
 
     /// `channel_id`'s log if it has one.
@@ -212,7 +243,7 @@ impl History {
 }
 
 /// A short random name.
-fn new_epoch() -> Arc<str> {
+pub fn new_epoch() -> Arc<str> {
     hato_signaling::id::new_id()[..12].into()
 }
 
@@ -230,11 +261,64 @@ impl Log {
         }
     }
 
+    /// Takes the position the cluster's stream gave a push: the next
+    /// push committed gets `offset` in `epoch`. A new epoch drops what
+    /// was kept of the old one.
+    pub fn adopt(&mut self, epoch: &str, offset: u64) {
+        if *self.epoch != *epoch {
+            while !self.entries.is_empty() {
+                self.pop();
+            }
+            self.epoch = epoch.into();
+        }
+        self.last = offset.saturating_sub(1);
+    }
+
+    /// Where the channel stands, as the cluster's stream says before any
+    /// of its pushes is delivered here.
+    pub fn start_at(&mut self, epoch: &str, offset: u64) {
+        self.adopt(epoch, offset + 1);
+    }
+
+    /// Puts pushes the stream kept before the oldest kept here (same
+    /// epoch, in order) in front of them, for a joiner that recovers.
+    pub fn backfill(
+        &mut self,
+        now: Instant,
+        epoch: &str,
+        older: Vec<(u64, Audience, Arc<Encoded>)>,
+    ) {
+        if *self.epoch != *epoch || self.holds == 0 || self.settings.size == 0 {
+            return;
+        }
+        let first = self.entries.front().map_or(self.last + 1, |e| e.offset);
+        let mut before: Vec<Entry> = older
+            .into_iter()
+            .filter(|(offset, ..)| *offset < first)
+            .map(|(offset, audience, message)| Entry {
+                offset,
+                at: now,
+                audience,
+                message,
+            })
+            .collect();
+        while before.len() + self.entries.len() > self.settings.size && !before.is_empty() {
+            before.remove(0);
+        }
+        for e in before.into_iter().rev() {
+            self.counts
+                .bytes
+                .fetch_add(e.bytes() as u64, Ordering::Relaxed);
+            self.counts.pushes.fetch_add(1, Ordering::Relaxed);
+            self.entries.push_front(e);
+        }
+    }
+
     /// Gives the next offset to `message` (built for it), and keeps it
     /// when history is on.
     pub fn commit(&mut self, now: Instant, audience: Audience<&str>, message: Arc<Encoded>) {
         self.last += 1;
-        if self.settings.size == 0 {
+        if self.settings.size == 0 || (self.settings.only_while_held && self.holds == 0) {
             return;
         }
         self.expire(now);
@@ -354,6 +438,7 @@ mod tests {
             size,
             ttl: ttl.map(Duration::from_secs),
             max_bytes,
+            only_while_held: false,
         })
     }
 

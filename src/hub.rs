@@ -66,15 +66,12 @@ pub enum Origin {
     Cluster,
 }
 
-fn refuse_oversize(shared: &Shared, frame: &Encoded) -> Result<(), TooLarge> {
+fn refuse_oversize(shared: &Shared, bytes: usize) -> Result<(), TooLarge> {
     let limit = shared.config.data_channel_message_limit;
-    if frame.len() <= limit {
+    if bytes <= limit {
         return Ok(());
     }
-    Err(TooLarge {
-        bytes: frame.len(),
-        limit,
-    })
+    Err(TooLarge { bytes, limit })
 }
 
 /// In a cluster: refuses a push too large for a DataChannel-only
@@ -82,7 +79,7 @@ fn refuse_oversize(shared: &Shared, frame: &Encoded) -> Result<(), TooLarge> {
 /// the recipients here and, as this node knows them, on the others.
 pub fn deliver_here_and_there(shared: &Shared, push: Push<'_>) -> Result<Pushed, TooLarge> {
     let (remote, remote_dc_only) = shared.table.remote_matches(push.channel_id, push.audience);
-    let mut pushed = deliver_checked(shared, push, Origin::Api, remote_dc_only)?;
+    let mut pushed = deliver_checked(shared, push, Origin::Api, remote_dc_only, None)?;
     pushed.recipients += remote as u64;
     Ok(pushed)
 }
@@ -91,7 +88,34 @@ pub fn deliver_here_and_there(shared: &Shared, push: Push<'_>) -> Result<Pushed,
 /// matching connection of this node, all under the channel's lock: every
 /// connection of the channel receives its pushes in one order.
 pub fn deliver(shared: &Shared, push: Push<'_>, origin: Origin) -> Result<Pushed, TooLarge> {
-    deliver_checked(shared, push, origin, false)
+    deliver_checked(shared, push, origin, false, None)
+}
+
+/// Delivers a push the cluster's stream gave `offset` in `epoch`, under
+/// the channel's lock, as [`deliver`] does.
+pub fn deliver_at(shared: &Shared, push: Push<'_>, epoch: &str, offset: u64) {
+    let _ = deliver_checked(shared, push, Origin::Cluster, false, Some((epoch, offset)));
+}
+
+/// In a cluster whose stream orders the pushes: refuses, as
+/// [`deliver_here_and_there`] does, a push too large for a
+/// DataChannel-only recipient here or there, before it is stored; counts
+/// the recipients it will reach (here, and there as this node knows
+/// them). Delivery follows when the stream republishes it.
+pub fn check(shared: &Shared, push: Push<'_>) -> Result<u64, TooLarge> {
+    let (remote, remote_dc_only) = shared.table.remote_matches(push.channel_id, push.audience);
+    let conns = shared.table.lookup(push.channel_id, push.audience);
+    if remote_dc_only
+        || conns
+            .iter()
+            .any(|c| c.message_limit.is_some() && !c.websocket_fallback)
+    {
+        // Its size with a position as long as any it can be given.
+        let around = message::push_json("", "000000000000", u64::MAX).len();
+        refuse_oversize(shared, around + push.data.len())?;
+    }
+    shared.table.stats.pushes.fetch_add(1, Ordering::Relaxed);
+    Ok((conns.len() + remote) as u64)
 }
 
 fn deliver_checked(
@@ -99,6 +123,7 @@ fn deliver_checked(
     push: Push<'_>,
     origin: Origin,
     must_fit: bool,
+    at: Option<(&str, u64)>,
 ) -> Result<Pushed, TooLarge> {
     let Push {
         channel_id,
@@ -107,6 +132,9 @@ fn deliver_checked(
     } = push;
     let log_arc = shared.history.log(channel_id);
     let mut log = log_arc.lock().unwrap();
+    if let Some((epoch, offset)) = at {
+        log.adopt(epoch, offset);
+    }
     let frame = Arc::new(Encoded::new(message::push_json(
         data,
         &log.epoch,
@@ -122,7 +150,7 @@ fn deliver_checked(
                 .iter()
                 .any(|c| c.message_limit.is_some() && !c.websocket_fallback))
     {
-        refuse_oversize(shared, &frame)?;
+        refuse_oversize(shared, frame.len())?;
     }
     log.commit(std::time::Instant::now(), audience, frame.clone());
     let frame = &frame;

@@ -65,7 +65,7 @@ impl Store {
         key: &str,
         target: &str,
         body: &[u8],
-        call: impl FnOnce() -> Response<Full<Bytes>>,
+        call: impl std::future::Future<Output = Response<Full<Bytes>>>,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         target.hash(&mut h);
@@ -102,7 +102,7 @@ impl Store {
         if state.entries.len() >= self.max_keys {
             return Err(Refusal::Full);
         }
-        let resp = call();
+        let resp = call.await;
         let (parts, body) = resp.into_parts();
         let body = body
             .collect()

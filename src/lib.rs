@@ -252,6 +252,13 @@ impl Server {
                     std::time::Duration::from_millis(config.cluster_request_timeout_ms.max(1)),
                     cluster::Limits::of(&config),
                     me.clone(),
+                    // With history, a JetStream stream orders and keeps
+                    // every channel's pushes.
+                    (config.history_size > 0).then(|| cluster::StreamBounds {
+                        per_subject: config.history_size as i64,
+                        max_age: std::time::Duration::from_secs(config.history_ttl),
+                        max_bytes: config.history_max_bytes as i64,
+                    }),
                 ))
             }),
             idempotency: idempotency::Store::new(

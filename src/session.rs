@@ -465,6 +465,12 @@ async fn run(
         Some(cluster) => Some(cluster.enter(&connect.channel_id).await),
         None => None,
     };
+    // Where the cluster's stream keeps the history: what the joiner asks
+    // for is read from it now, and kept with what follows until it joins.
+    let recovery_hold = match (&shared.cluster, &recover) {
+        (Some(cluster), Some(ask)) => cluster.prefetch(&shared, &connect.channel_id, ask).await,
+        _ => None,
+    };
     let (peer, offer_sdp, events) = match shared.engine.offer(&labels).await {
         Ok(p) => p,
         Err(e) => {
@@ -553,6 +559,7 @@ async fn run(
         joined: None,
         offer_at: std::time::Instant::now(),
         _channel_guard: channel_guard,
+        recovery_hold,
     };
     // Every line of the session carries who it is (in JSON logs, as the
     // `span` object).
@@ -601,6 +608,9 @@ struct Session {
     ticket: Ticket,
     /// Its channel's cluster subscription, held for the session.
     _channel_guard: Option<crate::cluster::ChannelGuard>,
+    /// In a cluster with history: its channel's log kept for it until it
+    /// has joined ([`crate::cluster::Cluster::prefetch`]).
+    recovery_hold: Option<crate::history::Hold>,
 }
 
 /// A session that unwinds (a panic) or is dropped before `finish` still
@@ -806,6 +816,7 @@ impl Session {
         }
         let joined = self.shared.table.insert(conn.clone());
         drop(held);
+        self.recovery_hold = None;
         if let Some(cluster) = &self.shared.cluster {
             cluster.joined(&conn);
         }

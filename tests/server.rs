@@ -3159,6 +3159,12 @@ impl Nats {
         n
     }
 
+    /// With JetStream, its store in a directory of its own.
+    async fn jetstream() -> Nats {
+        let dir = std::env::temp_dir().join(format!("hato-js-{}", hato_signaling::id::new_id()));
+        Self::start_with(&["-js", "-sd", dir.to_str().unwrap()]).await
+    }
+
     /// Starts it again on the same port.
     async fn restart(&mut self) {
         let child = std::process::Command::new(Self::binary())

@@ -13,6 +13,37 @@ pub struct Message {
     pub payload: Bytes,
     /// Where an answer goes, for a request.
     pub reply: Option<String>,
+    /// For a message the stream republished: where it stands in it.
+    pub stream: Option<Stored>,
+}
+
+/// A message's place in the stream: its sequence, and the sequence of
+/// the message before it on the same subject (0: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub seq: u64,
+    pub previous: u64,
+}
+
+/// How the stream that keeps every channel's pushes is bounded.
+#[derive(Debug, Clone)]
+pub struct StreamBounds {
+    /// Messages kept per subject (a channel's pushes).
+    pub per_subject: i64,
+    /// How long a message is kept; zero: until pushed out.
+    pub max_age: Duration,
+    /// Bytes kept over every subject.
+    pub max_bytes: i64,
+}
+
+/// Why a publish to the stream did not take.
+#[derive(Debug)]
+pub enum StreamError {
+    /// The subject's last message is not the one expected: someone else
+    /// published first.
+    Conflict,
+    /// The broker or its stream could not be reached.
+    Unavailable(String),
 }
 
 /// The broker failed to take or give a message.
@@ -46,6 +77,37 @@ pub trait Broker: Send + Sync + 'static {
     fn new_inbox(&self) -> String;
     /// Returns once the broker has everything sent before.
     fn flush(&self) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// Makes (or updates) the stream `name` over `subjects`, which
+    /// republishes each message it stores on `republish` (`>` mapped).
+    fn ensure_stream(
+        &self,
+        name: &str,
+        subjects: &str,
+        republish: &str,
+        bounds: StreamBounds,
+    ) -> BoxFuture<'_, Result<(), BrokerError>>;
+    /// Stores `payload` on `subject` if the subject's last message is
+    /// `expected` (0: it has none); returns its sequence.
+    fn stream_publish(
+        &self,
+        subject: String,
+        expected: u64,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<u64, StreamError>>;
+    /// The last message kept on `subject`, with its sequence.
+    fn stream_last(
+        &self,
+        stream: &str,
+        subject: String,
+    ) -> BoxFuture<'_, Result<Option<(u64, Bytes)>, BrokerError>>;
+    /// The first message kept on `subject` at sequence `from` or later.
+    fn stream_next(
+        &self,
+        stream: &str,
+        subject: String,
+        from: u64,
+    ) -> BoxFuture<'_, Result<Option<(u64, Bytes)>, BrokerError>>;
 }
 
 fn err(e: impl std::fmt::Display) -> BrokerError {
@@ -139,6 +201,7 @@ impl Broker for async_nats::Client {
                 .map_err(err)?;
             Ok(sub
                 .map(|m| Message {
+                    stream: stored(m.headers.as_ref()),
                     payload: m.payload,
                     reply: m.reply.map(|r| r.to_string()),
                 })
@@ -153,4 +216,121 @@ impl Broker for async_nats::Client {
     fn flush(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move { async_nats::Client::flush(self).await.map_err(err) })
     }
+
+    fn ensure_stream(
+        &self,
+        name: &str,
+        subjects: &str,
+        republish: &str,
+        bounds: StreamBounds,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        use async_nats::jetstream::stream;
+        let config = stream::Config {
+            name: name.to_owned(),
+            subjects: vec![subjects.to_owned()],
+            max_messages_per_subject: bounds.per_subject,
+            max_age: bounds.max_age,
+            max_bytes: bounds.max_bytes,
+            discard: stream::DiscardPolicy::Old,
+            // A short-lived buffer: kept in the NATS server's memory.
+            storage: stream::StorageType::Memory,
+            allow_direct: true,
+            republish: Some(stream::Republish {
+                source: subjects.to_owned(),
+                destination: republish.to_owned(),
+                headers_only: false,
+            }),
+            ..Default::default()
+        };
+        Box::pin(async move {
+            let js = async_nats::jetstream::new(self.clone());
+            match js.get_stream(&config.name).await {
+                Ok(_) => js.update_stream(config).await.map(drop).map_err(err),
+                Err(_) => js.create_stream(config).await.map(drop).map_err(err),
+            }
+        })
+    }
+
+    fn stream_publish(
+        &self,
+        subject: String,
+        expected: u64,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<u64, StreamError>> {
+        use async_nats::jetstream::context::PublishErrorKind;
+        Box::pin(async move {
+            let js = async_nats::jetstream::new(self.clone());
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                expected.to_string().as_str(),
+            );
+            let unavailable = |e: async_nats::jetstream::context::PublishError| {
+                StreamError::Unavailable(e.to_string())
+            };
+            let ack = js
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(unavailable)?;
+            match ack.await {
+                Ok(ack) => Ok(ack.sequence),
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    Err(StreamError::Conflict)
+                }
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+    }
+
+    fn stream_last(
+        &self,
+        stream: &str,
+        subject: String,
+    ) -> BoxFuture<'_, Result<Option<(u64, Bytes)>, BrokerError>> {
+        let stream = stream.to_owned();
+        Box::pin(async move {
+            use async_nats::jetstream::stream::DirectGetErrorKind;
+            let js = async_nats::jetstream::new(self.clone());
+            let s = js.get_stream_no_info(stream).await.map_err(err)?;
+            match s.direct_get_last_for_subject(subject).await {
+                Ok(m) => Ok(Some((m.sequence, m.payload))),
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+                Err(e) => Err(err(e)),
+            }
+        })
+    }
+
+    fn stream_next(
+        &self,
+        stream: &str,
+        subject: String,
+        from: u64,
+    ) -> BoxFuture<'_, Result<Option<(u64, Bytes)>, BrokerError>> {
+        let stream = stream.to_owned();
+        Box::pin(async move {
+            use async_nats::jetstream::stream::DirectGetErrorKind;
+            let js = async_nats::jetstream::new(self.clone());
+            let s = js.get_stream_no_info(stream).await.map_err(err)?;
+            match s.direct_get_next_for_subject(subject, Some(from)).await {
+                Ok(m) => match stored(m.headers.as_ref()) {
+                    Some(s) => Ok(Some((s.seq, m.payload.clone()))),
+                    None => Err(BrokerError("a stored message without its sequence".into())),
+                },
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+                Err(e) => Err(err(e)),
+            }
+        })
+    }
+}
+
+/// A stored message's sequence and its subject's previous one, from the
+/// headers the stream adds (`Nats-Sequence`, `Nats-Last-Sequence`).
+fn stored(headers: Option<&async_nats::HeaderMap>) -> Option<Stored> {
+    let h = headers?;
+    use async_nats::header::{NATS_LAST_SEQUENCE, NATS_SEQUENCE};
+    let num = |name| h.get(name).and_then(|v| v.as_str().parse::<u64>().ok());
+    Some(Stored {
+        seq: num(NATS_SEQUENCE)?,
+        previous: num(NATS_LAST_SEQUENCE).unwrap_or(0),
+    })
 }

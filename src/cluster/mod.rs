@@ -31,8 +31,9 @@
 
 mod broker;
 mod presence;
+pub mod stream;
 
-pub use broker::{nats, Broker};
+pub use broker::{nats, Broker, StreamBounds};
 pub use presence::{Limits, Load};
 
 use crate::hub::{self, Origin};
@@ -110,6 +111,12 @@ pub struct Item<'a> {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Wire<'a> {
     pub channel_id: String,
+    /// Through the stream: the channel's epoch and the first item's
+    /// offset (the others follow it).
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<&'a str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
     #[serde(borrow)]
     pub items: Vec<Item<'a>>,
 }
@@ -150,6 +157,12 @@ pub struct ClusterStats {
     /// What another node announced beyond this node's own limits (a
     /// member, a node name, a view or an answer too large): ignored.
     pub refused: AtomicU64,
+    /// With the stream: publishes tried again because another node had
+    /// published to the channel first.
+    pub stream_conflicts: AtomicU64,
+    /// With the stream: pushes NATS lost on the way here, read from the
+    /// stream and delivered in their place.
+    pub refilled: AtomicU64,
 }
 
 /// This node's own connections as the others know them.
@@ -187,6 +200,10 @@ pub struct Cluster {
     pub request_timeout: Duration,
     pub stats: ClusterStats,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// With `--history-size`: the stream that orders and keeps every
+    /// channel's pushes ([`stream`]), and whether it is there now.
+    pub streams: Option<stream::Streams>,
+    stream_ready: std::sync::atomic::AtomicBool,
 }
 
 /// Why a call that needs the cluster cannot be served now.
@@ -210,6 +227,8 @@ impl Outgoing<'_> {
         };
         let wire = Wire {
             channel_id: channel_id.to_owned(),
+            epoch: None,
+            offset: None,
             items,
         };
         let payload = serde_json::to_vec(&wire).expect("a wire message serialises");
@@ -248,9 +267,12 @@ impl Cluster {
         request_timeout: Duration,
         limits: Limits,
         shared: Weak<Shared>,
+        history: Option<StreamBounds>,
     ) -> Cluster {
         let (out, out_rx) = mpsc::channel(QUEUE);
         Cluster {
+            streams: history.map(|b| stream::Streams::new(broker.clone(), b)),
+            stream_ready: Default::default(),
             node: node.into(),
             // Random per start: tells a restarted node from its old self.
             epoch: {
@@ -291,6 +313,107 @@ impl Cluster {
             LIST.into(),
             Request::List,
         )));
+        if self.streams.is_some() {
+            tasks.push(tokio::spawn(keep_stream(self.clone())));
+        }
+    }
+
+    /// In a cluster whose stream orders the pushes: stores `items` (one
+    /// channel's, in order) and returns their positions; every node, this
+    /// one included, delivers them as the stream republishes them.
+    pub async fn publish_ordered(
+        &self,
+        channel_id: &str,
+        items: &[Item<'_>],
+    ) -> Result<Vec<crate::history::Position>, Unavailable> {
+        let streams = self
+            .streams
+            .as_ref()
+            .expect("publish_ordered only with a stream");
+        if !self.available() {
+            return Err(self.unavailable());
+        }
+        if !self.stream_ready.load(Ordering::Relaxed) {
+            self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+            return Err(Unavailable(
+                "the cluster's JetStream stream is not available",
+            ));
+        }
+        let out = streams.publish(channel_id, items, &self.stats).await;
+        match &out {
+            Ok(_) => {
+                self.stats
+                    .published
+                    .fetch_add(items.len() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                // Made again if it is gone (a NATS server restarted).
+                self.stream_ready.store(false, Ordering::Relaxed);
+            }
+        }
+        out
+    }
+
+    /// For a joiner that recovers in a cluster whose stream keeps the
+    /// history: holds its channel's log and puts in it what the stream
+    /// kept after the position asked for, so that the joiner is given it,
+    /// and what arrives until it enters, when it enters.
+    pub async fn prefetch(
+        &self,
+        shared: &Shared,
+        channel_id: &str,
+        ask: &crate::history::Recover,
+    ) -> Option<crate::history::Hold> {
+        let streams = self.streams.as_ref()?;
+        let hold = shared.history.hold(channel_id);
+        let after = match ask {
+            crate::history::Recover::After { epoch, offset } => {
+                if **epoch != *hold.0.lock().unwrap().epoch {
+                    return Some(hold);
+                }
+                *offset
+            }
+            crate::history::Recover::Last(_) => 0,
+        };
+        let size = shared.config.history_size;
+        let since = match streams
+            .since(channel_id, after, size, shared.config.history_max_bytes)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(channel_id, why = e.0, "cluster: could not read the history");
+                return Some(hold);
+            }
+        };
+        let Some(epoch) = since.epoch else {
+            return Some(hold);
+        };
+        let mut older = Vec::new();
+        for (_, payload) in &since.messages {
+            let Ok(wire) = serde_json::from_slice::<Wire<'_>>(payload) else {
+                continue;
+            };
+            let first = wire.offset.unwrap_or_default();
+            for (i, item) in wire.items.iter().enumerate() {
+                let (Some(data), "push") = (item.data, item.op) else {
+                    continue;
+                };
+                let offset = first + i as u64;
+                let message = crate::outbox::Encoded::new(hato_signaling::message::push_json(
+                    data.get(),
+                    &epoch,
+                    offset,
+                ));
+                older.push((offset, item.to.clone(), Arc::new(message)));
+            }
+        }
+        hold.0
+            .lock()
+            .unwrap()
+            .backfill(Instant::now(), &epoch, older);
+        Some(hold)
     }
 
     /// Whether NATS is reachable now.
@@ -560,6 +683,8 @@ async fn publisher(cluster: Arc<Cluster>, mut rx: mpsc::Receiver<(String, Bytes)
 }
 
 /// Receives one channel's pushes and disconnects from the other nodes.
+/// With the stream, delivers its pushes in its order: one that NATS lost
+/// on the way is read from the stream before the next is delivered.
 async fn channel_task(cluster: Arc<Cluster>, channel_id: Arc<str>, ready: watch::Sender<bool>) {
     let mut sub = match cluster.broker.subscribe(channel_subject(&channel_id)).await {
         Ok(s) => s,
@@ -574,15 +699,176 @@ async fn channel_task(cluster: Arc<Cluster>, channel_id: Arc<str>, ready: watch:
     if cluster.available() {
         let _ = tokio::time::timeout(cluster.request_timeout, cluster.broker.flush()).await;
     }
+    // With the stream: where the channel stands before anything is
+    // delivered here. The task holds the log, and so its position.
+    let mut cursor = Cursor::default();
+    let log = match (&cluster.streams, cluster.shared.upgrade()) {
+        (Some(streams), Some(shared)) => {
+            let log = shared.history.log(&channel_id);
+            match streams.position(&channel_id).await {
+                Ok(Some((epoch, offset, seq))) => {
+                    log.lock().unwrap().start_at(&epoch, offset);
+                    cursor = Cursor { seq, known: true };
+                }
+                Ok(None) => cursor.known = true,
+                Err(e) => {
+                    tracing::warn!(%channel_id, why = e.0, "cluster: could not read the channel's position")
+                }
+            }
+            Some(log)
+        }
+        _ => None,
+    };
     let _ = ready.send(true);
     let weak = cluster.shared.clone();
     drop(cluster);
-    while let Some(msg) = sub.next().await {
+    // After a burst, the stream is asked once whether its tail reached
+    // this node: a lost last message has no successor to reveal it.
+    let mut tail = tokio::time::interval(Duration::from_secs(1));
+    tail.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut since_check = false;
+    loop {
+        let msg = tokio::select! {
+            msg = sub.next() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+            _ = tail.tick(), if since_check => {
+                since_check = false;
+                let Some(shared) = weak.upgrade() else { break };
+                let Some(cluster) = &shared.cluster else { break };
+                if let (Some(streams), Some(log)) = (&cluster.streams, &log) {
+                    if let Ok(Some((epoch, _, seq))) = streams.position(&channel_id).await {
+                        let ours = log.lock().unwrap().epoch.clone();
+                        if epoch == ours && cursor.known && seq > cursor.seq {
+                            fill(&shared, streams, &channel_id, &mut cursor, seq + 1).await;
+                        }
+                    }
+                }
+                continue;
+            }
+        };
         let Some(shared) = weak.upgrade() else { break };
-        if let Some(cluster) = &shared.cluster {
-            cluster.stats.received.fetch_add(1, Ordering::Relaxed);
+        let Some(cluster) = &shared.cluster else {
+            break;
+        };
+        cluster.stats.received.fetch_add(1, Ordering::Relaxed);
+        match (msg.stream, &cluster.streams, &log) {
+            (Some(stored), Some(streams), Some(log)) => {
+                let epoch = log.lock().unwrap().epoch.clone();
+                let same_epoch = stream::position_of(&msg.payload).is_some_and(|(e, _)| e == epoch);
+                if same_epoch && cursor.known && stored.seq <= cursor.seq {
+                    continue;
+                }
+                if same_epoch && cursor.known && stored.previous > cursor.seq {
+                    fill(&shared, streams, &channel_id, &mut cursor, stored.seq).await;
+                }
+                deliver_stored(&shared, &msg.payload);
+                cursor = Cursor {
+                    seq: stored.seq,
+                    known: true,
+                };
+                since_check = true;
+            }
+            _ => apply_from_cluster(&shared, &msg.payload),
         }
-        apply_from_cluster(&shared, &msg.payload);
+    }
+}
+
+/// The stream sequence of the last message a channel task delivered.
+#[derive(Default)]
+struct Cursor {
+    seq: u64,
+    known: bool,
+}
+
+/// Reads from the stream and delivers a channel's messages after the
+/// cursor and before `until`: what NATS lost on the way here.
+async fn fill(
+    shared: &Shared,
+    streams: &stream::Streams,
+    channel_id: &str,
+    cursor: &mut Cursor,
+    until: u64,
+) {
+    let subject = stream::stream_subject(channel_id);
+    let mut filled = 0;
+    while cursor.seq + 1 < until {
+        match streams.next(&subject, cursor.seq + 1).await {
+            Ok(Some((seq, payload))) if seq < until => {
+                deliver_stored(shared, &payload);
+                cursor.seq = seq;
+                filled += 1;
+                if let Some(c) = &shared.cluster {
+                    c.stats.refilled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(
+                    channel_id,
+                    why = e.0,
+                    "cluster: could not read missed pushes"
+                );
+                break;
+            }
+        }
+    }
+    tracing::info!(
+        channel_id,
+        filled,
+        "cluster: pushes NATS lost on the way read from the stream"
+    );
+}
+
+/// Delivers one stored message's pushes here, at their offsets.
+fn deliver_stored(shared: &Shared, payload: &[u8]) {
+    let Ok(wire) = serde_json::from_slice::<Wire<'_>>(payload) else {
+        tracing::debug!("cluster: unreadable stream message");
+        return;
+    };
+    let (Some(epoch), Some(first)) = (wire.epoch, wire.offset) else {
+        return;
+    };
+    for (i, item) in wire.items.iter().enumerate() {
+        if let ("push", Some(data)) = (item.op, item.data) {
+            let push = hub::Push {
+                channel_id: &wire.channel_id,
+                audience: item.to.as_ref(),
+                data: data.get(),
+            };
+            hub::deliver_at(shared, push, epoch, first + i as u64);
+        }
+    }
+}
+
+/// Makes the stream at start, and again whenever it went missing.
+async fn keep_stream(cluster: Arc<Cluster>) {
+    let Some(streams) = &cluster.streams else {
+        return;
+    };
+    let mut logged = false;
+    loop {
+        if !cluster.stream_ready.load(Ordering::Relaxed) && cluster.available() {
+            match streams.ensure().await {
+                Ok(()) => {
+                    cluster.stream_ready.store(true, Ordering::Relaxed);
+                    tracing::info!(
+                        stream = stream::STREAM,
+                        "cluster: JetStream stream ready; one order and one history per channel"
+                    );
+                    logged = false;
+                }
+                Err(e) if !logged => {
+                    tracing::error!(error = %e, "cluster: no JetStream stream (is the NATS server run with -js?); pushes get 503 until there is one");
+                    logged = true;
+                }
+                Err(_) => {}
+            }
+        }
+        streams.sweep();
+        let ready = cluster.stream_ready.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(if ready { 2000 } else { 200 })).await;
     }
 }
 

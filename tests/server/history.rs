@@ -13,9 +13,15 @@ async fn next_with_place(c: &mut Client) -> (Value, Value) {
 /// Pushes `n` pushes to `channel` from `tasks` concurrent API clients,
 /// `data: {"n": i}`, PushChannel and PushChannelByRole (recvonly) mixed.
 async fn concurrent_pushes(s: &Server, channel: &str, n: usize, tasks: usize) {
+    concurrent_pushes_to(&[s], channel, n, tasks).await
+}
+
+/// As [`concurrent_pushes`], the API clients spread over `nodes`.
+async fn concurrent_pushes_to(nodes: &[&Server], channel: &str, n: usize, tasks: usize) {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut handles = Vec::new();
-    for _ in 0..tasks {
+    for t in 0..tasks {
+        let s = nodes[t % nodes.len()];
         let (addr, next, channel) = (s.api_addr.to_string(), next.clone(), channel.to_owned());
         handles.push(tokio::spawn(async move {
             loop {
@@ -67,11 +73,17 @@ async fn every_peer_of_a_channel_sees_its_pushes_in_one_order() {
     table_len(&s, 8).await;
     const N: usize = 3000;
     concurrent_pushes(&s, "one-order", N, 32).await;
+    one_order(&mut peers, N).await;
+}
+
+/// Every peer's `n` pushes are offsets 1..=n of one epoch, in one and
+/// the same order, each push once.
+async fn one_order(peers: &mut [Client], n: usize) {
     let mut first: Option<Vec<u64>> = None;
     for (p, peer) in peers.iter_mut().enumerate() {
-        let mut seen = Vec::with_capacity(N);
+        let mut seen = Vec::with_capacity(n);
         let mut epoch = None;
-        for k in 0..N {
+        for k in 0..n {
             let (data, place) = next_with_place(peer).await;
             assert_eq!(place["offset"], k as u64 + 1, "peer {p}: offsets follow on");
             let e = place["epoch"].as_str().unwrap().to_owned();
@@ -91,7 +103,156 @@ async fn every_peer_of_a_channel_sees_its_pushes_in_one_order() {
     }
     let mut all = first.unwrap();
     all.sort_unstable();
-    assert_eq!(all, (0..N as u64).collect::<Vec<_>>(), "each push once");
+    assert_eq!(all, (0..n as u64).collect::<Vec<_>>(), "each push once");
+}
+
+/// A node of a cluster whose JetStream stream orders and keeps the pushes
+/// (`--history-size` set); returns once the node can store pushes.
+async fn history_node(nats: &Nats, name: &str, size: usize) -> Server {
+    let s = node_with(nats, name, |c| {
+        c.history_size = size;
+        c.rtc_shards = 2;
+    })
+    .await;
+    let until = tokio::time::Instant::now() + T;
+    loop {
+        let (status, body) = api(
+            &s,
+            "Sora_20160711.PushChannel",
+            r#"{"channel_id":"warm-up","data":{}}"#,
+        )
+        .await;
+        if status == 200 {
+            return s;
+        }
+        assert!(tokio::time::Instant::now() < until, "{status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Three nodes on one NATS JetStream, 9 peers (a DataChannel and two
+/// WebSocket peers on each), 3 000 pushes from 32 API clients spread over
+/// the three nodes: every peer receives offsets 1..3000 of one epoch, all
+/// in one and the same order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_peer_of_a_channel_sees_one_order_across_a_cluster() {
+    let nats = Nats::jetstream().await;
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        nodes.push(history_node(&nats, name, 100).await);
+    }
+    let mut peers = Vec::new();
+    for (i, s) in nodes.iter().enumerate() {
+        peers.push(switched_client(s, "cluster-order", i % 2 == 0).await);
+        peers.push(connected(&opts(s, "cluster-order", "recvonly")).await);
+        peers.push(connected(&opts(s, "cluster-order", "recvonly")).await);
+    }
+    for s in &nodes {
+        table_len(s, 3).await;
+    }
+    const N: usize = 3000;
+    let refs: Vec<&Server> = nodes.iter().collect();
+    concurrent_pushes_to(&refs, "cluster-order", N, 32).await;
+    one_order(&mut peers, N).await;
+}
+
+/// In a cluster, a peer that vanishes in the middle of a stream of pushes
+/// sent through one node recovers on another node everything it missed,
+/// once and in order; GetChannelHistory gives the same on every node; and
+/// a peer whose gap the history no longer covers is told so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_recovers_on_another_node_what_was_pushed_through_any() {
+    let nats = Nats::jetstream().await;
+    let n1 = history_node(&nats, "r1", 1000).await;
+    let n2 = history_node(&nats, "r2", 1000).await;
+    let n3 = history_node(&nats, "r3", 1000).await;
+    let mut a = switched_client(&n1, "rec-c", true).await;
+    const N: u64 = 400;
+    // Pushed through the second node; the peer is on the first.
+    let pushes = stream(&n2, "rec-c", 0, N);
+    let mut place = Value::Null;
+    for i in 0..50 {
+        let (data, p) = next_with_place(&mut a).await;
+        assert_eq!(data["n"], i);
+        place = p;
+    }
+    a.vanish();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Back on the third node.
+    let mut b = Client::connect(&recovering(&n3, "rec-c", &place))
+        .await
+        .unwrap();
+    let (status, p) = next_with_place(&mut b).await;
+    assert_eq!(status, json!({}), "the first push is the recovery's status");
+    assert_eq!(p["recovery"]["complete"], true, "{p}");
+    assert_eq!(p["recovery"]["epoch"], place["epoch"]);
+    for i in 50..N {
+        let (data, p) = next_with_place(&mut b).await;
+        assert_eq!(data["n"], i, "push {i}, exactly once and in order");
+        assert_eq!(p["offset"], i + 1);
+    }
+    pushes.await.unwrap();
+    no_push(&mut b).await;
+    for s in [&n1, &n2, &n3] {
+        let (status, h) = api(
+            s,
+            "Hato_20261201.GetChannelHistory",
+            r#"{"channel_id":"rec-c","since_offset":398}"#,
+        )
+        .await;
+        assert_eq!(status, 200, "{h}");
+        assert_eq!(h["offset"], N);
+        assert_eq!(h["epoch"], place["epoch"]);
+        assert_eq!(h["first_offset"], 1);
+        assert_eq!(
+            h["pushes"],
+            json!([{"offset": 399, "to": {"scope": "channel"}, "data": {"n": 398}},
+                   {"offset": 400, "to": {"scope": "channel"}, "data": {"n": 399}}])
+        );
+    }
+}
+
+/// In a cluster with a small history, a peer whose gap the stream no
+/// longer covers is told so, on any node, and given what is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_is_told_across_a_cluster_when_history_no_longer_covers_its_gap() {
+    let nats = Nats::jetstream().await;
+    let n1 = history_node(&nats, "g1", 5).await;
+    let n2 = history_node(&nats, "g2", 5).await;
+    for i in 0..20 {
+        let s = if i % 2 == 0 { &n1 } else { &n2 };
+        let (status, body) = api(
+            s,
+            "Sora_20160711.PushChannel",
+            &json!({"channel_id": "gap-c", "data": {"n": i}}).to_string(),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (_, h) = api(
+        &n1,
+        "Hato_20261201.GetChannelHistory",
+        r#"{"channel_id":"gap-c"}"#,
+    )
+    .await;
+    assert_eq!(h["offset"], 20, "{h}");
+    assert_eq!(h["first_offset"], 16, "{h}");
+    let place = json!({"epoch": h["epoch"], "offset": 3});
+    let mut b = Client::connect(&recovering(&n2, "gap-c", &place))
+        .await
+        .unwrap();
+    let (_, p) = next_with_place(&mut b).await;
+    assert_eq!(p["recovery"]["complete"], false, "{p}");
+    assert_eq!(p["recovery"]["gap"], "expired");
+    assert_eq!(p["recovery"]["offset"], 20);
+    for i in 15..20 {
+        assert_eq!(
+            next_with_place(&mut b).await.0["n"],
+            i,
+            "what is kept still comes"
+        );
+    }
+    no_push(&mut b).await;
 }
 
 /// A connect whose metadata asks to recover from `place` (`hato` of the
