@@ -161,7 +161,10 @@ pub fn read(shared: &Shared) -> Counters {
                 ("resync", n(&s.resyncs)),
                 ("node_lost", n(&s.nodes_lost)),
                 ("refused", n(&s.refused)),
-                ("stream_conflict", n(&s.stream_conflicts)),
+                (
+                    "stream_conflict",
+                    c.streams.as_ref().map_or(0, |s| n(&s.conflicts)),
+                ),
                 ("refilled", n(&s.refilled)),
             ],
         );

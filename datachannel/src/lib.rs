@@ -30,6 +30,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
+/// Events buffered per peer of the answering (client) side.
+pub const CLIENT_EVENT_BUFFER: usize = 16_384;
+
 pub use shard::{
     fix_mmap_threshold, give_back_memory, EARLY_BYTES, EVENT_BUFFER, PEER_CHECKS, SHARD_CHECKS,
     SHARD_HELD_BYTES,
@@ -267,7 +270,14 @@ impl Engine {
         side: shard::Side,
     ) -> Result<(Peer, String, mpsc::Receiver<PeerEvent>), Error> {
         let shard = self.pick();
-        let (events, events_rx) = mpsc::channel(EVENT_BUFFER);
+        // The answering side is a client of hato's own (tests, hato-load):
+        // the server's pushes it has not read yet are its measurement, not
+        // a flood; room for a burst of a PushBatch (1 000) and more.
+        let buffer = match side {
+            shard::Side::Offer { .. } => EVENT_BUFFER,
+            shard::Side::Answer { .. } => CLIENT_EVENT_BUFFER,
+        };
+        let (events, events_rx) = mpsc::channel(buffer);
         let (reply, reply_rx) = oneshot::channel();
         shard.command(shard::Command::Create {
             side,

@@ -157,9 +157,6 @@ pub struct ClusterStats {
     /// What another node announced beyond this node's own limits (a
     /// member, a node name, a view or an answer too large): ignored.
     pub refused: AtomicU64,
-    /// With the stream: publishes tried again because another node had
-    /// published to the channel first.
-    pub stream_conflicts: AtomicU64,
     /// With the stream: pushes NATS lost on the way here, read from the
     /// stream and delivered in their place.
     pub refilled: AtomicU64,
@@ -202,12 +199,12 @@ pub struct Cluster {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// With `--history-size`: the stream that orders and keeps every
     /// channel's pushes ([`stream`]), and whether it is there now.
-    pub streams: Option<stream::Streams>,
+    pub streams: Option<Arc<stream::Streams>>,
     stream_ready: std::sync::atomic::AtomicBool,
 }
 
 /// Why a call that needs the cluster cannot be served now.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Unavailable(pub &'static str);
 
 /// Places reserved in the NATS queue while this node's pushes are held in
@@ -271,7 +268,7 @@ impl Cluster {
     ) -> Cluster {
         let (out, out_rx) = mpsc::channel(QUEUE);
         Cluster {
-            streams: history.map(|b| stream::Streams::new(broker.clone(), b)),
+            streams: history.map(|b| Arc::new(stream::Streams::new(broker.clone(), b))),
             stream_ready: Default::default(),
             node: node.into(),
             // Random per start: tells a restarted node from its old self.
@@ -339,7 +336,7 @@ impl Cluster {
                 "the cluster's JetStream stream is not available",
             ));
         }
-        let out = streams.publish(channel_id, items, &self.stats).await;
+        let out = streams.publish(channel_id, items).await;
         match &out {
             Ok(_) => {
                 self.stats
@@ -756,7 +753,8 @@ async fn channel_task(cluster: Arc<Cluster>, channel_id: Arc<str>, ready: watch:
         match (msg.stream, &cluster.streams, &log) {
             (Some(stored), Some(streams), Some(log)) => {
                 let epoch = log.lock().unwrap().epoch.clone();
-                let same_epoch = stream::position_of(&msg.payload).is_some_and(|(e, _)| e == epoch);
+                let same_epoch =
+                    stream::position_of(&msg.payload).is_some_and(|(e, ..)| e == epoch);
                 if same_epoch && cursor.known && stored.seq <= cursor.seq {
                     continue;
                 }

@@ -43,11 +43,50 @@ pub struct Streams {
     pub bounds: StreamBounds,
     /// What this node last knew of each channel's last message, to state
     /// it on the next publish. One publish per channel at a time here.
-    heads: Mutex<HashMap<Arc<str>, HeadSlot>>,
+    heads: Mutex<HashMap<Arc<str>, Arc<Slot>>>,
+    /// Stores tried again because another node had stored to the channel
+    /// first.
+    pub conflicts: std::sync::atomic::AtomicU64,
 }
 
-/// A channel's [`Head`] as this node knows it, held while publishing.
-type HeadSlot = Arc<tokio::sync::Mutex<Option<Head>>>;
+/// A channel as this node publishes to it.
+#[derive(Default)]
+struct Slot {
+    /// Its last message as this node knows it; held while storing.
+    head: tokio::sync::Mutex<Option<Head>>,
+    /// Calls waiting for the next message, in arrival order.
+    waiting: Mutex<std::collections::VecDeque<Waiting>>,
+}
+
+/// One call's pushes (as JSON items) and where its answer goes.
+struct Waiting {
+    items: Vec<String>,
+    tx: tokio::sync::oneshot::Sender<Result<Vec<Position>, Unavailable>>,
+}
+
+/// The most pushes one stored message carries.
+pub const BATCH_ITEMS: usize = 256;
+/// About the most bytes of pushes one stored message carries (NATS
+/// refuses messages over 1 MiB by default); a larger push goes alone.
+pub const BATCH_BYTES: usize = 256 * 1024;
+
+/// The calls the next message carries: the first, and those after it
+/// within the bounds. A call's pushes are never split.
+fn take_batch(waiting: &mut std::collections::VecDeque<Waiting>) -> Vec<Waiting> {
+    let mut batch: Vec<Waiting> = Vec::new();
+    let (mut items, mut bytes) = (0, 0);
+    while let Some(w) = waiting.front() {
+        let size: usize = w.items.iter().map(String::len).sum();
+        if !batch.is_empty() && (items + w.items.len() > BATCH_ITEMS || bytes + size > BATCH_BYTES)
+        {
+            break;
+        }
+        items += w.items.len();
+        bytes += size;
+        batch.push(waiting.pop_front().expect("front exists"));
+    }
+    batch
+}
 
 /// A channel's last message in the stream.
 #[derive(Debug, Clone)]
@@ -69,10 +108,15 @@ pub struct Since {
     pub messages: Vec<(u64, Bytes)>,
 }
 
-/// The epoch and first offset a stored message carries.
-pub fn position_of(payload: &[u8]) -> Option<(Arc<str>, u64)> {
+/// The epoch and the first and last offsets a stored message carries.
+pub fn position_of(payload: &[u8]) -> Option<(Arc<str>, u64, u64)> {
     let w = serde_json::from_slice::<Wire<'_>>(payload).ok()?;
-    Some((w.epoch?.into(), w.offset?))
+    let first = w.offset?;
+    Some((
+        w.epoch?.into(),
+        first,
+        first + (w.items.len() as u64).max(1) - 1,
+    ))
 }
 
 impl Streams {
@@ -81,6 +125,7 @@ impl Streams {
             broker,
             bounds,
             heads: Mutex::default(),
+            conflicts: Default::default(),
         }
     }
 
@@ -100,7 +145,7 @@ impl Streams {
             .await
             .map_err(|_| Unavailable("JetStream did not answer"))?;
         Ok(last.and_then(|(seq, payload)| {
-            let (epoch, offset) = position_of(&payload)?;
+            let (epoch, _, offset) = position_of(&payload)?;
             Some(Head { seq, epoch, offset })
         }))
     }
@@ -120,30 +165,113 @@ impl Streams {
     /// Stores one push (or several, of one channel, in order) and returns
     /// the position of each. Nothing is delivered here: every node,
     /// this one included, delivers what the stream republishes.
+    ///
+    /// A channel's pushes are stored one message at a time by this node:
+    /// the calls that arrive while one is being stored wait, and the next
+    /// message carries all of them (at most [`BATCH_ITEMS`] pushes and
+    /// about [`BATCH_BYTES`]), in the order they arrived.
     pub async fn publish(
-        &self,
+        self: &Arc<Self>,
         channel_id: &str,
         items: &[Item<'_>],
-        stats: &super::ClusterStats,
     ) -> Result<Vec<Position>, Unavailable> {
-        let head = {
+        let slot = {
             let mut heads = self.heads.lock().unwrap();
             heads.entry(channel_id.into()).or_default().clone()
         };
-        let mut head = head.lock().await;
-        let mut out = Vec::with_capacity(items.len());
-        for item in items {
-            out.push(self.publish_one(&mut head, channel_id, item, stats).await?);
+        // A call's pushes go in order, in as many messages as the bounds
+        // need; other calls' may come between those messages.
+        let mut rxs = Vec::new();
+        {
+            let mut waiting = slot.waiting.lock().unwrap();
+            let (mut part, mut bytes) = (Vec::new(), 0);
+            for item in items {
+                let text = serde_json::to_string(item).expect("an item serialises");
+                if !part.is_empty()
+                    && (part.len() == BATCH_ITEMS || bytes + text.len() > BATCH_BYTES)
+                {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    waiting.push_back(Waiting {
+                        items: std::mem::take(&mut part),
+                        tx,
+                    });
+                    rxs.push(rx);
+                    bytes = 0;
+                }
+                bytes += text.len();
+                part.push(text);
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            waiting.push_back(Waiting { items: part, tx });
+            rxs.push(rx);
         }
-        Ok(out)
+        let mut out: Result<Vec<Position>, Unavailable> = Ok(Vec::with_capacity(items.len()));
+        let mut next = 0;
+        let channel: Arc<str> = channel_id.into();
+        loop {
+            while next < rxs.len() {
+                use tokio::sync::oneshot::error::TryRecvError;
+                let done = match rxs[next].try_recv() {
+                    Ok(done) => done,
+                    Err(TryRecvError::Closed) => Err(Unavailable("the push was dropped")),
+                    Err(TryRecvError::Empty) => break,
+                };
+                // Every part is carried out, even after one failed: none
+                // is left to be stored later unanswered.
+                match (&mut out, done) {
+                    (Ok(out), Ok(positions)) => out.extend(positions),
+                    (Ok(_), Err(e)) => out = Err(e),
+                    (Err(_), _) => {}
+                }
+                next += 1;
+            }
+            if next == rxs.len() {
+                return out;
+            }
+            // A task of its own: a caller that goes away (its HTTP client
+            // hung up) does not leave the others' pushes half stored.
+            let drain = tokio::spawn(self.clone().store_next(slot.clone(), channel.clone()));
+            let _ = drain.await;
+        }
     }
 
-    async fn publish_one(
+    /// Stores the waiting calls' next message and answers them.
+    async fn store_next(self: Arc<Self>, slot: Arc<Slot>, channel_id: Arc<str>) {
+        let mut head = slot.head.lock().await;
+        let batch = take_batch(&mut slot.waiting.lock().unwrap());
+        if batch.is_empty() {
+            return;
+        }
+        let texts: Vec<&str> = batch
+            .iter()
+            .flat_map(|w| w.items.iter().map(String::as_str))
+            .collect();
+        let stored = self.store(&mut head, &channel_id, &texts).await;
+        let mut at = 0;
+        for w in batch {
+            let answer = stored.clone().map(|first| {
+                (at..at + w.items.len())
+                    .map(|k| Position {
+                        epoch: first.epoch.clone(),
+                        offset: first.offset + k as u64,
+                    })
+                    .collect()
+            });
+            at += w.items.len();
+            let _ = w.tx.send(answer);
+        }
+        // The lock goes only now: a call whose pushes were in this message
+        // finds its answer once it has the lock.
+        drop(head);
+    }
+
+    /// Stores `items` as one message after the channel's last; returns
+    /// the first one's position.
+    async fn store(
         &self,
         head: &mut Option<Head>,
         channel_id: &str,
-        item: &Item<'_>,
-        stats: &super::ClusterStats,
+        items: &[&str],
     ) -> Result<Position, Unavailable> {
         for _ in 0..TRIES {
             let known = match head.take() {
@@ -155,18 +283,12 @@ impl Streams {
                 }),
             };
             let offset = known.offset + 1;
-            let wire = Wire {
-                channel_id: channel_id.to_owned(),
-                epoch: Some(&known.epoch),
-                offset: Some(offset),
-                items: vec![Item {
-                    op: item.op,
-                    to: item.to.clone(),
-                    data: item.data,
-                }],
-            };
-            let payload =
-                Bytes::from(serde_json::to_vec(&wire).expect("a wire message serialises"));
+            let payload = Bytes::from(format!(
+                r#"{{"channel_id":{},"epoch":{},"offset":{offset},"items":[{}]}}"#,
+                serde_json::to_string(channel_id).expect("a string serialises"),
+                serde_json::to_string(&*known.epoch).expect("a string serialises"),
+                items.join(",")
+            ));
             match self
                 .broker
                 .stream_publish(stream_subject(channel_id), known.seq, payload)
@@ -176,7 +298,7 @@ impl Streams {
                     *head = Some(Head {
                         seq,
                         epoch: known.epoch.clone(),
-                        offset,
+                        offset: offset + items.len() as u64 - 1,
                     });
                     return Ok(Position {
                         epoch: known.epoch,
@@ -186,8 +308,7 @@ impl Streams {
                 // Another node published first: read where it left the
                 // channel, and try again after it.
                 Err(StreamError::Conflict) => {
-                    stats
-                        .stream_conflicts
+                    self.conflicts
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     continue;
                 }
@@ -242,14 +363,14 @@ impl Streams {
                 break;
             }
             from = seq + 1;
-            let Some((epoch, at)) = position_of(&payload) else {
+            let Some((epoch, at, last)) = position_of(&payload) else {
                 continue;
             };
             if epoch != head.epoch {
                 continue;
             }
             since.first.get_or_insert(at);
-            if at <= offset {
+            if last <= offset {
                 continue;
             }
             if bytes > 0 && bytes + payload.len() > max_bytes {
@@ -278,6 +399,6 @@ impl Streams {
         self.heads
             .lock()
             .unwrap()
-            .retain(|_, h| Arc::strong_count(h) > 1 || h.try_lock().is_err());
+            .retain(|_, h| Arc::strong_count(h) > 1 || h.head.try_lock().is_err());
     }
 }

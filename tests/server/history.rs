@@ -468,3 +468,45 @@ async fn a_history_answer_is_bounded_in_bytes_and_pages_on() {
     .await;
     assert_eq!(next["pushes"][0]["offset"], got as u64 + 1);
 }
+
+/// A PushBatch of 1 000 pushes to one channel, through another node than
+/// the peer's, is stored in several messages and reaches its peers (WebSocket and DataChannel) whole,
+/// in batch order, with offsets 1..=1000; the answer gives each offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_keeps_its_order_across_a_cluster() {
+    let nats = Nats::jetstream().await;
+    let n1 = history_node(&nats, "b1", 10).await;
+    let n2 = history_node(&nats, "b2", 10).await;
+    let mut peer = switched_client(&n1, "batch-c", true).await;
+    let mut ws = connected(&opts(&n1, "batch-c", "recvonly")).await;
+    let pushes: Vec<Value> = (0..1000)
+        .map(|i| json!({"target": "Sora_20160711.PushChannel", "channel_id": "batch-c", "data": {"n": i}}))
+        .collect();
+    let (status, answer) = api(
+        &n2,
+        "Hato_20261201.PushBatch",
+        &json!({ "pushes": pushes }).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let results = answer["results"].as_array().unwrap();
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["offset"], i as u64 + 1, "{r}");
+    }
+    for i in 0..1000u64 {
+        let (data, place) = next_with_place(&mut ws).await;
+        assert_eq!(
+            (data["n"].as_u64(), place["offset"].as_u64()),
+            (Some(i), Some(i + 1)),
+            "ws"
+        );
+    }
+    for i in 0..1000u64 {
+        let (data, place) = next_with_place(&mut peer).await;
+        assert_eq!(
+            (data["n"].as_u64(), place["offset"].as_u64()),
+            (Some(i), Some(i + 1))
+        );
+    }
+    no_push(&mut peer).await;
+}
