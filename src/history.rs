@@ -302,6 +302,15 @@ impl Log {
                 message,
             })
             .collect();
+        // Only what joins on to what is kept here, with no hole: a run
+        // that stops short (a bound cut it) is not taken, and the joiner
+        // is told of the gap instead of missing pushes silently.
+        let mut joined = before.len();
+        while joined > 0 && before[joined - 1].offset + (before.len() - joined) as u64 + 1 == first
+        {
+            joined -= 1;
+        }
+        before.drain(..joined);
         while before.len() + self.entries.len() > self.settings.size && !before.is_empty() {
             before.remove(0);
         }
@@ -635,5 +644,52 @@ mod tests {
         assert!(h.existing("busy").is_some() && h.existing("held").is_some());
         drop(held);
         assert_ne!(h.log("ch").lock().unwrap().epoch, epoch, "a new epoch");
+    }
+
+    #[test]
+    fn backfill_takes_only_what_joins_on_without_a_hole() {
+        let h = History::new(Settings {
+            size: 100,
+            ttl: None,
+            max_bytes: 1 << 20,
+            only_while_held: true,
+        });
+        let hold = h.hold("ch");
+        let t = Instant::now();
+        let mut log = hold.0.lock().unwrap();
+        log.start_at("E", 10);
+        let kept = |offsets: &[u64]| {
+            offsets
+                .iter()
+                .map(|&o| {
+                    let m = Arc::new(Encoded::new(format!(r#"{{"offset":{o}}}"#)));
+                    (o, Audience::Channel, m)
+                })
+                .collect::<Vec<_>>()
+        };
+        // A hole at 5: only 6..=10 join on to the channel's position.
+        log.backfill(t, "E", kept(&[3, 4, 6, 7, 8, 9, 10, 11]));
+        assert_eq!(log.first_kept(), Some(6));
+        let r = log.recover(
+            t,
+            &Recover::After {
+                epoch: "E".into(),
+                offset: 2,
+            },
+            &who("c"),
+        );
+        assert_eq!(r.gap, Some(Gap::Expired));
+        assert_eq!(r.messages.len(), 5);
+        // Another epoch, or a run that stops short: nothing is taken.
+        log.backfill(t, "F", kept(&[1, 2, 3, 4, 5]));
+        log.backfill(t, "E", kept(&[1, 2, 3]));
+        assert_eq!(log.first_kept(), Some(6));
+        drop(log);
+        drop(hold);
+        assert_eq!(
+            h.log("ch").lock().unwrap().first_kept(),
+            None,
+            "kept only while held"
+        );
     }
 }

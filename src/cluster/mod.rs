@@ -62,6 +62,12 @@ const CHUNK_BYTES: usize = 512 * 1024;
 /// most: 50 000 members (the default --max-connections) of ~10 KB each.
 const MAX_ANSWER_BYTES: usize = 512 << 20;
 
+/// The most bytes of kept pushes one recovering joiner reads from the
+/// stream: what a stranger's connect can make a node hold for the length
+/// of a handshake. Beyond, the joiner is told `gap: "expired"` and given
+/// the newest.
+const PREFETCH_BYTES: usize = 16 << 20;
+
 /// Counts and logs (at most once a second) what another node announced
 /// beyond this node's limits.
 fn refuse(cluster: &Cluster, node: &str, why: &'static str) {
@@ -375,7 +381,12 @@ impl Cluster {
         };
         let size = shared.config.history_size;
         let since = match streams
-            .since(channel_id, after, size, shared.config.history_max_bytes)
+            .since(
+                channel_id,
+                after,
+                size,
+                PREFETCH_BYTES.min(shared.config.history_max_bytes),
+            )
             .await
         {
             Ok(s) => s,
