@@ -290,9 +290,11 @@ impl Broker for async_nats::Client {
         let stream = stream.to_owned();
         Box::pin(async move {
             use async_nats::jetstream::stream::DirectGetErrorKind;
-            let js = async_nats::jetstream::new(self.clone());
-            let s = js.get_stream_no_info(stream).await.map_err(err)?;
-            match s.direct_get_last_for_subject(subject).await {
+            match direct(self, stream)
+                .await?
+                .direct_get_last_for_subject(subject)
+                .await
+            {
                 Ok(m) => Ok(Some((m.sequence, m.payload))),
                 Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
                 Err(e) => Err(err(e)),
@@ -309,9 +311,11 @@ impl Broker for async_nats::Client {
         let stream = stream.to_owned();
         Box::pin(async move {
             use async_nats::jetstream::stream::DirectGetErrorKind;
-            let js = async_nats::jetstream::new(self.clone());
-            let s = js.get_stream_no_info(stream).await.map_err(err)?;
-            match s.direct_get_next_for_subject(subject, Some(from)).await {
+            match direct(self, stream)
+                .await?
+                .direct_get_next_for_subject(subject, Some(from))
+                .await
+            {
                 Ok(m) => match stored(m.headers.as_ref()) {
                     Some(s) => Ok(Some((s.seq, m.payload.clone()))),
                     None => Err(BrokerError("a stored message without its sequence".into())),
@@ -321,6 +325,17 @@ impl Broker for async_nats::Client {
             }
         })
     }
+}
+
+/// The stream `name` to read from with direct gets (no request made).
+async fn direct(
+    client: &async_nats::Client,
+    name: String,
+) -> Result<async_nats::jetstream::stream::Stream<()>, BrokerError> {
+    async_nats::jetstream::new(client.clone())
+        .get_stream_no_info(name)
+        .await
+        .map_err(err)
 }
 
 /// A stored message's sequence and its subject's previous one, from the

@@ -166,49 +166,12 @@ async fn a_peer_recovers_on_another_node_what_was_pushed_through_any() {
     let n1 = history_node(&nats, "r1", 1000).await;
     let n2 = history_node(&nats, "r2", 1000).await;
     let n3 = history_node(&nats, "r3", 1000).await;
-    let mut a = switched_client(&n1, "rec-c", true).await;
-    const N: u64 = 400;
-    // Pushed through the second node; the peer is on the first.
-    let pushes = stream(&n2, "rec-c", 0, N);
-    let mut place = Value::Null;
-    for i in 0..50 {
-        let (data, p) = next_with_place(&mut a).await;
-        assert_eq!(data["n"], i);
-        place = p;
-    }
-    a.vanish();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // Back on the third node.
-    let mut b = Client::connect(&recovering(&n3, "rec-c", &place))
-        .await
-        .unwrap();
-    let (status, p) = next_with_place(&mut b).await;
-    assert_eq!(status, json!({}), "the first push is the recovery's status");
-    assert_eq!(p["recovery"]["complete"], true, "{p}");
-    assert_eq!(p["recovery"]["epoch"], place["epoch"]);
-    for i in 50..N {
-        let (data, p) = next_with_place(&mut b).await;
-        assert_eq!(data["n"], i, "push {i}, exactly once and in order");
-        assert_eq!(p["offset"], i + 1);
-    }
-    pushes.await.unwrap();
-    no_push(&mut b).await;
+    // Pushed through the second node; the peer is on the first, and comes
+    // back on the third.
+    let (place, _) = vanish_midstream_and_recover(&n1, &n2, &n3, "rec-c").await;
+    // GetChannelHistory gives the same on every node.
     for s in [&n1, &n2, &n3] {
-        let (status, h) = api(
-            s,
-            "Hato_20261201.GetChannelHistory",
-            r#"{"channel_id":"rec-c","since_offset":398}"#,
-        )
-        .await;
-        assert_eq!(status, 200, "{h}");
-        assert_eq!(h["offset"], N);
-        assert_eq!(h["epoch"], place["epoch"]);
-        assert_eq!(h["first_offset"], 1);
-        assert_eq!(
-            h["pushes"],
-            json!([{"offset": 399, "to": {"scope": "channel"}, "data": {"n": 398}},
-                   {"offset": 400, "to": {"scope": "channel"}, "data": {"n": 399}}])
-        );
+        all_400_kept(s, "rec-c", &place).await;
     }
 }
 
@@ -238,9 +201,14 @@ async fn a_peer_is_told_across_a_cluster_when_history_no_longer_covers_its_gap()
     assert_eq!(h["offset"], 20, "{h}");
     assert_eq!(h["first_offset"], 16, "{h}");
     let place = json!({"epoch": h["epoch"], "offset": 3});
-    let mut b = Client::connect(&recovering(&n2, "gap-c", &place))
-        .await
-        .unwrap();
+    let mut b = told_expired_and_given_the_last_5(&recovering(&n2, "gap-c", &place)).await;
+    no_push(&mut b).await;
+}
+
+/// A peer recovering with `o` from offset 3 of a channel that had 20
+/// pushes and keeps 5: it is told `expired`, then given pushes 15..20.
+async fn told_expired_and_given_the_last_5(o: &ClientOptions) -> Client {
+    let mut b = Client::connect(o).await.unwrap();
     let (_, p) = next_with_place(&mut b).await;
     assert_eq!(p["recovery"]["complete"], false, "{p}");
     assert_eq!(p["recovery"]["gap"], "expired");
@@ -252,7 +220,7 @@ async fn a_peer_is_told_across_a_cluster_when_history_no_longer_covers_its_gap()
             "what is kept still comes"
         );
     }
-    no_push(&mut b).await;
+    b
 }
 
 /// A connect whose metadata asks to recover from `place` (`hato` of the
@@ -286,18 +254,20 @@ fn stream(s: &Server, channel: &str, from: u64, to: u64) -> tokio::task::JoinHan
     })
 }
 
-/// A DataChannel peer whose PeerConnection vanishes in the middle of a
-/// stream of pushes reconnects with the last offset it saw: it is told the
-/// recovery is complete, then receives every push it missed and every
-/// later one, each once, in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_vanishes_recovers_every_push_once_in_order() {
-    let s = server_with(|c| c.history_size = 1000).await;
-    let mut a = switched_client(&s, "rec", true).await;
-    // Someone stays, so that the channel goes on while the peer is away.
-    let _stays = connected(&opts(&s, "rec", "recvonly")).await;
+/// A DataChannel peer on `on` receives the first 50 of 400 pushes sent
+/// through `through`, vanishes (its PeerConnection killed), and comes back
+/// on `back_on` with the last position it saw: it is told the recovery is
+/// complete, then receives every later push once, in order. Returns that
+/// position and the recovery's status.
+async fn vanish_midstream_and_recover(
+    on: &Server,
+    through: &Server,
+    back_on: &Server,
+    channel: &str,
+) -> (Value, Value) {
     const N: u64 = 400;
-    let pushes = stream(&s, "rec", 0, N);
+    let mut a = switched_client(on, channel, true).await;
+    let pushes = stream(through, channel, 0, N);
     let mut place = Value::Null;
     for i in 0..50 {
         let (data, p) = next_with_place(&mut a).await;
@@ -307,18 +277,14 @@ async fn a_peer_that_vanishes_recovers_every_push_once_in_order() {
     a.vanish();
     // Away while some pushes go by.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut b = Client::connect(&recovering(&s, "rec", &place))
+    let mut b = Client::connect(&recovering(back_on, channel, &place))
         .await
         .unwrap();
     let (status, p) = next_with_place(&mut b).await;
     assert_eq!(status, json!({}), "the first push is the recovery's status");
-    let recovery = &p["recovery"];
+    let recovery = p["recovery"].clone();
     assert_eq!(recovery["complete"], true, "{p}");
     assert_eq!(recovery["epoch"], place["epoch"]);
-    assert!(
-        recovery["offset"].as_u64().unwrap() > 50,
-        "{p}: pushes went by meanwhile"
-    );
     for i in 50..N {
         let (data, p) = next_with_place(&mut b).await;
         assert_eq!(data["n"], i, "push {i}, exactly once and in order");
@@ -326,16 +292,41 @@ async fn a_peer_that_vanishes_recovers_every_push_once_in_order() {
     }
     pushes.await.unwrap();
     no_push(&mut b).await;
+    (place, recovery)
+}
+
+/// A DataChannel peer whose PeerConnection vanishes in the middle of a
+/// stream of pushes reconnects with the last offset it saw: it is told the
+/// recovery is complete, then receives every push it missed and every
+/// later one, each once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_vanishes_recovers_every_push_once_in_order() {
+    let s = server_with(|c| c.history_size = 1000).await;
+    // Someone stays, so that the channel goes on while the peer is away.
+    let _stays = connected(&opts(&s, "rec", "recvonly")).await;
+    let (place, recovery) = vanish_midstream_and_recover(&s, &s, &s, "rec").await;
+    assert!(
+        recovery["offset"].as_u64().unwrap() > 50,
+        "{recovery}: pushes went by meanwhile"
+    );
     // GetChannelHistory has them too, with their offsets.
+    all_400_kept(&s, "rec", &place).await;
+}
+
+/// GetChannelHistory on `s` has the 400 pushes of
+/// [`vanish_midstream_and_recover`], in `place`'s epoch; asked for those
+/// after 398, it lists the last two.
+async fn all_400_kept(s: &Server, channel: &str, place: &Value) {
     let (status, h) = api(
-        &s,
+        s,
         "Hato_20261201.GetChannelHistory",
-        r#"{"channel_id":"rec","since_offset":398}"#,
+        &json!({"channel_id": channel, "since_offset": 398}).to_string(),
     )
     .await;
     assert_eq!(status, 200, "{h}");
-    assert_eq!(h["offset"], N);
+    assert_eq!(h["offset"], 400);
     assert_eq!(h["epoch"], place["epoch"]);
+    assert_eq!(h["first_offset"], 1);
     assert_eq!(h["more"], false);
     assert_eq!(
         h["pushes"],
@@ -370,20 +361,7 @@ async fn a_peer_is_told_when_history_no_longer_covers_its_gap() {
             place = json!({"epoch": h["epoch"], "offset": h["offset"]});
         }
     }
-    let mut b = Client::connect(&recovering(&s, "gap", &place))
-        .await
-        .unwrap();
-    let (_, p) = next_with_place(&mut b).await;
-    assert_eq!(p["recovery"]["complete"], false, "{p}");
-    assert_eq!(p["recovery"]["gap"], "expired");
-    assert_eq!(p["recovery"]["offset"], 20);
-    for i in 15..20 {
-        assert_eq!(
-            next_with_place(&mut b).await.0["n"],
-            i,
-            "what is kept still comes"
-        );
-    }
+    told_expired_and_given_the_last_5(&recovering(&s, "gap", &place)).await;
     // Another epoch: nothing of this one follows from it.
     let stale = json!({"epoch": "not-this-one", "offset": 3});
     let mut c = Client::connect(&recovering(&s, "gap", &stale))
