@@ -114,6 +114,11 @@ fn err(e: impl std::fmt::Display) -> BrokerError {
     BrokerError(e.to_string())
 }
 
+/// How many times NATS may have dropped messages on the way to this
+/// process (a lost connection, a slow subscription): the channels that
+/// take their pushes from the stream then ask it for their tail.
+pub static LOSSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Connects to NATS (`urls` comma-separated). The client connects, and
 /// reconnects, in the background: a node starts even when NATS is down.
 pub async fn nats(urls: &str, node: &str) -> Result<async_nats::Client, String> {
@@ -152,10 +157,17 @@ pub async fn nats(urls: &str, node: &str) -> Result<async_nats::Client, String> 
                     async_nats::Event::Connected => {
                         tracing::info!(node = %name, "cluster: connected to NATS")
                     }
-                    async_nats::Event::Disconnected => tracing::warn!(
+                    async_nats::Event::Disconnected => {
+                        LOSSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(
                         node = %name,
                         "cluster: NATS connection lost; pushes that need other nodes get 503 until it is back"
-                    ),
+                    )
+                    }
+                    async_nats::Event::SlowConsumer(sid) => {
+                        LOSSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(node = %name, sid, "cluster: NATS dropped messages for a slow subscription")
+                    }
                     other => tracing::warn!(node = %name, "cluster: NATS {other}"),
                 }
             }

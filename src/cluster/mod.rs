@@ -730,27 +730,38 @@ async fn channel_task(cluster: Arc<Cluster>, channel_id: Arc<str>, ready: watch:
     let _ = ready.send(true);
     let weak = cluster.shared.clone();
     drop(cluster);
-    // After a burst, the stream is asked once whether its tail reached
-    // this node: a lost last message has no successor to reveal it.
+    // When NATS may have dropped messages (a lost connection, a slow
+    // subscription), the stream is asked once whether the channel's tail
+    // reached this node: a lost last message has no successor to reveal
+    // it. A gap before a later message is seen without asking.
     let mut tail = tokio::time::interval(Duration::from_secs(1));
     tail.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut since_check = false;
+    let mut losses_seen = broker::LOSSES.load(Ordering::Relaxed);
     loop {
         let msg = tokio::select! {
             msg = sub.next() => match msg {
                 Some(msg) => msg,
                 None => break,
             },
-            _ = tail.tick(), if since_check => {
-                since_check = false;
+            _ = tail.tick(), if log.is_some() => {
+                let losses = broker::LOSSES.load(Ordering::Relaxed);
+                if losses == losses_seen {
+                    continue;
+                }
                 let Some(shared) = weak.upgrade() else { break };
                 let Some(cluster) = &shared.cluster else { break };
                 if let (Some(streams), Some(log)) = (&cluster.streams, &log) {
-                    if let Ok(Some((epoch, _, seq))) = streams.position(&channel_id).await {
-                        let ours = log.lock().unwrap().epoch.clone();
-                        if epoch == ours && cursor.known && seq > cursor.seq {
-                            fill(&shared, streams, &channel_id, &mut cursor, seq + 1).await;
+                    match streams.position(&channel_id).await {
+                        Ok(Some((epoch, _, seq))) => {
+                            losses_seen = losses;
+                            let ours = log.lock().unwrap().epoch.clone();
+                            if epoch == ours && cursor.known && seq > cursor.seq {
+                                fill(&shared, streams, &channel_id, &mut cursor, seq + 1).await;
+                            }
                         }
+                        Ok(None) => losses_seen = losses,
+                        // Asked again at the next tick.
+                        Err(_) => {}
                     }
                 }
                 continue;
@@ -777,7 +788,6 @@ async fn channel_task(cluster: Arc<Cluster>, channel_id: Arc<str>, ready: watch:
                     seq: stored.seq,
                     known: true,
                 };
-                since_check = true;
             }
             _ => apply_from_cluster(&shared, &msg.payload),
         }
