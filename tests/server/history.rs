@@ -109,9 +109,17 @@ async fn one_order(peers: &mut [Client], n: usize) {
 /// A node of a cluster whose JetStream stream orders and keeps the pushes
 /// (`--history-size` set); returns once the node can store pushes.
 async fn history_node(nats: &Nats, name: &str, size: usize) -> Server {
+    history_node_via(nats, None, name, size).await
+}
+
+/// As [`history_node`], reaching NATS at `url` when given (a proxy).
+async fn history_node_via(nats: &Nats, url: Option<String>, name: &str, size: usize) -> Server {
     let s = node_with(nats, name, |c| {
         c.history_size = size;
         c.rtc_shards = 2;
+        if let Some(url) = url {
+            c.cluster_nats_url = Some(url);
+        }
     })
     .await;
     let until = tokio::time::Instant::now() + T;
@@ -487,4 +495,104 @@ async fn a_large_batch_keeps_its_order_across_a_cluster() {
         );
     }
     no_push(&mut peer).await;
+}
+
+/// A TCP proxy in front of NATS that forwards everything, but drops the
+/// next `drop` messages the stream republishes on a channel subject (an
+/// `HMSG hato.ch.…` frame) on their way to the client: what NATS does to
+/// a slow or cut-off subscriber, one message at a time.
+async fn lossy_nats_proxy(nats_port: u16, drop: Arc<std::sync::atomic::AtomicUsize>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", nats_port)).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+            let drop = drop.clone();
+            tokio::spawn(async move {
+                let mut buf: Vec<u8> = Vec::new();
+                let mut chunk = vec![0u8; 65536];
+                loop {
+                    // Forward every whole frame in the buffer.
+                    while let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") {
+                        let line = String::from_utf8_lossy(&buf[..eol]).to_string();
+                        let words: Vec<&str> = line.split(' ').collect();
+                        let body = match words[0] {
+                            "MSG" | "HMSG" => words.last().unwrap().parse::<usize>().unwrap() + 2,
+                            _ => 0,
+                        };
+                        let whole = eol + 2 + body;
+                        if buf.len() < whole {
+                            break;
+                        }
+                        let frame: Vec<u8> = buf.drain(..whole).collect();
+                        let lose = words[0] == "HMSG"
+                            && words[1].starts_with("hato.ch.")
+                            && drop
+                                .fetch_update(
+                                    std::sync::atomic::Ordering::SeqCst,
+                                    std::sync::atomic::Ordering::SeqCst,
+                                    |n| n.checked_sub(1),
+                                )
+                                .is_ok();
+                        if !lose && cw.write_all(&frame).await.is_err() {
+                            return;
+                        }
+                    }
+                    match sr.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    format!("nats://127.0.0.1:{port}")
+}
+
+/// A node that NATS lost a republished push on the way to reads it back
+/// from the stream when the next one reveals the gap: its peer receives
+/// every push once, in order, and the node counts the refill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_nats_lost_on_the_way_is_read_back_from_the_stream() {
+    let nats = Nats::jetstream().await;
+    let drop = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let url = lossy_nats_proxy(nats.port, drop.clone()).await;
+    let n1 = history_node_via(&nats, Some(url), "l1", 100).await;
+    let n2 = history_node(&nats, "l2", 100).await;
+    let mut peer = switched_client(&n1, "lossy", true).await;
+    for i in 0..10u64 {
+        if i == 4 || i == 7 {
+            drop.store(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        let (status, body) = api(
+            &n2,
+            "Sora_20160711.PushChannel",
+            &json!({"channel_id": "lossy", "data": {"n": i}}).to_string(),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        // One at a time: each push is its own stored message.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        drop.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "two were dropped"
+    );
+    for i in 0..10u64 {
+        let (data, place) = next_with_place(&mut peer).await;
+        assert_eq!(
+            (data["n"].as_u64(), place["offset"].as_u64()),
+            (Some(i), Some(i + 1))
+        );
+    }
+    no_push(&mut peer).await;
+    let (_, report) = api(&n1, "Sora_20171010.GetStatsReport", "{}").await;
+    assert_eq!(report["cluster"]["refilled"], 2, "{}", report["cluster"]);
 }
