@@ -73,6 +73,9 @@ pub struct Metrics {
     registry: Registry,
     pub connects: Counter,
     pub disconnects: Family<Reason, Counter>,
+    /// Connects refused before an offer, by kind (`invalid`, `no_connect`,
+    /// `denied`, `webhook_failed`, `bad_override`, `draining`, `internal`).
+    pub refused_connects: Family<Reason, Counter>,
     pub pushes: Family<PushLabels, Counter>,
     pub offer_to_connected: Histogram,
     pub offer_to_push_open: Histogram,
@@ -111,6 +114,7 @@ impl Default for Metrics {
         let m = Metrics {
             connects: Counter::default(),
             disconnects: Family::default(),
+            refused_connects: Family::default(),
             pushes: Family::default(),
             offer_to_connected: Histogram::new(seconds_buckets()),
             offer_to_push_open: Histogram::new(seconds_buckets()),
@@ -147,6 +151,11 @@ impl Default for Metrics {
             "hato_disconnects",
             "Sessions that ended, by reason",
             m.disconnects.clone(),
+        );
+        r.register(
+            "hato_connects_refused",
+            "Connects refused before an offer, by kind",
+            m.refused_connects.clone(),
         );
         r.register(
             "hato_pushes",

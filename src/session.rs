@@ -236,8 +236,15 @@ fn upgrade(
     Err(err)
 }
 
-async fn refuse(ws: WebSocketStream<Stream>, reason: &str) {
-    tracing::info!(reason, "connect refused");
+async fn refuse(ws: WebSocketStream<Stream>, shared: &Shared, kind: &'static str, reason: &str) {
+    shared
+        .metrics
+        .refused_connects
+        .get_or_create(&crate::metrics::Reason {
+            reason: kind.into(),
+        })
+        .inc();
+    tracing::info!(reason, kind, "connect refused");
     close_before_offer(ws, SIGNALING_ERROR, reason).await;
 }
 
@@ -337,8 +344,16 @@ async fn run(
     let text = match first {
         Ok(Ok(text)) => text,
         Ok(Err(None)) => return,
-        Ok(Err(Some(reason))) => return refuse(ws, &reason).await,
-        Err(_) => return refuse(ws, "no connect message before the timeout").await,
+        Ok(Err(Some(reason))) => return refuse(ws, &shared, "invalid", &reason).await,
+        Err(_) => {
+            return refuse(
+                ws,
+                &shared,
+                "no_connect",
+                "no connect message before the timeout",
+            )
+            .await
+        }
     };
     let settings = admit::Settings {
         connect_metadata_limit: cfg.connect_metadata_limit,
@@ -349,7 +364,7 @@ async fn run(
     };
     let pending = match admit::read(&text, &settings) {
         Ok(p) => p,
-        Err(refusal) => return refuse(ws, refusal.reason()).await,
+        Err(refusal) => return refuse(ws, &shared, "invalid", refusal.reason()).await,
     };
     // Another node instead (§3.10): this one drains, or is full.
     if let Some(location) = shared.redirect_for(pending.connect.redirect) {
@@ -362,7 +377,13 @@ async fn run(
         return;
     }
     if shared.draining() {
-        return refuse(ws, "DRAINING: this node takes no new connections").await;
+        return refuse(
+            ws,
+            &shared,
+            "draining",
+            "DRAINING: this node takes no new connections",
+        )
+        .await;
     }
 
     // Its address's turn (--max-connects-per-ip-per-second): the costly
@@ -428,19 +449,22 @@ async fn run(
         Ok(admitted) => admitted,
         Err(refusal) => {
             let reason = refusal.reason();
-            match &refusal {
+            let kind = match &refusal {
                 admit::Refusal::Denied(_) => {
-                    tracing::info!(%connection_id, reason, "connection denied")
+                    tracing::info!(%connection_id, reason, "connection denied");
+                    "denied"
                 }
                 admit::Refusal::WebhookFailed(_) => {
-                    tracing::warn!(%connection_id, reason, "auth webhook failed; connection refused")
+                    tracing::warn!(%connection_id, reason, "auth webhook failed; connection refused");
+                    "webhook_failed"
                 }
                 admit::Refusal::BadOverride(_) => {
-                    tracing::warn!(%connection_id, reason, "auth webhook overrides refused")
+                    tracing::warn!(%connection_id, reason, "auth webhook overrides refused");
+                    "bad_override"
                 }
-                admit::Refusal::Invalid(_) => {}
-            }
-            return refuse(ws, reason).await;
+                admit::Refusal::Invalid(_) => "invalid",
+            };
+            return refuse(ws, &shared, kind, reason).await;
         }
     };
     let (dc_signaling, ignore_ws, compress) = (
@@ -475,7 +499,13 @@ async fn run(
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "could not create a PeerConnection");
-            return refuse(ws, "INTERNAL-ERROR: could not create a PeerConnection").await;
+            return refuse(
+                ws,
+                &shared,
+                "internal",
+                "INTERNAL-ERROR: could not create a PeerConnection",
+            )
+            .await;
         }
     };
     let peer = Arc::new(peer);

@@ -412,6 +412,19 @@ async fn bad_signaling_input_closes_4490_and_harms_no_one() {
         assert_eq!(code, 4490, "{want}: {reason}");
         assert!(reason.contains(want), "reason {reason:?} lacks {want:?}");
     }
+    // Those refused before an offer are counted by kind in
+    // hato_connects_refused_total: the first seven, and the one that sent
+    // nothing. The others ended after their offer (hato_disconnects_total).
+    let refused_as = |kind: &str| {
+        s.shared
+            .metrics
+            .refused_connects
+            .get_or_create(&hato::metrics::Reason {
+                reason: kind.into(),
+            })
+            .get()
+    };
+    assert_eq!((refused_as("invalid"), refused_as("no_connect")), (7, 1));
     // A peer that vanishes mid-handshake, after the offer.
     let (mut ws, _) = tokio_tungstenite::connect_async(s.signaling_url())
         .await
