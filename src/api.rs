@@ -566,27 +566,8 @@ async fn history(shared: &Shared, body: &[u8]) -> Result<Response<Full<Bytes>>, 
     let (epoch, offset, first_offset, taken) = match shared.history.existing(&q.channel_id) {
         _ if streamed.is_some() => {
             let s = streamed.expect("checked");
-            let mut taken = Vec::new();
-            for (_, payload) in &s.messages {
-                let Ok(wire) = serde_json::from_slice::<crate::cluster::Wire<'_>>(payload) else {
-                    continue;
-                };
-                let (Some(epoch), Some(first)) = (wire.epoch, wire.offset) else {
-                    continue;
-                };
-                for (i, item) in wire.items.iter().enumerate() {
-                    let Some(data) = item.data else { continue };
-                    let offset = first + i as u64;
-                    if offset > q.since_offset && taken.len() < q.limit {
-                        let text = hato_signaling::message::push_json(data.get(), epoch, offset);
-                        taken.push((
-                            offset,
-                            item.to.clone(),
-                            std::sync::Arc::new(crate::outbox::Encoded::new(text)),
-                        ));
-                    }
-                }
-            }
+            let mut taken = s.pushes(q.since_offset);
+            taken.truncate(q.limit);
             (s.epoch, s.last, s.first, taken)
         }
         None => (None, 0, None, Vec::new()),

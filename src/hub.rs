@@ -66,6 +66,14 @@ pub enum Origin {
     Cluster,
 }
 
+/// Whether a recipient has nothing but a DataChannel for a push: then a
+/// push larger than hato sends over one is refused whole (413).
+fn any_datachannel_only(conns: &[Arc<Conn>]) -> bool {
+    conns
+        .iter()
+        .any(|c| c.message_limit.is_some() && !c.websocket_fallback)
+}
+
 fn refuse_oversize(shared: &Shared, bytes: usize) -> Result<(), TooLarge> {
     let limit = shared.config.data_channel_message_limit;
     if bytes <= limit {
@@ -105,11 +113,7 @@ pub fn deliver_at(shared: &Shared, push: Push<'_>, epoch: &str, offset: u64) {
 pub fn check(shared: &Shared, push: Push<'_>) -> Result<u64, TooLarge> {
     let (remote, remote_dc_only) = shared.table.remote_matches(push.channel_id, push.audience);
     let conns = shared.table.lookup(push.channel_id, push.audience);
-    if remote_dc_only
-        || conns
-            .iter()
-            .any(|c| c.message_limit.is_some() && !c.websocket_fallback)
-    {
+    if remote_dc_only || any_datachannel_only(&conns) {
         // Its size with a position as long as any it can be given.
         let around = message::push_json("", "000000000000", u64::MAX).len();
         refuse_oversize(shared, around + push.data.len())?;
@@ -144,12 +148,7 @@ fn deliver_checked(
     // Refuse up front a push larger than hato itself sends over a
     // DataChannel, when a recipient would need one.
     let own_limit = shared.config.data_channel_message_limit;
-    if origin == Origin::Api
-        && (must_fit
-            || conns
-                .iter()
-                .any(|c| c.message_limit.is_some() && !c.websocket_fallback))
-    {
+    if origin == Origin::Api && (must_fit || any_datachannel_only(&conns)) {
         refuse_oversize(shared, frame.len())?;
     }
     log.commit(std::time::Instant::now(), audience, frame.clone());

@@ -127,6 +127,18 @@ pub struct Wire<'a> {
     pub items: Vec<Item<'a>>,
 }
 
+impl<'a> Wire<'a> {
+    /// Through the stream: its pushes with their offsets, in order.
+    pub fn pushes(&self) -> impl Iterator<Item = (u64, &Item<'a>, &'a RawValue)> + '_ {
+        let first = self.offset.unwrap_or_default();
+        self.items
+            .iter()
+            .enumerate()
+            .filter(|(_, item)| item.op == "push")
+            .filter_map(move |(i, item)| Some((first + i as u64, item, item.data?)))
+    }
+}
+
 /// One part of a node's answer to a snapshot or listing request.
 #[derive(Debug, Deserialize)]
 struct Chunk {
@@ -395,28 +407,10 @@ impl Cluster {
                 return Some(hold);
             }
         };
-        let Some(epoch) = since.epoch else {
+        let Some(epoch) = since.epoch.clone() else {
             return Some(hold);
         };
-        let mut older = Vec::new();
-        for (_, payload) in &since.messages {
-            let Ok(wire) = serde_json::from_slice::<Wire<'_>>(payload) else {
-                continue;
-            };
-            let first = wire.offset.unwrap_or_default();
-            for (i, item) in wire.items.iter().enumerate() {
-                let (Some(data), "push") = (item.data, item.op) else {
-                    continue;
-                };
-                let offset = first + i as u64;
-                let message = crate::outbox::Encoded::new(hato_signaling::message::push_json(
-                    data.get(),
-                    &epoch,
-                    offset,
-                ));
-                older.push((offset, item.to.clone(), Arc::new(message)));
-            }
-        }
+        let older = since.pushes(after);
         hold.0
             .lock()
             .unwrap()
@@ -774,16 +768,18 @@ async fn channel_task(cluster: Arc<Cluster>, channel_id: Arc<str>, ready: watch:
         cluster.stats.received.fetch_add(1, Ordering::Relaxed);
         match (msg.stream, &cluster.streams, &log) {
             (Some(stored), Some(streams), Some(log)) => {
-                let epoch = log.lock().unwrap().epoch.clone();
-                let same_epoch =
-                    stream::position_of(&msg.payload).is_some_and(|(e, ..)| e == epoch);
+                let Ok(wire) = serde_json::from_slice::<Wire<'_>>(&msg.payload) else {
+                    tracing::debug!("cluster: unreadable stream message");
+                    continue;
+                };
+                let same_epoch = wire.epoch.is_some_and(|e| *e == *log.lock().unwrap().epoch);
                 if same_epoch && cursor.known && stored.seq <= cursor.seq {
                     continue;
                 }
                 if same_epoch && cursor.known && stored.previous > cursor.seq {
                     fill(&shared, streams, &channel_id, &mut cursor, stored.seq).await;
                 }
-                deliver_stored(&shared, &msg.payload);
+                deliver_stored(&shared, &wire);
                 cursor = Cursor {
                     seq: stored.seq,
                     known: true,
@@ -815,7 +811,9 @@ async fn fill(
     while cursor.seq + 1 < until {
         match streams.next(&subject, cursor.seq + 1).await {
             Ok(Some((seq, payload))) if seq < until => {
-                deliver_stored(shared, &payload);
+                if let Ok(wire) = serde_json::from_slice::<Wire<'_>>(&payload) {
+                    deliver_stored(shared, &wire);
+                }
                 cursor.seq = seq;
                 filled += 1;
                 if let Some(c) = &shared.cluster {
@@ -841,23 +839,15 @@ async fn fill(
 }
 
 /// Delivers one stored message's pushes here, at their offsets.
-fn deliver_stored(shared: &Shared, payload: &[u8]) {
-    let Ok(wire) = serde_json::from_slice::<Wire<'_>>(payload) else {
-        tracing::debug!("cluster: unreadable stream message");
-        return;
-    };
-    let (Some(epoch), Some(first)) = (wire.epoch, wire.offset) else {
-        return;
-    };
-    for (i, item) in wire.items.iter().enumerate() {
-        if let ("push", Some(data)) = (item.op, item.data) {
-            let push = hub::Push {
-                channel_id: &wire.channel_id,
-                audience: item.to.as_ref(),
-                data: data.get(),
-            };
-            hub::deliver_at(shared, push, epoch, first + i as u64);
-        }
+fn deliver_stored(shared: &Shared, wire: &Wire<'_>) {
+    let Some(epoch) = wire.epoch else { return };
+    for (offset, item, data) in wire.pushes() {
+        let push = hub::Push {
+            channel_id: &wire.channel_id,
+            audience: item.to.as_ref(),
+            data: data.get(),
+        };
+        hub::deliver_at(shared, push, epoch, offset);
     }
 }
 

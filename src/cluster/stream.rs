@@ -20,6 +20,7 @@
 use super::broker::{Broker, StreamBounds, StreamError};
 use super::{token, Item, Unavailable, Wire};
 use crate::history::Position;
+use crate::outbox::Encoded;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -108,8 +109,29 @@ pub struct Since {
     pub messages: Vec<(u64, Bytes)>,
 }
 
+impl Since {
+    /// Its pushes after `after`, each as the message a peer is sent, with
+    /// whom it addresses, in order.
+    pub fn pushes(&self, after: u64) -> Vec<(u64, hato_signaling::api::Audience, Arc<Encoded>)> {
+        let Some(epoch) = &self.epoch else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (_, payload) in &self.messages {
+            let Ok(wire) = serde_json::from_slice::<Wire<'_>>(payload) else {
+                continue;
+            };
+            for (offset, item, data) in wire.pushes().filter(|(o, ..)| *o > after) {
+                let text = hato_signaling::message::push_json(data.get(), epoch, offset);
+                out.push((offset, item.to.clone(), Arc::new(Encoded::new(text))));
+            }
+        }
+        out
+    }
+}
+
 /// The epoch and the first and last offsets a stored message carries.
-pub fn position_of(payload: &[u8]) -> Option<(Arc<str>, u64, u64)> {
+fn position_of(payload: &[u8]) -> Option<(Arc<str>, u64, u64)> {
     let w = serde_json::from_slice::<Wire<'_>>(payload).ok()?;
     let first = w.offset?;
     Some((
