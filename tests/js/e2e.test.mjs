@@ -4,13 +4,14 @@
 // candidate is loopback or a documentation-range address.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, execFileSync, execSync } from "node:child_process";
+import { spawn, execFile, execFileSync, execSync } from "node:child_process";
+import { promisify } from "node:util";
 import { createServer } from "node:http";
 import https from "node:https";
 import { readFileSync, writeFileSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
 import os from "node:os";
 import net from "node:net";
-import { fileURLToPath } from "node:url";
+import { fileURLToPath, pathToFileURL } from "node:url";
 import { createHmac } from "node:crypto";
 import path from "node:path";
 import { chromium } from "playwright-core";
@@ -322,6 +323,57 @@ test("demo page: connects as a WebRTC peer and shows a push it sends, with its t
   await page.click("#connect");
   await page.close();
   assert.deepEqual(errors, [], "the demo page logged errors");
+});
+
+test("load report: hato-load's HTML report, and its comparison of two runs, draw every plot with data and need no network", async () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), "hato-report-"));
+  const load = path.join(path.dirname(hatoBin), "hato-load");
+  // Not execFileSync: this process answers hato's auth webhook meanwhile.
+  const run = (args) => promisify(execFile)(load, args, { timeout: 60000 });
+  const pushRun = (name, extra) => run([
+    "--signaling-url", signalingUrl, "--api-url", apiUrl, "--channel", `report-${name}`,
+    "--peers", "20", "--hatch-rate", "40", "--duration", "3", "--rate", "20", "--settle", "1",
+    "--drain", "1", "--server-pid", String(hato.pid), "--max-lost", "0",
+    "--json", path.join(dir, `${name}.json`), ...extra,
+  ]);
+  await pushRun("before", ["--report", path.join(dir, "before.html")]);
+  await pushRun("after", ["--data-channel-signaling", "--ignore-disconnect-websocket", "--processes", "2"]);
+  await run(["--compare", path.join(dir, "before.json"), path.join(dir, "after.json"),
+    "--report", path.join(dir, "compare.html")]);
+  for (const [file, runs] of [["before.html", 1], ["compare.html", 2]]) {
+    const page = await browser.newPage({ viewport: { width: 1500, height: 1000 } });
+    const errors = [];
+    const fetched = [];
+    page.on("console", (m) => m.type() === "error" && errors.push(m.text()));
+    page.on("pageerror", (e) => errors.push(String(e)));
+    page.on("request", (r) => fetched.push(r.url()));
+    const url = pathToFileURL(path.join(dir, file)).href;
+    await page.goto(url);
+    const charts = await page.$$eval("svg.chart", (svgs) => svgs.map((s) => ({
+      id: s.id,
+      points: Number(s.dataset.points),
+      // Lines the browser laid out with a length, and the box they sit in.
+      drawn: [...s.querySelectorAll("path.series")].filter((p) => p.getTotalLength() > 0).length,
+      width: s.getBoundingClientRect().width,
+    })));
+    assert.equal(charts.length, 8, `${file}: ${JSON.stringify(charts)}`);
+    for (const c of charts) {
+      assert.ok(c.points > 0 && c.drawn >= runs && c.width > 0, `${file}: ${c.id} drew no data: ${JSON.stringify(c)}`);
+    }
+    // The figures table has one column per run, and the second run's deliveries.
+    const received = await page.$$eval("#figures tr", (rows) => rows
+      .find((r) => r.cells[0]?.textContent === "deliveries received")
+      ?.querySelectorAll("td.n").length);
+    assert.equal(received, runs === 2 ? 3 : 1, `${file}: figures table`);
+    assert.deepEqual(fetched.filter((u) => u !== url), [], `${file} fetched something`);
+    assert.deepEqual(errors, [], `${file} logged errors`);
+    await page.close();
+  }
+  const after = JSON.parse(readFileSync(path.join(dir, "after.json"), "utf8"));
+  // The workers' series are merged: 20 peers connected across 2 processes.
+  assert.equal(Math.max(...after.series.connected), 20);
+  assert.ok(after.series.deliveries_per_second.some((n) => n > 0));
+  rmSync(dir, { recursive: true, force: true });
 });
 
 test("cluster: the SDK connected to node B receives a push sent to node A's API", async () => {

@@ -5,6 +5,8 @@
 //! Every run is bounded: a duration cap, a peer cap, loopback targets unless
 //! told otherwise.
 
+mod report;
+
 use bytes::Bytes;
 
 /// mimalloc instead of glibc's malloc: every delivery allocates and frees
@@ -119,9 +121,23 @@ struct Args {
     /// Process name of the server, when the pid is not known (e.g. "hato").
     #[arg(long)]
     server_process: Option<String>,
-    /// Write the JSON summary here ("-": stdout).
+    /// Write the JSON summary here ("-": stdout); it holds the run's time
+    /// series and histograms too, so that `--compare` can redraw it.
     #[arg(long)]
     json: Option<String>,
+    /// Write a self-contained HTML report with plots here: peers connected
+    /// over time, offer → ready, pushes and deliveries per second, delivery
+    /// latency per second and its histogram, server CPU and RSS.
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<String>,
+    /// Also write each plot of the report as an SVG file into this folder.
+    #[arg(long, value_name = "DIR")]
+    plots: Option<String>,
+    /// Run nothing: draw the runs of two `--json` files (before, after) over
+    /// each other, their figures side by side with the ratio, into
+    /// `--report` (and `--plots`).
+    #[arg(long, num_args = 2, value_names = ["A.json", "B.json"])]
+    compare: Vec<String>,
     /// Fail (exit 1) when the delivery p99 exceeds this many ms.
     #[arg(long)]
     max_p99_ms: Option<f64>,
@@ -186,7 +202,8 @@ struct PeerRecord {
     /// the last-peer latency are built from these when the run ends. (A
     /// histogram per peer, allocated and zeroed by all peers at once on the
     /// first push, made that push late by far more than its latency.)
-    firsts: Vec<(u64, u64)>,
+    /// The third field is the unix second the push was sent in.
+    firsts: Vec<(u64, u64, u32)>,
     seen: Vec<bool>,
     received: u64,
     duplicated: u64,
@@ -201,7 +218,7 @@ struct PeerRecord {
 impl PeerRecord {
     /// `position`: where the push stands in its channel's order — received
     /// below the highest seen is out of order.
-    fn record(&mut self, seq: u64, position: u64, latency_us: u64, via: Via) {
+    fn record(&mut self, seq: u64, position: u64, sent_us: u64, latency_us: u64, via: Via) {
         let i = seq as usize;
         if self.seen.len() <= i {
             self.seen.resize(i + 1, false);
@@ -220,7 +237,8 @@ impl PeerRecord {
             self.out_of_order += 1;
         }
         self.last_position = Some(self.last_position.map_or(position, |l| l.max(position)));
-        self.firsts.push((seq, latency_us));
+        self.firsts
+            .push((seq, latency_us, (sent_us / 1_000_000) as u32));
     }
 }
 
@@ -235,9 +253,121 @@ struct Target {
 struct Counters {
     connected: AtomicUsize,
     failed: AtomicUsize,
+    /// Failed connects by reason.
+    failures: Mutex<BTreeMap<String, u64>>,
     pushes_ok: AtomicU64,
     pushes_failed: AtomicU64,
     deliveries: AtomicU64,
+}
+
+/// A process's counts at a whole unix second, cumulative: the samples of
+/// several processes taken at the same second add up.
+#[derive(Default, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Sample {
+    /// Unix second.
+    t: u64,
+    connected: u64,
+    failed: BTreeMap<String, u64>,
+    pushes: u64,
+    push_failures: u64,
+    deliveries: u64,
+    /// The server's RSS (kB) and CPU seconds, where this process samples it.
+    server: Option<(u64, f64)>,
+}
+
+impl Sample {
+    fn add(&mut self, o: &Sample) {
+        self.connected += o.connected;
+        for (k, v) in &o.failed {
+            *self.failed.entry(k.clone()).or_default() += v;
+        }
+        self.pushes += o.pushes;
+        self.push_failures += o.push_failures;
+        self.deliveries += o.deliveries;
+        self.server = match (self.server, o.server) {
+            (Some(a), Some(b)) => Some((a.0 + b.0, a.1 + b.1)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// Takes a [`Sample`] of `counters` (and of the server's RSS and CPU) at
+/// every whole unix second until stopped.
+struct Sampler {
+    samples: Arc<Mutex<Vec<Sample>>>,
+    task: tokio::task::JoinHandle<()>,
+    take: Arc<dyn Fn() -> Sample + Send + Sync>,
+}
+
+impl Sampler {
+    fn start(counters: Arc<Counters>, server: Option<Vec<u32>>) -> Sampler {
+        let take: Arc<dyn Fn() -> Sample + Send + Sync> = Arc::new(move || Sample {
+            t: (now_us() + 500_000) / 1_000_000,
+            connected: counters.connected.load(Ordering::Relaxed) as u64,
+            failed: counters.failures.lock().unwrap().clone(),
+            pushes: counters.pushes_ok.load(Ordering::Relaxed),
+            push_failures: counters.pushes_failed.load(Ordering::Relaxed),
+            deliveries: counters.deliveries.load(Ordering::Relaxed),
+            server: server.as_deref().and_then(proc_stat),
+        });
+        let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
+        let (s, f) = (samples.clone(), take.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let now = now_us();
+                let next = (now / 1_000_000 + 1) * 1_000_000;
+                tokio::time::sleep(Duration::from_micros(next - now)).await;
+                let sample = f();
+                s.lock().unwrap().push(sample);
+            }
+        });
+        Sampler {
+            samples,
+            task,
+            take,
+        }
+    }
+
+    /// Stops, with a last sample of the counts as they are now.
+    fn stop(self) -> Vec<Sample> {
+        self.task.abort();
+        let mut samples = std::mem::take(&mut *self.samples.lock().unwrap());
+        let last = (self.take)();
+        match samples.last_mut() {
+            Some(s) if s.t >= last.t => *s = Sample { t: s.t, ..last },
+            _ => samples.push(last),
+        }
+        samples
+    }
+}
+
+/// The sum of several processes' samples, second by second: a process
+/// with no sample at a second counts with its last one before it (or
+/// nothing, before its first).
+fn merge_samples(processes: &[Vec<Sample>]) -> Vec<Sample> {
+    let seconds: std::collections::BTreeSet<u64> =
+        processes.iter().flatten().map(|s| s.t).collect();
+    let mut at = vec![0usize; processes.len()];
+    let mut out = Vec::with_capacity(seconds.len());
+    for t in seconds {
+        let mut sum = Sample {
+            t,
+            ..Sample::default()
+        };
+        for (p, samples) in processes.iter().enumerate() {
+            while at[p] + 1 < samples.len() && samples[at[p] + 1].t <= t {
+                at[p] += 1;
+            }
+            if let Some(s) = samples.get(at[p]).filter(|s| s.t <= t) {
+                sum.add(&Sample {
+                    server: s.server.filter(|_| s.t == t),
+                    ..s.clone()
+                });
+            }
+        }
+        out.push(sum);
+    }
+    out
 }
 
 /// RSS (kB) and CPU seconds of processes, summed (a cluster's nodes, or
@@ -418,10 +548,14 @@ fn from_buckets(b: &[(u64, u64)]) -> Histogram<u64> {
 struct Observed {
     connected: usize,
     failed: usize,
-    failure_reasons: BTreeMap<String, usize>,
+    failure_reasons: BTreeMap<String, u64>,
     connect_us: Vec<(u64, u64)>,
     ready_us: Vec<(u64, u64)>,
     latency_us: Vec<(u64, u64)>,
+    /// Delivery latency by the unix second the push was sent in.
+    latency_by_second: Vec<(u64, Vec<(u64, u64)>)>,
+    /// This process's counts, second by second.
+    samples: Vec<Sample>,
     /// Per push: the latest first receipt among this process's peers (µs).
     last_by_seq: Vec<(u64, u64)>,
     /// Connected peers per channel.
@@ -448,6 +582,14 @@ impl Observed {
         self.connect_us = join(&self.connect_us, &o.connect_us);
         self.ready_us = join(&self.ready_us, &o.ready_us);
         self.latency_us = join(&self.latency_us, &o.latency_us);
+        let mut by_second: BTreeMap<u64, Vec<(u64, u64)>> =
+            self.latency_by_second.drain(..).collect();
+        for (t, b) in o.latency_by_second {
+            let e = by_second.entry(t).or_default();
+            *e = join(e, &b);
+        }
+        self.latency_by_second = by_second.into_iter().collect();
+        self.samples = merge_samples(&[std::mem::take(&mut self.samples), o.samples]);
         let mut last: HashMap<u64, u64> = self.last_by_seq.drain(..).collect();
         for (seq, lat) in o.last_by_seq {
             let m = last.entry(seq).or_default();
@@ -476,7 +618,6 @@ async fn connect_phase(
     counters: &Arc<Counters>,
     tty: bool,
 ) -> (Vec<(usize, Client)>, Observed) {
-    let failures: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
     let connect_hist = Arc::new(Mutex::new(hist()));
     let ready_hist = Arc::new(Mutex::new(hist()));
     let sem = Arc::new(Semaphore::new(args.concurrency.max(1)));
@@ -486,10 +627,9 @@ async fn connect_phase(
         let at = t0 + Duration::from_secs_f64(i as f64 / args.hatch_rate.max(0.001));
         tokio::time::sleep_until(at.into()).await;
         let permit = sem.clone().acquire_owned().await.expect("semaphore open");
-        let (a, c, f, ch, rh) = (
+        let (a, c, ch, rh) = (
             args.clone(),
             counters.clone(),
-            failures.clone(),
             connect_hist.clone(),
             ready_hist.clone(),
         );
@@ -504,8 +644,8 @@ async fn connect_phase(
                     Some((i, client))
                 }
                 Err(e) => {
+                    *c.failures.lock().unwrap().entry(e).or_default() += 1;
                     c.failed.fetch_add(1, Ordering::Relaxed);
-                    *f.lock().unwrap().entry(e).or_default() += 1;
                     None
                 }
             }
@@ -527,7 +667,7 @@ async fn connect_phase(
     let observed = Observed {
         connected: counters.connected.load(Ordering::Relaxed),
         failed: counters.failed.load(Ordering::Relaxed),
-        failure_reasons: failures.lock().unwrap().clone(),
+        failure_reasons: counters.failures.lock().unwrap().clone(),
         connect_us: buckets(&connect_hist.lock().unwrap()),
         ready_us: buckets(&ready_hist.lock().unwrap()),
         ..Observed::default()
@@ -581,7 +721,7 @@ fn record_phase(
                     record
                         .lock()
                         .unwrap()
-                        .record(seq, position, at_us.saturating_sub(ts), via);
+                        .record(seq, position, ts, at_us.saturating_sub(ts), via);
                     counters.deliveries.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -763,7 +903,7 @@ fn progress(
             tokio::time::sleep(Duration::from_secs(1)).await;
             let mut h = hist();
             for r in &records {
-                for (_, l) in &r.lock().unwrap().firsts {
+                for (_, l, _) in &r.lock().unwrap().firsts {
                     let _ = h.record((*l).max(1));
                 }
             }
@@ -791,6 +931,7 @@ fn observe(
 ) -> Observed {
     let mut latency = hist();
     let mut last: HashMap<u64, u64> = HashMap::new();
+    let mut by_second: BTreeMap<u64, Histogram<u64>> = BTreeMap::new();
     o.per_channel = vec![0; args.channels];
     for t in targets {
         o.per_channel[t.channel] += 1;
@@ -802,13 +943,18 @@ fn observe(
         o.out_of_order += r.out_of_order;
         o.by_ws += r.by_ws;
         o.by_dc += r.by_dc;
-        for (seq, lat) in &r.firsts {
+        for (seq, lat, sent_s) in &r.firsts {
             let _ = latency.record((*lat).max(1));
+            let _ = by_second
+                .entry(*sent_s as u64)
+                .or_insert_with(hist)
+                .record((*lat).max(1));
             let m = last.entry(*seq).or_default();
             *m = (*m).max(*lat);
         }
     }
     o.latency_us = buckets(&latency);
+    o.latency_by_second = by_second.iter().map(|(t, h)| (*t, buckets(h))).collect();
     o.last_by_seq = last.into_iter().collect();
     o
 }
@@ -825,6 +971,80 @@ struct ServerSamples {
     client_after: Option<(u64, f64)>,
 }
 
+/// Unix µs of the moments a run changes phase.
+#[derive(Clone, Copy, Default)]
+struct Phases {
+    start: u64,
+    connected: u64,
+    pushing: u64,
+    pushed: u64,
+}
+
+impl Phases {
+    fn begin() -> Phases {
+        Phases {
+            start: now_us(),
+            ..Phases::default()
+        }
+    }
+}
+
+/// The run second by second, in seconds from its start: each count per
+/// second is over the second that ends at `t`; delivery latency is by the
+/// second the push was sent in.
+fn series(o: &Observed, phases: Phases) -> Value {
+    let start = phases.start / 1_000_000;
+    let rel = |t: u64| t as i64 - start as i64;
+    let samples = &o.samples;
+    let per_second = |f: &dyn Fn(&Sample) -> Option<f64>, scale: f64| -> Vec<Option<f64>> {
+        samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let before = i.checked_sub(1).map(|j| &samples[j])?;
+                let dt = s.t.checked_sub(before.t).filter(|d| *d > 0)? as f64;
+                Some((f(s)? - f(before)?) * scale / dt)
+            })
+            .collect()
+    };
+    let reasons: std::collections::BTreeSet<&String> =
+        samples.iter().flat_map(|s| s.failed.keys()).collect();
+    let failed: serde_json::Map<String, Value> = reasons
+        .into_iter()
+        .map(|r| {
+            let counts: Vec<u64> = samples
+                .iter()
+                .map(|s| s.failed.get(r).copied().unwrap_or(0))
+                .collect();
+            (r.clone(), json!(counts))
+        })
+        .collect();
+    let latency: Vec<(i64, Histogram<u64>)> = o
+        .latency_by_second
+        .iter()
+        .map(|(t, b)| (rel(*t + 1), from_buckets(b)))
+        .collect();
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let at = |us: u64| (us > 0).then(|| (us as f64 - start as f64 * 1e6) / 1e6);
+    json!({
+        "start_unix": start,
+        "t": samples.iter().map(|s| rel(s.t)).collect::<Vec<_>>(),
+        "connected": samples.iter().map(|s| s.connected).collect::<Vec<_>>(),
+        "failed": failed,
+        "pushes_per_second": per_second(&|s| Some(s.pushes as f64), 1.0),
+        "push_failures_per_second": per_second(&|s| Some(s.push_failures as f64), 1.0),
+        "deliveries_per_second": per_second(&|s| Some(s.deliveries as f64), 1.0),
+        "server_cpu_percent": per_second(&|s| s.server.map(|v| v.1), 100.0),
+        "server_rss_mb": samples.iter().map(|s| s.server.map(|v| v.0 as f64 / 1024.0)).collect::<Vec<_>>(),
+        "latency": {
+            "t": latency.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+            "p50_ms": latency.iter().map(|(_, h)| ms(h, 0.5)).collect::<Vec<_>>(),
+            "p99_ms": latency.iter().map(|(_, h)| ms(h, 0.99)).collect::<Vec<_>>(),
+        },
+        "phases": {"connected_s": at(phases.connected), "pushing_s": at(phases.pushing), "pushed_s": at(phases.pushed)},
+    })
+}
+
 /// Step 5: the summary, the one-line verdict and the exit status.
 fn report(
     args: &Args,
@@ -833,6 +1053,7 @@ fn report(
     connect_secs: f64,
     server_pid: Option<Vec<u32>>,
     s: ServerSamples,
+    phases: Phases,
 ) -> i32 {
     let mut expected = 0u64;
     for (_, channel) in &pushed.accepted {
@@ -882,6 +1103,8 @@ fn report(
         _ => None,
     };
     let summary = json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "started_unix": phases.start / 1_000_000,
         "peers": {"requested": args.peers, "connected": connected, "failed": o.failed,
                   "failure_reasons": o.failure_reasons, "connect_seconds": connect_secs,
                   "processes": args.processes.max(1)},
@@ -916,7 +1139,16 @@ fn report(
             "cpu_seconds_pushing": delta(s.client_pushing, s.client_after),
             "cpu_us_per_delivery": per_delivery(s.client_pushing, s.client_after),
         },
+        "series": series(o, phases),
+        "histograms": {"latency_us": o.latency_us, "offer_to_ready_us": o.ready_us, "connect_us": o.connect_us},
     });
+    if args.report.is_some() || args.plots.is_some() {
+        write_report(
+            args.report.as_deref(),
+            args.plots.as_deref(),
+            &[("this run".into(), summary.clone())],
+        );
+    }
     let text = serde_json::to_string_pretty(&summary).expect("serialises");
     match args.json.as_deref() {
         Some("-") => println!("{text}"),
@@ -955,7 +1187,70 @@ fn report(
     }
 }
 
+/// Writes the report (and the plots) of `runs`, saying where on stderr.
+fn write_report(path: Option<&str>, plots: Option<&str>, runs: &[(String, Value)]) -> bool {
+    let page = report::render(runs);
+    if let Some(path) = path {
+        if let Err(e) = std::fs::write(path, &page.html) {
+            eprintln!("hato-load: cannot write {path}: {e}");
+            return false;
+        }
+        eprintln!("hato-load: report written to {path}");
+    }
+    if let Some(dir) = plots {
+        let written = std::fs::create_dir_all(dir).and_then(|_| {
+            page.plots.iter().try_for_each(|(name, svg)| {
+                std::fs::write(std::path::Path::new(dir).join(format!("{name}.svg")), svg)
+            })
+        });
+        if let Err(e) = written {
+            eprintln!("hato-load: cannot write the plots into {dir}: {e}");
+            return false;
+        }
+    }
+    true
+}
+
+/// `--compare A.json B.json`: the two runs' report, nothing run.
+fn compare(args: &Args) -> i32 {
+    let mut runs = Vec::new();
+    for path in &args.compare {
+        let read = std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<Value>(&b).map_err(|e| e.to_string()));
+        match read {
+            Ok(v) if v.get("series").is_some() => {
+                let name = std::path::Path::new(path)
+                    .file_stem()
+                    .map_or(path.clone(), |n| n.to_string_lossy().into_owned());
+                runs.push((name, v));
+            }
+            Ok(_) => {
+                eprintln!(
+                    "hato-load: {path} has no time series: write it with this hato-load's --json"
+                );
+                return 2;
+            }
+            Err(e) => {
+                eprintln!("hato-load: cannot read {path}: {e}");
+                return 2;
+            }
+        }
+    }
+    if write_report(args.report.as_deref(), args.plots.as_deref(), &runs) {
+        0
+    } else {
+        1
+    }
+}
+
 fn check(args: &Args) -> Result<(), &'static str> {
+    if !args.compare.is_empty() && args.report.is_none() && args.plots.is_none() {
+        return Err("--compare draws a report: give --report FILE.html (and/or --plots DIR)");
+    }
+    if args.churn.is_some() && (args.report.is_some() || args.plots.is_some()) {
+        return Err("--report and --plots are for push runs, not --churn");
+    }
     if args.peers == 0 || args.peers > 20_000 {
         return Err("--peers must be 1..=20000");
     }
@@ -992,6 +1287,7 @@ fn check(args: &Args) -> Result<(), &'static str> {
 async fn worker(args: Args, index: usize) -> i32 {
     let k = args.processes;
     let counters = Arc::new(Counters::default());
+    let sampler = Sampler::start(counters.clone(), None);
     let indices = (0..args.peers).filter(|i| i % k == index).collect();
     let (clients, connected) = connect_phase(&args, indices, &counters, false).await;
     let (targets, records, leave) = record_phase(&args, clients, &counters);
@@ -1006,7 +1302,8 @@ async fn worker(args: Args, index: usize) -> i32 {
         &mut line,
     )
     .await;
-    let observed = observe(connected, &args, &targets, &records);
+    let mut observed = observe(connected, &args, &targets, &records);
+    observed.samples = sampler.stop();
     leave.now().await;
     println!(
         "OBSERVED {}",
@@ -1025,6 +1322,9 @@ async fn parent(args: Args, tty: bool) -> i32 {
         before: server_pid.as_deref().and_then(proc_stat),
         ..Default::default()
     };
+    let counters = Arc::new(Counters::default());
+    let sampler = Sampler::start(counters.clone(), server_pid.clone());
+    let mut phases = Phases::begin();
     let exe = std::env::current_exe().expect("own path");
     let own: Vec<String> = std::env::args().skip(1).collect();
     let t0 = Instant::now();
@@ -1052,6 +1352,7 @@ async fn parent(args: Args, tty: bool) -> i32 {
         }
     }
     let connect_secs = t0.elapsed().as_secs_f64();
+    phases.connected = now_us();
     if tty {
         eprintln!(
             "hato-load: {} peers connected by {} processes",
@@ -1065,12 +1366,16 @@ async fn parent(args: Args, tty: bool) -> i32 {
     tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
     samples.pushing = server_pid.as_deref().and_then(proc_stat);
     samples.client_pushing = proc_stat(&own_pids);
-    let counters = Arc::new(Counters::default());
+    phases.pushing = now_us();
     let pushed = push_phase(&args, Arc::new(targets), &counters).await;
+    phases.pushed = now_us();
     tokio::time::sleep(Duration::from_secs_f64(args.drain)).await;
     samples.after = server_pid.as_deref().and_then(proc_stat);
     samples.client_after = proc_stat(&own_pids);
-    let mut merged = Observed::default();
+    let mut merged = Observed {
+        samples: sampler.stop(),
+        ..Observed::default()
+    };
     for (mut child, mut stdin, mut lines) in workers {
         let _ = stdin.write_all(b"report\n").await;
         while let Ok(Some(line)) = lines.next_line().await {
@@ -1083,7 +1388,15 @@ async fn parent(args: Args, tty: bool) -> i32 {
         }
         let _ = child.wait().await;
     }
-    report(&args, &merged, &pushed, connect_secs, server_pid, samples)
+    report(
+        &args,
+        &merged,
+        &pushed,
+        connect_secs,
+        server_pid,
+        samples,
+        phases,
+    )
 }
 
 /// One process: connect, record, settle, push, drain, report.
@@ -1094,10 +1407,13 @@ async fn single(args: Args, tty: bool) -> i32 {
         ..Default::default()
     };
     let counters = Arc::new(Counters::default());
+    let sampler = Sampler::start(counters.clone(), server_pid.clone());
+    let mut phases = Phases::begin();
     let t0 = Instant::now();
     let (clients, connected) =
         connect_phase(&args, (0..args.peers).collect(), &counters, tty).await;
     let connect_secs = t0.elapsed().as_secs_f64();
+    phases.connected = now_us();
     samples.connected = server_pid.as_deref().and_then(proc_stat);
     let (targets, records, leave) = record_phase(&args, clients, &counters);
     // Every connect sent connection.created to the channel: let that
@@ -1107,7 +1423,9 @@ async fn single(args: Args, tty: bool) -> i32 {
     samples.client_pushing = proc_stat(&[std::process::id()]);
     let live = tty.then(|| progress(counters.clone(), records.clone()));
     let targets = Arc::new(targets);
+    phases.pushing = now_us();
     let pushed = push_phase(&args, targets.clone(), &counters).await;
+    phases.pushed = now_us();
     tokio::time::sleep(Duration::from_secs_f64(args.drain)).await;
     if let Some(p) = live {
         p.abort();
@@ -1115,9 +1433,18 @@ async fn single(args: Args, tty: bool) -> i32 {
     }
     samples.after = server_pid.as_deref().and_then(proc_stat);
     samples.client_after = proc_stat(&[std::process::id()]);
-    let observed = observe(connected, &args, &targets, &records);
+    let mut observed = observe(connected, &args, &targets, &records);
+    observed.samples = sampler.stop();
     leave.now().await;
-    report(&args, &observed, &pushed, connect_secs, server_pid, samples)
+    report(
+        &args,
+        &observed,
+        &pushed,
+        connect_secs,
+        server_pid,
+        samples,
+        phases,
+    )
 }
 
 #[tokio::main]
@@ -1130,6 +1457,7 @@ async fn main() {
     let tty = std::io::stderr().is_terminal();
     let code = match args.worker_index {
         Some(i) => worker(args, i).await,
+        None if !args.compare.is_empty() => compare(&args),
         None if args.churn.is_some() => churn(args, tty).await,
         None if args.processes > 1 => parent(args, tty).await,
         None => single(args, tty).await,
@@ -1344,4 +1672,42 @@ async fn churn(args: Args, tty: bool) -> i32 {
         }
     }
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(t: u64, connected: u64, server: Option<(u64, f64)>) -> Sample {
+        Sample {
+            t,
+            connected,
+            server,
+            ..Sample::default()
+        }
+    }
+
+    /// Workers sample the same whole seconds but start and stop apart: a
+    /// second one of them missed counts with its last sample before it,
+    /// and the server figures (the parent's) are never carried forward.
+    #[test]
+    fn samples_of_several_processes_add_up_second_by_second() {
+        let parent = vec![at(10, 0, Some((100, 1.0))), at(12, 0, Some((120, 1.5)))];
+        let a = vec![at(10, 3, None), at(11, 5, None), at(12, 6, None)];
+        let b = vec![at(11, 4, None), at(13, 9, None)];
+        let merged = merge_samples(&[parent, a, b]);
+        let got: Vec<(u64, u64, Option<(u64, f64)>)> = merged
+            .iter()
+            .map(|s| (s.t, s.connected, s.server))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (10, 3, Some((100, 1.0))),
+                (11, 9, None),
+                (12, 10, Some((120, 1.5))),
+                (13, 15, None),
+            ]
+        );
+    }
 }
