@@ -527,6 +527,9 @@ async fn the_grafana_dashboard_queries_only_metrics_hato_exports() {
     .await;
     peer.send_ws(r#"{"type":"disconnect","reason":"NO-ERROR"}"#);
     table_len(&s, 0).await;
+    // And a connect refused before its offer.
+    let (code, _) = refused(&s, vec![Message::text("{not json")]).await;
+    assert_eq!(code, 4490);
     let (status, text) = get(&s.metrics_addr.unwrap().to_string(), "/metrics").await;
     assert_eq!(status, 200);
     // Family names as `# TYPE` declares them; samples add these suffixes.
