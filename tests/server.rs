@@ -451,6 +451,52 @@ async fn bad_signaling_input_closes_4490_and_harms_no_one() {
     connected(&opts(&s, "bad", "recvonly")).await;
 }
 
+/// Requests pipelined in one write are answered in order, a bad one among
+/// them with its 400 and no harm to the ones after it, and the pushes
+/// arrive in the order they were sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_api_calls_are_answered_in_order() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = server().await;
+    let mut peer = connected(&opts(&s, "piped", "recvonly")).await;
+    let call = |body: &str, last: bool| {
+        format!(
+            "POST / HTTP/1.1\r\nhost: h\r\nx-sora-target: Sora_20160711.PushChannel\r\n{}content-length: {}\r\n\r\n{body}",
+            if last { "connection: close\r\n" } else { "" },
+            body.len()
+        )
+    };
+    let mut batch = String::new();
+    for n in 0..20 {
+        let body = if n == 7 {
+            "{not json".to_string()
+        } else {
+            json!({"channel_id": "piped", "data": {"n": n}}).to_string()
+        };
+        batch.push_str(&call(&body, n == 19));
+    }
+    let mut tcp = tokio::net::TcpStream::connect(s.api_addr).await.unwrap();
+    tcp.write_all(batch.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, tcp.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let statuses: Vec<&str> = text
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|answer| &answer[..3])
+        .collect();
+    let mut want = vec!["200"; 20];
+    want[7] = "400";
+    assert_eq!(statuses, want, "{text}");
+    for n in (0..20).filter(|n| *n != 7) {
+        let (push, _) = next_push(&mut peer).await.expect("a push");
+        assert_eq!(push["data"]["n"], n);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_errors_are_json_with_error_type() {
     let s = server_with(|c| c.api_body_limit = 1000).await;

@@ -92,6 +92,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             };
             let conn = http1::Builder::new()
                 .keep_alive(true)
+                .pipeline_flush(true)
                 .serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);
             loop {
