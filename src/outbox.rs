@@ -292,12 +292,25 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Out>, mut close_rx: oneshot::Receiver<Closing>) {
         loop {
-            let first = tokio::select! {
-                biased;
-                close = &mut close_rx => return self.close(close.unwrap_or_default()).await,
-                item = rx.recv() => match item {
-                    Some(item) => item,
-                    None => return,
+            // A close goes ahead of anything queued. Checked without a
+            // waker while items are waiting; waited on with one otherwise.
+            match close_rx.try_recv() {
+                Ok(close) => return self.close(close).await,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    return self.close(Closing::default()).await
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            let first = match rx.try_recv() {
+                Ok(item) => item,
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+                Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+                    biased;
+                    close = &mut close_rx => return self.close(close.unwrap_or_default()).await,
+                    item = rx.recv() => match item {
+                        Some(item) => item,
+                        None => return,
+                    },
                 },
             };
             // Write a batch and flush once: one syscall for many pushes.
@@ -311,10 +324,13 @@ impl Writer {
                 }
                 self.flush().await;
             };
+            // The writes first: while they go through at once, the close
+            // is not polled (it is checked above); one stuck on a slow
+            // peer's socket is cut short by it.
             tokio::select! {
                 biased;
-                close = &mut close_rx => return self.close(close.unwrap_or_default()).await,
                 () = work => {}
+                close = &mut close_rx => return self.close(close.unwrap_or_default()).await,
             }
         }
     }
