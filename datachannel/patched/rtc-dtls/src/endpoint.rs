@@ -43,7 +43,11 @@ pub struct Endpoint {
     local_addr: SocketAddr,
     transport_protocol: TransportProtocol,
     transmits: VecDeque<TransportMessage<BytesMut>>,
-    connections: HashMap<SocketAddr, DTLSConn>,
+    /// hato patch: boxed. A WebRTC peer's endpoint holds one association,
+    /// and a map of one entry still allocates four slots: with the
+    /// `DTLSConn` inline that was ~3.5 KB per peer, boxed it is 4 pointers
+    /// and the one connection.
+    connections: HashMap<SocketAddr, Box<DTLSConn>>,
     server_config: Option<Arc<HandshakeConfig>>,
 }
 
@@ -77,7 +81,7 @@ impl Endpoint {
     }
 
     /// Get keys of Connections
-    pub fn get_connections_keys(&self) -> Keys<'_, SocketAddr, DTLSConn> {
+    pub fn get_connections_keys(&self) -> Keys<'_, SocketAddr, Box<DTLSConn>> {
         self.connections.keys()
     }
 
@@ -92,9 +96,9 @@ impl Endpoint {
                 .iter()
                 .next()
                 .filter(|(addr, _)| *addr == remote)
-                .map(|(_, conn)| conn);
+                .map(|(_, conn)| &**conn);
         }
-        self.connections.get(remote)
+        self.connections.get(remote).map(|conn| &**conn)
     }
 
     /// Get Connection State
@@ -135,7 +139,7 @@ impl Endpoint {
                 });
             }
 
-            e.insert(conn);
+            e.insert(Box::new(conn));
         }
 
         Ok(())
@@ -162,7 +166,7 @@ impl Endpoint {
                 });
             }
         }
-        self.connections.remove(&remote)
+        self.connections.remove(&remote).map(|conn| *conn)
     }
 
     /// Process close
@@ -244,7 +248,7 @@ impl Endpoint {
             if let Some(server_config) = &self.server_config {
                 let handshake_config = server_config.clone();
                 let conn = DTLSConn::new(handshake_config, false, None);
-                self.connections.insert(remote, conn);
+                self.connections.insert(remote, Box::new(conn));
             } else {
                 return Err(Error::NoServerConfig);
             }
@@ -357,7 +361,7 @@ impl Endpoint {
 /// hato patch: as [`Endpoint::conn`], mutably; a free function so that the
 /// callers can still queue into the endpoint's other fields.
 fn conn_mut<'a>(
-    connections: &'a mut HashMap<SocketAddr, DTLSConn>,
+    connections: &'a mut HashMap<SocketAddr, Box<DTLSConn>>,
     remote: &SocketAddr,
 ) -> Option<&'a mut DTLSConn> {
     if connections.len() == 1 {
@@ -365,9 +369,9 @@ fn conn_mut<'a>(
             .iter_mut()
             .next()
             .filter(|(addr, _)| *addr == remote)
-            .map(|(_, conn)| conn);
+            .map(|(_, conn)| &mut **conn);
     }
-    connections.get_mut(remote)
+    connections.get_mut(remote).map(|conn| &mut **conn)
 }
 
 #[cfg(test)]

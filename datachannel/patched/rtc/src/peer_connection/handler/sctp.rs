@@ -371,7 +371,7 @@ impl<'a>
                 inbound_transport = Some((ch, msg.transport));
                 match event {
                     DatagramEvent::NewAssociation(conn) => {
-                        sctp_associations.insert(ch, conn);
+                        sctp_associations.insert(ch, Box::new(conn));
                     }
                     DatagramEvent::AssociationEvent(event) => {
                         sctp_event = Some((ch, event));
@@ -724,7 +724,7 @@ impl<'a>
                     )
                     .map_err(|e| Error::Other(e.to_string()))?;
 
-                sctp_associations.insert(ch, conn);
+                sctp_associations.insert(ch, Box::new(conn));
 
                 // `connect` queued the client INIT. Mark dirty so poll_write emits
                 // it at the next flush instead of waiting for a later handle_* (the

@@ -27,7 +27,11 @@ pub(crate) struct SctpTransport {
 
     pub(crate) sctp_endpoint: Option<::sctp::Endpoint>,
     pub(crate) sctp_transport_config: Option<::sctp::TransportConfig>,
-    pub(crate) sctp_associations: crate::hato_fast_hash::FastMap<AssociationHandle, Association>,
+    /// hato patch: boxed. A peer has one association, and a map of one
+    /// entry allocates four slots: with the `Association` inline that was
+    /// ~5 KB of slots per peer.
+    pub(crate) sctp_associations:
+        crate::hato_fast_hash::FastMap<AssociationHandle, Box<Association>>,
 
     // SCTPTransportState doesn't have an enum to distinguish between New/Connecting
     // so we need a dedicated field
@@ -112,7 +116,7 @@ impl SctpTransport {
     /// `sctp_associations` is a map because the endpoint API is written for the general case, but
     /// a peer connection negotiates exactly one SCTP association.
     fn association(&self) -> Option<&Association> {
-        self.sctp_associations.values().next()
+        self.sctp_associations.values().next().map(|a| &**a)
     }
 
     /// W3C `SctpTransport.state`.
