@@ -332,7 +332,7 @@ async fn run(
     shared
         .sessions
         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    let _live = Live(shared.clone());
+    let live = Live(shared.clone());
     let cfg = &shared.config;
     let mut shutdown = shared.shutdown.subscribe();
     let first = tokio::select! {
@@ -599,12 +599,17 @@ async fn run(
         channel_id = %session.channel_id,
         client_id = %session.client_id,
     );
-    async move {
+    // The connected phase runs in a task of its own. This one (the
+    // accept, the upgrade and admission: a state machine of ~12 KB, sized
+    // for its largest step) ends here and its memory goes with it; a
+    // connected peer keeps only the drive loop's.
+    let drive = async move {
+        let _live = live;
         let end = session.drive(stream, events, kill_rx).await;
         session.finish(end).await;
     }
-    .instrument(span)
-    .await;
+    .instrument(span);
+    tokio::spawn(drive);
 }
 
 /// The I/O shell of one connection: it feeds the sockets' events to the
