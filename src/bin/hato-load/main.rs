@@ -60,7 +60,8 @@ struct Args {
     /// HTTP API URL of the server under test.
     #[arg(long, default_value = "http://127.0.0.1:3000/")]
     api_url: String,
-    /// Virtual peers to connect (at most 20000).
+    /// Virtual peers to connect (at most 100000; each holds a TCP socket
+    /// while it connects, so the open-files limit must allow for them).
     #[arg(long, default_value_t = 10)]
     peers: usize,
     /// New peers started per second.
@@ -1284,8 +1285,8 @@ fn check(args: &Args) -> Result<(), &'static str> {
     if args.churn.is_some() && (args.report.is_some() || args.plots.is_some()) {
         return Err("--report and --plots are for push runs, not --churn");
     }
-    if args.peers == 0 || args.peers > 20_000 {
-        return Err("--peers must be 1..=20000");
+    if args.peers == 0 || args.peers > 100_000 {
+        return Err("--peers must be 1..=100000");
     }
     if !(args.duration > 0.0 && args.duration <= 600.0) || args.drain > 60.0 || args.settle > 60.0 {
         return Err(
@@ -1488,6 +1489,15 @@ async fn main() {
         std::process::exit(2);
     }
     let tty = std::io::stderr().is_terminal();
+    // Each peer's WebSocket is a descriptor (until `switched` with
+    // --ignore-disconnect-websocket); say so before the run fails on it.
+    let fds = hato::limits::raise_fd_limit().unwrap_or(0);
+    let per_process = args.peers.div_ceil(args.processes.max(1)) as u64;
+    if args.worker_index.is_none() && args.compare.is_empty() && fds < per_process + 256 {
+        eprintln!(
+            "hato-load: warning: {per_process} peers per process, open files limited to {fds}: raise it (ulimit -Hn; ulimit -n) or use --processes"
+        );
+    }
     let code = match args.worker_index {
         Some(i) => worker(args, i).await,
         None if !args.compare.is_empty() => compare(&args),
