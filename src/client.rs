@@ -205,7 +205,13 @@ enum Command {
     Close(u16, String),
     /// Drop the TCP connection without a Close frame (as CPP does).
     Drop,
+    /// Hand pushes to this function instead of the events channel.
+    PushSink(PushSink),
 }
+
+/// Takes each push a client receives, on the client's own task: its
+/// stamp, the transport it came on and when (µs since the epoch).
+pub type PushSink = Arc<dyn Fn(&Stamp, Via, u64) + Send + Sync>;
 
 /// A connected client.
 pub struct Client {
@@ -429,6 +435,14 @@ impl Client {
     }
 
     /// Drops the WebSocket's TCP connection without a Close frame.
+    /// From now on, pushes go to `sink` (on the client's task) instead of
+    /// [`Client::events`]: a load test counts them there without a
+    /// channel send and a task wake per push. Everything else still
+    /// arrives as events.
+    pub fn on_push(&self, sink: PushSink) {
+        let _ = self.commands.send(Command::PushSink(sink));
+    }
+
     pub fn drop_ws(&self) {
         let _ = self.commands.send(Command::Drop);
     }
@@ -657,6 +671,20 @@ async fn run(
     close_after_switch: bool,
 ) {
     let mut ws = Some(ws);
+    let mut sink: Option<PushSink> = None;
+    // A push to the sink when there is one, else an event.
+    let hand = |sink: &Option<PushSink>, ev: ClientEvent| match (sink, ev) {
+        (
+            Some(sink),
+            ClientEvent::Push {
+                via, at_us, stamp, ..
+            },
+        ) => {
+            sink(&stamp, via, at_us);
+            true
+        }
+        (_, ev) => events.send(ev).is_ok(),
+    };
     loop {
         tokio::select! {
             msg = async { ws.as_mut().unwrap().next().await }, if ws.is_some() => {
@@ -675,7 +703,7 @@ async fn run(
                                 }
                             }
                             ev => {
-                                let _ = events.send(ev);
+                                hand(&sink, ev);
                             }
                         }
                     }
@@ -716,7 +744,7 @@ async fn run(
                         parse_event(data, Via::DataChannel, &label)
                     }
                 };
-                if events.send(ev).is_err() {
+                if !hand(&sink, ev) {
                     return;
                 }
             }
@@ -734,6 +762,7 @@ async fn run(
                     }
                 }
                 Some(Command::Drop) => ws = None,
+                Some(Command::PushSink(s)) => sink = Some(s),
             }
         }
     }

@@ -18,7 +18,7 @@ use bytes::Bytes;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, ValueEnum};
-use hato::client::{now_us, Client, ClientEvent, ClientOptions, Via};
+use hato::client::{now_us, Client, ClientEvent, ClientOptions, Stamp, Via};
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -722,6 +722,16 @@ fn record_phase(
             channel: i % args.channels,
         });
         records.push(record.clone());
+        // Pushes are counted on the client's own task, with no channel
+        // send and task wake per push; the loop below sees the rest (and
+        // any push that came before this).
+        let sink = {
+            let (record, counters) = (record.clone(), counters.clone());
+            Arc::new(move |stamp: &Stamp, via, at_us| {
+                count_push(&record, &counters, stamp, via, at_us)
+            })
+        };
+        client.on_push(sink);
         let counters = counters.clone();
         let mut leave = leave_rx.clone();
         let on_dc = args.data_channel_signaling;
@@ -743,16 +753,7 @@ fn record_phase(
                     via, at_us, stamp, ..
                 } = ev
                 {
-                    // Pushes hato-load did not send (no seq and ts) are not counted.
-                    let (Some(seq), Some(ts)) = (stamp.seq, stamp.ts) else {
-                        continue;
-                    };
-                    let position = stamp.offset.unwrap_or(seq);
-                    record
-                        .lock()
-                        .unwrap()
-                        .record(seq, position, ts, at_us.saturating_sub(ts), via);
-                    counters.deliveries.fetch_add(1, Ordering::Relaxed);
+                    count_push(&record, &counters, &stamp, via, at_us);
                 }
             }
             drop(client);
@@ -763,6 +764,26 @@ fn record_phase(
         recorders,
     };
     (targets, records, leave)
+}
+
+/// Counts a push a peer received; pushes hato-load did not send (no seq
+/// and ts) are not counted.
+fn count_push(
+    record: &Mutex<PeerRecord>,
+    counters: &Counters,
+    stamp: &Stamp,
+    via: Via,
+    at_us: u64,
+) {
+    let (Some(seq), Some(ts)) = (stamp.seq, stamp.ts) else {
+        return;
+    };
+    let position = stamp.offset.unwrap_or(seq);
+    record
+        .lock()
+        .unwrap()
+        .record(seq, position, ts, at_us.saturating_sub(ts), via);
+    counters.deliveries.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Ends every peer of a run with `disconnect`, as an SDK's `disconnect()`
