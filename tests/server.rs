@@ -2534,7 +2534,10 @@ async fn event_webhooks_in_order_and_never_in_the_way() {
     .await;
     let started = std::time::Instant::now();
     let mut peers = Vec::new();
-    for _ in 0..8 {
+    // Four workers, each holding one event in flight and one queued:
+    // eight events can always be absorbed (connection ids spread them
+    // 2-2-2-2 about one time in 26), sixteen never.
+    for _ in 0..16 {
         peers.push(connected(&opts(&s2, "stuck", "recvonly")).await);
     }
     assert!(
