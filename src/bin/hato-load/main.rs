@@ -1368,18 +1368,44 @@ async fn worker(args: Args, index: usize) -> i32 {
     0
 }
 
+/// What a run takes at its start: the server's pid and figures, the
+/// counters and their sampler, the phase clock.
+struct Start {
+    server_pid: Option<Vec<u32>>,
+    samples: ServerSamples,
+    counters: Arc<Counters>,
+    sampler: Sampler,
+    phases: Phases,
+}
+
+impl Start {
+    fn now(args: &Args) -> Start {
+        let server_pid = server_pid(args);
+        let counters = Arc::new(Counters::default());
+        Start {
+            samples: ServerSamples {
+                before: server_pid.as_deref().and_then(proc_stat),
+                ..Default::default()
+            },
+            sampler: Sampler::start(counters.clone(), server_pid.clone()),
+            counters,
+            server_pid,
+            phases: Phases::begin(),
+        }
+    }
+}
+
 /// The parent of `--processes K`: starts K workers of this binary, pushes
 /// once they are all connected, and merges what they saw.
 async fn parent(args: Args, tty: bool) -> i32 {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let server_pid = server_pid(&args);
-    let mut samples = ServerSamples {
-        before: server_pid.as_deref().and_then(proc_stat),
-        ..Default::default()
-    };
-    let counters = Arc::new(Counters::default());
-    let sampler = Sampler::start(counters.clone(), server_pid.clone());
-    let mut phases = Phases::begin();
+    let Start {
+        server_pid,
+        mut samples,
+        counters,
+        sampler,
+        mut phases,
+    } = Start::now(&args);
     let exe = std::env::current_exe().expect("own path");
     let own: Vec<String> = std::env::args().skip(1).collect();
     let t0 = Instant::now();
@@ -1456,14 +1482,13 @@ async fn parent(args: Args, tty: bool) -> i32 {
 
 /// One process: connect, record, settle, push, drain, report.
 async fn single(args: Args, tty: bool) -> i32 {
-    let server_pid = server_pid(&args);
-    let mut samples = ServerSamples {
-        before: server_pid.as_deref().and_then(proc_stat),
-        ..Default::default()
-    };
-    let counters = Arc::new(Counters::default());
-    let sampler = Sampler::start(counters.clone(), server_pid.clone());
-    let mut phases = Phases::begin();
+    let Start {
+        server_pid,
+        mut samples,
+        counters,
+        sampler,
+        mut phases,
+    } = Start::now(&args);
     let t0 = Instant::now();
     let (clients, connected) =
         connect_phase(&args, (0..args.peers).collect(), &counters, tty).await;

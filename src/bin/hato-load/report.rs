@@ -489,41 +489,30 @@ fn charts(runs: &[(String, Value)]) -> Vec<Chart> {
             histogram_line(at(v, "/histograms/offer_to_ready_us"), ready_width),
         );
         line(
-            &mut pushes,
-            "pushes/s",
-            zip(&t, &numbers(at(v, "/series/pushes_per_second"))),
-        );
-        line(
-            &mut deliveries,
-            "deliveries/s",
-            zip(&t, &numbers(at(v, "/series/deliveries_per_second"))),
-        );
-        let lt = numbers(at(v, "/series/latency/t"));
-        line(
-            &mut latency,
-            "p50",
-            zip(&lt, &numbers(at(v, "/series/latency/p50_ms"))),
-        );
-        line(
-            &mut latency,
-            "p99",
-            zip(&lt, &numbers(at(v, "/series/latency/p99_ms"))),
-        );
-        line(
             &mut lat_hist,
             "latency",
             histogram_line(at(v, "/histograms/latency_us"), latency_width),
         );
-        line(
-            &mut cpu,
-            "CPU",
-            zip(&t, &numbers(at(v, "/series/server_cpu_percent"))),
-        );
-        line(
-            &mut rss,
-            "RSS",
-            zip(&t, &numbers(at(v, "/series/server_rss_mb"))),
-        );
+        let lt = numbers(at(v, "/series/latency/t"));
+        for (name, figures) in [
+            ("p50", "/series/latency/p50_ms"),
+            ("p99", "/series/latency/p99_ms"),
+        ] {
+            line(&mut latency, name, zip(&lt, &numbers(at(v, figures))));
+        }
+        // The other per-second series: (plot, name, figures).
+        for (chart, name, figures) in [
+            (&mut pushes, "pushes/s", "/series/pushes_per_second"),
+            (
+                &mut deliveries,
+                "deliveries/s",
+                "/series/deliveries_per_second",
+            ),
+            (&mut cpu, "CPU", "/series/server_cpu_percent"),
+            (&mut rss, "RSS", "/series/server_rss_mb"),
+        ] {
+            line(chart, name, zip(&t, &numbers(at(v, figures))));
+        }
     }
     vec![
         peers, ready, pushes, deliveries, latency, lat_hist, cpu, rss,
