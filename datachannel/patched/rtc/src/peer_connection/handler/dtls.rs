@@ -49,6 +49,11 @@ impl DtlsHandlerContext {
 pub(crate) struct DtlsHandler<'a> {
     ctx: &'a mut DtlsHandlerContext,
     stats: &'a mut RTCStatsAccumulator,
+    /// hato patch: whether the connection has a transceiver. Without one
+    /// when the handshake completes, no SRTP contexts are made (two AEAD
+    /// keys and their replay windows, ~2.2 KB a peer that would never
+    /// carry media; heaptrack, 1 000 DataChannel peers).
+    media: bool,
 }
 
 impl<'a> DtlsHandler<'a> {
@@ -84,8 +89,12 @@ impl<'a> DtlsHandler<'a> {
         Ok(())
     }
 
-    pub(crate) fn new(ctx: &'a mut DtlsHandlerContext, stats: &'a mut RTCStatsAccumulator) -> Self {
-        DtlsHandler { ctx, stats }
+    pub(crate) fn new(
+        ctx: &'a mut DtlsHandlerContext,
+        stats: &'a mut RTCStatsAccumulator,
+        media: bool,
+    ) -> Self {
+        DtlsHandler { ctx, stats, media }
     }
 
     pub(crate) fn name(&self) -> &'static str {
@@ -250,13 +259,18 @@ impl<'a>
                             // Save DTLS cipher suite for stats
                             dtls_cipher_for_stats = state.cipher_suite().map(|cs| cs.to_string());
 
-                            let (local_srtp_context, remote_srtp_context) =
-                                DtlsHandler::update_srtp_contexts(
-                                    state,
-                                    &self.ctx.dtls_transport.replay_protection,
-                                    &self.ctx.dtls_transport.crypto_provider,
-                                )?;
-                            srtp_contexts = Some((local_srtp_context, remote_srtp_context));
+                            // hato patch: only for a connection with media.
+                            srtp_contexts = Some(if self.media {
+                                let (local_srtp_context, remote_srtp_context) =
+                                    DtlsHandler::update_srtp_contexts(
+                                        state,
+                                        &self.ctx.dtls_transport.replay_protection,
+                                        &self.ctx.dtls_transport.crypto_provider,
+                                    )?;
+                                (Some(local_srtp_context), Some(remote_srtp_context))
+                            } else {
+                                (None, None)
+                            });
                         } else {
                             warn!(
                                 "Unable to find connection state for {}",
@@ -292,8 +306,8 @@ impl<'a>
                 self.ctx.event_outs.push_back(TaggedRTCEventInternal {
                     now: msg.now,
                     event: RTCEventInternal::DTLSHandshakeComplete(
-                        Some(local_srtp_context),
-                        Some(remote_srtp_context),
+                        local_srtp_context,
+                        remote_srtp_context,
                     ),
                 });
             }
@@ -571,7 +585,7 @@ mod tests {
         .expect("transport");
         let mut context = DtlsHandlerContext::new(transport);
         let mut stats = RTCStatsAccumulator::default();
-        let mut handler = DtlsHandler::new(&mut context, &mut stats);
+        let mut handler = DtlsHandler::new(&mut context, &mut stats, false);
 
         sansio::Protocol::handle_timeout(&mut handler, Instant::now()).unwrap();
     }
@@ -606,7 +620,7 @@ mod tests {
         // The fingerprint is hashed from these bytes, so any content works.
         let peer_chain = vec![vec![0x30u8, 0x82, 0x01, 0x0a], vec![0x30, 0x82, 0x02, 0x0b]];
 
-        DtlsHandler::new(&mut context, &mut stats).update_dtls_stats_from_profile(
+        DtlsHandler::new(&mut context, &mut stats, false).update_dtls_stats_from_profile(
             SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
             &peer_chain,
             None,

@@ -171,6 +171,8 @@ impl RTCPeerConnection {
         DtlsHandler::new(
             &mut self.pipeline_context.dtls_handler_context,
             &mut self.pipeline_context.stats,
+            // hato patch: see `DtlsHandler::media`.
+            !self.rtp_transceivers.is_empty(),
         )
     }
 
