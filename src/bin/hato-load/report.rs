@@ -283,17 +283,22 @@ impl Chart {
     }
 }
 
-/// A histogram's (value µs, count) buckets as a step line: the share (%)
-/// of values per bin of `width` µs, 40 bins from 0; beyond them, the last.
-fn histogram_line(buckets: &Value, width: f64) -> Vec<Option<(f64, f64)>> {
-    let pairs: Vec<(f64, f64)> = buckets
+/// A histogram as the JSON holds it: [value, count] pairs.
+fn bucket_pairs(buckets: &Value) -> Vec<(f64, f64)> {
+    buckets
         .as_array()
         .map(|a| {
             a.iter()
                 .filter_map(|p| Some((p.get(0)?.as_f64()?, p.get(1)?.as_f64()?)))
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// A histogram's (value µs, count) buckets as a step line: the share (%)
+/// of values per bin of `width` µs, 40 bins from 0; beyond them, the last.
+fn histogram_line(buckets: &Value, width: f64) -> Vec<Option<(f64, f64)>> {
+    let pairs = bucket_pairs(buckets);
     let total: f64 = pairs.iter().map(|p| p.1).sum();
     if total == 0.0 {
         return Vec::new();
@@ -317,14 +322,7 @@ fn histogram_line(buckets: &Value, width: f64) -> Vec<Option<(f64, f64)>> {
 
 /// The 99.9th percentile of a histogram's buckets (µs).
 fn p999(buckets: &Value) -> f64 {
-    let pairs: Vec<(f64, f64)> = buckets
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| Some((p.get(0)?.as_f64()?, p.get(1)?.as_f64()?)))
-                .collect()
-        })
-        .unwrap_or_default();
+    let pairs = bucket_pairs(buckets);
     let total: f64 = pairs.iter().map(|p| p.1).sum();
     let mut seen = 0.0;
     for (v, n) in &pairs {
