@@ -76,6 +76,19 @@ async fn every_peer_of_a_channel_sees_its_pushes_in_one_order() {
     one_order(&mut peers, N).await;
 }
 
+/// The next `count` pushes `c` receives are `{"n": i}` at offset i + 1,
+/// for i = 0, 1, …: each once, in the order they were pushed.
+async fn pushes_n_at_offset_n_plus_1(c: &mut Client, count: u64, who: &str) {
+    for i in 0..count {
+        let (data, place) = next_with_place(c).await;
+        assert_eq!(
+            (data["n"].as_u64(), place["offset"].as_u64()),
+            (Some(i), Some(i + 1)),
+            "{who}"
+        );
+    }
+}
+
 /// Every peer's `n` pushes are offsets 1..=n of one epoch, in one and
 /// the same order, each push once.
 async fn one_order(peers: &mut [Client], n: usize) {
@@ -479,21 +492,8 @@ async fn a_large_batch_keeps_its_order_across_a_cluster() {
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r["offset"], i as u64 + 1, "{r}");
     }
-    for i in 0..1000u64 {
-        let (data, place) = next_with_place(&mut ws).await;
-        assert_eq!(
-            (data["n"].as_u64(), place["offset"].as_u64()),
-            (Some(i), Some(i + 1)),
-            "ws"
-        );
-    }
-    for i in 0..1000u64 {
-        let (data, place) = next_with_place(&mut peer).await;
-        assert_eq!(
-            (data["n"].as_u64(), place["offset"].as_u64()),
-            (Some(i), Some(i + 1))
-        );
-    }
+    pushes_n_at_offset_n_plus_1(&mut ws, 1000, "ws").await;
+    pushes_n_at_offset_n_plus_1(&mut peer, 1000, "dc").await;
     no_push(&mut peer).await;
 }
 
@@ -585,13 +585,7 @@ async fn a_push_nats_lost_on_the_way_is_read_back_from_the_stream() {
         0,
         "two were dropped"
     );
-    for i in 0..10u64 {
-        let (data, place) = next_with_place(&mut peer).await;
-        assert_eq!(
-            (data["n"].as_u64(), place["offset"].as_u64()),
-            (Some(i), Some(i + 1))
-        );
-    }
+    pushes_n_at_offset_n_plus_1(&mut peer, 10, "dc").await;
     no_push(&mut peer).await;
     let (_, report) = api(&n1, "Sora_20171010.GetStatsReport", "{}").await;
     assert_eq!(report["cluster"]["refilled"], 2, "{}", report["cluster"]);
