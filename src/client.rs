@@ -434,7 +434,6 @@ impl Client {
         let _ = self.commands.send(Command::Close(code, reason.to_owned()));
     }
 
-    /// Drops the WebSocket's TCP connection without a Close frame.
     /// From now on, pushes go to `sink` (on the client's task) instead of
     /// [`Client::events`]: a load test counts them there without a
     /// channel send and a task wake per push. Everything else still
@@ -443,6 +442,7 @@ impl Client {
         let _ = self.commands.send(Command::PushSink(sink));
     }
 
+    /// Drops the WebSocket's TCP connection without a Close frame.
     pub fn drop_ws(&self) {
         let _ = self.commands.send(Command::Drop);
     }
@@ -537,10 +537,10 @@ impl Client {
 struct Head<'a> {
     #[serde(rename = "type", borrow)]
     ty: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default)]
-    data: Stamped,
-    #[serde(default)]
-    hato: Stamped,
+    #[serde(default, deserialize_with = "stamp_of_any")]
+    data: Stamp,
+    #[serde(default, deserialize_with = "stamp_of_any")]
+    hato: Stamp,
 }
 
 /// What a load test reads of a push: `data.seq` and `data.ts` (µs since
@@ -556,68 +556,53 @@ pub struct Stamp {
 /// `seq`, `ts` and `offset` of an object, whichever it has; any other
 /// value is skipped and gives none of them (a push's `data` is whatever
 /// its sender made it).
-#[derive(Default)]
-struct Stamped {
-    seq: Option<u64>,
-    ts: Option<u64>,
-    offset: Option<u64>,
-}
-
-impl<'de> serde::Deserialize<'de> for Stamped {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Stamped, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Stamped;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut m: A,
-            ) -> Result<Stamped, A::Error> {
-                let mut s = Stamped::default();
-                while let Some(key) = m.next_key::<std::borrow::Cow<'de, str>>()? {
-                    let slot = match &*key {
-                        "seq" => &mut s.seq,
-                        "ts" => &mut s.ts,
-                        "offset" => &mut s.offset,
-                        _ => {
-                            m.next_value::<serde::de::IgnoredAny>()?;
-                            continue;
-                        }
-                    };
-                    *slot = m.next_value::<serde_json::Value>()?.as_u64();
-                }
-                Ok(s)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut q: A,
-            ) -> Result<Stamped, A::Error> {
-                while q.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(Stamped::default())
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Stamped, E> {
-                Ok(Stamped::default())
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Stamped, E> {
-                Ok(Stamped::default())
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Stamped, E> {
-                Ok(Stamped::default())
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Stamped, E> {
-                Ok(Stamped::default())
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Stamped, E> {
-                Ok(Stamped::default())
-            }
-            fn visit_unit<E>(self) -> Result<Stamped, E> {
-                Ok(Stamped::default())
-            }
+fn stamp_of_any<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Stamp, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Stamp;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
         }
-        d.deserialize_any(V)
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Stamp, A::Error> {
+            let mut s = Stamp::default();
+            while let Some(key) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+                let slot = match &*key {
+                    "seq" => &mut s.seq,
+                    "ts" => &mut s.ts,
+                    "offset" => &mut s.offset,
+                    _ => {
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                        continue;
+                    }
+                };
+                *slot = m.next_value::<serde_json::Value>()?.as_u64();
+            }
+            Ok(s)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut q: A) -> Result<Stamp, A::Error> {
+            while q.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(Stamp::default())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Stamp, E> {
+            Ok(Stamp::default())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Stamp, E> {
+            Ok(Stamp::default())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Stamp, E> {
+            Ok(Stamp::default())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Stamp, E> {
+            Ok(Stamp::default())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Stamp, E> {
+            Ok(Stamp::default())
+        }
+        fn visit_unit<E>(self) -> Result<Stamp, E> {
+            Ok(Stamp::default())
+        }
     }
+    d.deserialize_any(V)
 }
 
 fn parse_event(text: Bytes, via: Via, on: &str) -> ClientEvent {
@@ -765,5 +750,47 @@ async fn run(
                 Some(Command::PushSink(s)) => sink = Some(s),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp_of(text: &str) -> Option<Stamp> {
+        match parse_event(
+            Bytes::copy_from_slice(text.as_bytes()),
+            Via::WebSocket,
+            "ws",
+        ) {
+            ClientEvent::Push { stamp, .. } => Some(stamp),
+            _ => None,
+        }
+    }
+
+    /// A push's stamp is read in the one scan that finds its type; any
+    /// other `data` gives an empty stamp, and a message that is not a push
+    /// is none.
+    #[test]
+    fn a_push_is_read_once_for_its_type_and_stamp() {
+        let full = r#"{"data":{"pad":"x","seq":7,"ts":123},"hato":{"epoch":"e","offset":8},"type":"push"}"#;
+        assert_eq!(
+            stamp_of(full),
+            Some(Stamp {
+                seq: Some(7),
+                ts: Some(123),
+                offset: Some(8)
+            })
+        );
+        for other in [
+            r#"{"type":"push","data":[1,{"seq":2}]}"#,
+            r#"{"type":"push","data":{"seq":"7","n":{"ts":1}}}"#,
+            r#"{"type":"push","data":null}"#,
+        ] {
+            assert_eq!(stamp_of(other), Some(Stamp::default()), "{other}");
+        }
+        let notify =
+            r#"{"type":"notify","event_type":"connection.created","data":[{"connection_id":"a"}]}"#;
+        assert_eq!(stamp_of(notify), None);
     }
 }
