@@ -1358,6 +1358,45 @@ async fn a_peer_that_never_checks_is_kept_alive_by_the_servers_checks() {
     );
 }
 
+/// A connected peer that checks the selected pair (as browsers do every
+/// 2.5 s, hato's client every 2 s) has its checks answered by the shard,
+/// outside the WebRTC core, and the core's ICE agent still counts them: the
+/// idle session outlives the 12 s after which ICE gives up on a silent pair
+/// (the server sends no checks of its own to a peer that checks), and the
+/// peer, whose agent accepts only answers that pass MESSAGE-INTEGRITY and
+/// FINGERPRINT, stays connected and takes a push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checking_peer_is_answered_by_its_shard_and_stays_connected() {
+    let s = server().await;
+    let mut c = Client::connect(&dc_opts(&s, "checking", true))
+        .await
+        .unwrap();
+    assert!(switched(&mut c).await);
+    let answered = || {
+        s.shared
+            .engine
+            .stats()
+            .answered_checks
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = answered();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(s.table().len(), 1, "the idle peer's session ended");
+    let during = answered() - before;
+    assert!(during >= 4, "{during} checks answered by the shard in 15 s");
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "checking", "data": {"n": 1}}),
+    )
+    .await;
+    let (msg, via) = next_push(&mut c).await.expect("the push arrives");
+    assert_eq!(
+        (msg["data"]["n"].as_u64(), via),
+        (Some(1), Via::DataChannel)
+    );
+}
+
 /// Connects by hand with DataChannel signaling and answers with
 /// `a=max-message-size:size`; returns the WebSocket and the peer's events.
 /// A signaling WebSocket opened by hand: it sends `connect` and returns

@@ -75,6 +75,13 @@ impl Demux {
         self.by_ufrag.get(std::str::from_utf8(ufrag).ok()?)
     }
 
+    /// Peer `id`'s password, if a STUN `USERNAME` names it.
+    pub fn password_named(&self, id: PeerId, username: &[u8]) -> Option<&str> {
+        self.named(username)
+            .filter(|(peer, _)| *peer == id)
+            .map(|(_, pwd)| pwd.as_str())
+    }
+
     /// Whether a datagram could be anyone's, judged without decoding or
     /// allocating: it comes from a bound or probed address, or it is STUN
     /// other than a Binding request naming no peer. What is not is junk,

@@ -18,6 +18,7 @@
 //! or pushes.
 
 pub mod candidate;
+mod consent;
 mod demux;
 mod prefilter;
 mod shard;
@@ -187,6 +188,9 @@ pub struct Stats {
     pub failed_sends: AtomicU64,
     /// Datagrams the kernel refused.
     pub dropped_outbound: AtomicU64,
+    /// Consent checks of connected peers answered by their shard without
+    /// the core (see the shard's `answer_check`).
+    pub answered_checks: AtomicU64,
 }
 
 /// A running engine. Cloning is cheap; the shards stop when the last clone

@@ -12,6 +12,7 @@
 //! peers leave together at the end of the turn.
 
 use crate::candidate::{Pace, Policy};
+use crate::consent;
 use crate::demux::{Demux, Route};
 use crate::prefilter;
 use crate::udp::{Datagram, SharedSocket, Transmit};
@@ -1041,6 +1042,14 @@ impl Shard {
             hold(p, &mut self.held_bytes, d, true, &self.common.stats);
             return;
         }
+        if p.ice_up && self.aliases.is_none() {
+            let crypto = self.common.crypto.crypto();
+            if answer_check(p, id, &self.demux, crypto, &mut self.out, &d, now) {
+                let answered = &self.common.stats.answered_checks;
+                answered.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
         read_into(p, d, &self.common.advertise, now);
         self.mark(id);
     }
@@ -1202,6 +1211,40 @@ impl Shard {
         }
         self.out.clear();
     }
+}
+
+/// Answers a connected peer's consent check on its selected pair here,
+/// without the core (see [`consent`]). Returns whether it did.
+fn answer_check(
+    p: &mut PeerSlot,
+    id: PeerId,
+    demux: &Demux,
+    crypto: &dyn rtc::crypto::RTCCrypto,
+    out: &mut Vec<Transmit>,
+    d: &Datagram,
+    now: Instant,
+) -> bool {
+    let Some(check) = consent::parse(&d.data) else {
+        return false;
+    };
+    let Some(pwd) = demux.password_named(id, check.username) else {
+        return false;
+    };
+    if !check.verify(pwd.as_bytes(), crypto)
+        || !p.pc.answered_check_on_selected(now, d.from, check.username)
+    {
+        return false;
+    }
+    let mut data = BytesMut::with_capacity(consent::ANSWER_MAX);
+    if consent::answer(&check, d.from, pwd.as_bytes(), crypto, &mut data).is_none() {
+        return false;
+    }
+    out.push(Transmit {
+        to: d.from,
+        from: None,
+        data,
+    });
+    true
 }
 
 /// Keeps `d` for later in the peer's `early` queue (or `before_ice`), up

@@ -208,6 +208,31 @@ test("ignoreDisconnectWebSocket: a push after the WebSocket closed still arrives
   await disconnectCleanly(page);
 });
 
+test("consent: an idle Chromium peer's checks are answered and it stays connected, then takes a push", async () => {
+  const { page } = await connect("js-idle", { dataChannelSignaling: true, ignoreDisconnectWebSocket: true });
+  await page.waitForFunction(() => window.events.some((e) => e.kind === "switched"), null, { timeout: 10000 });
+  // Chromium counts a response to its check only once it passes
+  // MESSAGE-INTEGRITY; hato answers a connected peer's checks in its shard.
+  const answered = () =>
+    page.evaluate(async () => {
+      const stats = await window.recvonly.pc.getStats();
+      let n = 0;
+      stats.forEach((s) => {
+        if (s.type === "candidate-pair" && s.nominated) n += s.responsesReceived;
+      });
+      return [n, window.recvonly.pc.iceConnectionState];
+    });
+  const [before] = await answered();
+  await new Promise((r) => setTimeout(r, 12000));
+  const [after, state] = await answered();
+  assert.ok(after - before >= 3, `${after - before} checks answered in 12 s`);
+  assert.equal(state, "connected");
+  await push("Sora_20160711.PushChannel", { channel_id: "js-idle", data: { after: "idle" } });
+  const [got] = await waitPush(page);
+  assert.deepEqual([got.data, got.transportType], [{ after: "idle" }, "datachannel"]);
+  await disconnectCleanly(page);
+});
+
 test("recovery: the app reads the offset in its push callback, reconnects with it in metadata, and gets what it missed", async () => {
   const options = { dataChannelSignaling: true, ignoreDisconnectWebSocket: true };
   const first = await connect("js-rec", options);

@@ -996,6 +996,44 @@ impl Agent {
             })
     }
 
+    /// hato patch: a Binding request on the selected pair that the caller
+    /// answered itself (its `MESSAGE-INTEGRITY` checked with the local
+    /// password, a success response sent): records what `handle_inbound`
+    /// would have — the remote candidate seen, the peer's own check — and
+    /// returns `true`. Returns `false`, recording nothing, unless this agent
+    /// is controlling, has a selected pair whose remote address is `from`,
+    /// and `username` is `<local ufrag>:<remote ufrag>`: the caller then
+    /// hands the request to the agent as usual.
+    pub fn answered_check_on_selected(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        username: &[u8],
+    ) -> bool {
+        let Some(pair_index) = self.selected_pair else {
+            return false;
+        };
+        let Some(remote) = &self.ufrag_pwd.remote_credentials else {
+            return false;
+        };
+        let local = self.ufrag_pwd.local_credentials.ufrag.as_bytes();
+        let named = username.len() == local.len() + 1 + remote.ufrag.len()
+            && username.starts_with(local)
+            && username[local.len()] == b':'
+            && username.ends_with(remote.ufrag.as_bytes());
+        let pair = self.candidate_pairs[pair_index];
+        if !self.is_controlling || !named || self.remote_candidates[pair.remote_index].addr() != from
+        {
+            return false;
+        }
+        self.last_remote_check = Some(now);
+        self.candidate_pairs[pair_index].on_request_received();
+        self.candidate_pairs[pair_index].on_response_sent();
+        self.local_candidates[pair.local_index].seen(now, true);
+        self.remote_candidates[pair.remote_index].seen(now, false);
+        true
+    }
+
     /// Sends STUN Binding Requests to the selected pair at `keepalive_interval` to
     /// maintain consent freshness (RFC 7675).
     pub(crate) fn check_keepalive(&mut self, now: Instant) {

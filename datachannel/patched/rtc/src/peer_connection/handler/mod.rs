@@ -215,6 +215,24 @@ impl RTCPeerConnection {
         idle(&mut c.event_outs);
     }
 
+    /// hato patch: tells the ICE agent that the caller answered a Binding
+    /// request from `from` itself, on the selected pair; see rtc-ice's
+    /// `Agent::answered_check_on_selected`. `false`: the request was not
+    /// one to answer outside the agent, and nothing was recorded.
+    #[doc(hidden)]
+    pub fn answered_check_on_selected(
+        &mut self,
+        now: Instant,
+        from: std::net::SocketAddr,
+        username: &[u8],
+    ) -> bool {
+        self.pipeline_context
+            .ice_handler_context
+            .ice_transport
+            .agent
+            .answered_check_on_selected(now, from, username)
+    }
+
     /// Next media (RTP/RTCP) message for the application, if any.
     ///
     /// Never affected by data-channel back-pressure. Media arrives over SRTP and is subject to
