@@ -182,8 +182,9 @@ impl RTCPeerConnection {
     /// it ever carried (a queue of 224-byte messages never shrinks): after a
     /// connect storm, when hundreds of notifies went out at once, ~50 KB per
     /// connection of empty queues; and every queue that carried one message
-    /// keeps four slots. A server with thousands of mostly idle connections
-    /// calls this now and then; a queue that is needed again regrows.
+    /// keeps four slots. A server with thousands of connections calls this
+    /// after each turn of a connection (hato does), or now and then; a
+    /// queue that is needed again regrows.
     #[doc(hidden)]
     pub fn shrink_idle_queues(&mut self) {
         fn idle<T>(q: &mut VecDeque<T>) {
