@@ -1146,6 +1146,14 @@ fn live_peers(s: &Server) -> usize {
         .load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// One of the engine's counters now.
+fn engine_count(
+    s: &Server,
+    counter: fn(&hato_datachannel::Stats) -> &std::sync::atomic::AtomicU64,
+) -> u64 {
+    counter(s.shared.engine.stats()).load(std::sync::atomic::Ordering::Relaxed)
+}
+
 async fn live_peers_reach(s: &Server, n: usize) {
     let until = tokio::time::Instant::now() + T;
     while live_peers(s) != n {
@@ -1345,17 +1353,7 @@ async fn a_peer_that_never_checks_is_kept_alive_by_the_servers_checks() {
     assert!(switched(&mut c).await);
     tokio::time::sleep(Duration::from_secs(15)).await;
     assert_eq!(s.table().len(), 1, "the silent peer's session ended");
-    push(
-        &s,
-        "Sora_20160711.PushChannel",
-        json!({"channel_id": "silent", "data": {"n": 1}}),
-    )
-    .await;
-    let (msg, via) = next_push(&mut c).await.expect("the push arrives");
-    assert_eq!(
-        (msg["data"]["n"].as_u64(), via),
-        (Some(1), Via::DataChannel)
-    );
+    assert_eq!(still_served(&s, &mut c, "silent").await, Via::DataChannel);
 }
 
 /// A connected peer that checks the selected pair (as browsers do every
@@ -1368,33 +1366,14 @@ async fn a_peer_that_never_checks_is_kept_alive_by_the_servers_checks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checking_peer_is_answered_by_its_shard_and_stays_connected() {
     let s = server().await;
-    let mut c = Client::connect(&dc_opts(&s, "checking", true))
-        .await
-        .unwrap();
-    assert!(switched(&mut c).await);
-    let answered = || {
-        s.shared
-            .engine
-            .stats()
-            .answered_checks
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let mut c = switched_client(&s, "checking", true).await;
+    let answered = || engine_count(&s, |e| &e.answered_checks);
     let before = answered();
     tokio::time::sleep(Duration::from_secs(15)).await;
     assert_eq!(s.table().len(), 1, "the idle peer's session ended");
     let during = answered() - before;
     assert!(during >= 4, "{during} checks answered by the shard in 15 s");
-    push(
-        &s,
-        "Sora_20160711.PushChannel",
-        json!({"channel_id": "checking", "data": {"n": 1}}),
-    )
-    .await;
-    let (msg, via) = next_push(&mut c).await.expect("the push arrives");
-    assert_eq!(
-        (msg["data"]["n"].as_u64(), via),
-        (Some(1), Via::DataChannel)
-    );
+    assert_eq!(still_served(&s, &mut c, "checking").await, Via::DataChannel);
 }
 
 /// Connects by hand with DataChannel signaling and answers with
@@ -2018,13 +1997,7 @@ async fn notify_metadata_is_bounded() {
 async fn channels_a_peer_opens_are_refused_and_counted() {
     let s = server().await;
     let mut c = switched_client(&s, "own", true).await;
-    let refused = || {
-        s.shared
-            .engine
-            .stats()
-            .refused_channels
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let refused = || engine_count(&s, |e| &e.refused_channels);
     c.open_channel("signaling");
     c.open_channel("#spam");
     for _ in 0..500 {
@@ -2082,12 +2055,7 @@ async fn a_lost_datachannel_ends_the_session_with_a_reason() {
     let (offerer, offer, mut offer_events) = s.shared.engine.offer(&["push"]).await.unwrap();
     let (_answerer, answer, _answer_events) = engine.answer(&offer).await.unwrap();
     offerer.apply_answer(&answer).await.unwrap();
-    let failed_before = s
-        .shared
-        .engine
-        .stats()
-        .failed_sends
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let failed_before = engine_count(&s, |e| &e.failed_sends);
     offerer.send("nope", bytes::Bytes::from_static(b"x"), true);
     offerer.send("nope", bytes::Bytes::from_static(b"y"), true);
     let ev = tokio::time::timeout(T, async {
@@ -2101,14 +2069,7 @@ async fn a_lost_datachannel_ends_the_session_with_a_reason() {
     .await
     .unwrap();
     assert_eq!(ev.as_deref(), Some("nope"));
-    let failed = || {
-        s.shared
-            .engine
-            .stats()
-            .failed_sends
-            .load(std::sync::atomic::Ordering::Relaxed)
-            - failed_before
-    };
+    let failed = || engine_count(&s, |e| &e.failed_sends) - failed_before;
     for _ in 0..200 {
         if failed() == 2 {
             break;
