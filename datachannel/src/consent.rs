@@ -44,7 +44,8 @@ pub struct Check<'a> {
 /// `data` as a consent check: a Binding request whose attributes are
 /// `USERNAME`, `PRIORITY`, `ICE-CONTROLLED`, and optionally
 /// `NETWORK-COST`/`GOOG-*` and other comprehension-optional ones, in any
-/// order, then `MESSAGE-INTEGRITY` and optionally `FINGERPRINT`. `None`
+/// order, then `MESSAGE-INTEGRITY` and optionally a matching
+/// `FINGERPRINT`. `None`
 /// for anything else: the core then judges it as it always did. Nothing is
 /// authenticated yet: see [`Check::verify`].
 pub fn parse(data: &[u8]) -> Option<Check<'_>> {
@@ -62,9 +63,14 @@ pub fn parse(data: &[u8]) -> Option<Check<'_>> {
         let (typ, len) = (word(i)?, usize::from(word(i + 2)?));
         let value = data.get(i + 4..i + 4 + len)?;
         if integrity.is_some() {
-            // Only a FINGERPRINT may follow MESSAGE-INTEGRITY, and it ends
-            // the message (RFC 8489 §14.7); the core checks nothing of it.
-            if typ != ATTR_FINGERPRINT.value() || i + 8 != data.len() {
+            // Only a FINGERPRINT may follow MESSAGE-INTEGRITY; it ends the
+            // message and must match it (RFC 8489 §14.7), though the
+            // integrity does not cover it.
+            if typ != ATTR_FINGERPRINT.value()
+                || len != 4
+                || i + 8 != data.len()
+                || value != fingerprint_value(&data[..i]).to_be_bytes()
+            {
                 return None;
             }
             break;
@@ -257,7 +263,7 @@ mod tests {
         assert!(ok(&request(&attrs, PWD)));
         // Tampered after signing, truncated, or padded: never.
         let good = request(&check_attrs(), PWD);
-        for i in [1, 9, 30, good.len() - 30] {
+        for i in [1, 9, 30, good.len() - 30, good.len() - 1] {
             let mut tampered = good.clone();
             tampered[i] ^= 1;
             assert!(!ok(&tampered), "byte {i} changed");
@@ -268,5 +274,33 @@ mod tests {
         let mut longer = good.clone();
         longer.extend_from_slice(&[0; 4]);
         assert!(parse(&longer).is_none());
+    }
+
+    /// What a peer sends here is untrusted: mutated, truncated and random
+    /// datagrams are parsed and checked without a panic, and none of the
+    /// mutated ones authenticates.
+    #[test]
+    fn mutated_and_random_datagrams_never_panic_nor_pass() {
+        use rand::{Rng, SeedableRng};
+        let provider = rtc::crypto::default_provider().unwrap();
+        let crypto = provider.crypto();
+        let good = request(&check_attrs(), PWD);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for round in 0..20_000 {
+            let mut d = if round % 4 == 0 {
+                (0..rng.gen_range(0..120)).map(|_| rng.gen()).collect()
+            } else {
+                good.clone()
+            };
+            for _ in 0..rng.gen_range(1..4) {
+                if let Some(b) = d.get_mut(rng.gen_range(0..good.len())) {
+                    *b ^= 1 << rng.gen_range(0..8);
+                }
+            }
+            d.truncate(rng.gen_range(0..=d.len()));
+            if let Some(check) = parse(&d) {
+                assert!(!check.verify(PWD.as_bytes(), crypto) || d == good);
+            }
+        }
     }
 }
