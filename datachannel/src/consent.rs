@@ -22,12 +22,11 @@ use rtc::stun::attributes::{
     ATTR_PRIORITY, ATTR_USERNAME, ATTR_XORMAPPED_ADDRESS,
 };
 use rtc::stun::fingerprint::fingerprint_value;
+use rtc::stun::message::{
+    BINDING_REQUEST, BINDING_SUCCESS, MAGIC_COOKIE as COOKIE, MESSAGE_HEADER_SIZE as HEADER,
+};
 use std::net::SocketAddr;
 
-const HEADER: usize = 20;
-const COOKIE: u32 = 0x2112_A442;
-const BINDING_REQUEST: u16 = 0x0001;
-const BINDING_SUCCESS: u16 = 0x0101;
 const INTEGRITY: usize = 20;
 /// The longest answer: to an IPv6 address.
 pub const ANSWER_MAX: usize = HEADER + 24 + 4 + INTEGRITY + 8;
@@ -45,13 +44,12 @@ pub struct Check<'a> {
 /// `USERNAME`, `PRIORITY`, `ICE-CONTROLLED`, and optionally
 /// `NETWORK-COST`/`GOOG-*` and other comprehension-optional ones, in any
 /// order, then `MESSAGE-INTEGRITY` and optionally a matching
-/// `FINGERPRINT`. `None`
-/// for anything else: the core then judges it as it always did. Nothing is
-/// authenticated yet: see [`Check::verify`].
+/// `FINGERPRINT`. `None` for anything else: the core then judges it as it
+/// always did. Nothing is authenticated yet: see [`Check::verify`].
 pub fn parse(data: &[u8]) -> Option<Check<'_>> {
     let word = |i: usize| data.get(i..i + 2).map(|w| u16::from_be_bytes([w[0], w[1]]));
     if data.len() < HEADER
-        || word(0)? != BINDING_REQUEST
+        || word(0)? != BINDING_REQUEST.value()
         || data[4..8] != COOKIE.to_be_bytes()
         || usize::from(word(2)?) + HEADER != data.len()
     {
@@ -129,7 +127,7 @@ pub fn answer(
     out: &mut BytesMut,
 ) -> Option<()> {
     let start = out.len();
-    out.put_u16(BINDING_SUCCESS);
+    out.put_u16(BINDING_SUCCESS.value());
     out.put_u16(0);
     out.put_u32(COOKIE);
     out.put_slice(check.transaction());
@@ -178,7 +176,7 @@ mod tests {
     use rtc::stun::attributes::ATTR_USE_CANDIDATE;
     use rtc::stun::fingerprint::FINGERPRINT;
     use rtc::stun::integrity::MessageIntegrity;
-    use rtc::stun::message::{Getter, Message, Setter, TransactionId, BINDING_REQUEST};
+    use rtc::stun::message::{Getter, Message, Setter, TransactionId};
     use rtc::stun::textattrs::TextAttribute;
     use rtc::stun::xoraddr::XorMappedAddress;
 

@@ -1234,13 +1234,14 @@ fn answer_check(
     let Some(pwd) = demux.password_named(id, check.username) else {
         return false;
     };
-    if !check.verify(pwd.as_bytes(), crypto)
-        || !p.pc.answered_check_on_selected(now, d.from, check.username)
-    {
+    if !check.verify(pwd.as_bytes(), crypto) {
         return false;
     }
+    // The answer first: the agent is told only of a check that is answered.
     let mut data = BytesMut::with_capacity(consent::ANSWER_MAX);
-    if consent::answer(&check, d.from, pwd.as_bytes(), crypto, &mut data).is_none() {
+    if consent::answer(&check, d.from, pwd.as_bytes(), crypto, &mut data).is_none()
+        || !p.pc.answered_check_on_selected(now, d.from, check.username)
+    {
         return false;
     }
     out.push(Transmit {
