@@ -501,6 +501,12 @@ impl Client {
         .is_some()
     }
 
+    /// Neither sends nor receives anything on the PeerConnection for `d`,
+    /// as a client whose network is down for a while; then carries on.
+    pub fn freeze_peer(&self, d: std::time::Duration) {
+        self.peer.freeze(d);
+    }
+
     /// Stops reading and acknowledging anything on the PeerConnection, as
     /// a frozen client would, while keeping it open.
     pub fn stall_peer(&self) {

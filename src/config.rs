@@ -373,6 +373,17 @@ pub struct Config {
     )]
     pub establish_timeout_ms: u64,
 
+    /// A connected WebRTC peer from which no datagram arrives for this long
+    /// is ended (PEER-FAILED), in ms: ICE consent expiry (RFC 7675's 30 s).
+    #[arg(
+        help_heading = "Timeouts",
+        long,
+        env = "HATO_ICE_CONSENT_TIMEOUT_MS",
+        default_value_t = 30_000,
+        value_parser = clap::value_parser!(u64).range(5_000..)
+    )]
+    pub ice_consent_timeout_ms: u64,
+
     /// Interval of the WebSocket `ping` message, in ms.
     #[arg(
         help_heading = "Timeouts",
@@ -676,6 +687,7 @@ impl Config {
             shards: self.rtc_shards.max(1),
             max_message_size: DATA_CHANNEL_RECEIVE_LIMIT.min(self.client_message_limit) as u32,
             refuse_private_candidates: self.refuse_private_candidates,
+            silence_limit: Duration::from_millis(self.ice_consent_timeout_ms),
             ..hato_datachannel::EngineConfig::server(self.rtc_addr)
         }
     }

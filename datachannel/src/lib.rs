@@ -73,6 +73,11 @@ pub struct EngineConfig {
     /// offering peer skips its check while the other side checks on its
     /// own (Chromium and libwebrtc do, every 2.5 s): see docs.
     pub keepalive: Duration,
+    /// A connected peer from which nothing has arrived for this long is
+    /// failed ([`PeerEvent::Failed`]): ICE consent expiry, 30 s in RFC 7675
+    /// §5.1. At least [`ICE_DISCONNECTED`] plus a second. While it still
+    /// connects, a peer gets [`CHECKING_LIMIT`] whatever this is.
+    pub silence_limit: Duration,
     /// Refuse remote candidates in private ranges (an internet-facing
     /// deployment's peers never need them checked).
     pub refuse_private_candidates: bool,
@@ -89,6 +94,7 @@ impl EngineConfig {
             max_message_size: 262_144,
             backlog_limit: 8 << 20,
             keepalive: Duration::from_secs(2),
+            silence_limit: Duration::from_secs(30),
             refuse_private_candidates: false,
         }
     }
@@ -406,6 +412,16 @@ impl Peer {
         self.shard.command(shard::Command::OpenChannel {
             id: self.id,
             label: label.into(),
+        });
+    }
+
+    /// For `d`, drops every datagram this peer would send or receive, as if
+    /// its host's network were down for a while; then carries on. For tests
+    /// of peers that come back.
+    pub fn freeze(&self, d: Duration) {
+        self.shard.command(shard::Command::Freeze {
+            id: self.id,
+            until: std::time::Instant::now() + d,
         });
     }
 

@@ -69,6 +69,16 @@ pub const PEER_CHECKS: (u32, u32) = (10, 5);
 /// The same, for all the peers of a shard together.
 pub const SHARD_CHECKS: (u32, u32) = (200, 100);
 
+/// No datagram from a connected peer for this long: ICE calls it
+/// "disconnected" (a state only; it keeps checking).
+pub const ICE_DISCONNECTED: Duration = Duration::from_secs(4);
+
+/// A peer whose ICE checks have found no working pair this long after they
+/// began is failed, however long [`EngineConfig::silence_limit`] is: an
+/// unanswered peer makes hato check the addresses it named (paced, see
+/// [`PEER_CHECKS`]), and this bounds for how long.
+pub const CHECKING_LIMIT: Duration = Duration::from_secs(12);
+
 /// How often shard 0 of a server engine returns free memory to the kernel.
 const TRIM_EVERY: Duration = Duration::from_secs(10);
 
@@ -175,6 +185,10 @@ pub enum Command {
     Stall {
         id: PeerId,
     },
+    Freeze {
+        id: PeerId,
+        until: Instant,
+    },
     OpenChannel {
         id: PeerId,
         label: Arc<str>,
@@ -213,6 +227,7 @@ pub struct Common {
     max_message_size: u32,
     backlog_limit: usize,
     keepalive: Duration,
+    silence_limit: Duration,
 }
 
 impl Common {
@@ -256,6 +271,9 @@ impl Common {
             advertise,
             max_message_size: config.max_message_size,
             keepalive: config.keepalive,
+            silence_limit: config
+                .silence_limit
+                .max(ICE_DISCONNECTED + Duration::from_secs(1)),
             backlog_limit: config.backlog_limit,
         })
     }
@@ -424,6 +442,8 @@ struct PeerSlot {
     before_ice: Vec<Datagram>,
     /// This side's ICE agent has selected a pair.
     ice_up: bool,
+    /// While ICE checks run: when they give up ([`CHECKING_LIMIT`]).
+    checking_until: Option<Instant>,
     /// The address the peer's datagrams come to and leave from.
     local_addr: SocketAddr,
     deadline: Option<Instant>,
@@ -436,6 +456,9 @@ struct PeerSlot {
     closing: Option<Instant>,
     /// Drops whatever arrives for it (a test's frozen client).
     stalled: bool,
+    /// Until then, drops whatever arrives for it or it sends (a test's
+    /// client whose network is down for a while).
+    frozen_until: Option<Instant>,
     /// A failed send was reported (once: the session ends on it).
     send_failed: bool,
 }
@@ -705,6 +728,11 @@ impl Shard {
                     p.stalled = true;
                 }
             }
+            Command::Freeze { id, until } => {
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.frozen_until = Some(until);
+                }
+            }
             Command::OpenChannel { id, label } => {
                 if let Some(p) = self.peers.get_mut(&id) {
                     match p.pc.create_data_channel(&label, None) {
@@ -757,9 +785,13 @@ impl Shard {
             // A short check interval: with the default one, and the first
             // check lost to ordering, a connect waited two intervals.
             .with_ice_connection_attempts(Some(Duration::from_millis(20)), Some(50))
+            // Failed after `silence_limit` without a datagram (the agent
+            // counts its failed timeout from the disconnected one's end).
+            // While checking the agent would allow the same; the shard cuts
+            // that to CHECKING_LIMIT (`drive`).
             .with_ice_timeouts(
-                Some(Duration::from_secs(4)),
-                Some(Duration::from_secs(8)),
+                Some(ICE_DISCONNECTED),
+                Some(self.common.silence_limit - ICE_DISCONNECTED),
                 Some(self.common.keepalive),
             )
             // Browsers hide host addresses behind mDNS names, so their pair
@@ -860,6 +892,9 @@ impl Shard {
                 pace: Pace::new(PEER_CHECKS.0, PEER_CHECKS.1, now),
                 before_ice: Vec::new(),
                 ice_up: false,
+                // The answering side checks from now on; the offering side
+                // once it has the answer.
+                checking_until: (!offerer).then(|| now + CHECKING_LIMIT),
                 local_addr,
                 deadline: None,
                 dirty: false,
@@ -869,6 +904,7 @@ impl Shard {
                 association_closed: false,
                 closing: None,
                 stalled: false,
+                frozen_until: None,
                 send_failed: false,
             }),
         );
@@ -895,6 +931,7 @@ impl Shard {
         let answer = RTCSessionDescription::answer(sdp).map_err(|e| Error(e.to_string()))?;
         p.pc.set_remote_description(now, answer)
             .map_err(|e| Error(e.to_string()))?;
+        p.checking_until = Some(now + CHECKING_LIMIT);
         let early = p.early.take().unwrap_or_default();
         release(p, &mut self.held_bytes, &self.common.stats);
         for d in early {
@@ -1012,7 +1049,7 @@ impl Shard {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         };
-        if p.stalled {
+        if p.stalled || p.frozen_until.is_some_and(|t| now < t) {
             return;
         }
         if p.early.is_some() {
@@ -1084,6 +1121,22 @@ impl Shard {
             return;
         };
         p.dirty = false;
+        if let Some(until) = p.checking_until {
+            if p.ice_up {
+                p.checking_until = None;
+            } else if now >= until {
+                // The agent would go on for the whole silence limit.
+                p.checking_until = None;
+                if !p.failed {
+                    p.failed = true;
+                    let limit = CHECKING_LIMIT.as_secs();
+                    p.emit(PeerEvent::Failed(format!(
+                        "no ICE candidate pair worked within {limit} s"
+                    )));
+                }
+                let _ = p.pc.close();
+            }
+        }
         let mut first = true;
         loop {
             let mut progressed = false;
@@ -1165,7 +1218,9 @@ impl Shard {
                 paced.fetch_add(1, Ordering::Relaxed);
                 false
             };
-            if take_writes(p, &mut self.out, from_alias, keep) {
+            if p.frozen_until.is_some_and(|t| now < t) {
+                while p.pc.poll_write().is_some() {}
+            } else if take_writes(p, &mut self.out, from_alias, keep) {
                 progressed = true;
             }
             if !progressed {
@@ -1190,10 +1245,10 @@ impl Shard {
         // alternated runs, docs/benchmarks.md).
         p.pc.shrink_idle_queues();
         let deadline = p.pc.poll_timeout();
-        let deadline = match (deadline, p.closing) {
-            (Some(d), Some(c)) => Some(d.min(c)),
-            (d, c) => d.or(c),
-        };
+        let deadline = [deadline, p.closing, p.checking_until]
+            .into_iter()
+            .flatten()
+            .min();
         if deadline != p.deadline {
             p.deadline = deadline;
             if let Some(t) = deadline {

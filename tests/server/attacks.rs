@@ -42,6 +42,24 @@ async fn silent_answerer(s: &Server, channel: &str) -> RawWs {
     ws
 }
 
+/// A peer whose answer leads nowhere is checked for 12 s at most
+/// (`CHECKING_LIMIT`), not for the 30 s a connected peer may stay silent,
+/// and not until the establish timeout: then its session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_to_a_silent_answerer_end_at_the_checking_limit() {
+    let s = server_with(|c| c.establish_timeout_ms = 60_000).await;
+    let mut ws = silent_answerer(&s, "checking-limit").await;
+    // Still checking at 10 s; ended within the next 10 (`close_of`).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(live_peers(&s), 1, "ended before 10 s");
+    let (code, reason) = close_of(&mut ws).await;
+    assert_eq!(code, 1000, "{reason}");
+    assert!(
+        reason.contains("no ICE candidate pair worked within 12 s"),
+        "{reason}"
+    );
+}
+
 /// The close frame a raw WebSocket receives next (skipping other frames).
 async fn close_of<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> (u16, String)
 where
