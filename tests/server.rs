@@ -1391,6 +1391,38 @@ async fn a_peer_silent_for_15_s_is_kept_and_served_when_it_is_back() {
     assert_eq!(still_served(&s, &mut c, "blip").await, Via::DataChannel);
 }
 
+/// A push sent while its peer's network is down arrives within seconds of
+/// the network coming back: the server's SCTP retransmissions back off to
+/// 3 s at most, and go on until the session ends (datachannel/patched/
+/// rtc-sctp). Uncapped, they came 1, 2, 4, 8, 16 s apart, and a peer back
+/// 19 s after the push waited 12 s more for it; and after six in a row the
+/// core stopped resending it at all, so it never came, nor any push behind
+/// it on the ordered stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_sent_while_its_peer_is_away_arrives_soon_after_it_is_back() {
+    let s = server().await;
+    let mut c = switched_client(&s, "away", true).await;
+    c.freeze_peer(Duration::from_secs(20));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    push(
+        &s,
+        "Sora_20160711.PushChannel",
+        json!({"channel_id": "away", "data": {"n": 1}}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(19)).await;
+    let got = c
+        .wait_for(Duration::from_secs(6), |e| {
+            matches!(e, ClientEvent::Push { .. })
+        })
+        .await;
+    let Some(ClientEvent::Push { text, .. }) = got else {
+        panic!("the push did not arrive within 6 s of the peer's return");
+    };
+    let msg: Value = serde_json::from_slice(&text).unwrap();
+    assert_eq!(msg["data"]["n"], 1);
+}
+
 /// ... and one silent past the consent timeout is ended (PEER-FAILED).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_silent_past_the_consent_timeout_is_ended() {
