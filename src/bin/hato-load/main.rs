@@ -145,6 +145,10 @@ struct Args {
     /// Fail when more deliveries than this are lost.
     #[arg(long)]
     max_lost: Option<u64>,
+    /// Fail when more pushes than this were refused by the API or failed
+    /// on the way (a run whose pushes all fail loses nothing it expected).
+    #[arg(long)]
+    max_push_failures: Option<u64>,
     /// Fail when fewer than this fraction of peers connect (0..1).
     #[arg(long)]
     min_connect_success: Option<f64>,
@@ -285,6 +289,8 @@ struct Counters {
     failed: AtomicUsize,
     /// Failed connects by reason.
     failures: Mutex<BTreeMap<String, u64>>,
+    /// Connected peers that ended before the run did, by how.
+    ended: Mutex<BTreeMap<String, u64>>,
     pushes_ok: AtomicU64,
     pushes_failed: AtomicU64,
     deliveries: AtomicU64,
@@ -579,6 +585,9 @@ struct Observed {
     connected: usize,
     failed: usize,
     failure_reasons: BTreeMap<String, u64>,
+    /// Connected peers that ended before the run did, by how: each lost
+    /// the pushes sent after.
+    ended: BTreeMap<String, u64>,
     connect_us: Vec<(u64, u64)>,
     ready_us: Vec<(u64, u64)>,
     latency_us: Vec<(u64, u64)>,
@@ -608,6 +617,9 @@ impl Observed {
         self.failed += o.failed;
         for (k, v) in o.failure_reasons {
             *self.failure_reasons.entry(k).or_default() += v;
+        }
+        for (k, v) in o.ended {
+            *self.ended.entry(k).or_default() += v;
         }
         self.connect_us = join(&self.connect_us, &o.connect_us);
         self.ready_us = join(&self.ready_us, &o.ready_us);
@@ -735,6 +747,8 @@ fn record_phase(
         let counters = counters.clone();
         let mut leave = leave_rx.clone();
         let on_dc = args.data_channel_signaling;
+        // After `switched` with this, the WebSocket's end is expected.
+        let ws_may_end = on_dc && args.ignore_disconnect_websocket;
         recorders.push(tokio::spawn(async move {
             loop {
                 let ev = tokio::select! {
@@ -749,11 +763,25 @@ fn record_phase(
                     break;
                 };
                 let Some(ev) = ev else { break };
-                if let ClientEvent::Push {
-                    via, at_us, stamp, ..
-                } = ev
-                {
-                    count_push(&record, &counters, &stamp, via, at_us);
+                let ended = match ev {
+                    ClientEvent::Push {
+                        via, at_us, stamp, ..
+                    } => {
+                        count_push(&record, &counters, &stamp, via, at_us);
+                        None
+                    }
+                    ClientEvent::PeerFailed(why) => Some(format!("peer failed: {why}")),
+                    ClientEvent::ServerClose { code, reason } => {
+                        Some(format!("closed {code} {reason}"))
+                    }
+                    ClientEvent::WebSocketClosed { code, reason } if !ws_may_end => {
+                        Some(format!("closed {code} {reason}"))
+                    }
+                    _ => None,
+                };
+                if let Some(how) = ended {
+                    *counters.ended.lock().unwrap().entry(how).or_default() += 1;
+                    break;
                 }
             }
             drop(client);
@@ -1162,6 +1190,7 @@ fn report(
         "started_unix": phases.start / 1_000_000,
         "peers": {"requested": args.peers, "connected": connected, "failed": o.failed,
                   "failure_reasons": o.failure_reasons, "connect_seconds": connect_secs,
+                  "ended_during_run": o.ended,
                   "processes": args.processes.max(1)},
         "mode": {"data_channel_signaling": args.data_channel_signaling, "ignore_disconnect_websocket": args.ignore_disconnect_websocket,
                  "scenario": format!("{:?}", args.scenario).to_lowercase(), "arrival": format!("{:?}", args.arrival).to_lowercase(),
@@ -1223,12 +1252,22 @@ fn report(
         "hato-load: {connected}/{} peers connected; {} pushes accepted; deliveries {}/{expected} (lost {lost}, duplicated {}, out of order {}; websocket {}, datachannel {}); latency p50 {:.2} ms p99 {p99:.2} ms",
         args.peers, pushed.accepted.len(), o.received, o.duplicated, o.out_of_order, o.by_ws, o.by_dc, q(&latency, 0.5),
     );
+    let ended: u64 = o.ended.values().sum();
+    if ended > 0 {
+        eprintln!(
+            "hato-load: {ended} connected peers ended before the run did: {:?}",
+            o.ended
+        );
+    }
     let mut missed = Vec::new();
     if let Some(max) = args.max_p99_ms.filter(|m| p99 > *m) {
         missed.push(format!("p99 {p99:.2} ms > {max} ms"));
     }
     if let Some(max) = args.max_lost.filter(|m| lost > *m) {
         missed.push(format!("lost {lost} > {max}"));
+    }
+    if let Some(max) = args.max_push_failures.filter(|m| pushed.failed > *m) {
+        missed.push(format!("{} pushes failed > {max}", pushed.failed));
     }
     let got = connected as f64 / args.peers as f64;
     if let Some(min) = args.min_connect_success.filter(|m| got < *m) {
@@ -1358,6 +1397,7 @@ async fn worker(args: Args, index: usize) -> i32 {
     )
     .await;
     let mut observed = observe(connected, &args, &targets, &records);
+    observed.ended = counters.ended.lock().unwrap().clone();
     observed.samples = sampler.stop();
     leave.now().await;
     println!(
@@ -1514,6 +1554,7 @@ async fn single(args: Args, tty: bool) -> i32 {
     samples.after = server_pid.as_deref().and_then(proc_stat);
     samples.client_after = proc_stat(&[std::process::id()]);
     let mut observed = observe(connected, &args, &targets, &records);
+    observed.ended = counters.ended.lock().unwrap().clone();
     observed.samples = sampler.stop();
     leave.now().await;
     report(
