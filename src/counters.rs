@@ -23,6 +23,8 @@ pub enum Group {
     Held,
     /// What waited for its turn, by what it was.
     Paced,
+    /// What the DataChannel engine's SCTP did beyond the ordinary, by what.
+    Sctp,
     /// Auth webhook calls, by outcome (with an auth webhook).
     AuthWebhook,
     /// Event webhook events, by outcome (with an event webhook).
@@ -41,6 +43,7 @@ impl Group {
             Group::Drops => "drops",
             Group::Held => "held",
             Group::Paced => "paced",
+            Group::Sctp => "sctp",
             Group::AuthWebhook => "auth_webhook",
             Group::EventWebhook => "event_webhook",
             Group::Cluster => "cluster",
@@ -125,6 +128,7 @@ pub fn read(shared: &Shared) -> Counters {
             ("notify", n(&t.notify_held)),
         ],
     );
+    add(Group::Sctp, &[("resent_on_return", n(&e.resent_on_return))]);
     if let Some(h) = &shared.auth_webhook {
         let c = &h.counters;
         add(

@@ -85,6 +85,7 @@ pub struct Metrics {
     drops: Family<Reason, Counter>,
     held: Family<Reason, Counter>,
     paced: Family<Reason, Counter>,
+    sctp_events: Family<Event, Counter>,
     notify_waiting: Gauge,
     connections: Family<RoleTransport, Gauge>,
     signaling_connections: Gauge,
@@ -124,6 +125,7 @@ impl Default for Metrics {
             drops: Family::default(),
             held: Family::default(),
             paced: Family::default(),
+            sctp_events: Family::default(),
             notify_waiting: Gauge::default(),
             connections: Family::default(),
             signaling_connections: Gauge::default(),
@@ -205,6 +207,11 @@ impl Default for Metrics {
             "hato_paced",
             "What waited for its turn: `connect`s for their address's (--max-connects-per-ip-per-second), `notify` announcements for their channel's budget (--channel-notify-rate)",
             m.paced.clone(),
+        );
+        r.register(
+            "hato_sctp_events",
+            "What the DataChannel engine's SCTP did beyond the ordinary: `resent_on_return`, DATA whose retransmission had backed off resent at once because its peer was heard again after 4 s of silence",
+            m.sctp_events.clone(),
         );
         r.register(
             "hato_notify_waiting",
@@ -308,6 +315,7 @@ impl Metrics {
                 Group::Drops => self.drops.get_or_create(&Reason { reason: name }),
                 Group::Held => self.held.get_or_create(&Reason { reason: name }),
                 Group::Paced => self.paced.get_or_create(&Reason { reason: name }),
+                Group::Sctp => self.sctp_events.get_or_create(&Event { event: name }),
                 Group::AuthWebhook => self.auth_webhook.get_or_create(&Outcome { outcome: name }),
                 Group::EventWebhook => self.event_webhook.get_or_create(&Outcome { outcome: name }),
                 Group::Cluster => self.cluster_events.get_or_create(&Event { event: name }),

@@ -1392,12 +1392,13 @@ async fn a_peer_silent_for_15_s_is_kept_and_served_when_it_is_back() {
 }
 
 /// A push sent while its peer's network is down arrives within seconds of
-/// the network coming back: the server's SCTP retransmissions back off to
-/// 3 s at most, and go on until the session ends (datachannel/patched/
-/// rtc-sctp). Uncapped, they came 1, 2, 4, 8, 16 s apart, and a peer back
-/// 19 s after the push waited 12 s more for it; and after six in a row the
-/// core stopped resending it at all, so it never came, nor any push behind
-/// it on the ordered stream.
+/// the network coming back: the first datagram heard from the peer after
+/// its silence makes the server resend what SCTP holds for it at once, and
+/// SCTP resends until the session ends (datachannel/patched/rtc-sctp).
+/// Without the first, its retransmissions came 1, 2, 4, 8, 16 s apart, and
+/// the peer back 19 s after the push waited 12 s more for it; without the
+/// second, after six in a row the core stopped resending it at all, so it
+/// never came, nor any push behind it on the ordered stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_sent_while_its_peer_is_away_arrives_soon_after_it_is_back() {
     let s = server().await;
@@ -1421,6 +1422,8 @@ async fn a_push_sent_while_its_peer_is_away_arrives_soon_after_it_is_back() {
     };
     let msg: Value = serde_json::from_slice(&text).unwrap();
     assert_eq!(msg["data"]["n"], 1);
+    let (_, report) = api(&s, "Sora_20171010.GetStatsReport", "").await;
+    assert_eq!(report["sctp"]["resent_on_return"], 1, "{report}");
 }
 
 /// ... and one silent past the consent timeout is ended (PEER-FAILED).
@@ -2819,6 +2822,14 @@ async fn metrics_parse_and_move() {
             );
         }
     }
+    assert_eq!(
+        value(
+            &scraped,
+            "hato_sctp_events_total",
+            &[("event", "resent_on_return")]
+        ),
+        report["sctp"]["resent_on_return"].as_f64().unwrap()
+    );
     assert_eq!(runtime["drops"], report["drops"]);
     assert_eq!(runtime["deliveries"], report["deliveries"]);
     assert_eq!(report["deliveries"], 2);

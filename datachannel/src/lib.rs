@@ -197,6 +197,9 @@ pub struct Stats {
     /// Consent checks of connected peers answered by their shard without
     /// the core (see the shard's `answer_check`).
     pub answered_checks: AtomicU64,
+    /// Peers heard again after a silence whose backed-off SCTP DATA was
+    /// resent at once ([`shard::HEARD_AGAIN_AFTER`]).
+    pub resent_on_return: AtomicU64,
 }
 
 /// A running engine. Cloning is cheap; the shards stop when the last clone

@@ -73,6 +73,17 @@ pub const SHARD_CHECKS: (u32, u32) = (200, 100);
 /// "disconnected" (a state only; it keeps checking).
 pub const ICE_DISCONNECTED: Duration = Duration::from_secs(4);
 
+/// A connected peer heard again after at least this long without a
+/// datagram: the path works once more, and SCTP DATA that waits on a
+/// backed-off retransmission timer is resent at once (rtc-sctp's
+/// `retransmit_now_if_backed_off`, hato's patch). The timer doubles at each
+/// expiry (1, 2, 4, 8, 16 s ...), so a peer back from a 20 s blip would
+/// otherwise wait up to 12 s more for what was sent while it was away. At
+/// most one resend per silence this long: a peer cannot make hato resend
+/// faster by sending more, and many peers timing out together (a server
+/// too busy to read its socket) keep their backoff.
+pub const HEARD_AGAIN_AFTER: Duration = ICE_DISCONNECTED;
+
 /// A peer whose ICE checks have found no working pair this long after they
 /// began is failed, however long [`EngineConfig::silence_limit`] is: an
 /// unanswered peer makes hato check the addresses it named (paced, see
@@ -461,6 +472,8 @@ struct PeerSlot {
     frozen_until: Option<Instant>,
     /// A failed send was reported (once: the session ends on it).
     send_failed: bool,
+    /// When the last datagram for it arrived (or it was created).
+    heard: Instant,
 }
 
 impl PeerSlot {
@@ -905,6 +918,7 @@ impl Shard {
                 closing: None,
                 stalled: false,
                 frozen_until: None,
+                heard: now,
                 send_failed: false,
             }),
         );
@@ -1074,11 +1088,23 @@ impl Shard {
             hold(p, &mut self.held_bytes, d, true, &self.common.stats);
             return;
         }
+        let silent = now.saturating_duration_since(std::mem::replace(&mut p.heard, now));
+        let resent = p.association_up
+            && silent >= HEARD_AGAIN_AFTER
+            && p.pc.retransmit_now_if_backed_off(now);
+        if resent {
+            let counter = &self.common.stats.resent_on_return;
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         if p.ice_up && self.aliases.is_none() {
             let crypto = self.common.crypto.crypto();
             if answer_check(p, id, &self.demux, crypto, &mut self.out, &d, now) {
                 let answered = &self.common.stats.answered_checks;
                 answered.fetch_add(1, Ordering::Relaxed);
+                if resent {
+                    // Its deadline is now: `drive` re-arms its timer.
+                    self.mark(id);
+                }
                 return;
             }
         }

@@ -44,6 +44,7 @@ pub(super) fn stats_report(shared: &Shared) -> Value {
         Group::Drops,
         Group::Held,
         Group::Paced,
+        Group::Sctp,
         Group::AuthWebhook,
         Group::EventWebhook,
         Group::Cluster,

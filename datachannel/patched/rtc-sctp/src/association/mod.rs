@@ -510,6 +510,27 @@ impl Association {
         }
     }
 
+    /// hato patch: the caller has heard from the peer again after a
+    /// silence (ICE saw a datagram), so the path works once more. If DATA
+    /// waits on a T3-rtx timer that has expired since the last progress
+    /// (RFC 9260 6.3.3 E2 doubled RTO each time: 1, 2, 4, 8, 16 s ... 60 s
+    /// apart), its backoff is dropped and the timer made due now: the next
+    /// `handle_timeout` retransmits as at any expiry. Returns whether it
+    /// did. Without it, a peer back from a 20 s blip waited up to 12 s more
+    /// for what was sent meanwhile, and everything behind it on an ordered
+    /// stream with it. Backoff itself stays: many associations timing out
+    /// together (a server too busy to read its socket) must not keep
+    /// resending every few seconds.
+    pub fn retransmit_now_if_backed_off(&mut self, now: Instant) -> bool {
+        let due = self.timers.get(Timer::T3RTX);
+        if self.timers.retrans(Timer::T3RTX) == 0 || due.is_none_or(|t| t <= now) {
+            return false;
+        }
+        self.rto_mgr.undo_backoff();
+        self.timers.set(Timer::T3RTX, Some(now));
+        true
+    }
+
     /// Process timer expirations
     ///
     /// Executes protocol logic, potentially preparing signals (including application `Event`s,

@@ -221,8 +221,7 @@ fn t2_backoff_does_not_compound_simultaneous_t3_expirations() -> Result<()> {
         let mut now = Instant::now();
         a.timers.start(Timer::T2Shutdown, now, 1000);
         a.timers.start(Timer::T3RTX, now, 1000);
-        // hato patch: backoff stops at BACKOFF_MAX (was 2, 4, 8, 16).
-        for interval in [2, 3, 3, 3] {
+        for interval in [2, 4, 8, 16] {
             now = a.timers.get(Timer::T2Shutdown).unwrap();
             assert_eq!(Some(now), a.timers.get(Timer::T3RTX));
             a.handle_timeout(now);
@@ -303,8 +302,7 @@ fn public_rtt_reports_measurements_independently_of_backoff() {
         a.rto_mgr.backoff();
         assert_eq!(Duration::from_millis(80), a.rtt());
     }
-    // hato patch: backoff stops at BACKOFF_MAX (was 16 000).
-    assert_eq!(3_000, a.rto_mgr.get_rto());
+    assert_eq!(16_000, a.rto_mgr.get_rto());
     a.rto_mgr.set_new_rtt(160);
     assert_eq!(Duration::from_millis(90), a.rtt());
 }
@@ -343,6 +341,79 @@ fn invalid_pending_message_closes_without_sending_or_rearming_timers() -> Result
                 ..
             }
         )));
+    }
+    Ok(())
+}
+
+/// hato patch: an association with one reliable message, TSN 100, sent at
+/// `now` and not acknowledged; RTO as `measured` (or fixed at 1 s).
+fn hato_one_message_in_flight(now: Instant, measured: Option<u64>) -> Result<Association> {
+    let mut a = timed_test_association();
+    if let Some(rtt) = measured {
+        a.rto_mgr.set_rto(1000, false);
+        a.rto_mgr.set_new_rtt(rtt);
+    }
+    a.my_next_tsn = 100;
+    a.cumulative_tsn_ack_point = 99;
+    a.advanced_peer_tsn_ack_point = 99;
+    let ppi = PayloadProtocolIdentifier::Binary;
+    let mut stream = a.open_stream(1, ppi)?;
+    stream.write_sctp(now, &Bytes::from_static(b"push"), ppi)?;
+    assert_eq!(1, data_chunks(&a.gather_outbound(now).0));
+    Ok(a)
+}
+
+/// hato patch: the TSNs of the DATA `a` sends at `at`.
+fn hato_sent_tsns(a: &mut Association, at: Instant) -> Vec<u32> {
+    let sent = transmitted_data(&a.gather_outbound(at).0);
+    sent.iter().map(|c| c.tsn).collect()
+}
+
+/// hato patch: DATA backed off by T3-rtx expiries is resent at once when
+/// the caller has heard the peer again, and backoff starts over from the
+/// measured RTO; with nothing backed off, nothing changes.
+#[test]
+fn hato_patch_backed_off_data_is_resent_when_the_peer_is_heard_again() -> Result<()> {
+    let now = Instant::now();
+    let mut a = hato_one_message_in_flight(now, Some(100))?;
+    assert_eq!(1000, a.rto_mgr.get_rto());
+    assert!(!a.retransmit_now_if_backed_off(now), "not expired yet");
+
+    // Three expiries with no SACK: 1, 2 and 4 s apart, then 8 s to go.
+    let mut at = now;
+    for _ in 0..3 {
+        at = a.timers.get(Timer::T3RTX).unwrap();
+        a.handle_timeout(at);
+        assert_eq!(vec![100], hato_sent_tsns(&mut a, at));
+    }
+    assert_eq!(now + Duration::from_secs(7), at);
+    assert_eq!(8000, a.rto_mgr.get_rto());
+
+    let back = at + Duration::from_secs(1);
+    assert!(a.retransmit_now_if_backed_off(back));
+    assert_eq!(Some(back), a.timers.get(Timer::T3RTX));
+    assert_eq!(Some(back), a.poll_timeout());
+    a.handle_timeout(back);
+    assert_eq!(vec![100], hato_sent_tsns(&mut a, back));
+    assert_eq!(2000, a.rto_mgr.get_rto(), "backoff from the measured RTO");
+    let due = back + Duration::from_secs(2);
+    assert_eq!(Some(due), a.timers.get(Timer::T3RTX));
+
+    // Due anyway: left alone.
+    assert!(!a.retransmit_now_if_backed_off(due));
+    Ok(())
+}
+
+/// hato patch: DATA is resent for as long as the association lives, not
+/// for six T3-rtx expiries in a row (after which the timer was never armed
+/// again, and the chunk never resent).
+#[test]
+fn hato_patch_data_is_resent_past_six_expiries_in_a_row() -> Result<()> {
+    let mut a = hato_one_message_in_flight(Instant::now(), None)?;
+    for n in 1..=10 {
+        let at = a.timers.get(Timer::T3RTX).expect("T3-rtx armed");
+        a.handle_timeout(at);
+        assert_eq!(vec![100], hato_sent_tsns(&mut a, at), "expiry {n}");
     }
     Ok(())
 }

@@ -156,6 +156,12 @@ impl TimerTable {
         self.retrans[timer as usize] = 0;
     }
 
+    /// hato patch: how many times in a row `timer` expired since it last
+    /// made progress.
+    pub fn retrans(&self, timer: Timer) -> usize {
+        self.retrans[timer as usize]
+    }
+
     pub fn is_expired(&mut self, timer: Timer, after: Instant) -> (bool, bool, usize) {
         let expired = self.data[timer as usize].is_some_and(|x| x <= after);
         let mut failure = false;
@@ -178,14 +184,6 @@ impl TimerTable {
 const RTO_INITIAL: u64 = 1000; // msec
 const RTO_MIN: u64 = 1000; // msec
 const RTO_MAX: u64 = 60000; // msec
-/// hato patch: how far exponential backoff may stretch a timer (not an RTO
-/// that is longer by measurement). Uncapped, a peer whose datagrams were
-/// lost for a while (a blip, a server too busy to read its socket) backed
-/// off to 16, 32, 60 s, and its ordered stream held every later message
-/// that long after the loss had ended. WebRTC's own SCTP (dcsctp, as
-/// Chromium configures it) caps backoff at 3 s for the same reason; ICE,
-/// not SCTP, decides that a peer is gone.
-const BACKOFF_MAX: u64 = 3000; // msec
 const RTO_ALPHA: u64 = 1;
 const RTO_BETA: u64 = 2;
 const RTO_BASE: u64 = 8;
@@ -240,13 +238,21 @@ impl RtoManager {
     /// RFC 9260 6.3.3 E2: retain backoff until a new RTT measurement updates RTO.
     pub(crate) fn backoff(&mut self) {
         if !self.no_update {
-            // hato patch: at most BACKOFF_MAX, unless already longer.
-            self.rto = self
-                .rto
-                .saturating_mul(2)
-                .min(RTO_MAX)
-                .min(BACKOFF_MAX.max(self.rto));
+            self.rto = self.rto.saturating_mul(2).min(RTO_MAX);
         }
+    }
+
+    /// hato patch: drops the backoff (RFC 9260 6.3.3 E2) from RTO: back to
+    /// what the RTT measured so far gives, or the initial RTO without one.
+    pub(crate) fn undo_backoff(&mut self) {
+        if self.no_update {
+            return;
+        }
+        self.rto = if self.srtt == 0 {
+            RTO_INITIAL
+        } else {
+            (self.srtt + (4.0 * self.rttvar) as u64).clamp(RTO_MIN, RTO_MAX)
+        };
     }
 
     /// reset resets the RTO variables to the initial values.
@@ -273,12 +279,10 @@ fn calculate_next_timeout(rto: u64, n_rtos: usize) -> u64 {
     //        <- RTO * 2 ("back off the timer").  The maximum value discussed
     //        in rule C7 above (RTO.max) may be used to provide an upper bound
     //        to this doubling operation.
-    // hato patch: backoff stops at BACKOFF_MAX, unless `rto` is longer.
-    let most = RTO_MAX.min(BACKOFF_MAX.max(rto));
     if n_rtos < 31 {
-        std::cmp::min(rto << n_rtos, most)
+        std::cmp::min(rto << n_rtos, RTO_MAX)
     } else {
-        most
+        RTO_MAX
     }
 }
 
@@ -295,13 +299,9 @@ mod tests {
         rto.set_rto(1000, false);
         rto.backoff();
         assert_eq!(2000, rto.get_rto());
-        rto.backoff();
-        assert_eq!(BACKOFF_MAX, rto.get_rto(), "hato patch: backoff capped");
-        rto.backoff();
-        assert_eq!(BACKOFF_MAX, rto.get_rto());
         rto.set_rto(RTO_MAX - 1, false);
         rto.backoff();
-        assert_eq!(RTO_MAX - 1, rto.get_rto(), "hato patch: a long RTO kept");
+        assert_eq!(RTO_MAX, rto.get_rto());
     }
 
     #[test]
@@ -332,9 +332,7 @@ mod tests {
             // backoff. Later DATA RTT updates/backoffs cannot compound it.
             timers.start(timer, now, 8000);
             assert_eq!(Some(now + Duration::from_secs(8)), timers.get(timer));
-            // hato patch: an interval already over BACKOFF_MAX is kept,
-            // not doubled (was 16, 32, 60, 60).
-            for interval in [8, 8, 8, 8] {
+            for interval in [16, 32, 60, 60] {
                 now = timers.get(timer).unwrap();
                 assert_eq!((true, false), {
                     let (expired, failed, _) = timers.is_expired(timer, now);

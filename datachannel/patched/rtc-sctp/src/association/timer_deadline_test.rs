@@ -173,10 +173,9 @@ fn due_t3_survives_forward_only_sack_and_same_instant_is_idempotent() -> Result<
     assert_eq!(a.timers.get(Timer::T3RTX), Some(forward_deadline));
     a.handle_timeout(due);
     assert_eq!(a.stats.get_num_t3timeouts(), 2);
-    // hato patch: backoff stops at BACKOFF_MAX (was 4000).
-    assert_eq!(a.rto_mgr.get_rto(), 3000);
+    assert_eq!(a.rto_mgr.get_rto(), 4000);
     let rearmed = a.timers.get(Timer::T3RTX);
-    assert_eq!(rearmed, Some(due + Duration::from_millis(3000)));
+    assert_eq!(rearmed, Some(due + Duration::from_millis(4000)));
     let packets = a.gather_outbound(due).0;
     assert!(transmitted_data(&packets).is_empty());
     assert!(has_forward(&packets));
@@ -185,9 +184,7 @@ fn due_t3_survives_forward_only_sack_and_same_instant_is_idempotent() -> Result<
     // expiration must neither fire twice nor double RTO a second time.
     a.handle_timeout(due);
     assert_eq!(a.stats.get_num_t3timeouts(), 2);
-    // hato patch: 3000, the cap (was 4000: a second doubling would have
-    // shown as 8000; under the cap only the timer's deadline can show it).
-    assert_eq!(a.rto_mgr.get_rto(), 3000);
+    assert_eq!(a.rto_mgr.get_rto(), 4000);
     assert_eq!(a.timers.get(Timer::T3RTX), rearmed);
 
     a.handle_sack(

@@ -234,6 +234,20 @@ impl RTCPeerConnection {
             .answered_check_on_selected(now, from, username)
     }
 
+    /// hato patch: the caller heard from the peer again after a silence.
+    /// DATA that waits on a backed-off T3-rtx timer is resent at the next
+    /// `handle_timeout`, which [`poll_timeout`](sansio::Protocol::poll_timeout)
+    /// now asks for at once (rtc-sctp's
+    /// `Association::retransmit_now_if_backed_off`). Returns whether any was.
+    pub fn retransmit_now_if_backed_off(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        let transport = &mut self.pipeline_context.sctp_handler_context.sctp_transport;
+        for association in transport.sctp_associations.values_mut() {
+            any |= association.retransmit_now_if_backed_off(now);
+        }
+        any
+    }
+
     /// Next media (RTP/RTCP) message for the application, if any.
     ///
     /// Never affected by data-channel back-pressure. Media arrives over SRTP and is subject to
