@@ -477,6 +477,11 @@ struct PeerSlot {
 }
 
 impl PeerSlot {
+    /// Whether its network is down as of `now` (a test's [`Command::Freeze`]).
+    fn frozen(&self, now: Instant) -> bool {
+        self.frozen_until.is_some_and(|t| now < t)
+    }
+
     /// Counts a send that failed and tells the session, once.
     fn send_failed(&mut self, stats: &Stats, label: Arc<str>, error: String) {
         stats.failed_sends.fetch_add(1, Ordering::Relaxed);
@@ -1063,7 +1068,7 @@ impl Shard {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         };
-        if p.stalled || p.frozen_until.is_some_and(|t| now < t) {
+        if p.stalled || p.frozen(now) {
             return;
         }
         if p.early.is_some() {
@@ -1244,7 +1249,7 @@ impl Shard {
                 paced.fetch_add(1, Ordering::Relaxed);
                 false
             };
-            if p.frozen_until.is_some_and(|t| now < t) {
+            if p.frozen(now) {
                 while p.pc.poll_write().is_some() {}
             } else if take_writes(p, &mut self.out, from_alias, keep) {
                 progressed = true;
