@@ -720,7 +720,8 @@ async fn run(
                     Some(PeerEvent::Closed(l)) => ClientEvent::ChannelClosed(l.to_string()),
                     Some(PeerEvent::AssociationClosed) => ClientEvent::PeerFailed("the SCTP association closed".into()),
                     Some(PeerEvent::Writable(_) | PeerEvent::Backlog(_) | PeerEvent::SendFailed { .. }) => continue,
-                    Some(PeerEvent::Message { label, data, text }) => {
+                    Some(PeerEvent::Message(m)) => {
+                        let hato_datachannel::Incoming { label, data, text } = *m;
                         let data = if compress && !text {
                             match zlib::decompress(&data, 16 << 20) {
                                 Ok(d) => Bytes::from(d),

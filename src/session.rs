@@ -15,7 +15,7 @@ use crate::tls::{ReadLimit, Stream};
 use crate::Shared;
 use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
-use hato_datachannel::{Peer, PeerEvent};
+use hato_datachannel::{Incoming, Peer, PeerEvent};
 use hato_signaling::event::{self, Kind};
 use hato_signaling::message::{self, ChannelCounts, NotifyMetadata};
 use hato_signaling::session::{Action, End, Machine, Rules, Stop};
@@ -770,7 +770,8 @@ impl Session {
                 }
                 self.machine.on_channel_open(&label)
             }
-            PeerEvent::Message { label, data, text } => {
+            PeerEvent::Message(m) => {
+                let Incoming { label, data, text } = *m;
                 if let Err(why) =
                     self.machine
                         .on_dc_message(std::time::Instant::now(), &label, &data, text)

@@ -1499,9 +1499,9 @@ async fn next_on(
 ) -> Option<String> {
     tokio::time::timeout(T, async {
         while let Some(ev) = events.recv().await {
-            if let hato_datachannel::PeerEvent::Message { label, data, .. } = ev {
-                if &*label == want {
-                    return Some(String::from_utf8_lossy(&data).into_owned());
+            if let hato_datachannel::PeerEvent::Message(m) = ev {
+                if &*m.label == want {
+                    return Some(String::from_utf8_lossy(&m.data).into_owned());
                 }
             }
         }

@@ -16,7 +16,7 @@ use crate::consent;
 use crate::demux::{Demux, Route};
 use crate::prefilter;
 use crate::udp::{Datagram, SharedSocket, Transmit};
-use crate::{EngineConfig, Error, PeerEvent, Sockets, Stats};
+use crate::{EngineConfig, Error, Incoming, PeerEvent, Sockets, Stats};
 use bytes::{Bytes, BytesMut};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
@@ -487,7 +487,10 @@ impl PeerSlot {
         stats.failed_sends.fetch_add(1, Ordering::Relaxed);
         if !self.send_failed {
             self.send_failed = true;
-            self.emit(PeerEvent::SendFailed { label, error });
+            self.emit(PeerEvent::SendFailed {
+                label,
+                error: error.into(),
+            });
         }
     }
 
@@ -829,6 +832,9 @@ impl Shard {
             .with_setting_engine(se)
             .build(now)
             .map_err(e)?;
+        // Nothing here reads the core's statistics (hato counts its own);
+        // they would cost ~4.5 KB a peer and a lookup per message.
+        pc.disable_statistics();
         // A client peer's one address, or what the server advertises.
         let own = own_ip.map(|ip| [ip]);
         let ips: &[IpAddr] = match &own {
@@ -1198,11 +1204,11 @@ impl Shard {
                         continue;
                     };
                     if p.events.capacity() > EVENT_RESERVE {
-                        p.emit(PeerEvent::Message {
+                        p.emit(PeerEvent::Message(Box::new(Incoming {
                             label,
                             data: msg.data.freeze(),
                             text: msg.is_string,
-                        });
+                        })));
                     } else {
                         stats.dropped_messages.fetch_add(1, Ordering::Relaxed);
                     }

@@ -118,6 +118,21 @@ pub struct DTLSConn {
 }
 
 impl DTLSConn {
+    /// hato patch: gives back the capacity of every packet queue that is
+    /// empty (see `Endpoint::shrink_idle_queues`).
+    pub(crate) fn shrink_idle_queues(&mut self) {
+        fn idle<T>(q: &mut VecDeque<T>) {
+            if q.is_empty() && q.capacity() > 0 {
+                *q = VecDeque::new();
+            }
+        }
+        idle(&mut self.incoming_decrypted_packets);
+        idle(&mut self.incoming_encrypted_packets);
+        idle(&mut self.outgoing_packets);
+        idle(&mut self.outgoing_queued_packets);
+        idle(&mut self.outgoing_compacted_raw_packets);
+    }
+
     /// Creates a connection in the given role, ready to handshake.
     ///
     /// # Errors

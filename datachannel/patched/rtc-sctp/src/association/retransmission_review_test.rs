@@ -417,3 +417,28 @@ fn hato_patch_data_is_resent_past_six_expiries_in_a_row() -> Result<()> {
     }
     Ok(())
 }
+
+/// hato patch: `shrink_idle_queues` frees only what is empty. Data in
+/// flight is still resent after it; once acknowledged, the in-flight
+/// queue's slots are given back; and the stream carries the next message.
+#[test]
+fn hato_patch_shrinking_idle_queues_keeps_what_they_hold() -> Result<()> {
+    let now = Instant::now();
+    let mut a = hato_one_message_in_flight(now, None)?;
+    a.shrink_idle_queues();
+    assert!(a.inflight_queue.sorted.capacity() > 0, "TSN 100 is in flight");
+    let at = a.timers.get(Timer::T3RTX).expect("T3-rtx armed");
+    a.handle_timeout(at);
+    assert_eq!(vec![100], hato_sent_tsns(&mut a, at), "still resent");
+
+    a.inflight_queue.pop(100).expect("in flight");
+    a.cumulative_tsn_ack_point = 100;
+    a.shrink_idle_queues();
+    assert_eq!(0, a.inflight_queue.sorted.capacity());
+
+    let ppi = PayloadProtocolIdentifier::Binary;
+    let mut stream = a.stream(1)?;
+    stream.write_sctp(at, &Bytes::from_static(b"next"), ppi)?;
+    assert_eq!(vec![101], hato_sent_tsns(&mut a, at));
+    Ok(())
+}

@@ -81,6 +81,23 @@ pub(crate) struct PayloadQueue {
 }
 
 impl PayloadQueue {
+    /// hato patch: gives back the capacity of whatever is empty (see
+    /// `Association::shrink_idle_queues`).
+    pub(crate) fn shrink_if_empty(&mut self) {
+        if self.chunk_map.is_empty() && self.chunk_map.capacity() > 0 {
+            self.chunk_map = FxHashMap::default();
+        }
+        if self.sorted.is_empty() && self.sorted.capacity() > 0 {
+            self.sorted = VecDeque::new();
+        }
+        if self.dup_tsn.is_empty() && self.dup_tsn.capacity() > 0 {
+            self.dup_tsn = Vec::new();
+        }
+        if self.message_tsns.is_empty() && self.message_tsns.capacity() > 0 {
+            self.message_tsns = FxHashMap::default();
+        }
+    }
+
     pub(crate) fn new() -> Self {
         PayloadQueue::default()
     }

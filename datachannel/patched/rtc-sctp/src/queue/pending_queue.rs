@@ -179,6 +179,17 @@ pub(crate) struct PendingQueue {
 }
 
 impl PendingQueue {
+    /// hato patch: gives back the capacity of whatever is empty (see
+    /// `Association::shrink_idle_queues`).
+    pub(crate) fn shrink_if_empty(&mut self) {
+        if self.unordered_queue.is_empty() && self.unordered_queue.capacity() > 0 {
+            self.unordered_queue = VecDeque::new();
+        }
+        if self.ordered_queue.is_empty() && self.ordered_queue.capacity() > 0 {
+            self.ordered_queue = VecDeque::new();
+        }
+    }
+
     pub(crate) fn new() -> Self {
         PendingQueue::default()
     }

@@ -211,6 +211,20 @@ pub(crate) struct ReassemblyQueue {
 }
 
 impl ReassemblyQueue {
+    /// hato patch: gives back the capacity of whatever is empty (see
+    /// `Association::shrink_idle_queues`).
+    pub(crate) fn shrink_if_empty(&mut self) {
+        if self.ordered.is_empty() && self.ordered.capacity() > 0 {
+            self.ordered = VecDeque::new();
+        }
+        if self.unordered.is_empty() && self.unordered.capacity() > 0 {
+            self.unordered = VecDeque::new();
+        }
+        if self.unordered_chunks.is_empty() && self.unordered_chunks.capacity() > 0 {
+            self.unordered_chunks = Vec::new();
+        }
+    }
+
     /// From RFC 4960 Sec 6.5:
     ///   The Stream Sequence Number in all the streams MUST start from 0 when
     ///   the association is Established.  Also, when the Stream Sequence

@@ -441,7 +441,7 @@ impl RTCPeerConnection {
             Some(RTCSessionDescription {
                 sdp_type: sd.sdp_type,
                 sdp: parsed.marshal(),
-                parsed: Some(parsed),
+                parsed: Some(Box::new(parsed)),
             })
         } else {
             None
@@ -1349,12 +1349,15 @@ impl RTCPeerConnection {
 
         // Register remote candidate with stats accumulator
         // Per W3C spec, URL must NOT be present for remote candidates
-        let rtc_candidate: RTCIceCandidate = (&candidate).into();
-        let candidate_id = format!("RTCRemoteIceCandidate_{}", rtc_candidate.id);
-        let (ufrag, _) = self.ice_transport().get_remote_user_credentials();
-        let accumulator = self.candidate_to_accumulator(&rtc_candidate, ufrag, None);
-        self.stats_mut()
-            .register_remote_candidate(candidate_id, accumulator);
+        // (hato patch: unless statistics are off.)
+        if !self.stats().off {
+            let rtc_candidate: RTCIceCandidate = (&candidate).into();
+            let candidate_id = format!("RTCRemoteIceCandidate_{}", rtc_candidate.id);
+            let (ufrag, _) = self.ice_transport().get_remote_user_credentials();
+            let accumulator = self.candidate_to_accumulator(&rtc_candidate, ufrag, None);
+            self.stats_mut()
+                .register_remote_candidate(candidate_id, accumulator);
+        }
 
         self.ice_transport_mut().add_remote_candidate(candidate)?;
         Ok(())
@@ -1379,11 +1382,14 @@ impl RTCPeerConnection {
             .ok_or_else(|| Error::Other("local candidate missing after registration".to_owned()))?;
 
         // Register local candidate with stats accumulator
-        let candidate_id = format!("RTCLocalIceCandidate_{}", rtc_candidate.id);
-        let (ufrag, _) = self.ice_transport().get_local_user_credentials();
-        let accumulator = self.candidate_to_accumulator(&rtc_candidate, ufrag, url);
-        self.stats_mut()
-            .register_local_candidate(candidate_id, accumulator);
+        // (hato patch: unless statistics are off).
+        if !self.stats().off {
+            let candidate_id = format!("RTCLocalIceCandidate_{}", rtc_candidate.id);
+            let (ufrag, _) = self.ice_transport().get_local_user_credentials();
+            let accumulator = self.candidate_to_accumulator(&rtc_candidate, ufrag, url);
+            self.stats_mut()
+                .register_local_candidate(candidate_id, accumulator);
+        }
 
         // Emit OnIceCandidateEvent
         self.pipeline_context

@@ -89,7 +89,7 @@ impl<'a> DataChannelHandler<'a> {
     /// the per-message paths find it by id instead of cloning the channel's
     /// label and protocol for every message read or sent.
     fn ensure_data_channel_stats(&mut self, channel_id: RTCDataChannelId) -> Result<()> {
-        if !self.stats.data_channels.contains_key(&channel_id) {
+        if !self.stats.off && !self.stats.data_channels.contains_key(&channel_id) {
             let dc = self
                 .data_channels
                 .get(&channel_id)
@@ -157,9 +157,12 @@ impl<'a> DataChannelHandler<'a> {
         let (label, protocol) = (dc.label.clone(), dc.protocol.clone());
 
         self.stats.peer_connection.on_data_channel_opened();
-        self.stats
-            .get_or_create_data_channel(id, &label, &protocol)
-            .on_state_changed(RTCDataChannelState::Open);
+        // hato patch: unless statistics are off.
+        if !self.stats.off {
+            self.stats
+                .get_or_create_data_channel(id, &label, &protocol)
+                .on_state_changed(RTCDataChannelState::Open);
+        }
         if let Some(stream_id) = stream_id {
             self.stats.set_data_channel_stream_id(id, stream_id);
         }

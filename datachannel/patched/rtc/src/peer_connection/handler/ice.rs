@@ -189,21 +189,24 @@ impl<'a>
                     );
 
                     // Create/update the candidate pair accumulator
-                    let pair = self
-                        .stats
-                        .get_or_create_candidate_pair(local.id(), remote.id());
-                    pair.nominated = true;
-                    pair.state = RTCStatsIceCandidatePairState::Succeeded;
+                    // (hato patch: unless statistics are off).
+                    if !self.stats.off {
+                        let pair = self
+                            .stats
+                            .get_or_create_candidate_pair(local.id(), remote.id());
+                        pair.nominated = true;
+                        pair.state = RTCStatsIceCandidatePairState::Succeeded;
 
-                    // Cache the pair's stats key so the per-packet path can look
-                    // the accumulator up by borrow instead of re-formatting (and
-                    // allocating) the key on every read/write.
-                    let key = format!("RTCIceCandidatePair_{}_{}", local.id(), remote.id());
-                    // hato patch: the old pair's packets go to the old pair.
-                    self.stats.fold_selected_pair_traffic();
-                    self.stats.selected_pair = Some(key.clone());
-                    // Update transport stats for selected candidate pair change
-                    self.stats.transport.on_selected_candidate_pair_changed(key);
+                        // Cache the pair's stats key so the per-packet path can look
+                        // the accumulator up by borrow instead of re-formatting (and
+                        // allocating) the key on every read/write.
+                        let key = format!("RTCIceCandidatePair_{}_{}", local.id(), remote.id());
+                        // hato patch: the old pair's packets go to the old pair.
+                        self.stats.fold_selected_pair_traffic();
+                        self.stats.selected_pair = Some(key.clone());
+                        // Update transport stats for selected candidate pair change
+                        self.stats.transport.on_selected_candidate_pair_changed(key);
+                    }
 
                     self.ctx.event_outs.push_back(TaggedRTCEventInternal {
                         now,

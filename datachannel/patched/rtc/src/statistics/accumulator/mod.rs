@@ -105,6 +105,11 @@ pub(crate) struct RTCStatsAccumulator {
 
     /// Maps FEC SSRC to primary SSRC for O(1) lookup.
     fec_ssrc_to_primary: HashMap<SSRC, SSRC>,
+
+    /// hato patch: set by `RTCPeerConnection::disable_statistics`. No entry
+    /// is made for candidates, candidate pairs, certificates or data
+    /// channels, so none of their per-packet or per-message counting runs.
+    pub(crate) off: bool,
 }
 
 /// Asserts a stats record was stamped with `expected`, ignoring the wall-clock half.
