@@ -507,6 +507,13 @@ impl Client {
         self.peer.freeze(d);
     }
 
+    /// As [`freeze_peer`](Self::freeze_peer), and sends a datagram that is
+    /// not STUN from the peer's address in place of each STUN message
+    /// (`hato_datachannel::Peer::freeze_forging`).
+    pub fn freeze_peer_forging(&self, d: std::time::Duration) {
+        self.peer.freeze_forging(d);
+    }
+
     /// Stops reading and acknowledging anything on the PeerConnection, as
     /// a frozen client would, while keeping it open.
     pub fn stall_peer(&self) {

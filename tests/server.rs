@@ -1437,6 +1437,27 @@ async fn a_peer_silent_past_the_consent_timeout_is_ended() {
     table_len(&s, 0).await;
 }
 
+/// ... and so is one whose address keeps sending datagrams that are not
+/// STUN (forged, here by its own frozen engine: in place of each consent
+/// check, every 2 s, as many bytes that look like STUN by their first byte
+/// but are none): only authenticated STUN counts as consent
+/// (datachannel/patched/rtc-ice). Counted, the datagrams kept the session
+/// for as long as they came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_datagrams_from_a_vanished_peers_address_do_not_keep_it() {
+    let s = server_with(|c| c.ice_consent_timeout_ms = 6_000).await;
+    let c = switched_client(&s, "forged", true).await;
+    let heard = |s: &Server| engine_count(s, |e| &e.dropped_unknown);
+    let unknown_before = heard(&s);
+    c.freeze_peer_forging(Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(s.table().len(), 1, "ended before the consent timeout");
+    table_len(&s, 0).await;
+    // The forged datagrams reached the peer's state (they were not
+    // dropped as coming from nowhere), so they were there to be counted.
+    assert_eq!(heard(&s), unknown_before);
+}
+
 /// Connects by hand with DataChannel signaling and answers with
 /// `a=max-message-size:size`; returns the WebSocket and the peer's events.
 /// A signaling WebSocket opened by hand: it sends `connect` and returns

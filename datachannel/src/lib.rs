@@ -73,9 +73,10 @@ pub struct EngineConfig {
     /// offering peer skips its check while the other side checks on its
     /// own (Chromium and libwebrtc do, every 2.5 s): see docs.
     pub keepalive: Duration,
-    /// A connected peer from which nothing has arrived for this long is
-    /// failed ([`PeerEvent::Failed`]): ICE consent expiry, 30 s in RFC 7675
-    /// §5.1. At least [`ICE_DISCONNECTED`] plus a second. While it still
+    /// A connected peer from which no authenticated STUN (its checks, or
+    /// its answers to ours) has arrived for this long is failed
+    /// ([`PeerEvent::Failed`]): ICE consent expiry, 30 s in RFC 7675 §5.1.
+    /// Other datagrams do not count: anyone can forge their source. At least [`ICE_DISCONNECTED`] plus a second. While it still
     /// connects, a peer gets [`CHECKING_LIMIT`] whatever this is.
     pub silence_limit: Duration,
     /// Refuse remote candidates in private ranges (an internet-facing
@@ -433,6 +434,20 @@ impl Peer {
         self.shard.command(shard::Command::Freeze {
             id: self.id,
             until: std::time::Instant::now() + d,
+            forge: false,
+        });
+    }
+
+    /// As [`freeze`](Self::freeze), and in place of each STUN message the
+    /// peer would have sent (its consent checks, every 2 s), sends a
+    /// datagram that is not STUN from its address to the same place — as a
+    /// third party forging the vanished peer's address could. For tests
+    /// that the other side does not count such datagrams as consent.
+    pub fn freeze_forging(&self, d: Duration) {
+        self.shard.command(shard::Command::Freeze {
+            id: self.id,
+            until: std::time::Instant::now() + d,
+            forge: true,
         });
     }
 

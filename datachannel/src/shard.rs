@@ -199,6 +199,8 @@ pub enum Command {
     Freeze {
         id: PeerId,
         until: Instant,
+        /// Sends, in place of each datagram it drops, one that is not STUN.
+        forge: bool,
     },
     OpenChannel {
         id: PeerId,
@@ -470,6 +472,9 @@ struct PeerSlot {
     /// Until then, drops whatever arrives for it or it sends (a test's
     /// client whose network is down for a while).
     frozen_until: Option<Instant>,
+    /// While frozen, sends a forged-looking datagram in place of each STUN
+    /// message (a test's [`Command::Freeze`]).
+    forging: bool,
     /// A failed send was reported (once: the session ends on it).
     send_failed: bool,
     /// When the last datagram for it arrived (or it was created).
@@ -749,9 +754,10 @@ impl Shard {
                     p.stalled = true;
                 }
             }
-            Command::Freeze { id, until } => {
+            Command::Freeze { id, until, forge } => {
                 if let Some(p) = self.peers.get_mut(&id) {
                     p.frozen_until = Some(until);
+                    p.forging = forge;
                 }
             }
             Command::OpenChannel { id, label } => {
@@ -929,6 +935,7 @@ impl Shard {
                 closing: None,
                 stalled: false,
                 frozen_until: None,
+                forging: false,
                 heard: now,
                 send_failed: false,
             }),
@@ -1256,7 +1263,27 @@ impl Shard {
                 false
             };
             if p.frozen(now) {
-                while p.pc.poll_write().is_some() {}
+                while let Some(w) = p.pc.poll_write() {
+                    if p.forging && w.message.first().is_some_and(|b| *b < 4) {
+                        // In place of a STUN message it would have sent,
+                        // what a third party forging its address can send:
+                        // bytes in STUN's range (first byte 0-3) that are no
+                        // STUN (no magic cookie), and not a Binding request,
+                        // which the server's kernel filter would drop.
+                        let from = match p.local_addr.ip() {
+                            IpAddr::V4(ip) if from_alias => Some(ip),
+                            _ => None,
+                        };
+                        let mut junk = BytesMut::zeroed(w.message.len());
+                        junk[1] = 0x17;
+                        let to = w.transport.peer_addr;
+                        self.out.push(Transmit {
+                            to,
+                            from,
+                            data: junk,
+                        });
+                    }
+                }
             } else if take_writes(p, &mut self.out, from_alias, keep) {
                 progressed = true;
             }

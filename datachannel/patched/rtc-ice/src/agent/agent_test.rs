@@ -3386,3 +3386,55 @@ fn test_stats_snapshot_reports_the_callers_instant_throughout() -> Result<()> {
 
     Ok(())
 }
+
+/// hato patch: datagrams that are not STUN, from the selected pair's
+/// remote address, do not refresh consent: anyone can forge that address.
+/// The pair still fails once no authenticated STUN has come for the
+/// disconnected and failed timeouts together.
+#[test]
+fn hato_patch_non_stun_traffic_does_not_refresh_consent() -> Result<()> {
+    let t0 = Instant::now();
+    let mut a = Agent::new(t0, Arc::new(AgentConfig::default()), test_crypto_provider())?;
+    let local = CandidateHostConfig {
+        base_config: CandidateConfig {
+            network: "udp".to_owned(),
+            address: "192.168.1.1".to_owned(),
+            port: 19216,
+            component: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .new_candidate_host()?;
+    a.add_local_candidate(local)?;
+    let remote = CandidateHostConfig {
+        base_config: CandidateConfig {
+            network: "udp".to_owned(),
+            address: "192.168.1.2".to_owned(),
+            port: 19217,
+            component: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .new_candidate_host()?;
+    a.add_remote_candidate(remote)?;
+    a.add_pair(0, 0);
+    a.set_selected_pair(Some(t0), Some(0));
+    a.remote_candidates[0].seen(t0, false);
+    let from: SocketAddr = "192.168.1.2:19217".parse().unwrap();
+
+    let give_up = a.disconnected_timeout + a.failed_timeout;
+    let mut t = t0;
+    while t < t0 + give_up + Duration::from_secs(2) {
+        t += Duration::from_millis(500);
+        assert!(a.validate_non_stun_traffic(t, from), "from the pair's address");
+    }
+    assert_eq!(Some(t0), a.remote_candidates[0].last_received());
+    a.validate_selected_pair(t);
+    assert_eq!(ConnectionState::Failed, a.connection_state);
+
+    let elsewhere: SocketAddr = "192.168.1.3:19217".parse().unwrap();
+    assert!(!a.validate_non_stun_traffic(t, elsewhere));
+    Ok(())
+}

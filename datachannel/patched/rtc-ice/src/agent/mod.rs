@@ -1585,14 +1585,17 @@ impl Agent {
     // remote candidate.
     pub(crate) fn validate_non_stun_traffic(
         &mut self,
-        now: Instant,
+        _now: Instant,
         remote_addr: SocketAddr,
     ) -> bool {
-        self.find_remote_candidate(remote_addr)
-            .is_some_and(|remote_index| {
-                self.remote_candidates[remote_index].seen(now, false);
-                true
-            })
+        // hato patch: a datagram that is not STUN proves nothing about who
+        // sent it, so it no longer counts as hearing from the candidate.
+        // Counted, it refreshed consent: anyone who could forge the source
+        // address of a peer that had vanished kept its session (and what
+        // the server sends it) alive past the consent timeout. Consent
+        // (RFC 7675 §5.1) comes from authenticated STUN only: the peer's
+        // own checks, or its responses to ours.
+        self.find_remote_candidate(remote_addr).is_some()
     }
 
     pub(crate) fn send_stun(
