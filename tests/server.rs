@@ -2823,7 +2823,7 @@ async fn metrics_parse_and_move() {
 
     // One set of names: every drop, hold and pacing reason of
     // GetStatsReport is a label of the same metric with the same value,
-    // and /.hato/stats has the same drops.
+    // and /.hato/stats has the same drops, holds, pacing and SCTP events.
     let (_, report) = api(&s, "Sora_20171010.GetStatsReport", "").await;
     let (_, runtime) = get(&s.api_addr.to_string(), "/.hato/stats").await;
     let runtime: Value = serde_json::from_str(&runtime).unwrap();
@@ -2851,8 +2851,9 @@ async fn metrics_parse_and_move() {
         ),
         report["sctp"]["resent_on_return"].as_f64().unwrap()
     );
-    assert_eq!(runtime["drops"], report["drops"]);
-    assert_eq!(runtime["deliveries"], report["deliveries"]);
+    for key in ["drops", "held", "paced", "sctp", "deliveries"] {
+        assert_eq!(runtime[key], report[key], "{key}");
+    }
     assert_eq!(report["deliveries"], 2);
     assert_eq!(report["drops"]["outbox_overflow"], 0);
 }

@@ -85,6 +85,9 @@ pub(super) fn runtime_stats(shared: &Shared) -> String {
         "pushes": c.pushes,
         "deliveries": c.deliveries,
         "drops": c.object(Group::Drops),
+        "held": c.object(Group::Held),
+        "paced": c.object(Group::Paced),
+        "sctp": c.object(Group::Sctp),
     })
     .to_string()
 }
