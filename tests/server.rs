@@ -1235,27 +1235,8 @@ async fn strangers_on_the_webrtc_port_are_dropped_and_harm_no_one() {
     };
     let before = stats();
     let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let stun = |username: &str| {
-        // A Binding request with USERNAME and a MESSAGE-INTEGRITY keyed
-        // with a password the server never gave out.
-        use rtc::stun::attributes::ATTR_USERNAME;
-        use rtc::stun::integrity::MessageIntegrity;
-        use rtc::stun::message::{Message as Stun, TransactionId, BINDING_REQUEST};
-        use rtc::stun::textattrs::TextAttribute;
-        let crypto = rtc::crypto::default_provider().unwrap();
-        let mut m = Stun::new();
-        m.build(&[
-            Box::new(BINDING_REQUEST),
-            Box::new(TransactionId::new()),
-            Box::new(TextAttribute::new(ATTR_USERNAME, username.into())),
-            Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
-                "not-the-password".into(),
-                crypto.crypto(),
-            )),
-        ])
-        .unwrap();
-        m.raw.clone()
-    };
+    // MESSAGE-INTEGRITY keyed with a password the server never gave out.
+    let stun = |username: &str| binding_request(username, "not-the-password");
     for addr in s.rtc_addrs() {
         stranger.send_to(b"garbage", addr).await.unwrap();
         stranger
@@ -1290,6 +1271,69 @@ async fn strangers_on_the_webrtc_port_are_dropped_and_harm_no_one() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(still_served(&s, &mut c, "udp").await, Via::DataChannel);
+}
+
+/// A STUN Binding request with `USERNAME` and a `MESSAGE-INTEGRITY` keyed
+/// with `pwd`.
+fn binding_request(username: &str, pwd: &str) -> Vec<u8> {
+    use rtc::stun::attributes::ATTR_USERNAME;
+    use rtc::stun::integrity::MessageIntegrity;
+    use rtc::stun::message::{Message as Stun, TransactionId, BINDING_REQUEST};
+    use rtc::stun::textattrs::TextAttribute;
+    let crypto = rtc::crypto::default_provider().unwrap();
+    let mut m = Stun::new();
+    m.build(&[
+        Box::new(BINDING_REQUEST),
+        Box::new(TransactionId::new()),
+        Box::new(TextAttribute::new(ATTR_USERNAME, username.into())),
+        Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
+            pwd.into(),
+            crypto.crypto(),
+        )),
+    ])
+    .unwrap();
+    m.raw.clone()
+}
+
+/// A peer that signs Binding requests from 40 source addresses (it has
+/// the password: it is the peer, or one who learnt it) binds 32 in all,
+/// its real one included: each would be a peer-reflexive candidate in its
+/// ICE agent, checked and searched for every STUN message, without bound.
+/// The rest are refused and counted; the peer is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_binds_at_most_32_source_addresses() {
+    let s = server().await;
+    let mut c = switched_client(&s, "many", true).await;
+    let sdp = c.offer["sdp"].as_str().unwrap().to_owned();
+    let attr = |name: &str| {
+        let prefix = format!("a={name}:");
+        let line = sdp.lines().find_map(|l| l.strip_prefix(prefix.as_str()));
+        line.unwrap().trim().to_owned()
+    };
+    let request = binding_request(&format!("{}:x", attr("ice-ufrag")), &attr("ice-pwd"));
+    let refused = || engine_count(&s, |e| &e.refused_candidates);
+    let before = refused();
+    let mut sockets = Vec::new();
+    for _ in 0..40 {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for addr in s.rtc_addrs() {
+            socket.send_to(&request, addr).await.unwrap();
+        }
+        sockets.push(socket);
+    }
+    // The peer's own address is bound already: 31 more, 9 refused.
+    let until = tokio::time::Instant::now() + T;
+    while refused() - before < 9 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{} refused",
+            refused() - before
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(still_served(&s, &mut c, "many").await, Via::DataChannel);
+    assert_eq!(refused() - before, 9);
+    drop(sockets);
 }
 
 /// A switched DataChannel peer that stops acknowledging is disconnected

@@ -27,7 +27,19 @@ pub enum Route {
     /// A Binding request from an address bound to a live peer, naming
     /// another peer: dropped (see [`Demux::route`]).
     Spoofed,
+    /// A Binding request with the right password from a new address of a
+    /// peer that already has [`MAX_ADDRESSES`]: dropped.
+    OverAddresses,
 }
+
+/// Source addresses one peer may bind. Each becomes a peer-reflexive
+/// candidate in its ICE agent — a candidate, a pair, checks to it, and a
+/// linear search through them for every STUN message — so a peer that
+/// signs Binding requests from every port of its host (or from forged
+/// addresses) would grow them without bound for as long as it lives. A
+/// browser uses one or two (a few with several networks); the trickled
+/// candidates hato checks are bounded apart (`--max-remote-candidates`).
+pub const MAX_ADDRESSES: usize = 32;
 
 #[derive(Default)]
 pub struct Demux {
@@ -37,6 +49,8 @@ pub struct Demux {
     /// (responses to its checks) goes to that peer, and marks the address
     /// as one that answered (`true`).
     probes: HashMap<SocketAddr, (PeerId, bool)>,
+    /// How many addresses each peer has bound (at most [`MAX_ADDRESSES`]).
+    bound: HashMap<PeerId, usize>,
 }
 
 impl Demux {
@@ -53,6 +67,7 @@ impl Demux {
         self.by_ufrag.remove(ufrag);
         self.by_addr.retain(|_, p| *p != id);
         self.probes.retain(|_, p| p.0 != id);
+        self.bound.remove(&id);
     }
 
     /// Peer `id` sends to `to`: its STUN answers may come back from there.
@@ -165,10 +180,15 @@ impl Demux {
         {
             return Route::Drop { integrity: true };
         }
-        if self.by_addr.insert(from, id) != Some(id) {
-            self.probes.remove(&from);
-            tracing::trace!(%from, peer = id, "address bound");
+        // Not bound (the bound ones returned above): a new address.
+        let bound = self.bound.entry(id).or_default();
+        if *bound >= MAX_ADDRESSES {
+            return Route::OverAddresses;
         }
+        *bound += 1;
+        self.by_addr.insert(from, id);
+        self.probes.remove(&from);
+        tracing::trace!(%from, peer = id, "address bound");
         Route::Peer(id)
     }
 }
@@ -267,6 +287,40 @@ mod tests {
         );
         assert_eq!(d.route(a, &request("theirs:x", "other"), c), Route::Peer(8));
         assert_eq!(d.route(a, b"\x17\xfe\xfd data", c), Route::Peer(8));
+    }
+
+    #[test]
+    fn a_peer_binds_at_most_max_addresses() {
+        let crypto = rtc::crypto::default_provider().unwrap();
+        let c = crypto.crypto();
+        let mut d = Demux::default();
+        d.add_peer(7, "ours".into(), "secret".into());
+        d.add_peer(8, "theirs".into(), "other".into());
+        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        for port in 0..MAX_ADDRESSES as u16 {
+            let r = d.route(addr(1000 + port), &request("ours:x", "secret"), c);
+            assert_eq!(r, Route::Peer(7), "address {port}");
+        }
+        let one_more = addr(2000);
+        let r = d.route(one_more, &request("ours:x", "secret"), c);
+        assert_eq!(r, Route::OverAddresses);
+        assert_eq!(
+            d.route(one_more, b"\x17\xfe\xfd data", c),
+            Route::Drop { integrity: false }
+        );
+        // Those bound still route; another peer is not affected; and once
+        // the peer is gone its count goes with it.
+        assert_eq!(d.route(addr(1000), b"\x17\xfe\xfd data", c), Route::Peer(7));
+        assert_eq!(
+            d.route(one_more, &request("theirs:x", "other"), c),
+            Route::Peer(8)
+        );
+        d.remove_peer(7, "ours");
+        d.add_peer(9, "ours".into(), "secret".into());
+        assert_eq!(
+            d.route(addr(1000), &request("ours:x", "secret"), c),
+            Route::Peer(9)
+        );
     }
 
     #[test]

@@ -1061,6 +1061,10 @@ impl Shard {
                 let c = &self.common.stats.refused_moves;
                 c.fetch_add(1, Ordering::Relaxed);
             }
+            Route::OverAddresses => {
+                let c = &self.common.stats.refused_candidates;
+                c.fetch_add(1, Ordering::Relaxed);
+            }
             Route::Drop { integrity } => {
                 let c = if integrity {
                     &self.common.stats.dropped_integrity

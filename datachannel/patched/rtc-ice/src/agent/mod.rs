@@ -434,9 +434,13 @@ impl Agent {
             }
         }
 
-        // hato patch: room for exactly one more. A `Vec`'s first push keeps
-        // four slots; a WebRTC peer has one candidate a side, each ~230 bytes.
-        self.local_candidates.reserve_exact(1);
+        // hato patch: room for exactly one more while there are few. A
+        // `Vec`'s first push keeps four slots; a WebRTC peer has one
+        // candidate a side, each ~230 bytes. (Beyond four, the usual
+        // doubling: no quadratic copying however many there are.)
+        if self.local_candidates.len() < 4 {
+            self.local_candidates.reserve_exact(1);
+        }
         self.local_candidates.push(c);
         let local_index = self.local_candidates.len() - 1;
 
@@ -507,8 +511,11 @@ impl Agent {
     fn trigger_request_connectivity_check(&mut self, remote_candidates: Vec<Candidate>) {
         for c in remote_candidates {
             if !self.remote_candidates.iter().any(|cand| cand.equal(&c)) {
-                // hato patch: room for exactly one more (see above).
-                self.remote_candidates.reserve_exact(1);
+                // hato patch: room for exactly one more while there are few
+                // (see above).
+                if self.remote_candidates.len() < 4 {
+                    self.remote_candidates.reserve_exact(1);
+                }
                 self.remote_candidates.push(c);
                 let remote_index = self.remote_candidates.len() - 1;
 
@@ -933,8 +940,11 @@ impl Agent {
             self.remote_candidates[remote_index].priority(),
             self.is_controlling,
         );
-        // hato patch: room for exactly one more (see above).
-        self.candidate_pairs.reserve_exact(1);
+        // hato patch: room for exactly one more while there are few (see
+        // above).
+        if self.candidate_pairs.len() < 4 {
+            self.candidate_pairs.reserve_exact(1);
+        }
         self.candidate_pairs.push(p);
     }
 
