@@ -76,7 +76,8 @@ pub struct EngineConfig {
     /// A connected peer from which no authenticated STUN (its checks, or
     /// its answers to ours) has arrived for this long is failed
     /// ([`PeerEvent::Failed`]): ICE consent expiry, 30 s in RFC 7675 §5.1.
-    /// Other datagrams do not count: anyone can forge their source. At least [`ICE_DISCONNECTED`] plus a second. While it still
+    /// Other datagrams do not count: anyone can forge their source. At
+    /// least [`ICE_DISCONNECTED`] plus a second. While it still
     /// connects, a peer gets [`CHECKING_LIMIT`] whatever this is.
     pub silence_limit: Duration,
     /// Refuse remote candidates in private ranges (an internet-facing
