@@ -1491,15 +1491,15 @@ async fn a_peer_silent_past_the_consent_timeout_is_ended() {
 async fn forged_datagrams_from_a_vanished_peers_address_do_not_keep_it() {
     let s = server_with(|c| c.ice_consent_timeout_ms = 6_000).await;
     let c = switched_client(&s, "forged", true).await;
-    let heard = |s: &Server| engine_count(s, |e| &e.dropped_unknown);
-    let unknown_before = heard(&s);
+    let dropped_unknown = |s: &Server| engine_count(s, |e| &e.dropped_unknown);
+    let unknown_before = dropped_unknown(&s);
     c.freeze_peer_forging(Duration::from_secs(60));
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(s.table().len(), 1, "ended before the consent timeout");
     table_len(&s, 0).await;
     // The forged datagrams reached the peer's state (they were not
     // dropped as coming from nowhere), so they were there to be counted.
-    assert_eq!(heard(&s), unknown_before);
+    assert_eq!(dropped_unknown(&s), unknown_before);
 }
 
 /// Connects by hand with DataChannel signaling and answers with
