@@ -1147,6 +1147,19 @@ impl Shard {
             if p.deadline != Some(t) {
                 continue;
             }
+            // The core's deadline can move later between turns: a check the
+            // shard answered tells the ICE agent, which then has nothing to
+            // do until the peer's silence could matter. Then no turn, only
+            // the timer again (an idle peer's only turns were these ticks).
+            let due = [p.pc.poll_timeout(), p.closing, p.checking_until]
+                .into_iter()
+                .flatten()
+                .min();
+            if let Some(d) = due.filter(|d| *d > now) {
+                p.deadline = Some(d);
+                self.timers.push(Reverse((d, id)));
+                continue;
+            }
             p.deadline = None;
             let _ = p.pc.handle_timeout(now);
             self.mark(id);

@@ -150,7 +150,9 @@ impl sansio::Protocol<TaggedBytesMut, (), ()> for Agent {
                 // past, so the resulting deadline is immediate.
                 Some(self.last_checking_time)
             } else {
-                Some(self.last_checking_time + self.get_timeout_interval())
+                let tick = self.last_checking_time + self.get_timeout_interval();
+                // hato patch: see `quiet_until`.
+                Some(self.quiet_until().map_or(tick, |quiet| tick.max(quiet)))
             }
         } else {
             None

@@ -3438,3 +3438,78 @@ fn hato_patch_non_stun_traffic_does_not_refresh_consent() -> Result<()> {
     assert!(!a.validate_non_stun_traffic(t, elsewhere));
     Ok(())
 }
+
+/// hato patch: while connected and the peer checks the selected pair
+/// itself, the agent asks for no tick until two keep-alive intervals after
+/// the peer's last check (or the disconnected timeout, if sooner): a tick
+/// before then would find nothing to do. Once the peer stops checking, the
+/// agent pings it from then on, and fails the pair at the same time as it
+/// would have with a tick every interval.
+#[test]
+fn hato_patch_no_tick_while_the_peer_checks() -> Result<()> {
+    let t0 = Instant::now();
+    let mut a = Agent::new(t0, Arc::new(AgentConfig::default()), test_crypto_provider())?;
+    let host = |address: &str, port: u16| {
+        CandidateHostConfig {
+            base_config: CandidateConfig {
+                network: "udp".to_owned(),
+                address: address.to_owned(),
+                port,
+                component: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .new_candidate_host()
+    };
+    a.add_local_candidate(host("192.168.1.1", 19216)?)?;
+    a.add_remote_candidate(host("192.168.1.2", 19217)?)?;
+    a.ufrag_pwd.remote_credentials = Some(Credentials {
+        ufrag: "remoteufrag".to_string(),
+        pwd: "remotepwd".to_string(),
+    });
+    a.is_controlling = true;
+    a.add_pair(0, 0);
+    a.set_selected_pair(Some(t0), Some(0));
+    a.update_connection_state(Some(t0), ConnectionState::Connected);
+    a.remote_candidates[0].seen(t0, false);
+    a.last_checking_time = t0;
+    a.last_connection_state = ConnectionState::Connected;
+    a.last_consent_sent = t0;
+    // The check that adding the candidate asked for has run.
+    a.force_candidate_contact = false;
+    let from: SocketAddr = "192.168.1.2:19217".parse().unwrap();
+    let username = format!("{}:remoteufrag", a.ufrag_pwd.local_credentials.ufrag);
+    let patience = a.keepalive_interval.saturating_mul(2).min(a.disconnected_timeout);
+
+    // Nothing checked yet: the usual tick.
+    let tick = a.poll_timeout().expect("a deadline");
+    assert!(tick > t0 && tick <= t0 + a.disconnected_timeout);
+
+    // The peer checks every 2 s for a minute: each check moves the deadline
+    // on, and it is never reached.
+    let mut t = t0;
+    for _ in 0..30 {
+        t += Duration::from_secs(2);
+        assert!(a.answered_check_on_selected(t, from, username.as_bytes()));
+        assert_eq!(Some(t + patience), a.poll_timeout());
+    }
+    let last_check = t;
+
+    // It stops: at the deadline the agent pings it, and ticks on.
+    a.write_outs.clear();
+    let due = a.poll_timeout().unwrap();
+    a.handle_timeout(due)?;
+    assert_eq!(ConnectionState::Connected, a.connection_state);
+    assert_eq!(1, a.write_outs.len(), "one consent check sent");
+    let mut now = due;
+    while a.connection_state != ConnectionState::Failed {
+        let next = a.poll_timeout().expect("a deadline while it fails");
+        assert!(next > now && next <= now + a.keepalive_interval);
+        now = next;
+        a.handle_timeout(now)?;
+    }
+    let give_up = last_check + a.disconnected_timeout + a.failed_timeout;
+    assert!(now > give_up && now <= give_up + a.keepalive_interval);
+    Ok(())
+}

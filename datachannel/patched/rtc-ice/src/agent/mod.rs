@@ -1013,6 +1013,36 @@ impl Agent {
             })
     }
 
+    /// hato patch: while connected and the peer checks the selected pair
+    /// itself, nothing is due before its silence could matter: two
+    /// keep-alive intervals after its last check (then this side pings it,
+    /// `check_keepalive`), or the disconnected timeout, whichever is first.
+    /// A tick before that would find the pair valid and send nothing. The
+    /// peer's checks (`answered_check_on_selected`, or `handle_inbound`)
+    /// move this later, so an idle peer that checks is never ticked; with
+    /// `last_checking_time` it was every disconnected timeout (4 s in hato),
+    /// a whole turn of every layer of the connection for nothing. `None`
+    /// when the peer has not checked since the last tick.
+    fn quiet_until(&self) -> Option<Instant> {
+        let connected = self.connection_state == ConnectionState::Connected
+            && self.last_connection_state == ConnectionState::Connected;
+        let last = self.last_remote_check?;
+        if !connected
+            || !self.is_controlling
+            || self.selected_pair.is_none()
+            || self.keepalive_interval == ZERO_DURATION
+            || self.disconnected_timeout == ZERO_DURATION
+            || last < self.last_checking_time
+        {
+            return None;
+        }
+        let patience = self
+            .keepalive_interval
+            .saturating_mul(2)
+            .min(self.disconnected_timeout);
+        Some(last + patience)
+    }
+
     /// hato patch: a Binding request on the selected pair that the caller
     /// answered itself (its `MESSAGE-INTEGRITY` checked with the local
     /// password, a success response sent): records what `handle_inbound`
