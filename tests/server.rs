@@ -1275,44 +1275,36 @@ async fn strangers_on_the_webrtc_port_are_dropped_and_harm_no_one() {
 
 /// A STUN Binding request with `USERNAME` and a `MESSAGE-INTEGRITY` keyed
 /// with `pwd`.
-fn binding_request(username: &str, pwd: &str) -> Vec<u8> {
-    use rtc::stun::attributes::ATTR_USERNAME;
-    use rtc::stun::integrity::MessageIntegrity;
-    use rtc::stun::message::{Message as Stun, TransactionId, BINDING_REQUEST};
-    use rtc::stun::textattrs::TextAttribute;
-    let crypto = rtc::crypto::default_provider().unwrap();
-    let mut m = Stun::new();
-    m.build(&[
-        Box::new(BINDING_REQUEST),
-        Box::new(TransactionId::new()),
-        Box::new(TextAttribute::new(ATTR_USERNAME, username.into())),
-        Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
-            pwd.into(),
-            crypto.crypto(),
-        )),
-    ])
-    .unwrap();
-    m.raw.clone()
-}
+use hato_datachannel::signed_binding_request as binding_request;
 
 /// A peer that signs Binding requests from 40 source addresses (it has
 /// the password: it is the peer, or one who learnt it) binds 32 in all,
 /// its real one included: each would be a peer-reflexive candidate in its
 /// ICE agent, checked and searched for every STUN message, without bound.
-/// The rest are refused and counted; the peer is still served.
+/// The rest are refused and counted; the peer is still served. And the
+/// bound ones get its ICE agent's checks only at the peer's pace: their
+/// requests prove nothing (a peer can forge their source), and unpaced,
+/// each would get a check every 20 ms for as long as ICE tries — a
+/// reflection at whatever addresses the peer names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_binds_at_most_32_source_addresses() {
     let s = server().await;
     let mut c = switched_client(&s, "many", true).await;
-    let sdp = c.offer["sdp"].as_str().unwrap().to_owned();
-    let attr = |name: &str| {
+    let attr = |sdp: &str, name: &str| {
         let prefix = format!("a={name}:");
         let line = sdp.lines().find_map(|l| l.strip_prefix(prefix.as_str()));
         line.unwrap().trim().to_owned()
     };
-    let request = binding_request(&format!("{}:x", attr("ice-ufrag")), &attr("ice-pwd"));
+    let offer = c.offer["sdp"].as_str().unwrap().to_owned();
+    let username = format!(
+        "{}:{}",
+        attr(&offer, "ice-ufrag"),
+        attr(&c.answer, "ice-ufrag")
+    );
+    let request = binding_request(&username, &attr(&offer, "ice-pwd"));
     let refused = || engine_count(&s, |e| &e.refused_candidates);
     let before = refused();
+    let started = tokio::time::Instant::now();
     let mut sockets = Vec::new();
     for _ in 0..40 {
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -1333,7 +1325,32 @@ async fn a_peer_binds_at_most_32_source_addresses() {
     }
     assert_eq!(still_served(&s, &mut c, "many").await, Via::DataChannel);
     assert_eq!(refused() - before, 9);
-    drop(sockets);
+    // Asked again every 250 ms for 3 s (each request makes the agent check
+    // its address back): what came to the 40 addresses, none of which
+    // answers.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        for socket in &sockets {
+            for addr in s.rtc_addrs() {
+                socket.send_to(&request, addr).await.unwrap();
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut buf = [0u8; 1500];
+    let mut back = 0;
+    for socket in &sockets {
+        while socket.try_recv(&mut buf).is_ok() {
+            back += 1;
+        }
+    }
+    let (burst, rate) = hato_datachannel::PEER_CHECKS;
+    let allowed = f64::from(burst) + f64::from(rate) * seconds;
+    assert!(
+        f64::from(back) <= allowed,
+        "{back} datagrams to the 40 addresses in {seconds:.1} s (the peer's pace allows {allowed:.0})"
+    );
+    assert!(back > 0, "the bound addresses were never checked");
 }
 
 /// A switched DataChannel peer that stops acknowledging is disconnected

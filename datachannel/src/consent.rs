@@ -170,6 +170,28 @@ pub fn answer(
     Some(())
 }
 
+/// A Binding request signed as a peer's ICE agent signs it: `USERNAME`,
+/// then `MESSAGE-INTEGRITY` with `pwd`. For the tests and the attack suite,
+/// which play a peer (or one who learnt its password) towards a server.
+pub fn signed_binding_request(username: &str, pwd: &str) -> Vec<u8> {
+    use rtc::stun::integrity::MessageIntegrity;
+    use rtc::stun::message::{Message, TransactionId};
+    use rtc::stun::textattrs::TextAttribute;
+    let provider = rtc::crypto::default_provider().expect("a crypto provider");
+    let mut m = Message::new();
+    m.build(&[
+        Box::new(BINDING_REQUEST),
+        Box::new(TransactionId::new()),
+        Box::new(TextAttribute::new(ATTR_USERNAME, username.into())),
+        Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
+            pwd.into(),
+            provider.crypto(),
+        )),
+    ])
+    .expect("a Binding request");
+    m.raw
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,11 @@
 //! shard chose and whose `MESSAGE-INTEGRITY` checks out with that peer's
 //! password binds the address to the peer. A STUN response from an address
 //! this shard sent a check to goes to the peer that sent it (the ICE agent
-//! matches its transaction). Everything else is dropped and counted: after
+//! matches its transaction). Neither proves that whoever sent it receives
+//! there: a source address can be forged, and a peer knows its own
+//! password. So checks to an address are paced until the peer's ICE agent
+//! has had an answer from it to one of its checks ([`Proof`],
+//! [`Demux::answered`]). Everything else is dropped and counted: after
 //! ICE has selected a pair, the core passes every non-STUN datagram up
 //! without looking at its source, so this is the only guard.
 
@@ -15,6 +19,18 @@ use rtc::stun::integrity::MessageIntegrity;
 use rtc::stun::message::{is_stun_message, Message, CLASS_REQUEST, METHOD_BINDING};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+
+/// What a peer's checks to an address may rely on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proof {
+    /// It answered one of the peer's checks: whoever asked receives there.
+    Answered,
+    /// The peer's signed Binding request came from there (or one forged
+    /// to look so: the peer knows its own password).
+    Bound,
+    /// Only named (a candidate), or nothing at all.
+    Unknown,
+}
 
 /// Where a datagram goes.
 #[derive(Debug, PartialEq, Eq)]
@@ -44,10 +60,10 @@ pub const MAX_ADDRESSES: usize = 32;
 #[derive(Default)]
 pub struct Demux {
     by_ufrag: HashMap<String, (PeerId, String)>,
-    by_addr: HashMap<SocketAddr, PeerId>,
+    /// Bound addresses, and whether each has answered a check.
+    by_addr: HashMap<SocketAddr, (PeerId, bool)>,
     /// Addresses a peer sent to that are not bound yet: STUN from them
-    /// (responses to its checks) goes to that peer, and marks the address
-    /// as one that answered (`true`).
+    /// (responses to its checks) goes to that peer. `true`: it answered.
     probes: HashMap<SocketAddr, (PeerId, bool)>,
     /// How many addresses each peer has bound (at most [`MAX_ADDRESSES`]).
     bound: HashMap<PeerId, usize>,
@@ -65,22 +81,40 @@ impl Demux {
     /// Forgets a peer: its ufrag and every address bound or probed for it.
     pub fn remove_peer(&mut self, id: PeerId, ufrag: &str) {
         self.by_ufrag.remove(ufrag);
-        self.by_addr.retain(|_, p| *p != id);
+        self.by_addr.retain(|_, p| p.0 != id);
         self.probes.retain(|_, p| p.0 != id);
         self.bound.remove(&id);
     }
 
     /// Peer `id` sends to `to`: its STUN answers may come back from there.
-    /// Returns whether `to` has ever answered (bound to a peer, or sent a
-    /// STUN response or indication back): checks to an address that has
-    /// not are paced by the caller.
-    pub fn sent(&mut self, id: PeerId, to: SocketAddr) -> bool {
-        if self.by_addr.contains_key(&to) {
-            return true;
+    /// Returns what is known of `to` (checks to an address that has not
+    /// answered are paced by the caller).
+    pub fn sent(&mut self, id: PeerId, to: SocketAddr) -> Proof {
+        if let Some(&(_, answered)) = self.by_addr.get(&to) {
+            return if answered {
+                Proof::Answered
+            } else {
+                Proof::Bound
+            };
         }
         let probe = self.probes.entry(to).or_insert((id, false));
         probe.0 = id;
-        probe.1
+        if probe.1 {
+            Proof::Answered
+        } else {
+            Proof::Unknown
+        }
+    }
+
+    /// `to` answered a check: its peer's ICE agent matched a success
+    /// response from there to a check it sent (a transaction only whoever
+    /// receives at `to` can know).
+    pub fn answered(&mut self, to: SocketAddr) {
+        if let Some(bound) = self.by_addr.get_mut(&to) {
+            bound.1 = true;
+        } else if let Some(probe) = self.probes.get_mut(&to) {
+            probe.1 = true;
+        }
     }
 
     /// The peer (and its password) whose ufrag starts a STUN `USERNAME`
@@ -127,7 +161,7 @@ impl Demux {
         data: &[u8],
         crypto: &dyn rtc::crypto::RTCCrypto,
     ) -> Route {
-        if let Some(&id) = self.by_addr.get(&from) {
+        if let Some(&(id, _)) = self.by_addr.get(&from) {
             // A bound address stays its peer's for as long as that peer
             // lives: a Binding request naming another peer is dropped, even
             // with that peer's password — a peer that forges its source
@@ -160,11 +194,8 @@ impl Demux {
         }
         if m.typ.class != CLASS_REQUEST || m.typ.method != METHOD_BINDING {
             // A response or an indication: its own peer's agent checks it.
-            return match self.probes.get_mut(&from) {
-                Some(probe) => {
-                    probe.1 = true;
-                    Route::Peer(probe.0)
-                }
+            return match self.probes.get(&from) {
+                Some(probe) => Route::Peer(probe.0),
                 None => Route::Drop { integrity: false },
             };
         }
@@ -186,7 +217,7 @@ impl Demux {
             return Route::OverAddresses;
         }
         *bound += 1;
-        self.by_addr.insert(from, id);
+        self.by_addr.insert(from, (id, false));
         self.probes.remove(&from);
         tracing::trace!(%from, peer = id, "address bound");
         Route::Peer(id)
@@ -219,24 +250,8 @@ fn stun_username(data: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rtc::stun::message::{TransactionId, BINDING_REQUEST};
-    use rtc::stun::textattrs::TextAttribute;
-
-    fn request(username: &str, pwd: &str) -> Vec<u8> {
-        let crypto = rtc::crypto::default_provider().unwrap();
-        let mut m = Message::new();
-        m.build(&[
-            Box::new(BINDING_REQUEST),
-            Box::new(TransactionId::new()),
-            Box::new(TextAttribute::new(ATTR_USERNAME, username.into())),
-            Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
-                pwd.into(),
-                crypto.crypto(),
-            )),
-        ])
-        .unwrap();
-        m.raw.clone()
-    }
+    use crate::consent::signed_binding_request as request;
+    use rtc::stun::message::TransactionId;
 
     #[test]
     fn a_new_address_is_bound_only_by_a_request_with_the_peers_password() {
@@ -323,17 +338,20 @@ mod tests {
         );
     }
 
+    /// Neither a signed request nor a response from an address proves that
+    /// whoever sent it receives there (the source may be forged, and a
+    /// peer knows its own password): only its agent's word does.
     #[test]
-    fn an_address_answers_by_binding_or_by_responding() {
+    fn an_address_has_answered_only_when_its_agent_says_so() {
         let crypto = rtc::crypto::default_provider().unwrap();
         let c = crypto.crypto();
         let mut d = Demux::default();
         d.add_peer(7, "ours".into(), "secret".into());
         let third: SocketAddr = "198.51.100.9:9".parse().unwrap();
         let peer: SocketAddr = "198.51.100.10:9".parse().unwrap();
-        assert!(!d.sent(7, third));
-        assert!(!d.sent(7, third));
-        // A Binding success response from there.
+        assert_eq!(d.sent(7, third), Proof::Unknown);
+        // A Binding success response from there goes to the peer's agent,
+        // and proves nothing by itself.
         let mut m = Message::new();
         m.build(&[
             Box::new(rtc::stun::message::BINDING_SUCCESS),
@@ -341,13 +359,18 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(d.route(third, &m.raw, c), Route::Peer(7));
-        assert!(d.sent(7, third));
-        assert!(!d.sent(7, peer));
+        assert_eq!(d.sent(7, third), Proof::Unknown);
+        d.answered(third);
+        assert_eq!(d.sent(7, third), Proof::Answered);
+        // A signed request binds the address, and proves nothing either.
+        assert_eq!(d.sent(7, peer), Proof::Unknown);
         assert_eq!(
             d.route(peer, &request("ours:x", "secret"), c),
             Route::Peer(7)
         );
-        assert!(d.sent(7, peer));
+        assert_eq!(d.sent(7, peer), Proof::Bound);
+        d.answered(peer);
+        assert_eq!(d.sent(7, peer), Proof::Answered);
     }
 
     #[test]

@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 /// Events buffered per peer of the answering (client) side.
 pub const CLIENT_EVENT_BUFFER: usize = 16_384;
 
+pub use consent::signed_binding_request;
 pub use shard::{
     fix_mmap_threshold, give_back_memory, EARLY_BYTES, EVENT_BUFFER, PEER_CHECKS, SHARD_CHECKS,
     SHARD_HELD_BYTES,

@@ -13,7 +13,7 @@
 
 use crate::candidate::{Pace, Policy};
 use crate::consent;
-use crate::demux::{Demux, Route};
+use crate::demux::{Demux, Proof, Route};
 use crate::prefilter;
 use crate::udp::{Datagram, SharedSocket, Transmit};
 use crate::{EngineConfig, Error, Incoming, PeerEvent, Sockets, Stats};
@@ -1265,15 +1265,27 @@ impl Shard {
             let from_alias = self.aliases.is_some();
             let shard_pace = &mut self.pace;
             let paced = &stats.paced_checks;
-            // To an address that never answered (a candidate's, so far only
-            // the peer's word), at the peers' and the shard's pace.
-            let keep = |to, pace: &mut Pace| {
-                if demux.sent(id, to) {
+            // To an address that has not answered a check of the peer's, at
+            // the peer's pace; one its signed requests did not even come
+            // from (a candidate's, so far only the peer's word), at the
+            // shard's too. Its requests prove nothing: a peer knows its own
+            // password and can forge their source, and each such address
+            // would get a check every 20 ms for as long as ICE tries.
+            let keep = |to, p: &mut PeerSlot| {
+                let proof = demux.sent(id, to);
+                if proof == Proof::Answered {
                     return true;
                 }
-                if pace.ready(now) && shard_pace.ready(now) {
-                    pace.take(now);
-                    shard_pace.take(now);
+                if p.pc.ice_answered_from(to) {
+                    demux.answered(to);
+                    return true;
+                }
+                let bound = proof == Proof::Bound;
+                if p.pace.ready(now) && (bound || shard_pace.ready(now)) {
+                    p.pace.take(now);
+                    if !bound {
+                        shard_pace.take(now);
+                    }
                     return true;
                 }
                 paced.fetch_add(1, Ordering::Relaxed);
@@ -1451,13 +1463,13 @@ fn read_into(p: &mut PeerSlot, d: Datagram, advertise: &[IpAddr], now: Instant) 
 
 /// Takes every datagram the peer has to send into `out` (the shard's
 /// socket, at the end of the turn): from the peer's own address when
-/// `from_alias` (a client shard), else telling `sent` each destination.
+/// `from_alias` (a client shard), else as `keep` allows each destination.
 /// Returns whether there were any.
 fn take_writes(
     p: &mut PeerSlot,
     out: &mut Vec<Transmit>,
     from_alias: bool,
-    mut keep: impl FnMut(SocketAddr, &mut Pace) -> bool,
+    mut keep: impl FnMut(SocketAddr, &mut PeerSlot) -> bool,
 ) -> bool {
     let mut any = false;
     while let Some(w) = p.pc.poll_write() {
@@ -1466,7 +1478,7 @@ fn take_writes(
         let from = match p.local_addr.ip() {
             IpAddr::V4(ip) if from_alias => Some(ip),
             _ => {
-                if !keep(to, &mut p.pace) {
+                if !keep(to, p) {
                     continue;
                 }
                 None

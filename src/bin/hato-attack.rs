@@ -122,6 +122,10 @@ const ATTACKS: &[(&str, &str)] = &[
         "4 WebRTC peers at a time join the honest DataChannel peers' channel and leave as soon as they are in, as fast as they can",
     ),
     (
+        "many-addresses",
+        "4 peers at a time sign Binding requests with the offer's ICE password from 40 source addresses each",
+    ),
+    (
         "log-flood",
         "8 peers at a time send a `connect` whose role is 60 000 bytes (echoed in a log line) and then bad messages",
     ),
@@ -614,7 +618,7 @@ async fn attack_loop(attack: &str, target: Target, tally: Arc<Tally>) {
         "slow-api" => 2000,
         "client-channels" => 2,
         "notify-metadata" | "log-flood" => 8,
-        "churn" => 4,
+        "churn" | "many-addresses" => 4,
         other => {
             eprintln!("hato-attack: no attack called {other}");
             std::process::exit(2);
@@ -635,6 +639,7 @@ async fn attack_loop(attack: &str, target: Target, tally: Arc<Tally>) {
                     "notify-metadata" => notify_metadata(&target, &tally, i).await,
                     "log-flood" => log_flood(&target, &tally, i).await,
                     "churn" => churn(&target, &tally, i).await,
+                    "many-addresses" => many_addresses(&target, &tally, i).await,
                     _ => unreachable!(),
                 };
                 tokio::time::sleep(pause).await;
@@ -698,18 +703,19 @@ async fn end_of(mut ws: Ws, tally: &Tally) {
     tally.end(how);
 }
 
-/// Reads until the offer (or whatever comes instead).
-async fn offer_of(ws: &mut Ws) -> bool {
+/// Reads until the offer (or whatever comes instead): its SDP.
+async fn offer_of(ws: &mut Ws) -> Option<String> {
     while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
         if let Message::Text(t) = msg {
-            if t.contains("\"offer\"") {
-                return true;
+            let v: Value = serde_json::from_str(&t).unwrap_or_default();
+            if v["type"] == "offer" {
+                return v["sdp"].as_str().map(str::to_owned);
             }
         } else if let Message::Close(_) = msg {
-            return false;
+            return None;
         }
     }
-    false
+    None
 }
 
 fn attacker_address(block: u8, i: usize) -> Ipv4Addr {
@@ -727,20 +733,24 @@ async fn answered(
     source: Ipv4Addr,
     channel: &str,
     extra: &str,
-) -> Option<Ws> {
+) -> Option<(Ws, String)> {
     let mut ws = ws_from(target, source, tally).await?;
     let connect = json!({"type": "connect", "role": "recvonly", "channel_id": channel, "sora_client": "hato-attack"});
-    if !send(&mut ws, connect.to_string(), tally).await || !offer_of(&mut ws).await {
+    let offer = match send(&mut ws, connect.to_string(), tally).await {
+        true => offer_of(&mut ws).await,
+        false => None,
+    };
+    let Some(offer) = offer else {
         end_of(ws, tally).await;
         return None;
-    }
+    };
     let answer = json!({"type": "answer", "sdp": silent_answer(extra)});
     send(&mut ws, answer.to_string(), tally).await;
-    Some(ws)
+    Some((ws, offer))
 }
 
 async fn candidates(target: &Target, tally: &Tally, i: usize) -> Duration {
-    let Some(mut ws) = answered(
+    let Some((mut ws, _)) = answered(
         target,
         tally,
         attacker_address(200, i),
@@ -835,7 +845,7 @@ fn junk_udp(target: &Target, tally: &Tally) {
 }
 
 async fn small_max_message_size(target: &Target, tally: &Tally, i: usize) -> Duration {
-    if let Some(ws) = answered(
+    if let Some((ws, _)) = answered(
         target,
         tally,
         attacker_address(204, i),
@@ -847,6 +857,63 @@ async fn small_max_message_size(target: &Target, tally: &Tally, i: usize) -> Dur
         end_of(ws, tally).await;
     }
     Duration::from_millis(10)
+}
+
+/// Addresses one attacking peer signs Binding requests from.
+const SOURCES: usize = 40;
+
+/// A peer (it has the offer, so the password) whose signed Binding
+/// requests come from 40 source addresses: each bound address would be a
+/// peer-reflexive candidate of its ICE agent, checked and searched on
+/// every STUN message. hato binds 32 per peer and drops the rest.
+async fn many_addresses(target: &Target, tally: &Tally, i: usize) -> Duration {
+    let Some((ws, offer)) = answered(
+        target,
+        tally,
+        attacker_address(208, i),
+        "attack",
+        "a=max-message-size:262144",
+    )
+    .await
+    else {
+        return Duration::from_millis(100);
+    };
+    let attr = |name: &str| {
+        let prefix = format!("a={name}:");
+        offer
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map(str::trim)
+    };
+    if let (Some(ufrag), Some(pwd)) = (attr("ice-ufrag"), attr("ice-pwd")) {
+        let request = hato_datachannel::signed_binding_request(&format!("{ufrag}:attk"), pwd);
+        let mut sockets = Vec::with_capacity(SOURCES);
+        for k in 0..SOURCES {
+            let from = SocketAddr::new(attacker_address(209, i * SOURCES + k).into(), 0);
+            let Ok(socket) = tokio::net::UdpSocket::bind(from).await else {
+                continue;
+            };
+            for to in &target.rtc {
+                if socket.send_to(&request, to).await.is_ok() {
+                    tally.add("signed_requests", 1);
+                }
+            }
+            sockets.push(socket);
+        }
+        // Bound, the addresses are checked until the session ends (it
+        // never connects: hato's checking limit); what came back waits in
+        // the sockets' buffers.
+        end_of(ws, tally).await;
+        let mut buf = [0u8; 1500];
+        for socket in &sockets {
+            while socket.try_recv(&mut buf).is_ok() {
+                tally.add("datagrams_back", 1);
+            }
+        }
+    } else {
+        end_of(ws, tally).await;
+    }
+    Duration::ZERO
 }
 
 async fn slow_api(target: &Target, tally: &Tally) -> Duration {
@@ -963,7 +1030,7 @@ async fn log_flood(target: &Target, tally: &Tally, i: usize) -> Duration {
     send(&mut ws, connect.to_string(), tally).await;
     end_of(ws, tally).await;
     // And a session that sends garbage after its offer.
-    if let Some(mut ws) = answered(
+    if let Some((mut ws, _)) = answered(
         target,
         tally,
         attacker_address(207, i + 100),

@@ -1043,6 +1043,19 @@ impl Agent {
         Some(last + patience)
     }
 
+    /// hato patch: whether `addr` has answered one of this agent's checks:
+    /// a pair to it succeeded, on a success response that matched the
+    /// transaction of a check sent there — which only whoever receives at
+    /// `addr` can know. A Binding request from `addr`, even signed, proves
+    /// no such thing: its source can be forged, and the peer knows its own
+    /// password. The caller paces its checks to an address until this.
+    pub fn has_answered(&self, addr: SocketAddr) -> bool {
+        self.candidate_pairs.iter().any(|p| {
+            p.state == CandidatePairState::Succeeded
+                && self.remote_candidates[p.remote_index].addr() == addr
+        })
+    }
+
     /// hato patch: a Binding request on the selected pair that the caller
     /// answered itself (its `MESSAGE-INTEGRITY` checked with the local
     /// password, a success response sent): records what `handle_inbound`

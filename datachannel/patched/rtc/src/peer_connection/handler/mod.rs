@@ -252,6 +252,17 @@ impl RTCPeerConnection {
             .answered_check_on_selected(now, from, username)
     }
 
+    /// hato patch: whether `addr` has answered one of the ICE agent's
+    /// checks (`Agent::has_answered`).
+    #[doc(hidden)]
+    pub fn ice_answered_from(&self, addr: std::net::SocketAddr) -> bool {
+        self.pipeline_context
+            .ice_handler_context
+            .ice_transport
+            .agent
+            .has_answered(addr)
+    }
+
     /// hato patch: the caller heard from the peer again after a silence.
     /// DATA that waits on a backed-off T3-rtx timer is resent at the next
     /// `handle_timeout`, which [`poll_timeout`](sansio::Protocol::poll_timeout)
