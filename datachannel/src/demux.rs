@@ -25,8 +25,13 @@ use std::net::SocketAddr;
 pub enum Proof {
     /// It answered one of the peer's checks: whoever asked receives there.
     Answered,
-    /// The peer's signed Binding request came from there (or one forged
-    /// to look so: the peer knows its own password).
+    /// The first address the peer's signed Binding requests came from,
+    /// taken as its own until it answers: an honest peer's first check
+    /// comes from where it receives, and hato's checks back to it go at
+    /// ICE's own pace (a peer that forged it gets them at one address).
+    Own,
+    /// Another address the peer's signed requests came from (or were
+    /// forged to look so: the peer knows its own password).
     Bound,
     /// Only named (a candidate), or nothing at all.
     Unknown,
@@ -60,8 +65,9 @@ pub const MAX_ADDRESSES: usize = 32;
 #[derive(Default)]
 pub struct Demux {
     by_ufrag: HashMap<String, (PeerId, String)>,
-    /// Bound addresses, and whether each has answered a check.
-    by_addr: HashMap<SocketAddr, (PeerId, bool)>,
+    /// Bound addresses, and what each has proven (`Answered`, `Own` or
+    /// `Bound`).
+    by_addr: HashMap<SocketAddr, (PeerId, Proof)>,
     /// Addresses a peer sent to that are not bound yet: STUN from them
     /// (responses to its checks) goes to that peer. `true`: it answered.
     probes: HashMap<SocketAddr, (PeerId, bool)>,
@@ -90,12 +96,8 @@ impl Demux {
     /// Returns what is known of `to` (checks to an address that has not
     /// answered are paced by the caller).
     pub fn sent(&mut self, id: PeerId, to: SocketAddr) -> Proof {
-        if let Some(&(_, answered)) = self.by_addr.get(&to) {
-            return if answered {
-                Proof::Answered
-            } else {
-                Proof::Bound
-            };
+        if let Some(&(_, proof)) = self.by_addr.get(&to) {
+            return proof;
         }
         let probe = self.probes.entry(to).or_insert((id, false));
         probe.0 = id;
@@ -111,7 +113,7 @@ impl Demux {
     /// receives at `to` can know).
     pub fn answered(&mut self, to: SocketAddr) {
         if let Some(bound) = self.by_addr.get_mut(&to) {
-            bound.1 = true;
+            bound.1 = Proof::Answered;
         } else if let Some(probe) = self.probes.get_mut(&to) {
             probe.1 = true;
         }
@@ -216,8 +218,13 @@ impl Demux {
         if *bound >= MAX_ADDRESSES {
             return Route::OverAddresses;
         }
+        let proof = if *bound == 0 {
+            Proof::Own
+        } else {
+            Proof::Bound
+        };
         *bound += 1;
-        self.by_addr.insert(from, (id, false));
+        self.by_addr.insert(from, (id, proof));
         self.probes.remove(&from);
         tracing::trace!(%from, peer = id, "address bound");
         Route::Peer(id)
@@ -340,7 +347,8 @@ mod tests {
 
     /// Neither a signed request nor a response from an address proves that
     /// whoever sent it receives there (the source may be forged, and a
-    /// peer knows its own password): only its agent's word does.
+    /// peer knows its own password): only its agent's word does, and the
+    /// peer's first address is taken as its own meanwhile.
     #[test]
     fn an_address_has_answered_only_when_its_agent_says_so() {
         let crypto = rtc::crypto::default_provider().unwrap();
@@ -362,15 +370,22 @@ mod tests {
         assert_eq!(d.sent(7, third), Proof::Unknown);
         d.answered(third);
         assert_eq!(d.sent(7, third), Proof::Answered);
-        // A signed request binds the address, and proves nothing either.
+        // A signed request binds the address: the peer's first is taken
+        // as its own; another proves nothing.
         assert_eq!(d.sent(7, peer), Proof::Unknown);
         assert_eq!(
             d.route(peer, &request("ours:x", "secret"), c),
             Route::Peer(7)
         );
-        assert_eq!(d.sent(7, peer), Proof::Bound);
-        d.answered(peer);
-        assert_eq!(d.sent(7, peer), Proof::Answered);
+        assert_eq!(d.sent(7, peer), Proof::Own);
+        let other: SocketAddr = "198.51.100.11:9".parse().unwrap();
+        assert_eq!(
+            d.route(other, &request("ours:x", "secret"), c),
+            Route::Peer(7)
+        );
+        assert_eq!(d.sent(7, other), Proof::Bound);
+        d.answered(other);
+        assert_eq!(d.sent(7, other), Proof::Answered);
     }
 
     #[test]

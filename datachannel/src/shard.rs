@@ -1270,10 +1270,12 @@ impl Shard {
             // from (a candidate's, so far only the peer's word), at the
             // shard's too. Its requests prove nothing: a peer knows its own
             // password and can forge their source, and each such address
-            // would get a check every 20 ms for as long as ICE tries.
+            // would get a check every 20 ms for as long as ICE tries. Only
+            // the first address they came from goes unpaced (`Proof::Own`):
+            // paced, a slow honest peer's pair ran out of ICE's attempts.
             let keep = |to, p: &mut PeerSlot| {
                 let proof = demux.sent(id, to);
-                if proof == Proof::Answered {
+                if matches!(proof, Proof::Answered | Proof::Own) {
                     return true;
                 }
                 if p.pc.ice_answered_from(to) {
