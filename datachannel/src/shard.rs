@@ -62,9 +62,10 @@ pub const EARLY_BYTES: usize = 16 * 1024;
 /// flight would hold ~0.5 MiB if honest).
 pub const SHARD_HELD_BYTES: usize = 4 << 20;
 
-/// ICE checks one peer may make hato send to addresses that never
-/// answered: a burst, then a rate. An honest browser needs none of them
-/// (its own check reaches hato first and proves its address).
+/// ICE checks one peer may make hato send to addresses that have not
+/// answered one: a burst, then a rate. An honest browser needs none of
+/// them: its own check reaches hato first, from its first address, which
+/// is checked at ICE's pace (`Proof::Own`) and answers.
 pub const PEER_CHECKS: (u32, u32) = (10, 5);
 /// The same, for all the peers of a shard together.
 pub const SHARD_CHECKS: (u32, u32) = (200, 100);
