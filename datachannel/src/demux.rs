@@ -69,8 +69,9 @@ pub struct Demux {
     /// `Bound`).
     by_addr: HashMap<SocketAddr, (PeerId, Proof)>,
     /// Addresses a peer sent to that are not bound yet: STUN from them
-    /// (responses to its checks) goes to that peer. `true`: it answered.
-    probes: HashMap<SocketAddr, (PeerId, bool)>,
+    /// (responses to its checks) goes to that peer; what each has proven
+    /// (`Unknown` or `Answered`).
+    probes: HashMap<SocketAddr, (PeerId, Proof)>,
     /// How many addresses each peer has bound (at most [`MAX_ADDRESSES`]).
     bound: HashMap<PeerId, usize>,
 }
@@ -99,23 +100,17 @@ impl Demux {
         if let Some(&(_, proof)) = self.by_addr.get(&to) {
             return proof;
         }
-        let probe = self.probes.entry(to).or_insert((id, false));
+        let probe = self.probes.entry(to).or_insert((id, Proof::Unknown));
         probe.0 = id;
-        if probe.1 {
-            Proof::Answered
-        } else {
-            Proof::Unknown
-        }
+        probe.1
     }
 
     /// `to` answered a check: its peer's ICE agent matched a success
     /// response from there to a check it sent (a transaction only whoever
     /// receives at `to` can know).
     pub fn answered(&mut self, to: SocketAddr) {
-        if let Some(bound) = self.by_addr.get_mut(&to) {
-            bound.1 = Proof::Answered;
-        } else if let Some(probe) = self.probes.get_mut(&to) {
-            probe.1 = true;
+        if let Some(entry) = self.by_addr.get_mut(&to).or(self.probes.get_mut(&to)) {
+            entry.1 = Proof::Answered;
         }
     }
 

@@ -488,6 +488,15 @@ impl PeerSlot {
         self.frozen_until.is_some_and(|t| now < t)
     }
 
+    /// When it next wants a turn: the core's deadline, or the shard's own
+    /// for it (closing its channels, giving up its checks).
+    fn due(&mut self) -> Option<Instant> {
+        [self.pc.poll_timeout(), self.closing, self.checking_until]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
     /// Counts a send that failed and tells the session, once.
     fn send_failed(&mut self, stats: &Stats, label: Arc<str>, error: String) {
         stats.failed_sends.fetch_add(1, Ordering::Relaxed);
@@ -1152,11 +1161,7 @@ impl Shard {
             // shard answered tells the ICE agent, which then has nothing to
             // do until the peer's silence could matter. Then no turn, only
             // the timer again (an idle peer's only turns were these ticks).
-            let due = [p.pc.poll_timeout(), p.closing, p.checking_until]
-                .into_iter()
-                .flatten()
-                .min();
-            if let Some(d) = due.filter(|d| *d > now) {
+            if let Some(d) = p.due().filter(|d| *d > now) {
                 p.deadline = Some(d);
                 self.timers.push(Reverse((d, id)));
                 continue;
@@ -1340,11 +1345,7 @@ impl Shard {
         // allocation at the next message cheap (CPU per delivery level in
         // alternated runs, docs/benchmarks.md).
         p.pc.shrink_idle_queues();
-        let deadline = p.pc.poll_timeout();
-        let deadline = [deadline, p.closing, p.checking_until]
-            .into_iter()
-            .flatten()
-            .min();
+        let deadline = p.due();
         if deadline != p.deadline {
             p.deadline = deadline;
             if let Some(t) = deadline {
